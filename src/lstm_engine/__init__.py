@@ -1,0 +1,32 @@
+"""lstm_engine: run LSTM, GRU and RNN models exported from PyTorch or Keras on the CPU, fast.
+
+    import lstm_engine as le
+    model = le.from_torch(torch_lstm_or_state_dict)
+    y, state = model.forward(x)          # x (batch, steps, features)
+"""
+from .errors import LoadError, UnsafeModelError
+from .formats.torch import from_torch
+from .gru import GRU
+from .layers import Activation, BatchNorm, Dense, Dropout, Embedding, LayerNorm, Masking
+from .lstm import LSTM
+from .model import Model
+from .rnn import RNN
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation",
+    "BatchNorm",
+    "Dense",
+    "Dropout",
+    "Embedding",
+    "GRU",
+    "LSTM",
+    "LayerNorm",
+    "LoadError",
+    "Masking",
+    "Model",
+    "RNN",
+    "UnsafeModelError",
+    "from_torch",
+]

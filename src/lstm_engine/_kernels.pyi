@@ -1,0 +1,39 @@
+# Python-visible signatures of the compiled kernels (_kernels.pyx).
+import numpy as np
+import numpy.typing as npt
+
+class RecurrentKernel:
+    cell: int  # CELL_* code
+    num_directions: int
+    input_size: int
+    hidden_size: int
+    output_size: int  # proj_size or hidden_size
+    num_gates: int
+    act: int
+    gate_act: int
+    is_double: bool
+    go_backwards: bool
+    dtype: np.dtype
+    def __init__(
+        self,
+        cell: int,
+        act: int,
+        gate_act: int,
+        w_ih: list[npt.NDArray[np.floating]],  # per direction (G*H, I)
+        w_hh: list[npt.NDArray[np.floating]],  # per direction (G*H, P)
+        w_hr: list[npt.NDArray[np.floating] | None],  # per direction (P, H)
+        bias: list[npt.NDArray[np.floating]],  # per direction (G*H,)
+        bias_hn: list[npt.NDArray[np.floating] | None],  # per direction (H,), GRU only
+        go_backwards: bool = ...,
+    ) -> None: ...
+    def work_size(self, batch: int, steps: int) -> int: ...
+    def run(
+        self,
+        x: npt.NDArray[np.floating],  # (B, T, I)
+        y: npt.NDArray[np.floating],  # (B, T, D*P), written
+        h: npt.NDArray[np.floating],  # (D, B, P), read and written
+        c: npt.NDArray[np.floating],  # (D, B, H), read and written (LSTM)
+        mask: npt.NDArray[np.uint8] | None,  # (B, T)
+        work: npt.NDArray[np.floating],  # (work_size,)
+        zero_masked: bool,
+    ) -> None: ...

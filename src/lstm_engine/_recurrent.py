@@ -1,0 +1,224 @@
+"""What LSTM, GRU and RNN layers share: weight checks, one kernel per dtype, and running them.
+
+Weights arrive in PyTorch's layout (gate blocks in PyTorch's order, rows = gates x hidden units),
+one set per direction. They are checked and shaped once here; per call only buffers are made.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import activations
+from ._base import Layer, as_dtypes, as_weight
+from ._kernels import RecurrentKernel
+
+MERGE_MODES = ("concat", "sum", "ave", "mul")
+
+
+class RecurrentLayer(Layer):
+    """Base of LSTM, GRU and RNN. Subclasses set the gate count and how the biases are pre-summed."""
+
+    is_recurrent = True
+    num_gates: int
+    gate_names: str
+
+    def __init__(
+        self,
+        weight_ih: Any,
+        weight_hh: Any,
+        bias_ih: Any = None,
+        bias_hh: Any = None,
+        weight_hr: Any = None,
+        *,
+        bidirectional: bool | None = None,
+        activation: str = "tanh",
+        recurrent_activation: str = "sigmoid",
+        go_backwards: bool = False,
+        return_sequences: bool = True,
+        merge_mode: str = "concat",
+        zero_output_for_mask: bool = False,
+        dtype: Any = np.float32,
+    ) -> None:
+        self.dtypes = as_dtypes(dtype)
+        wide = max(self.dtypes, key=lambda d: d.itemsize)
+        name = type(self).__name__
+        w_ih = as_weight(weight_ih, f"{name} weight_ih", (2, 3), wide)
+        if w_ih.ndim == 2:
+            w_ih = w_ih[None]
+        D, GH, I = w_ih.shape
+        G = self.num_gates
+        if D not in (1, 2) or GH == 0 or GH % G or I == 0:
+            raise ValueError(
+                f"{name} weight_ih: expected shape ({G}*hidden_size, input_size), or "
+                f"(2, {G}*hidden_size, input_size) when bidirectional, got {w_ih.shape[-3:]}"
+            )
+        if bidirectional is not None and bool(bidirectional) != (D == 2):
+            raise ValueError(
+                f"{name}: bidirectional={bidirectional} but weight_ih has {D} direction(s); give "
+                "bidirectional weights stacked on a leading axis of 2 (forward, reverse)"
+            )
+        H = GH // G
+        hr = None
+        P = H
+        if weight_hr is not None:
+            if G != 4:
+                raise ValueError(f"{name}: weight_hr (a projection) exists only for LSTM")
+            hr = self._directions(as_weight(weight_hr, f"{name} weight_hr", (2, 3), wide), 2)
+            P = hr.shape[1]
+            if hr.shape != (D, P, H) or P == 0:
+                raise ValueError(f"{name} weight_hr: expected shape (proj_size, {H}) for each of {D} "
+                                 f"direction(s), got {hr.shape}")
+        hh = self._directions(as_weight(weight_hh, f"{name} weight_hh", (2, 3), wide), 2)
+        if hh.shape != (D, GH, P):
+            width = "proj_size" if hr is not None else "hidden_size"
+            raise ValueError(f"{name} weight_hh: expected shape {(GH, P)} ({G}*hidden_size, {width}) "
+                             f"for each of {D} direction(s), got {hh.shape}")
+        biases = []
+        for arg, bname in ((bias_ih, "bias_ih"), (bias_hh, "bias_hh")):
+            if arg is None:
+                biases.append(None)
+                continue
+            b = self._directions(as_weight(arg, f"{name} {bname}", (1, 2), wide), 1)
+            if b.shape != (D, GH):
+                raise ValueError(f"{name} {bname}: expected shape ({GH},) for each of {D} direction(s), "
+                                 f"got {b.shape}")
+            biases.append(b)
+        if go_backwards and D == 2:
+            raise ValueError(f"{name}: go_backwards applies to a single direction, not a bidirectional layer")
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"{name}: merge_mode must be one of {MERGE_MODES}, got {merge_mode!r}")
+
+        self.input_size = I
+        self.hidden_size = H
+        self.proj_size = P if hr is not None else 0
+        self.bidirectional = D == 2
+        self.num_directions = D
+        self.activation = activations.canonical(activation)
+        self.recurrent_activation = activations.canonical(recurrent_activation, "recurrent_activation")
+        self.go_backwards = bool(go_backwards)
+        self.return_sequences = bool(return_sequences)
+        self.merge_mode = merge_mode
+        self.zero_output_for_mask = bool(zero_output_for_mask)
+        self._state_out = P  # h's width
+        self.output_size = P * (D if merge_mode == "concat" else 1)
+        self._weights = {"weight_ih": w_ih, "weight_hh": hh, "bias_ih": biases[0],
+                         "bias_hh": biases[1], "weight_hr": hr}
+        self._kernels = {dt: self._build_kernel(dt) for dt in self.dtypes}
+
+    @staticmethod
+    def _directions(arr: np.ndarray, per_direction_ndim: int) -> np.ndarray:
+        """Give a one-direction weight the leading direction axis."""
+        return arr[None] if arr.ndim == per_direction_ndim else arr
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def _cell_code(self) -> int:
+        raise NotImplementedError
+
+    def _kernel_biases(self, b_ih: np.ndarray, b_hh: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The kernel's (bias, bias_hn) for one direction from PyTorch's two biases."""
+        return b_ih + b_hh, None
+
+    # -- built once ---------------------------------------------------------------------------
+    def _build_kernel(self, dtype: np.dtype) -> RecurrentKernel:
+        w = {k: (None if v is None else v.astype(dtype, copy=False)) for k, v in self._weights.items()}
+        D, GH = self.num_directions, self.num_gates * self.hidden_size
+        zeros = np.zeros((D, GH), dtype)
+        bias, bias_hn = [], []
+        for d in range(D):
+            b, bhn = self._kernel_biases(
+                zeros[d] if w["bias_ih"] is None else w["bias_ih"][d],
+                zeros[d] if w["bias_hh"] is None else w["bias_hh"][d],
+            )
+            bias.append(np.ascontiguousarray(b, dtype))
+            bias_hn.append(None if bhn is None else np.ascontiguousarray(bhn, dtype))
+        return RecurrentKernel(
+            self._cell_code(),
+            activations.code(self.activation),
+            activations.code(self.recurrent_activation),
+            list(w["weight_ih"]),
+            list(w["weight_hh"]),
+            [None] * D if w["weight_hr"] is None else list(w["weight_hr"]),
+            bias,
+            bias_hn,
+            self.go_backwards,
+        )
+
+    # -- describing ---------------------------------------------------------------------------
+    @property
+    def state_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(directions, width) of each state tensor: h, and c for LSTM."""
+        return ((self.num_directions, self._state_out),)
+
+    def config(self) -> dict:
+        return {
+            "activation": self.activation,
+            "recurrent_activation": self.recurrent_activation,
+            "go_backwards": self.go_backwards,
+            "return_sequences": self.return_sequences,
+            "merge_mode": self.merge_mode,
+            "zero_output_for_mask": self.zero_output_for_mask,
+        }
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self._weights.items() if v is not None}
+
+    def __repr__(self) -> str:
+        extra = f", proj_size={self.proj_size}" if self.proj_size else ""
+        return (f"{type(self).__name__}(input_size={self.input_size}, hidden_size={self.hidden_size}"
+                f"{extra}, bidirectional={self.bidirectional})")
+
+    # -- running ------------------------------------------------------------------------------
+    def zero_state(self, batch: int, dtype: np.dtype) -> tuple[np.ndarray, ...]:
+        """A zero initial state for a batch."""
+        return tuple(np.zeros((d, batch, w), dtype) for d, w in self.state_shapes)
+
+    def run(
+        self,
+        x: np.ndarray,
+        state: tuple[np.ndarray, ...],
+        mask: np.ndarray | None,
+        zero_masked: bool,
+        out: np.ndarray | None = None,
+        work: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Run every direction over valid x (B, T, I); state arrays are updated in place.
+
+        Returns the raw outputs (B, T, D*P), each at its own timestep, before any Keras options.
+        """
+        kernel = self._kernels[x.dtype]
+        B, T = x.shape[:2]
+        if out is None:
+            out = np.empty((B, T, self.num_directions * self._state_out), x.dtype)
+        if work is None:
+            work = np.empty(kernel.work_size(B, T), x.dtype)
+        h = state[0]
+        c = state[1] if len(state) > 1 else h
+        kernel.run(x, out, h, c, mask, work, zero_masked)
+        return out
+
+    def forward_with_state(
+        self, x: np.ndarray, mask: np.ndarray | None, state: tuple[np.ndarray, ...], zero_masked: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run and apply go_backwards, return_sequences and merge_mode; state is updated in place."""
+        kmask = None if mask is None else np.ascontiguousarray(mask, dtype=np.uint8)
+        y = self.run(x, state, kmask, zero_masked)
+        if self.go_backwards:
+            # Keras returns a backwards layer's outputs in the order it produced them.
+            y = y[:, ::-1]
+            mask = None if mask is None else mask[:, ::-1]
+        if not self.return_sequences:
+            P = self._state_out
+            # The last output of each direction in its own running order.
+            y = y[:, -1] if self.num_directions == 1 else np.concatenate([y[:, -1, :P], y[:, 0, P:]], axis=-1)
+            mask = None
+        if self.num_directions == 2 and self.merge_mode != "concat":
+            P = self._state_out
+            fw, bw = y[..., :P], y[..., P:]
+            y = fw + bw if self.merge_mode == "sum" else (fw + bw) / 2 if self.merge_mode == "ave" else fw * bw
+        return np.ascontiguousarray(y), mask
+
+    def forward(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run from a zero state (as a stage of a Model without given state)."""
+        state = self.zero_state(x.shape[0], x.dtype)
+        return self.forward_with_state(x, mask, state, self.zero_output_for_mask)

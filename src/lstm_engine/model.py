@@ -1,0 +1,159 @@
+"""Model: a chain of layers run as one, with input checks and the recurrent state in and out."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._base import Layer
+
+State = list  # one tuple per recurrent layer: (h, c) for LSTM, (h,) for GRU and RNN
+
+
+class Model:
+    """A chain of layers: an optional Embedding, recurrent layers, and heads.
+
+    ``forward(x, lengths=None, initial_state=None)`` takes batch-major input — (B, T, F) floats, or
+    (B, T) token ids when the first layer is an Embedding — and returns ``(y, state)``: y (B, T, out)
+    (or (B, out) after a layer with return_sequences=False) and one state tuple per recurrent layer,
+    each array (directions, B, width).
+    """
+
+    def __init__(self, layers: Sequence[Layer], *, metadata: dict | None = None) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Model: expected at least one layer")
+        size = None
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Model: layer {i} is a {type(layer).__name__}, not an lstm_engine layer")
+            if getattr(layer, "accepts_ids", False) and i:
+                raise ValueError(f"Model: layer {i} ({layer!r}) takes token ids, so it must come first")
+            if layer.input_size is not None and size is not None and layer.input_size != size:
+                raise ValueError(f"Model: layer {i} ({layer!r}) expects {layer.input_size} features, "
+                                 f"but the layer before it gives {size}")
+            size = layer.output_size if layer.output_size is not None else size
+        dtypes = [dt for dt in layers[0].dtypes if all(dt in layer.dtypes for layer in layers)]
+        if not dtypes:
+            raise ValueError("Model: the layers keep weights in no common dtype; build them with the same dtype=")
+        self.layers = layers
+        self.dtypes = tuple(dtypes)
+        self.metadata = dict(metadata or {})
+        self.takes_ids = bool(getattr(layers[0], "accepts_ids", False))
+        self.input_size = None if self.takes_ids else layers[0].input_size
+        self.output_size = size
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype inputs are cast to with ``cast=True`` (the first one the model keeps)."""
+        return self.dtypes[0]
+
+    @property
+    def recurrent_layers(self) -> list:
+        return [layer for layer in self.layers if layer.is_recurrent]
+
+    def __repr__(self) -> str:
+        inner = ",\n".join(f"  {layer!r}" for layer in self.layers)
+        return f"Model([\n{inner}\n])"
+
+    # -- input checks -------------------------------------------------------------------------
+    def _check_x(self, x: Any, cast: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The input as a C-contiguous array of a dtype this model runs, and token ids if any."""
+        if self.takes_ids:
+            ids = np.asarray(x)
+            if ids.ndim != 2:
+                raise ValueError(f"x: expected token ids of shape (batch, steps), got shape {ids.shape}")
+            self.layers[0].check_ids(ids)
+            return ids, ids
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x, dtype=self.dtype)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"x: expected an array of floats, got {type(x).__name__}") from exc
+        native = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
+        if native not in self.dtypes:
+            if not (cast and x.dtype.kind in "fiu" and x.dtype.kind != "b"):
+                kept = " or ".join(str(d) for d in self.dtypes)
+                raise TypeError(f"x: dtype {x.dtype}, but this model runs {kept}; pass cast=True to convert, "
+                                f"or build the model with dtype=(np.float32, np.float64)")
+            native = self.dtype
+        if x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"x: expected shape (batch, steps, {self.input_size}), got {x.shape}")
+        return np.ascontiguousarray(x, dtype=native), None
+
+    @staticmethod
+    def _check_lengths(lengths: Any, B: int, T: int) -> np.ndarray:
+        """Packed-sequence lengths as a validity mask (B, T)."""
+        lengths = np.asarray(lengths)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths: expected integers, got dtype {lengths.dtype}")
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths: expected shape ({B},), one length per batch row, got {lengths.shape}")
+        bad = np.flatnonzero((lengths < 1) | (lengths > T))
+        if bad.size:
+            raise ValueError(f"lengths: every length must be in 1..{T} (the number of steps); "
+                             f"row {bad[0]} has {lengths[bad[0]]}")
+        return np.arange(T) < lengths[:, None]
+
+    def _check_state(self, initial_state: Any, B: int, dtype: np.dtype, cast: bool) -> list[tuple]:
+        """Copies of the initial state (zeros where not given), which the kernels update in place."""
+        layers = self.recurrent_layers
+        if initial_state is None:
+            return [layer.zero_state(B, dtype) for layer in layers]
+        if not isinstance(initial_state, (list, tuple)) or len(initial_state) != len(layers):
+            raise ValueError(f"initial_state: expected a list of {len(layers)} entries, one per recurrent layer")
+        states = []
+        for k, (layer, given) in enumerate(zip(layers, initial_state)):
+            if given is None:
+                states.append(layer.zero_state(B, dtype))
+                continue
+            if isinstance(given, np.ndarray):
+                given = (given,)
+            names = ("h", "c")[: len(layer.state_shapes)]
+            if not isinstance(given, (list, tuple)) or len(given) != len(names):
+                raise ValueError(f"initial_state[{k}]: expected a tuple ({', '.join(names)}) for {layer!r}")
+            entry = []
+            for name, arr, (D, W) in zip(names, given, layer.state_shapes):
+                arr = np.asarray(arr)
+                if arr.dtype.newbyteorder("=") != dtype and not (cast and arr.dtype.kind in "fiu"):
+                    raise TypeError(f"initial_state[{k}] {name}: dtype {arr.dtype}, expected {dtype} like x")
+                if arr.shape != (D, B, W):
+                    raise ValueError(f"initial_state[{k}] {name}: expected shape {(D, B, W)} "
+                                     f"(directions, batch, width), got {arr.shape}")
+                entry.append(np.array(arr, dtype=dtype, order="C"))
+            states.append(tuple(entry))
+        return states
+
+    # -- running ------------------------------------------------------------------------------
+    def forward(self, x: Any, lengths: Any = None, initial_state: Any = None, *,
+                cast: bool = False) -> tuple[np.ndarray, State]:
+        """Run the whole model over x; see the class docstring for shapes.
+
+        ``lengths`` (B,) gives packed-sequence semantics: row b runs on its first lengths[b] steps,
+        its outputs after them are 0 and its final state is taken at its last valid step.
+        ``cast=True`` converts an input of another dtype to ``self.dtype`` instead of raising TypeError.
+        """
+        x, ids = self._check_x(x, cast)
+        B, T = x.shape[:2]
+        if T == 0:
+            raise ValueError(f"x: expected at least one step, got shape {x.shape}")
+        mask = None if lengths is None else self._check_lengths(lengths, B, T)
+        packed = mask is not None
+        layers = self.layers
+        if ids is not None:
+            emb = layers[0]
+            x = emb.embed(ids, self.dtype)
+            if emb.mask_zero:
+                mask = ids != 0 if mask is None else mask & (ids != 0)
+            layers = layers[1:]
+        states = self._check_state(initial_state, B, x.dtype, cast)
+        k = 0
+        for layer in layers:
+            if layer.is_recurrent:
+                x, mask = layer.forward_with_state(x, mask, states[k], packed or layer.zero_output_for_mask)
+                k += 1
+            else:
+                x, mask = layer.forward(x, mask)
+        return x, states
+
+    __call__ = forward
