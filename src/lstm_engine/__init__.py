@@ -4,6 +4,7 @@
     model = le.from_torch(torch_lstm_or_state_dict)
     y, state = model.forward(x)          # x (batch, steps, features)
 """
+from . import activations
 from .errors import LoadError, UnsafeModelError
 from .formats.torch import from_torch
 from .gru import GRU
