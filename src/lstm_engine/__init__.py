@@ -6,6 +6,8 @@
 """
 from . import activations
 from .errors import LoadError, UnsafeModelError
+from .formats import load
+from .formats.native import save
 from .formats.torch import from_torch
 from .gru import GRU
 from .layers import Activation, BatchNorm, Dense, Dropout, Embedding, LayerNorm, Masking
@@ -30,4 +32,6 @@ __all__ = [
     "RNN",
     "UnsafeModelError",
     "from_torch",
+    "load",
+    "save",
 ]

@@ -79,6 +79,19 @@ def recurrent_layers_from_state_dict(state_dict: dict, prefix: str = "", *, nonl
     return layers
 
 
+def model_from_state_dict(state_dict: dict, *, source: str = "state_dict", dtype: Any = None,
+                          nonlinearity: str = "tanh") -> Model:
+    """A Model from a bare nn.LSTM / nn.GRU / nn.RNN state_dict read from a file (LoadError if it is not one)."""
+    from ..errors import LoadError
+
+    try:
+        layers = recurrent_layers_from_state_dict(state_dict, nonlinearity=nonlinearity,
+                                                  dtype=np.float32 if dtype is None else dtype, source=source)
+    except (TypeError, ValueError) as exc:
+        raise LoadError(str(exc)) from exc
+    return Model(layers, metadata={"source": "torch"})
+
+
 def _is_torch_rnn(obj: Any) -> bool:
     cls = type(obj)
     return cls.__module__.startswith("torch.nn") and cls.__name__ in (
