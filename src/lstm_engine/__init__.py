@@ -7,6 +7,7 @@
 from . import activations
 from .errors import LoadError, UnsafeModelError
 from .formats import load
+from .formats.keras import from_keras
 from .formats.native import save
 from .formats.torch import from_torch
 from .gru import GRU
@@ -31,6 +32,7 @@ __all__ = [
     "Model",
     "RNN",
     "UnsafeModelError",
+    "from_keras",
     "from_torch",
     "load",
     "save",

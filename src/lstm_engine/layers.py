@@ -109,9 +109,10 @@ class LayerNorm(_Weighted):
         sizes = {v.shape[0] for v in self._weights.values() if v is not None}
         if normalized_shape is not None:
             sizes.add(int(normalized_shape))
-        if len(sizes) != 1:
+        if len(sizes) > 1:
             raise ValueError(f"LayerNorm: weight, bias and normalized_shape disagree on the size: {sorted(sizes)}")
-        self.input_size = self.output_size = sizes.pop()
+        # Without weights or a given shape, any width works.
+        self.input_size = self.output_size = sizes.pop() if sizes else None
         self.eps = float(eps)
 
     def forward(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:

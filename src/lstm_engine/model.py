@@ -40,7 +40,9 @@ class Model:
         self.dtypes = tuple(dtypes)
         self.metadata = dict(metadata or {})
         self.takes_ids = bool(getattr(layers[0], "accepts_ids", False))
-        self.input_size = None if self.takes_ids else layers[0].input_size
+        # Width-preserving layers (Masking, Dropout...) have no size: the first layer that has one decides.
+        self.input_size = None if self.takes_ids else next(
+            (layer.input_size for layer in layers if layer.input_size is not None), None)
         self.output_size = size
 
     @property
@@ -77,8 +79,8 @@ class Model:
                 raise TypeError(f"x: dtype {x.dtype}, but this model runs {kept}; pass cast=True to convert, "
                                 f"or build the model with dtype=(np.float32, np.float64)")
             native = self.dtype
-        if x.ndim != 3 or x.shape[2] != self.input_size:
-            raise ValueError(f"x: expected shape (batch, steps, {self.input_size}), got {x.shape}")
+        if x.ndim != 3 or (self.input_size is not None and x.shape[2] != self.input_size):
+            raise ValueError(f"x: expected shape (batch, steps, {self.input_size or 'features'}), got {x.shape}")
         return np.ascontiguousarray(x, dtype=native), None
 
     @staticmethod
@@ -157,3 +159,16 @@ class Model:
         return x, states
 
     __call__ = forward
+
+    # -- streaming ----------------------------------------------------------------------------
+    def session(self, batch_size: int = 1, *, dtype: Any = None) -> "Session":
+        """A stateful Session for streaming ``batch_size`` sequences step by step (see lstm_engine.session)."""
+        from .session import Session
+
+        return Session(self, batch_size, dtype=dtype)
+
+    def pool(self, max_batch: int = 64, *, dtype: Any = None) -> "StreamPool":
+        """A StreamPool: many independent streams whose concurrent steps run as one batch (see lstm_engine.pool)."""
+        from .pool import StreamPool
+
+        return StreamPool(self, max_batch, dtype=dtype)
