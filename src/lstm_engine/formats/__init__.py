@@ -52,7 +52,9 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
+        # A damaged directory also raises ValueError (names that are not UTF-8), NotImplementedError (a
+        # version field) or EOFError.
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
             raise LoadError(f"{path}: not a readable zip archive: {exc}") from exc
         if "config.json" in names:
             from .keras import load_keras

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import mmap
 import os
 import pickle
 import re
@@ -237,6 +238,7 @@ def _read_keras_v3(path: str, config, member) -> KerasModelSpec:
     raw_h5 = member("model.weights.h5")
     if raw_h5 is not None:
         h5py = _import_h5py()
+        _check_global_heaps(raw_h5, f"{path}: model.weights.h5")
         try:
             h5 = h5py.File(io.BytesIO(raw_h5), "r")
         except (OSError, ValueError) as e:
@@ -256,6 +258,8 @@ def _read_keras_v3(path: str, config, member) -> KerasModelSpec:
 def _read_h5(path: str, config) -> KerasModelSpec:
     """Read an HDF5 file: legacy full model or weights, or Keras 3 ``.weights.h5``."""
     h5py = _import_h5py()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as image:
+        _check_global_heaps(image, path)
     try:
         h5 = h5py.File(path, "r")
     except (OSError, ValueError) as e:
@@ -289,6 +293,45 @@ def _read_h5(path: str, config) -> KerasModelSpec:
             f"{path}: HDF5 file is not a Keras file: "
             "no 'layer_names' attribute (legacy) and no 'layers' group (Keras 3)"
         )
+
+
+def _check_global_heaps(image, where: str) -> None:
+    """Refuse HDF5 global heap collections that the HDF5 library would walk forever.
+
+    HDF5 (2.0 included) steps through a collection's objects by their stored sizes; a free-space object of size
+    0 never advances, and reading any variable-length string (Keras keeps its config and weight names in those)
+    then spins for good. Every collection HDF5 reads begins with the GCOL signature and must fit in the file,
+    so each such one is walked here first, refusing what no HDF5 writer produces.
+    """
+    lengths = _hdf5_length_size(image)
+    header = 8 + lengths  # GCOL, version, 3 reserved bytes, collection size
+    at = image.find(b"GCOL")
+    while at >= 0:
+        size = int.from_bytes(image[at + 8:at + 8 + lengths], "little")
+        if image[at + 4:at + 5] == b"\x01" and header <= size <= len(image) - at:
+            p = header
+            while p + header <= size:  # an object header is as long as the collection's
+                index = int.from_bytes(image[at + p:at + p + 2], "little")
+                length = int.from_bytes(image[at + p + 8:at + p + 8 + lengths], "little")
+                # Object 0 is the free space, which HDF5 writes last, running to the collection's end (its
+                # size counts its header); a size 0 there is the endless walk. Other objects are padded to 8.
+                if index == 0 and length != size - p or index and length >= 1 << 62:
+                    raise LoadError(f"{where}: HDF5 global heap at byte {at} is corrupt "
+                                    f"(object {index} at offset {p} has size {length})")
+                p += header + (length + 7) // 8 * 8 if index else length
+        at = image.find(b"GCOL", at + 1)
+
+
+def _hdf5_length_size(image) -> int:
+    """The superblock's size of lengths (8 in every file h5py writes)."""
+    base = 0
+    while base + 16 <= len(image) and image[base:base + 8] != _HDF5_MAGIC:
+        base = 512 if base == 0 else base * 2  # a user block puts the superblock at 512, 1024, 2048...
+    if base + 16 > len(image):
+        return 8
+    version = image[base + 8]
+    size = image[base + 14] if version < 2 else image[base + 10]
+    return size if size in (2, 4, 8) else 8
 
 
 # ----------------------------------------------------------------------------------------------------------

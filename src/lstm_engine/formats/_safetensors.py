@@ -128,7 +128,7 @@ def _validate(
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise LoadError(f"{where}: entry must be an object with dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype in _UNSUPPORTED_DTYPES:
+        if isinstance(dtype, str) and dtype in _UNSUPPORTED_DTYPES:
             raise LoadError(f"{where}: dtype {dtype} is not supported (NumPy cannot hold it)")
         if not isinstance(dtype, str) or dtype not in _READ_DTYPES:
             raise LoadError(f"{where}: unknown dtype {_short(dtype)}")

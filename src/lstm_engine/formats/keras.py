@@ -199,7 +199,7 @@ def model_from_spec(spec: KerasModelSpec, path: str, dtype: Any = None) -> Model
             engine_layer = _layer(spec, layer, dtype, where)
         except KeyError as exc:
             raise LoadError(f"{where}: missing tensor {exc.args[0]!r}") from exc
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: float(10**400) in a config
             if isinstance(exc, LoadError):
                 raise
             raise LoadError(f"{where}: {exc}") from exc

@@ -72,14 +72,15 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
         architecture = json.loads(metadata["architecture"])
         model_meta = json.loads(metadata.get("metadata", "{}"))
         dtypes = json.loads(metadata.get("dtypes", '["float32"]')) if dtype is None else dtype
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise LoadError(f"{path}: the architecture metadata is missing or not valid JSON") from exc
     if not isinstance(architecture, list) or not isinstance(model_meta, dict):
         raise LoadError(f"{path}: the architecture metadata must be a list of layers")
     used = set()
     built = []
     for i, entry in enumerate(architecture):
-        if not isinstance(entry, dict) or entry.get("class") not in LAYER_CLASSES \
+        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str) \
+                or entry["class"] not in LAYER_CLASSES \
                 or not isinstance(entry.get("config", {}), dict):
             cls_name = entry.get("class") if isinstance(entry, dict) else entry
             raise LoadError(f"{path}: layer {i}: unknown layer class {cls_name!r}; "
@@ -93,7 +94,7 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
             kwargs["dtype"] = tuple(dtypes) if isinstance(dtypes, list) else dtypes
         try:
             built.append(cls(**weights, **kwargs))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: float(10**400) in a config
             raise LoadError(f"{path}: layer {i} ({cls.__name__}): {exc}") from exc
     stray = sorted(set(tensors) - used)
     if stray:

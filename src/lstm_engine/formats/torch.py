@@ -99,8 +99,13 @@ def model_from_state_dict(state_dict: dict, *, source: str = "state_dict", dtype
         layers = recurrent_layers_from_state_dict(state_dict, nonlinearity=nonlinearity,
                                                   dtype=np.float32 if dtype is None else dtype, source=source)
     except (TypeError, ValueError) as exc:
-        raise LoadError(str(exc)) from exc
-    return Model(layers, metadata={"source": "torch"})
+        # The layers' own checks do not know the file.
+        message = str(exc) if str(exc).startswith(source) else f"{source}: {exc}"
+        raise LoadError(message) from exc
+    try:
+        return Model(layers, metadata={"source": "torch"})
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"{source}: {exc}") from exc
 
 
 def _is_torch_rnn(obj: Any) -> bool:
