@@ -14,6 +14,7 @@ class RecurrentKernel:
     is_double: bool
     go_backwards: bool
     dtype: np.dtype
+    threads: int  # threads a run may use (default: cpu_count())
     def __init__(
         self,
         cell: int,
@@ -36,4 +37,16 @@ class RecurrentKernel:
         mask: npt.NDArray[np.uint8] | None,  # (B, T)
         work: npt.NDArray[np.floating],  # (work_size,)
         zero_masked: bool,
+        threads: int = ...,  # > 0 overrides self.threads for this call
     ) -> None: ...
+
+def simd_level() -> int: ...  # 1: AVX2+FMA kernels, 0: portable ones
+def set_simd_level(level: int) -> None: ...  # 0 forces the portable kernels, -1 restores the CPU check
+def cpu_count() -> int: ...  # cores in this process's affinity mask
+def blas_threads() -> int: ...  # OpenBLAS thread count (process-wide), 0 if no OpenBLAS was found
+def set_blas_threads(n: int) -> None: ...
+def set_parallel_min_bytes(n: int) -> int: ...  # returns the previous threshold
+def fast_tanh(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...  # 1-D, the kernels' tanh
+def fast_sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+def bounds_checked() -> bool: ...  # True in the LSTM_ENGINE_DEBUG=1 build

@@ -5,10 +5,76 @@
 # writing out of bounds.
 cimport numpy as cnp
 from libc.math cimport exp, expf, log1p, log1pf, tanh, tanhf
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.string cimport memcpy, memset
-from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
 cnp.import_array()
+
+cdef extern from "_cpu.h" nogil:
+    int le_simd_level()
+    void le_set_simd_level(int level)
+    void le_tanh_f32(const float* x, float* y, Py_ssize_t n)
+    void le_sigmoid_f32(const float* x, float* y, Py_ssize_t n)
+    ctypedef struct le_steps_args:
+        int cell, B, In, H, T, reverse, zero_masked
+        const float* x
+        const unsigned char* mask
+        float* y
+        Py_ssize_t y_row, y_step
+        float* h
+        float* c
+        const float* w_ih
+        const float* w_hh
+        const float* bias
+        const float* bias_hn
+        float* work
+    int le_run_steps_f32(le_steps_args* args, int nthreads)
+    int le_cpu_count()
+    int le_blas_bind()
+    int le_blas_threads()
+    void le_blas_set_threads(int n)
+
+# SciPy's BLAS, bound at the first call that needs it rather than cimported: importing
+# scipy.linalg (which its cython_blas lives in) takes 0.2-0.45 s here, most of the
+# import budget, and float32 LSTM/GRU streaming never calls BLAS.
+ctypedef void (*gemm_s)(char*, char*, int*, int*, int*, float*, float*, int*, float*, int*, float*,
+                        float*, int*) noexcept nogil
+ctypedef void (*gemm_d)(char*, char*, int*, int*, int*, double*, double*, int*, double*, int*, double*,
+                        double*, int*) noexcept nogil
+ctypedef void (*gemv_s)(char*, int*, int*, float*, float*, int*, float*, int*, float*, float*,
+                        int*) noexcept nogil
+ctypedef void (*gemv_d)(char*, int*, int*, double*, double*, int*, double*, int*, double*, double*,
+                        int*) noexcept nogil
+cdef gemm_s sgemm = NULL
+cdef gemm_d dgemm = NULL
+cdef gemv_s sgemv = NULL
+cdef gemv_d dgemv = NULL
+
+
+cdef void* blas_function(dict capi, str name) except NULL:
+    capsule = capi[name]
+    return PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
+
+
+cdef int load_blas() except -1:
+    global sgemm, dgemm, sgemv, dgemv
+    from scipy.linalg import cython_blas
+
+    capi = cython_blas.__pyx_capi__
+    dgemm = <gemm_d>blas_function(capi, "dgemm")
+    dgemv = <gemv_d>blas_function(capi, "dgemv")
+    sgemv = <gemv_s>blas_function(capi, "sgemv")
+    sgemm = <gemm_s>blas_function(capi, "sgemm")
+    le_blas_bind()  # SciPy's OpenBLAS is loaded now: its thread count is ours to hold
+    return 0
+
+
+le_blas_bind()  # NumPy's OpenBLAS, which the Dense heads use
+
+# Below this many bytes of weights read per step (times the batch) a run stays on one thread:
+# waking a second core and meeting it at a barrier every step costs more than it saves (measured,
+# see benches/RESULTS.md).
+cdef Py_ssize_t parallel_min_bytes = 256 * 1024
 
 
 cdef int one_inc = 1
@@ -60,7 +126,9 @@ cdef inline floating activate(floating x, int kind) noexcept nogil:
     if kind == ACT_TANH:
         return tanh_(x)
     if kind == ACT_RELU:
-        return x if x > 0 else 0
+        if x < 0:
+            return 0
+        return x  # NaN stays NaN, as in torch.relu
     if kind == ACT_LINEAR:
         return x
     if kind == ACT_HARD_SIGMOID:
@@ -216,6 +284,90 @@ cdef inline void* data_or_null(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, float* c,
+                             const unsigned char* mask, float* w_ih, float* w_hh, float* bias,
+                             float* bias_hn, float* work, int threads) noexcept nogil:
+    """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in _cpu.c.
+
+    Its own GEMM and GEMV on the weights as laid out (no per-call packing, which OpenBLAS does
+    for the weights at every step), the vectorised gate loop fused per unit slice, and the units
+    split across the engine's threads. No BLAS call at all: on this shared 2-core machine OpenBLAS's
+    input projection (2 threads, whose workers then spin next to ours) cost 2.6x the engine's own
+    on the sequence workload and 1.1x on batch (benches/RESULTS.md).
+    """
+    cdef le_steps_args a
+    cdef Py_ssize_t step_bytes = <Py_ssize_t>d.G * d.H * d.H * sizeof(float) * d.B
+    a.cell = 0 if d.cell == CELL_LSTM else 1
+    a.B = d.B
+    a.In = d.In
+    a.H = d.H
+    a.T = d.T
+    a.reverse = (dirn == 1) != d.go_backwards
+    a.zero_masked = d.zero_masked
+    a.x = x
+    a.mask = mask
+    a.y = y + dirn * d.P
+    a.y_row = <Py_ssize_t>d.T * d.D * d.P
+    a.y_step = d.D * d.P
+    a.h = h
+    a.c = c
+    a.w_ih = w_ih
+    a.w_hh = w_hh
+    a.bias = bias
+    a.bias_hn = bias_hn
+    a.work = work
+    le_run_steps_f32(&a, threads if step_bytes >= parallel_min_bytes else 1)
+
+
+def simd_level():
+    """1 when the AVX2+FMA kernels run on this CPU, 0 for the portable ones."""
+    return le_simd_level()
+
+
+def set_simd_level(int level):
+    """Force the portable kernels (0), or let the CPU check choose (-1); for tests and benchmarks."""
+    le_set_simd_level(level)
+
+
+def cpu_count():
+    """Cores this process may run on (its affinity mask)."""
+    return le_cpu_count()
+
+
+def blas_threads():
+    """The thread count of the OpenBLAS builds in this process (the largest), 0 if none was found."""
+    return le_blas_threads()
+
+
+def set_blas_threads(int n):
+    """Set every OpenBLAS build's thread count in this process (process-wide: OpenBLAS has no other kind)."""
+    le_blas_set_threads(n)
+
+
+def set_parallel_min_bytes(Py_ssize_t n):
+    """Weights read per step (times the batch) below which a run stays on one thread; returns the old value.
+
+    For benchmarks and tests."""
+    global parallel_min_bytes
+    old, parallel_min_bytes = parallel_min_bytes, n
+    return old
+
+
+
+def fast_tanh(cnp.ndarray[float, ndim=1, mode="c"] x):
+    """The float32 kernels' tanh of a 1-D float32 array (a new array); for tests."""
+    out = cnp.PyArray_EMPTY(1, x.shape, cnp.NPY_FLOAT32, 0)
+    le_tanh_f32(&x[0] if x.shape[0] else NULL, <float*>cnp.PyArray_DATA(out), x.shape[0])
+    return out
+
+
+def fast_sigmoid(cnp.ndarray[float, ndim=1, mode="c"] x):
+    """The float32 kernels' sigmoid, tanh(x/2)/2 + 1/2, of a 1-D float32 array (a new array); for tests."""
+    out = cnp.PyArray_EMPTY(1, x.shape, cnp.NPY_FLOAT32, 0)
+    le_sigmoid_f32(&x[0] if x.shape[0] else NULL, <float*>cnp.PyArray_DATA(out), x.shape[0])
+    return out
+
+
 cdef class RecurrentKernel:
     """One recurrent layer (every direction) in one dtype, bound to its re-laid-out weights.
 
@@ -224,11 +376,16 @@ cdef class RecurrentKernel:
     bias_hn[d] (H) (GRU only: the recurrent n bias, which stays inside the reset product).
     All C-contiguous, of one dtype; the Python layer builds them once. go_backwards runs the
     single direction from the last step to the first (Keras), writing each output at its own step.
+    ``threads`` is how many threads a run may use (default: every core of the process); a run
+    also takes its own.
     """
     cdef readonly int cell, num_directions, input_size, hidden_size, output_size, num_gates
     cdef readonly int act, gate_act
     cdef readonly bint is_double, go_backwards
     cdef readonly object dtype
+    cdef public int threads
+    cdef int typenum
+    cdef bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: _cpu.c
     cdef tuple _keep
     cdef void* w_ih[2]
     cdef void* w_hh[2]
@@ -249,7 +406,9 @@ cdef class RecurrentKernel:
         self.input_size = w_ih[0].shape[1]
         self.output_size = w_hh[0].shape[1]
         self.dtype = w_ih[0].dtype
+        self.typenum = self.dtype.num
         self.is_double = self.dtype.itemsize == 8
+        self.threads = le_cpu_count()
         self._keep = (w_ih, w_hh, w_hr, bias, bias_hn)
         for d in range(self.num_directions):
             self.w_ih[d] = data_or_null(w_ih[d])
@@ -257,20 +416,25 @@ cdef class RecurrentKernel:
             self.w_hr[d] = data_or_null(w_hr[d])
             self.bias[d] = data_or_null(bias[d])
             self.bias_hn[d] = data_or_null(bias_hn[d])
+        self.fast = (not self.is_double and act == ACT_TANH and gate_act == ACT_SIGMOID
+                       and ((cell == CELL_LSTM and w_hr[0] is None) or cell == CELL_GRU))
+
+    cdef inline Py_ssize_t _work_size(self, Py_ssize_t batch, Py_ssize_t steps):
+        cdef Py_ssize_t GH = <Py_ssize_t>self.num_gates * self.hidden_size
+        # The projections and per-step buffers; _cpu.c's path needs no more (P = H there).
+        return batch * steps * GH + batch * GH + batch * self.hidden_size + batch * self.output_size
 
     def work_size(self, int batch, int steps):
         """Elements of scratch one run over (batch, steps) needs."""
-        cdef Py_ssize_t GH = <Py_ssize_t>self.num_gates * self.hidden_size
-        return (batch * steps * GH + batch * GH + batch * self.hidden_size
-                + batch * self.output_size)
+        return self._work_size(batch, steps)
 
     def run(self, cnp.ndarray x, cnp.ndarray y, cnp.ndarray h, cnp.ndarray c, object mask,
-            cnp.ndarray work, bint zero_masked):
+            cnp.ndarray work, bint zero_masked, int threads=0):
         """Run every direction over x (B, T, I) into y (B, T, D*P).
 
         h (D, B, P) and c (D, B, H) hold the initial state and receive the final one. mask is a
         uint8 (B, T) array or None; masked steps keep the state and output zeros (zero_masked)
-        or the previous step's output.
+        or the previous step's output. threads > 0 overrides the kernel's ``threads``.
         """
         cdef Dims dims
         cdef int dirn
@@ -281,31 +445,49 @@ cdef class RecurrentKernel:
         cdef char* cd = <char*>cnp.PyArray_DATA(c)
         cdef char* wd = <char*>cnp.PyArray_DATA(work)
         cdef Py_ssize_t hstride, cstride
+        cdef int tn = self.typenum
+        cdef bint fast = self.fast
+        cdef int blas_saved = 0
+        if threads <= 0:
+            threads = self.threads
         dims.cell = self.cell
         dims.D = self.num_directions
         dims.In = self.input_size
         dims.H = self.hidden_size
         dims.P = self.output_size
         dims.G = self.num_gates
-        dims.B = x.shape[0]
-        dims.T = x.shape[1]
         dims.act = self.act
         dims.gate_act = self.gate_act
         dims.zero_masked = zero_masked
         dims.go_backwards = self.go_backwards
-        # Cheap guards against a caller bug turning into an out-of-bounds write.
-        if (x.ndim != 3 or x.shape[2] != dims.In or x.dtype != self.dtype
-                or y.size != <Py_ssize_t>dims.B * dims.T * dims.D * dims.P or y.dtype != self.dtype
-                or h.size != <Py_ssize_t>dims.D * dims.B * dims.P or h.dtype != self.dtype
-                or work.size < self.work_size(dims.B, dims.T) or work.dtype != self.dtype
-                or (self.cell == CELL_LSTM and (c.size != <Py_ssize_t>dims.D * dims.B * dims.H
-                                                or c.dtype != self.dtype))
-                or (mask is not None and (<cnp.ndarray>mask).size != <Py_ssize_t>dims.B * dims.T)
-                or not (x.flags.c_contiguous and y.flags.c_contiguous and h.flags.c_contiguous
-                        and c.flags.c_contiguous and work.flags.c_contiguous)):
+        # Cheap guards against a caller bug turning into an out-of-bounds write (C-level checks:
+        # this runs once per streamed step).
+        if cnp.PyArray_NDIM(x) != 3 or x.shape[2] != dims.In or cnp.PyArray_TYPE(x) != tn:
+            raise ValueError("RecurrentKernel.run: x does not match the layer")
+        dims.B = x.shape[0]
+        dims.T = x.shape[1]
+        if (cnp.PyArray_SIZE(y) != <Py_ssize_t>dims.B * dims.T * dims.D * dims.P
+                or cnp.PyArray_TYPE(y) != tn
+                or cnp.PyArray_SIZE(h) != <Py_ssize_t>dims.D * dims.B * dims.P or cnp.PyArray_TYPE(h) != tn
+                or cnp.PyArray_SIZE(work) < self._work_size(dims.B, dims.T) or cnp.PyArray_TYPE(work) != tn
+                or (self.cell == CELL_LSTM and (cnp.PyArray_SIZE(c) != <Py_ssize_t>dims.D * dims.B * dims.H
+                                                or cnp.PyArray_TYPE(c) != tn))
+                or (mask is not None and cnp.PyArray_SIZE(<cnp.ndarray>mask) != <Py_ssize_t>dims.B * dims.T)
+                or not (cnp.PyArray_IS_C_CONTIGUOUS(x) and cnp.PyArray_IS_C_CONTIGUOUS(y)
+                        and cnp.PyArray_IS_C_CONTIGUOUS(h) and cnp.PyArray_IS_C_CONTIGUOUS(c)
+                        and cnp.PyArray_IS_C_CONTIGUOUS(work))):
             raise ValueError("RecurrentKernel.run: buffers do not match the layer")
         if dims.B == 0 or dims.T == 0:
             return
+        if not fast:
+            if sgemm == NULL:
+                load_blas()
+            # BLAS runs in this call: hold it to this call's threads, restored after.
+            blas_saved = le_blas_threads()
+            if blas_saved > threads:
+                le_blas_set_threads(threads)
+            else:
+                blas_saved = 0
         hstride = <Py_ssize_t>dims.B * dims.P * self.dtype.itemsize
         cstride = <Py_ssize_t>dims.B * dims.H * self.dtype.itemsize
         with nogil:
@@ -317,6 +499,12 @@ cdef class RecurrentKernel:
                                           <double*>self.w_ih[dirn], <double*>self.w_hh[dirn],
                                           <double*>self.w_hr[dirn], <double*>self.bias[dirn],
                                           <double*>self.bias_hn[dirn], <double*>wd)
+                elif fast:
+                    run_fast_direction(&dims, dirn, <float*>xd, <float*>yd,
+                                       <float*>(hd + dirn * hstride), <float*>(cd + dirn * cstride), m,
+                                       <float*>self.w_ih[dirn], <float*>self.w_hh[dirn],
+                                       <float*>self.bias[dirn], <float*>self.bias_hn[dirn],
+                                       <float*>wd, threads)
                 else:
                     run_direction[float](&dims, dirn, <float*>xd, <float*>yd,
                                          <float*>(hd + dirn * hstride),
@@ -324,3 +512,19 @@ cdef class RecurrentKernel:
                                          <float*>self.w_ih[dirn], <float*>self.w_hh[dirn],
                                          <float*>self.w_hr[dirn], <float*>self.bias[dirn],
                                          <float*>self.bias_hn[dirn], <float*>wd)
+            if blas_saved:
+                le_blas_set_threads(blas_saved)
+
+
+def bounds_checked():
+    """Whether this build checks indexing (the LSTM_ENGINE_DEBUG=1 build); CI asserts it before the debug run."""
+    cdef unsigned char[::1] whole = bytearray(2)
+    cdef unsigned char[::1] first = whole[:1]
+    cdef Py_ssize_t i = 1
+    cdef unsigned char seen
+    try:
+        # Without checks this reads whole[1], which exists: the probe itself never leaves the buffer.
+        seen = first[i]
+    except IndexError:
+        return True
+    return False

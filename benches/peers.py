@@ -1,0 +1,376 @@
+"""lstm_engine against PyTorch and ONNX Runtime on the issue's workloads, timed interleaved in one run.
+
+    python benches/peers.py [--only NAME ...] [--reps N] [--threads N] [--no-footprint]
+
+Every workload is built in the three systems from the same weights (workloads.py), the outputs are checked
+equal (streaming ones over several carried steps), then each system is timed in turn, round after round, so
+drift on a shared machine hits them alike. Prints median microseconds per call, the ratios and the targets.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads as wl  # noqa: E402
+
+# Targets: (peer, ratio) pairs; 'faster' is whichever peer was faster in this run.
+TARGETS = {
+    "stream-tiny": [("onnxruntime", 0.15)],
+    "stream": [("onnxruntime", 0.5), ("torch", 0.1)],
+    "stream-gru": [("onnxruntime", 0.5), ("torch", 0.1)],
+    "sequence": [("faster", 0.9)],
+    "batch": [("faster", 1.0)],
+    "batch-large": [("faster", 1.0)],
+    "token-lm": [("torch", 0.5)],
+}
+
+
+# -- PyTorch ----------------------------------------------------------------------------------
+def torch_runner(w: wl.Workload, weights: dict) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            rnn = nn.LSTM if w.cell == "lstm" else nn.GRU
+            self.embedding = nn.Embedding(w.vocab, w.input_size) if w.vocab else None
+            self.rnn = rnn(w.input_size, w.hidden_size, num_layers=w.num_layers, batch_first=True)
+            self.head = nn.Linear(w.hidden_size, w.vocab) if w.vocab else None
+
+        def forward(self, x, state=None):
+            if self.embedding is not None:
+                x = self.embedding(x)
+            y, state = self.rnn(x, state)
+            if self.head is not None:
+                y = self.head(y)
+            return y, state
+
+    net = Net().eval()
+    with torch.no_grad():
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights["layers"]):
+            for name, value in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)):
+                getattr(net.rnn, f"{name}_l{k}").copy_(torch.from_numpy(value))
+        if w.vocab:
+            net.embedding.weight.copy_(torch.from_numpy(weights["embedding"]))
+            net.head.weight.copy_(torch.from_numpy(weights["head"][0]))
+            net.head.bias.copy_(torch.from_numpy(weights["head"][1]))
+    state = None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        nonlocal state
+        with torch.inference_mode():
+            y, new_state = net(torch.from_numpy(x), state)
+        if w.stateful:
+            state = new_state
+            return y[:, 0].numpy()
+        return y.numpy()
+
+    return run
+
+
+# -- ONNX Runtime -----------------------------------------------------------------------------
+def onnx_model(w: wl.Workload, weights: dict):
+    """A graph of the workload: batch-major in and out like the others, weights in ONNX gate order."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    H = w.hidden_size
+    # ONNX orders LSTM gates i, o, f, c and GRU gates z, r, h; PyTorch i, f, g, o and r, z, n.
+    order = [0, 3, 1, 2] if w.cell == "lstm" else [1, 0, 2]
+
+    def reorder(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[g * H:(g + 1) * H] for g in order])
+
+    nodes, inits, inputs, outputs = [], [], [], []
+    B = w.batch
+    if w.vocab:
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.INT64, [B, w.steps]))
+        inits.append(numpy_helper.from_array(weights["embedding"], "emb"))
+        nodes.append(helper.make_node("Gather", ["emb", "x"], ["xe"]))
+        cur = "xe"
+    else:
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, w.steps, w.input_size]))
+        cur = "x"
+    # ONNX's recurrent ops are time-major; with one row the two layouts are the same bytes.
+    inits.append(numpy_helper.from_array(np.array([w.steps, B, -1], np.int64), "tmajor"))
+    if B == 1:
+        nodes.append(helper.make_node("Reshape", [cur, "tmajor"], ["x_t"]))
+    else:
+        nodes.append(helper.make_node("Transpose", [cur], ["x_t"], perm=[1, 0, 2]))
+    cur = "x_t"
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights["layers"]):
+        inits += [numpy_helper.from_array(reorder(w_ih)[None], f"W{k}"),
+                  numpy_helper.from_array(reorder(w_hh)[None], f"R{k}"),
+                  numpy_helper.from_array(np.concatenate([reorder(b_ih), reorder(b_hh)])[None], f"B{k}")]
+        state_in, state_out = [""], ["", ""]
+        if w.stateful:
+            names = ["h", "c"] if w.cell == "lstm" else ["h"]
+            for n in names:
+                inputs.append(helper.make_tensor_value_info(f"{n}{k}", TensorProto.FLOAT, [1, B, H]))
+                outputs.append(helper.make_tensor_value_info(f"{n}{k}_out", TensorProto.FLOAT, [1, B, H]))
+            state_in = [f"{n}{k}" for n in names]
+            state_out = [f"{n}{k}_out" for n in names]
+        op, extra = ("LSTM", {}) if w.cell == "lstm" else ("GRU", {"linear_before_reset": 1})
+        nodes.append(helper.make_node(op, [cur, f"W{k}", f"R{k}", f"B{k}", ""] + state_in,
+                                      [f"Y{k}"] + state_out, hidden_size=H, **extra))
+        nodes.append(helper.make_node("Squeeze", [f"Y{k}", "axis1"], [f"Y{k}s"]))
+        cur = f"Y{k}s"
+    if w.vocab:
+        inits += [numpy_helper.from_array(np.ascontiguousarray(weights["head"][0].T), "Wo"),
+                  numpy_helper.from_array(weights["head"][1], "bo")]
+        nodes += [helper.make_node("MatMul", [cur, "Wo"], ["logits_nb"]),
+                  helper.make_node("Add", ["logits_nb", "bo"], ["logits"])]
+        cur, width = "logits", w.vocab
+    else:
+        width = H
+    if B == 1:
+        inits.append(numpy_helper.from_array(np.array([B, w.steps, width], np.int64), "bmajor"))
+        nodes.append(helper.make_node("Reshape", [cur, "bmajor"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Transpose", [cur], ["y"], perm=[1, 0, 2]))
+    outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, w.steps, width]))
+    graph = helper.make_graph(nodes, w.name, inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def ort_runner(w: wl.Workload, weights: dict, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(onnx_model(w, weights).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    state_names = [i.name for i in sess.get_inputs()][1:]
+    state = {n: np.zeros((1, w.batch, w.hidden_size), np.float32) for n in state_names}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        res = sess.run(names, {"x": x, **state})
+        if w.stateful:
+            state.update(zip(state_names, res[1:]))
+            return res[0][:, 0]
+        return res[0]
+
+    return run
+
+
+# -- checking and timing ----------------------------------------------------------------------
+def check(w: wl.Workload, runners: dict, inputs: list[np.ndarray]) -> float:
+    """Largest difference to PyTorch over consecutive calls (state carried for streaming workloads)."""
+    ref = [runners["torch"](x) for x in inputs]
+    worst = 0.0
+    for name, run in runners.items():
+        if name == "torch":
+            continue
+        for x, r in zip(inputs, ref):
+            out = run(x)
+            if out.shape != r.shape:
+                raise AssertionError(f"{w.name}: {name} gives shape {out.shape}, torch {r.shape}")
+            worst = max(worst, float(np.abs(out - r).max()))
+    if worst > 1e-4:
+        raise AssertionError(f"{w.name}: outputs differ from torch by {worst:.2e}")
+    return worst
+
+
+def calibrate(fn: Callable[[], object], budget: float) -> int:
+    """Calls per timed block so that one block takes about `budget` seconds."""
+    fn()
+    n, elapsed = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed > budget / 4 or n > 1 << 20:
+            return max(1, int(n * budget / max(elapsed, 1e-9)))
+        n *= 4
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], reps: int, budget: float) -> dict[str, float]:
+    """Median microseconds per call of each system, timing them in turn `reps` times."""
+    counts = {k: calibrate(f, budget) for k, f in calls.items()}
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for k, f in calls.items():
+            n = counts[k]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            samples[k].append((time.perf_counter() - t0) / n * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def sgemm_reference(w: wl.Workload, reps: int) -> float:
+    """Microseconds of one plain sgemm with the workload's recurrent flops: (B*T, I+H) @ (I+H, G*H)."""
+    a = np.random.default_rng(2).standard_normal((w.batch * w.steps, w.input_size + w.hidden_size), np.float32)
+    b = np.random.default_rng(3).standard_normal((w.input_size + w.hidden_size, w.gates * w.hidden_size),
+                                                 np.float32)
+    c = np.empty((a.shape[0], b.shape[1]), np.float32)
+    return time_interleaved({"sgemm": lambda: np.matmul(a, b, out=c)}, reps, 0.3)["sgemm"]
+
+
+# -- footprint --------------------------------------------------------------------------------
+def _child(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def import_time(reps: int = 7) -> tuple[float, float]:
+    """Median seconds of `import lstm_engine` in a fresh interpreter, and of `import numpy, scipy` alone."""
+    code = ("import time; t = time.perf_counter(); import {}; print(time.perf_counter() - t)")
+    engine = statistics.median(float(_child(code.format("lstm_engine"))) for _ in range(reps))
+    base = statistics.median(float(_child(code.format("numpy, scipy"))) for _ in range(reps))
+    return engine, base
+
+
+def resident_memory(w: wl.Workload, weights: dict) -> tuple[float, float]:
+    """(MB of resident memory a loaded model adds over a Python with numpy and scipy, MB of its weights)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.npz")
+        flat = {f"l{k}_{i}": a for k, lw in enumerate(weights["layers"]) for i, a in enumerate(lw)}
+        if weights["embedding"] is not None:
+            flat["emb"] = weights["embedding"]
+            flat["head_w"], flat["head_b"] = weights["head"]
+        np.savez(path, **flat)
+        size = sum(a.nbytes for a in flat.values()) / 2**20
+        code = f"""
+import numpy, scipy, sys
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+base = rss()
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import workloads as wl
+f = numpy.load({path!r})
+n = {w.num_layers}
+weights = {{'layers': [tuple(f[f'l{{k}}_{{i}}'] for i in range(4)) for k in range(n)],
+           'embedding': f['emb'] if 'emb' in f else None,
+           'head': (f['head_w'], f['head_b']) if 'emb' in f else None}}
+model = wl.engine_model(wl.BY_NAME[{w.name!r}], weights)
+del weights, f
+model.forward(wl.make_inputs(wl.BY_NAME[{w.name!r}])[0])
+print(rss() - base)
+"""
+        return float(_child(code)), size
+
+
+# -- main -------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="workload names")
+    parser.add_argument("--reps", type=int, default=7, help="timed rounds per system")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-footprint", action="store_true", help="skip import time and memory")
+    args = parser.parse_args()
+
+    import onnxruntime
+    import torch
+    from threadpoolctl import threadpool_info
+
+    import lstm_engine as le
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    blas = sorted({f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
+                   for i in threadpool_info()})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "src", "setup.py"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}  commit {commit}{' (+ uncommitted changes)' if dirty else ''}")
+    print(f"{machine()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+          f"lstm_engine {le.__version__}; {args.threads} threads; BLAS: {'; '.join(blas)}")
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    if env:
+        print(f"environment: {env}")
+
+    chosen = [w for w in wl.WORKLOADS if not args.only or w.name in args.only]
+    rows = []
+    for w in chosen:
+        weights = wl.make_weights(w)
+        runners = {
+            "lstm_engine": wl.engine_runner(w, wl.engine_model(w, weights)),
+            "torch": torch_runner(w, weights),
+            "onnxruntime": ort_runner(w, weights, args.threads),
+        }
+        inputs = wl.make_inputs(w, calls=4 if w.stateful else 1)
+        err = check(w, runners, inputs)
+        x = inputs[0]
+        budget = 0.05 if w.stateful else 0.3
+        calls = {k: (lambda run=run: run(x)) for k, run in runners.items()}
+        med = time_interleaved(calls, args.reps, budget)
+        row = {"w": w, "err": err, **med}
+        if not w.stateful and w.batch > 1:
+            row["sgemm"] = sgemm_reference(w, args.reps)
+        rows.append(row)
+        print(f"  {w.name}: " + ", ".join(f"{k} {v:.1f} us" for k, v in med.items()), flush=True)
+
+    print()
+    print("| workload | lstm_engine µs | PyTorch µs | ONNX Runtime µs | engine/PyTorch | engine/ORT "
+          "| target | met |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        w, e, t, o = r["w"], r["lstm_engine"], r["torch"], r["onnxruntime"]
+        verdicts = []
+        for peer, limit in TARGETS[w.name]:
+            name = peer if peer != "faster" else ("torch" if t < o else "onnxruntime")
+            ratio = e / r[name]
+            label = {"torch": "PyTorch", "onnxruntime": "ORT"}[name]
+            verdicts.append((f"≤ {limit} × {label}{' (faster)' if peer == 'faster' else ''}", ratio <= limit))
+        print(f"| {w.name} | {e:,.1f} | {t:,.1f} | {o:,.1f} | {e / t:.3f} | {e / o:.3f} | "
+              f"{'; '.join(v[0] for v in verdicts)} | {'; '.join('met' if v[1] else 'MISSED' for v in verdicts)} |")
+    big = [r for r in rows if "sgemm" in r]
+    if big:
+        print()
+        print("| workload | GFLOP/s engine | PyTorch | ONNX Runtime | plain sgemm | engine / sgemm |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in big:
+            f = r["w"].flops() / 1e3  # per µs -> GFLOP/s
+            print(f"| {r['w'].name} | {f / r['lstm_engine']:.1f} | {f / r['torch']:.1f} | "
+                  f"{f / r['onnxruntime']:.1f} | {f / r['sgemm']:.1f} | {r['sgemm'] / r['lstm_engine']:.0%} |")
+    print()
+    print("max |output - PyTorch|: " + ", ".join(f"{r['w'].name} {r['err']:.1e}" for r in rows))
+
+    if not args.no_footprint:
+        engine, base = import_time()
+        print()
+        print(f"import lstm_engine: {engine:.3f} s in a fresh interpreter (import numpy, scipy alone: {base:.3f} s); "
+              f"target ≤ 0.3 s: {'met' if engine <= 0.3 else 'MISSED'}")
+        w = wl.BY_NAME["token-lm"]
+        extra, size = resident_memory(w, wl.make_weights(w))
+        print(f"resident memory of a loaded {w.name} model over numpy+scipy: {extra:.1f} MB for {size:.1f} MB of "
+              f"weights; target ≤ weights + 20 MB: {'met' if extra <= size + 20 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The float32 kernels' own maths: rational tanh and sigmoid against libm, saturation, NaN, both CPU variants,
+and the batch-1 direct path (threads, T=1 fused and T>1) against the general BLAS path and PyTorch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lstm_engine as le
+from lstm_engine import _kernels
+
+# The portable variant (0) always runs; the AVX2+FMA one (1) where the CPU has it.
+LEVELS = [0] + ([1] if _kernels.simd_level() == 1 else [])
+
+
+@pytest.fixture(params=LEVELS, ids=lambda lv: ["portable", "avx2"][lv])
+def simd_level(request):
+    _kernels.set_simd_level(request.param)
+    yield request.param
+    _kernels.set_simd_level(-1)
+
+
+def dense_grid() -> np.ndarray:
+    # Every float32 near 0 where tanh is steepest, then 2M evenly spaced points out to saturation.
+    near_zero = np.arange(-2**20, 2**20, dtype=np.int32).view(np.float32)
+    near_zero = near_zero[np.isfinite(near_zero)]
+    return np.concatenate([near_zero, np.linspace(-20, 20, 2_000_001, dtype=np.float32)])
+
+
+def test_tanh_within_1e6_of_libm(simd_level):
+    x = dense_grid()
+    got = _kernels.fast_tanh(x)
+    err = np.abs(got.astype(np.float64) - np.tanh(x.astype(np.float64))).max()
+    assert err <= 1e-6, err
+    assert np.abs(got - np.tanh(x)).max() <= 1e-6  # and against float32 libm
+    assert np.all(np.abs(got) <= 1)
+    assert np.all(np.sign(got) == np.sign(x))  # odd: tanh(-0.0) is -0.0, small x keep their sign
+
+
+def test_sigmoid_within_1e6_of_libm(simd_level):
+    x = dense_grid()
+    got = _kernels.fast_sigmoid(x)
+    ref = 1 / (1 + np.exp(-x.astype(np.float64)))
+    assert np.abs(got - ref).max() <= 1e-6
+    assert np.all((got >= 0) & (got <= 1))
+
+
+def test_saturation_is_exact_and_nan_propagates(simd_level):
+    x = np.array([-1e4, -100, -9, 9, 100, 1e4, -np.inf, np.inf, np.nan, -np.nan, 0.0], np.float32)
+    t = _kernels.fast_tanh(x)
+    s = _kernels.fast_sigmoid(x)
+    np.testing.assert_array_equal(t[:8], [-1, -1, -1, 1, 1, 1, -1, 1])
+    np.testing.assert_array_equal(s[[0, 1, 4, 5, 6, 7]], [0, 0, 1, 1, 0, 1])
+    assert np.isnan(t[8:10]).all() and np.isnan(s[8:10]).all()
+    assert t[10] == 0 and s[10] == 0.5
+
+
+def test_tails_of_every_vector_width(simd_level):
+    # Lengths around the 4- and 8-wide loops and their scalar remainders.
+    rng = np.random.default_rng(0)
+    for n in range(0, 40):
+        x = rng.uniform(-12, 12, n).astype(np.float32)
+        np.testing.assert_allclose(_kernels.fast_tanh(x), np.tanh(x), atol=1e-6, rtol=0)
+
+
+def lstm_reference(x, h, c, w_ih, w_hh, b):
+    """Float64 LSTM over x (T, I) for one row, PyTorch's equations."""
+    H = h.shape[0]
+    ys = []
+    for t in range(x.shape[0]):
+        g = w_ih @ x[t] + w_hh @ h + b
+        i, f, gg, o = (1 / (1 + np.exp(-g[:H])), 1 / (1 + np.exp(-g[H:2 * H])), np.tanh(g[2 * H:3 * H]),
+                       1 / (1 + np.exp(-g[3 * H:])))
+        c = f * c + i * gg
+        h = o * np.tanh(c)
+        ys.append(h)
+    return np.array(ys), h, c
+
+
+def gru_reference(x, h, w_ih, w_hh, b_ih, b_hh):
+    H = h.shape[0]
+    ys = []
+    for t in range(x.shape[0]):
+        gi, gh = w_ih @ x[t] + b_ih, w_hh @ h + b_hh
+        r = 1 / (1 + np.exp(-(gi[:H] + gh[:H])))
+        z = 1 / (1 + np.exp(-(gi[H:2 * H] + gh[H:2 * H])))
+        n = np.tanh(gi[2 * H:] + r * gh[2 * H:])
+        h = (1 - z) * n + z * h
+        ys.append(h)
+    return np.array(ys), h
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("I,H", [(5, 3), (64, 64), (37, 100), (300, 260)])
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_path_matches_float64_reference(cell, I, H, B, threads, simd_level):
+    """Float32 LSTM/GRU run in _cpu.c: fused one-step product (B=1, T=1), GEMV (B=1), GEMM (B>1),
+    units split across threads, whole sequences, step by step, and packed lengths."""
+    rng = np.random.default_rng(H + B)
+    G = 4 if cell == "lstm" else 3
+    s = 1 / np.sqrt(H)
+    w_ih, w_hh = rng.uniform(-s, s, (G * H, I)), rng.uniform(-s, s, (G * H, H))
+    b_ih, b_hh = rng.uniform(-s, s, G * H), rng.uniform(-s, s, G * H)
+    T = 7
+    x = rng.standard_normal((B, T, I))
+    lengths = np.array([T, 3, 1, 6][:B])
+    cls = le.LSTM if cell == "lstm" else le.GRU
+    model = le.Model([cls(w_ih, w_hh, b_ih, b_hh)], threads=threads)
+    min_bytes = _kernels.set_parallel_min_bytes(0)  # split even small layers, to test the split
+    try:
+        y_all, state_all = model.forward(x.astype(np.float32))
+        y_len, state_len = model.forward(x.astype(np.float32), lengths=lengths)
+        state, steps = None, []
+        for t in range(T):
+            y_t, state = model.forward(x[:, t:t + 1].astype(np.float32), initial_state=state)
+            steps.append(y_t)
+    finally:
+        _kernels.set_parallel_min_bytes(min_bytes)
+    for b in range(B):
+        if cell == "lstm":
+            ref, h, c = lstm_reference(x[b], np.zeros(H), np.zeros(H), w_ih, w_hh, b_ih + b_hh)
+            np.testing.assert_allclose(state_all[0][1][0, b], c, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(state[0][1][0, b], c, atol=1e-5, rtol=0)
+            _, _, c_len = lstm_reference(x[b, :lengths[b]], np.zeros(H), np.zeros(H), w_ih, w_hh, b_ih + b_hh)
+            np.testing.assert_allclose(state_len[0][1][0, b], c_len, atol=1e-5, rtol=0)
+        else:
+            ref, h = gru_reference(x[b], np.zeros(H), w_ih, w_hh, b_ih, b_hh)
+        np.testing.assert_allclose(y_all[b], ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.concatenate(steps, 1)[b], ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(state_all[0][0][0, b], h, atol=1e-5, rtol=0)
+        n = lengths[b]
+        np.testing.assert_allclose(y_len[b, :n], ref[:n], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(y_len[b, n:], 0)
+        np.testing.assert_allclose(state_len[0][0][0, b], ref[n - 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fast_path_saturates_and_propagates_nan(cell):
+    H, I = 48, 16
+    G = 4 if cell == "lstm" else 3
+    cls = le.LSTM if cell == "lstm" else le.GRU
+    layer = cls(np.full((G * H, I), 1.0), np.zeros((G * H, H)), np.zeros(G * H), np.zeros(G * H))
+    model = le.Model([layer])
+    big = np.full((1, 1, I), 1e4 / I, np.float32)  # pre-activations of 1e4
+    y, state = model.forward(big)
+    assert np.isfinite(y).all()
+    if cell == "lstm":
+        np.testing.assert_array_equal(state[0][1], 1)  # i = f = o = 1, g = 1: c = 1 exactly
+        np.testing.assert_allclose(y, np.tanh(1.0), atol=1e-6, rtol=0)
+    y, state = model.forward(-big)
+    assert np.isfinite(y).all()
+    x = np.zeros((1, 3, I), np.float32)
+    x[0, 1, 0] = np.nan
+    y, state = model.forward(x)
+    assert not np.isnan(y[0, 0]).any() and np.isnan(y[0, 1]).all() and np.isnan(y[0, 2]).all()
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_threads_are_deterministic(B):
+    """The split across threads never changes a result: each output is one thread's fixed sum."""
+    rng = np.random.default_rng(5)
+    H, I = 256, 256
+    layer = le.LSTM(rng.standard_normal((4 * H, I)) / 16, rng.standard_normal((4 * H, H)) / 16)
+    x = rng.standard_normal((B, 5, I)).astype(np.float32)
+    outs = [le.Model([layer], threads=threads).forward(x)[0] for threads in (1, 2, 3)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_threads_option_is_checked():
+    layer = le.GRU(np.zeros((6, 3)), np.zeros((6, 2)))
+    with pytest.raises(ValueError, match="at least 1"):
+        le.Model([layer], threads=0)
+    with pytest.raises(TypeError, match="int or None"):
+        le.Model([layer], threads=1.5)
+    model = le.Model([layer], threads=None)
+    assert model.threads == _kernels.cpu_count()
