@@ -14,7 +14,9 @@ from .gru import GRU
 from .layers import Activation, BatchNorm, Dense, Dropout, Embedding, LayerNorm, Masking
 from .lstm import LSTM
 from .model import Model
+from .pool import Stream, StreamPool
 from .rnn import RNN
+from .session import Session
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,9 @@ __all__ = [
     "Masking",
     "Model",
     "RNN",
+    "Session",
+    "Stream",
+    "StreamPool",
     "UnsafeModelError",
     "from_keras",
     "from_torch",

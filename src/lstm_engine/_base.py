@@ -39,6 +39,20 @@ def as_weight(value: Any, name: str, ndims: tuple[int, ...], dtype: np.dtype) ->
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+def as_real_array(x: Any, dtype: np.dtype, name: str = "x") -> np.ndarray:
+    """A list (which has no dtype of its own) of real numbers as an array of dtype; TypeError for anything else.
+
+    np.asarray(x, dtype) would parse strings and drop imaginary parts.
+    """
+    try:
+        given = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: expected an array of floats, got {type(x).__name__}") from exc
+    if given.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected an array of floats, got {type(x).__name__} of {given.dtype}")
+    return given.astype(dtype)
+
+
 class Layer:
     """One stage of a Model.
 

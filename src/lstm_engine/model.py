@@ -1,11 +1,16 @@
 """Model: a chain of layers run as one, with input checks and the recurrent state in and out."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ._base import Layer
+from . import _kernels
+from ._base import Layer, as_real_array
+
+if TYPE_CHECKING:  # imported by the methods that make them
+    from .pool import StreamPool
+    from .session import Session
 
 State = list  # one tuple per recurrent layer: (h, c) for LSTM, (h,) for GRU and RNN
 
@@ -19,7 +24,8 @@ class Model:
     each array (directions, B, width).
     """
 
-    def __init__(self, layers: Sequence[Layer], *, metadata: dict | None = None) -> None:
+    def __init__(self, layers: Sequence[Layer], *, metadata: dict | None = None,
+                 threads: int | None = None) -> None:
         layers = list(layers)
         if not layers:
             raise ValueError("Model: expected at least one layer")
@@ -44,6 +50,29 @@ class Model:
         self.input_size = None if self.takes_ids else next(
             (layer.input_size for layer in layers if layer.input_size is not None), None)
         self.output_size = size
+        self.threads = threads
+
+    @property
+    def threads(self) -> int:
+        """Threads one call may use, the engine's own and BLAS's (default: every core of the process).
+
+        Sessions of the model use it too. Two calls running at once in different Python threads
+        each get one core when the engine's workers are busy with the other.
+        """
+        return self._threads
+
+    @threads.setter
+    def threads(self, threads: int | None) -> None:
+        if threads is None:
+            threads = _kernels.cpu_count()
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+            raise TypeError(f"threads: expected an int or None, got {type(threads).__name__}")
+        if threads < 1:
+            raise ValueError(f"threads: expected at least 1, got {threads}")
+        self._threads = int(threads)
+        for layer in self.recurrent_layers:
+            for kernel in layer._kernels.values():
+                kernel.threads = self._threads
 
     @property
     def dtype(self) -> np.dtype:
@@ -68,14 +97,14 @@ class Model:
             self.layers[0].check_ids(ids)
             return ids, ids
         if not isinstance(x, np.ndarray):
-            try:
-                x = np.asarray(x, dtype=self.dtype)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"x: expected an array of floats, got {type(x).__name__}") from exc
+            x = as_real_array(x, self.dtype)
         native = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
         if native not in self.dtypes:
             if not (cast and x.dtype.kind in "fiu" and x.dtype.kind != "b"):
                 kept = " or ".join(str(d) for d in self.dtypes)
+                if cast:
+                    raise TypeError(f"x: dtype {x.dtype} cannot be cast to {self.dtype}; expected real numbers "
+                                    "(floats or integers)")
                 raise TypeError(f"x: dtype {x.dtype}, but this model runs {kept}; pass cast=True to convert, "
                                 f"or build the model with dtype=(np.float32, np.float64)")
             native = self.dtype
@@ -128,13 +157,41 @@ class Model:
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, x: Any, lengths: Any = None, initial_state: Any = None, *,
-                cast: bool = False) -> tuple[np.ndarray, State]:
+                cast: bool = False, record: bool = False) -> tuple:
         """Run the whole model over x; see the class docstring for shapes.
 
         ``lengths`` (B,) gives packed-sequence semantics: row b runs on its first lengths[b] steps,
         its outputs after them are 0 and its final state is taken at its last valid step.
         ``cast=True`` converts an input of another dtype to ``self.dtype`` instead of raising TypeError.
+        ``record=True`` returns ``(y, state, gates)``: gates has one dict per recurrent layer,
+        name -> (D, B, T, width) activations (i, f, g, o, c, h for LSTM; r, z, n, h for GRU; h for RNN),
+        from a step-by-step NumPy run of the same equations (slow; see lstm_engine.gates).
         """
+        x, mask, packed, layers, states = self._prepare(x, lengths, initial_state, cast)
+        if record:
+            from .gates import forward_recorded
+
+            return forward_recorded(self, x, mask, packed, layers, states)[:3]
+        # The recurrent kernels hold BLAS to self.threads themselves; Dense heads run in NumPy's BLAS.
+        blas = _kernels.blas_threads()
+        limit = blas > self._threads
+        if limit:
+            _kernels.set_blas_threads(self._threads)
+        try:
+            k = 0
+            for layer in layers:
+                if layer.is_recurrent:
+                    x, mask = layer.forward_with_state(x, mask, states[k], packed or layer.zero_output_for_mask)
+                    k += 1
+                else:
+                    x, mask = layer.forward(x, mask)
+        finally:
+            if limit:
+                _kernels.set_blas_threads(blas)
+        return x, states
+
+    def _prepare(self, x: Any, lengths: Any, initial_state: Any, cast: bool) -> tuple:
+        """Checked inputs for the layers: (x or embedded ids, mask, packed, layers to run, states)."""
         x, ids = self._check_x(x, cast)
         B, T = x.shape[:2]
         if T == 0:
@@ -149,14 +206,7 @@ class Model:
                 mask = ids != 0 if mask is None else mask & (ids != 0)
             layers = layers[1:]
         states = self._check_state(initial_state, B, x.dtype, cast)
-        k = 0
-        for layer in layers:
-            if layer.is_recurrent:
-                x, mask = layer.forward_with_state(x, mask, states[k], packed or layer.zero_output_for_mask)
-                k += 1
-            else:
-                x, mask = layer.forward(x, mask)
-        return x, states
+        return x, mask, packed, layers, states
 
     __call__ = forward
 
@@ -167,8 +217,8 @@ class Model:
 
         return Session(self, batch_size, dtype=dtype)
 
-    def pool(self, max_batch: int = 64, *, dtype: Any = None) -> "StreamPool":
+    def pool(self, max_batch: int = 64, *, max_delay: float = 0.001, dtype: Any = None) -> "StreamPool":
         """A StreamPool: many independent streams whose concurrent steps run as one batch (see lstm_engine.pool)."""
         from .pool import StreamPool
 
-        return StreamPool(self, max_batch, dtype=dtype)
+        return StreamPool(self, max_batch, max_delay=max_delay, dtype=dtype)

@@ -1,0 +1,189 @@
+"""Session benchmarks: what step() costs outside the kernel, and sessions in parallel threads.
+
+    python benches/bench_session.py                    # prints the figures (about a minute)
+    pytest benches/bench_session.py --benchmark-only   # the same calls under pytest-benchmark
+
+1. Overhead split, LSTM 64->64, batch 1: the kernel alone (RecurrentKernel.run on ready buffers) against
+   Session.step(x, out=y) and Session.step(x), timed in interleaved rounds; the overhead is the paired
+   difference per round (shared machines drift: pairing cancels the drift).
+2. Threads: sessions of one model (LSTM 256->256 x2 and 512->512, batch 1), one per thread, BLAS
+   limited to one thread each (model.threads = 1); aggregate steps/s of 2 threads over 1 thread (alternating rounds,
+   medians), and the outputs checked against a serial run.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import lstm_engine as le
+
+
+def lstm_model(input_size: int, hidden_size: int, num_layers: int = 1, seed: int = 0) -> le.Model:
+    """LSTM layers with PyTorch's default init (uniform in ±1/sqrt(hidden))."""
+    rng = np.random.default_rng(seed)
+    bound = 1 / np.sqrt(hidden_size)
+    layers, size = [], input_size
+    for _ in range(num_layers):
+        w = [rng.uniform(-bound, bound, s).astype(np.float32)
+             for s in ((4 * hidden_size, size), (4 * hidden_size, hidden_size), (4 * hidden_size,), (4 * hidden_size,))]
+        layers.append(le.LSTM(*w))
+        size = hidden_size
+    return le.Model(layers)
+
+
+def overhead_split(hidden: int = 64, calls: int = 200, rounds: int = 300) -> dict:
+    """Median µs per call of the kernel alone, step(out=) and step(), and the paired overheads."""
+    model = lstm_model(hidden, hidden)
+    model.threads = 1  # a 64-wide layer gains nothing from a second thread
+    session = model.session(1)
+    kernel = model.layers[0]._kernels[np.dtype(np.float32)]
+    x = np.random.default_rng(0).standard_normal((1, hidden)).astype(np.float32)
+    x3 = x.reshape(1, 1, hidden)
+    y = np.empty((1, hidden), np.float32)
+    h = np.zeros((1, 1, hidden), np.float32)
+    c = np.zeros((1, 1, hidden), np.float32)
+    work = np.empty(kernel.work_size(1, 1), np.float32)
+    run, step = kernel.run, session.step
+    timer = time.perf_counter
+    rows = {"kernel": [], "step(out=)": [], "step()": []}
+    with threadpool_limits(1):
+        for _ in range(rounds):
+            t0 = timer()
+            for _ in range(calls):
+                run(x3, y, h, c, None, work, False)
+            t1 = timer()
+            for _ in range(calls):
+                step(x, out=y)
+            t2 = timer()
+            for _ in range(calls):
+                step(x)
+            t3 = timer()
+            rows["kernel"].append((t1 - t0) / calls * 1e6)
+            rows["step(out=)"].append((t2 - t1) / calls * 1e6)
+            rows["step()"].append((t3 - t2) / calls * 1e6)
+    k = rows["kernel"]
+    return {
+        **{name: statistics.median(v) for name, v in rows.items()},
+        "overhead step(out=)": statistics.median(a - b for a, b in zip(rows["step(out=)"], k)),
+        "overhead step()": statistics.median(a - b for a, b in zip(rows["step()"], k)),
+        "best kernel": min(k),
+        "best step(out=)": min(rows["step(out=)"]),
+    }
+
+
+def thread_scaling(hidden: int, num_layers: int = 1, seconds: float = 1.5, rounds: int = 4,
+                   threads: int = 2) -> dict:
+    """Aggregate steps/s of `threads` sessions in as many threads, over one session in one thread.
+
+    The two are measured in alternating rounds (1, 2, 1, 2, ...) and the medians compared, so that a
+    neighbour's load on this shared machine hits both alike.
+    """
+    model = lstm_model(hidden, hidden, num_layers)
+    model.threads = 1  # each session's kernel on one core: the Python threads are the parallelism
+    xs = np.random.default_rng(1).standard_normal((threads, 1, hidden)).astype(np.float32)
+
+    def run(n: int) -> float:
+        counts = [0] * n
+        stop = threading.Event()
+        start = threading.Barrier(n + 1)
+
+        def worker(k: int) -> None:
+            s = model.session(1)
+            x = xs[k]
+            start.wait()
+            while not stop.is_set():
+                for _ in range(10):
+                    s.step(x)
+                counts[k] += 10
+
+        pool = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+        for t in pool:
+            t.start()
+        start.wait()
+        t0, c0 = time.perf_counter(), time.process_time()
+        time.sleep(seconds)
+        stop.set()
+        for t in pool:
+            t.join()
+        wall = time.perf_counter() - t0
+        return sum(counts) / wall, (time.process_time() - c0) / wall
+
+    ones, manys, cpus = [], [], []
+    with threadpool_limits(1):
+        for _ in range(rounds):
+            rate, _ = run(1)
+            ones.append(rate)
+            rate, cpu = run(threads)
+            manys.append(rate)
+            cpus.append(cpu)
+    # Results of parallel sessions equal a serial run bit for bit.
+    steps = 50
+    seqs = np.random.default_rng(2).standard_normal((threads, steps, 1, hidden)).astype(np.float32)
+    serial = [np.stack([s.step(x) for x in seq]) for s, seq in ((model.session(1), q) for q in seqs)]
+    par: list = [None] * threads
+
+    def replay(k: int) -> None:
+        s = model.session(1)
+        par[k] = np.stack([s.step(x) for x in seqs[k]])
+
+    ts = [threading.Thread(target=replay, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    one, many = statistics.median(ones), statistics.median(manys)
+    # Cores the process got while its threads ran: under 2 means neighbours took the rest.
+    return {"1 thread steps/s": one, f"{threads} threads steps/s": many, "ratio": many / one,
+            "cores used by 2 threads": statistics.median(cpus),
+            "identical to serial": all(np.array_equal(a, b) for a, b in zip(par, serial))}
+
+
+# -- pytest-benchmark ----------------------------------------------------------------------------
+
+def test_bench_step_lstm64(benchmark):
+    model = lstm_model(64, 64)
+    s = model.session(1)
+    x = np.ones((1, 64), np.float32)
+    y = np.empty((1, 64), np.float32)
+    with threadpool_limits(1):
+        benchmark(s.step, x, out=y)
+
+
+def test_bench_kernel_lstm64(benchmark):
+    model = lstm_model(64, 64)
+    kernel = model.layers[0]._kernels[np.dtype(np.float32)]
+    x = np.ones((1, 1, 64), np.float32)
+    y, h, c = (np.zeros((1, 1, 64), np.float32) for _ in range(3))
+    work = np.empty(kernel.work_size(1, 1), np.float32)
+    with threadpool_limits(1):
+        benchmark(kernel.run, x, y, h, c, None, work, False)
+
+
+def test_bench_feed_lstm256_chunk32(benchmark):
+    model = lstm_model(256, 256, 2)
+    s = model.session(1)
+    x = np.ones((1, 32, 256), np.float32)
+    benchmark(s.feed, x)
+
+
+def main() -> None:
+    split = overhead_split()
+    print("step() overhead, LSTM 64->64, batch 1 (median µs per call, one BLAS thread)")
+    for name in ("kernel", "step(out=)", "step()"):
+        print(f"  {name:<12} {split[name]:7.2f}")
+    print(f"  outside the kernel: step(out=) {split['overhead step(out=)']:.2f} µs, "
+          f"step() {split['overhead step()']:.2f} µs (best rounds: kernel {split['best kernel']:.2f}, "
+          f"step(out=) {split['best step(out=)']:.2f})")
+    for hidden, layers in ((256, 2), (512, 1)):
+        scale = thread_scaling(hidden, layers)
+        print(f"sessions in threads, LSTM {hidden}->{hidden} x{layers}, batch 1, one BLAS thread per session")
+        for name, value in scale.items():
+            print(f"  {name:<22} {value:.2f}" if isinstance(value, float) else f"  {name:<22} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,813 @@
+"""The ``lstm-engine`` command. Each subcommand is one ``add_<name>(subparsers)`` function below.
+
+    lstm-engine generate "Once upon a"          # stream text from the shipped character model
+    lstm-engine inspect model.safetensors       # layers, sizes, parameters, where it came from
+    lstm-engine run model.pt x.npy -o y.npy     # batched inference over a file of sequences
+    lstm-engine verify model.safetensors --source model.pt   # against the framework it came from
+    lstm-engine bench model.safetensors         # step latency and throughput here
+    lstm-engine gates model.safetensors x.npy -o gates.png   # the gates at work, memory, gradient flow
+
+A user mistake (a bad argument, a missing or broken file) is one line on stderr and exit status 1
+(2 for usage errors); never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import ExitStack
+from importlib import resources
+from typing import Callable
+
+PROG = "lstm-engine"
+SHIPPED_MODEL = "charlm.safetensors"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit status 1."""
+
+
+# -- generate ------------------------------------------------------------------------------------
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="stream text from a character-level language model",
+        description="Continue PROMPT with a character-level language model, printing each character as it "
+                    "is produced. Without --model, the model shipped with lstm_engine (trained on "
+                    "Shakespeare's plays) is used.",
+        epilog=f'example: {PROG} generate "ROMEO:" --max-new-tokens 400 --temperature 0.7 --seed 1',
+    )
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=300, metavar="N",
+                   help="characters to generate (default 300)")
+    p.add_argument("--temperature", "-t", type=float, default=0.8, metavar="T",
+                   help="sampling temperature; 0 = always the likeliest character (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest only")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="sample among the likeliest characters whose probabilities sum to P")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed, for reproducible text")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a model saved with lstm_engine.save whose metadata has 'vocab'")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from . import load
+    from .generate import check_sampling
+
+    # Argument errors first, before the model is read; named as the options are.
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(":")
+        raise UserError(f"--{name.replace('_', '-')}:{rest}") from None
+    with ExitStack() as stack:
+        if args.model is None:
+            ref = resources.files("lstm_engine").joinpath("data", SHIPPED_MODEL)
+            if not ref.is_file():
+                raise UserError(f"the shipped model data/{SHIPPED_MODEL} is missing from this installation; "
+                                "pass --model PATH")
+            path = stack.enter_context(resources.as_file(ref))
+        else:
+            path = args.model
+        model = load(path)
+    vocab = model.metadata.get("vocab")
+    if not isinstance(vocab, str) or not model.takes_ids:
+        raise UserError(f"{args.model or SHIPPED_MODEL}: not a character-level language model "
+                        "(expected token ids in and metadata['vocab'] = the characters)")
+    if not args.prompt:
+        raise UserError("PROMPT: expected at least one character")
+    index = {ch: i for i, ch in enumerate(vocab)}
+    unknown = sorted({ch for ch in args.prompt if ch not in index})
+    if unknown:
+        raise UserError(f"PROMPT: the model does not know the character(s) {''.join(unknown)!r}; "
+                        f"it knows {vocab!r}")
+    session = model.session()
+    tokens = session.generate([index[ch] for ch in args.prompt], args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    for tok in tokens:
+        out.write(vocab[tok])
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+# -- shared by the model commands -----------------------------------------------------------------
+
+def _load_model(path: str, threads: int | None = None):
+    from . import load
+
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    model = load(path)
+    if threads is not None:
+        model.threads = _positive(threads, "--threads")
+    return model
+
+
+def _positive(value: int, name: str) -> int:
+    if value < 1:
+        raise UserError(f"{name}: expected at least 1, got {value}")
+    return value
+
+
+def _load_array(path: str, what: str, mmap: bool = False):
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a readable .npy array for {what} ({exc})") from None
+
+
+def _check_input(model, x, path: str):
+    """x's shape against the model's: (B, T) ids or (B, T, features), as one line naming the file."""
+    if model.takes_ids:
+        if x.ndim != 2 or x.dtype.kind not in "iu":
+            raise UserError(f"{path}: expected token ids, integers of shape (batch, steps), "
+                            f"got {x.dtype} {x.shape}")
+    elif x.ndim != 3 or (model.input_size is not None and x.shape[2] != model.input_size):
+        raise UserError(f"{path}: expected shape (batch, steps, {model.input_size or 'features'}), got {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {x.shape}")
+
+
+def _random_input(model, B: int, T: int, rng):
+    if model.takes_ids:
+        return rng.integers(0, model.layers[0].num_embeddings, (B, T))
+    return rng.standard_normal((B, T, model.input_size or 1)).astype(model.dtype)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="show a model's layers, sizes, parameters and where it came from",
+        description="Print the architecture of a model file (any format lstm_engine loads) as a table: "
+                    "each layer's type, sizes, directions, projection, parameter count, dtype and the "
+                    "memory its weights take, then the totals, the file format and the framework it came from.",
+        epilog=f"example: {PROG} inspect model.safetensors",
+    )
+    p.add_argument("model", metavar="MODEL", help="a model file: .safetensors, .pt/.pth/.bin, .keras or .h5")
+    p.set_defaults(func=run_inspect)
+
+
+def _file_format(path: str) -> str:
+    import json
+    import struct
+    import zipfile
+
+    from .formats import _sniff
+
+    kind = _sniff(path)
+    if kind == "safetensors":
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(n)).get("__metadata__", {}) if n < 1 << 26 else {}
+        if meta.get("format") == "lstm_engine":
+            return f"lstm_engine safetensors (format version {meta.get('format_version', '?')})"
+        return "safetensors state_dict"
+    if kind == "zip":
+        with zipfile.ZipFile(path) as zf:
+            return "Keras .keras archive" if "config.json" in zf.namelist() else "torch.save zip (state_dict)"
+    if kind == "hdf5":
+        return "Keras HDF5"
+    return "unknown"
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    model = _load_model(args.model)
+    rows = [("#", "layer", "in", "out", "hidden", "proj", "dirs", "params", "dtype", "weights")]
+    total_params = total_bytes = 0
+    for i, layer in enumerate(model.layers):
+        params = sum(int(np.prod(w.shape)) for w in layer.weights().values())
+        nbytes = params * sum(dt.itemsize for dt in layer.dtypes)
+        total_params += params
+        total_bytes += nbytes
+        name = type(layer).__name__
+        hidden = proj = dirs = "-"
+        if layer.is_recurrent:
+            hidden, proj, dirs = str(layer.hidden_size), str(layer.proj_size or "-"), str(layer.num_directions)
+            extra = [k for k in ("go_backwards",) if getattr(layer, k)]
+            if layer.activation != "tanh" or (name != "RNN" and layer.recurrent_activation != "sigmoid"):
+                extra.append(layer.activation if name == "RNN" else
+                             f"{layer.activation}/{layer.recurrent_activation}")
+            if name == "GRU" and not layer.reset_after:
+                extra.append("reset_before")
+            if not layer.return_sequences:
+                extra.append("last step")
+            if layer.bidirectional and layer.merge_mode != "concat":
+                extra.append(layer.merge_mode)
+            name += f" ({', '.join(extra)})" if extra else ""
+        elif name == "Embedding":
+            hidden = f"vocab {layer.num_embeddings}"
+            name += " (mask_zero)" if layer.mask_zero else ""
+        elif getattr(layer, "activation", "linear") not in ("linear", None):
+            name += f" ({layer.activation})"
+        size = lambda v: "-" if v is None else str(v)  # noqa: E731
+        rows.append((str(i), name, "ids" if getattr(layer, "accepts_ids", False) else size(layer.input_size),
+                     size(layer.output_size), hidden, proj, dirs, f"{params:,}",
+                     "/".join(str(dt) for dt in layer.dtypes), _bytes(nbytes) if params else "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    left = {1, 8}
+    for r in rows:
+        print("  ".join(cell.ljust(w) if c in left else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))))
+    print(f"total: {len(model.layers)} layers ({len(model.recurrent_layers)} recurrent), "
+          f"{total_params:,} parameters, {_bytes(total_bytes)} of weights")
+    print(f"input: {'token ids (batch, steps)' if model.takes_ids else f'(batch, steps, {model.input_size})'}"
+          f"   output: (batch, {'steps, ' if _returns_sequences(model) else ''}{model.output_size})")
+    print(f"file: {_file_format(args.model)}")
+    meta = model.metadata
+    source = meta.get("source", "unknown")
+    version = meta.get("framework_version") or meta.get("keras_version")
+    line = f"source: {source}"
+    if version:
+        line += f" {version}" if source in ("torch", "keras") else f" (version {version})"
+    for key in ("source_format", "backend"):
+        if meta.get(key):
+            line += f", {key.replace('_', ' ')} {meta[key]}"
+    print(line)
+    for key, value in meta.items():
+        if key in ("source", "framework_version", "keras_version", "source_format", "backend"):
+            continue
+        text = f"{len(value)} entries" if isinstance(value, (str, list, dict)) and len(value) > 60 else repr(value)
+        print(f"{key}: {text}")
+    return 0
+
+
+def _returns_sequences(model) -> bool:
+    return all(layer.return_sequences for layer in model.recurrent_layers)
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+# Rows per chunk are chosen so one chunk's activations stay near this (unless --batch-size says otherwise).
+CHUNK_BYTES = 64 << 20
+
+
+def add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a model over a .npy file of sequences",
+        description="Run MODEL over every sequence in INPUT.npy — (batch, steps, features) floats, or "
+                    "(batch, steps) token ids for a model that starts with an Embedding — in chunks of "
+                    "--batch-size sequences so memory stays bounded, and write the outputs to OUT.npy. "
+                    "A progress bar shows on jobs of several chunks (tqdm's if installed).",
+        epilog=f"example: {PROG} run model.safetensors x.npy --lengths lengths.npy -o y.npy --state-out state.npz",
+    )
+    p.add_argument("model", metavar="MODEL", help="a model file")
+    p.add_argument("input", metavar="INPUT.npy", help="the input sequences")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npy", help="where to write the outputs")
+    p.add_argument("--lengths", metavar="L.npy", help="(batch,) integer lengths: packed-sequence semantics")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help=f"sequences per chunk (default: as many as fit in {CHUNK_BYTES >> 20} MiB of activations)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="threads to use (default: every core)")
+    p.add_argument("--state-out", metavar="S.npz",
+                   help="also save the final states: layer<k>_h (and layer<k>_c for LSTM), "
+                        "each (directions, batch, width)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_run)
+
+
+class _Progress:
+    """tqdm's bar when it is installed, else one self-overwriting line on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, unit="seq", file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            print(f"\r{self.done}/{self.total} sequences ({100 * self.done // self.total}%)", end="",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    model = _load_model(args.model, args.threads)
+    x = _load_array(args.input, "the input", mmap=True)
+    _check_input(model, x, args.input)
+    B, T = x.shape[:2]
+    lengths = None
+    if args.lengths:
+        lengths = _load_array(args.lengths, "--lengths")
+        if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
+            raise UserError(f"--lengths {args.lengths}: expected ({B},) integers, one per sequence of the input, "
+                            f"got {lengths.dtype} {lengths.shape}")
+    if args.batch_size is None:
+        widest = max([model.input_size or 0, model.output_size or 0]
+                     + [4 * layer.hidden_size * layer.num_directions for layer in model.recurrent_layers])
+        rows = max(1, CHUNK_BYTES // (T * widest * model.dtype.itemsize * 3))
+    else:
+        rows = _positive(args.batch_size, "--batch-size")
+    chunks = range(0, B, rows)
+    progress = _Progress(B, enabled=len(chunks) > 1 and not args.quiet)
+    out = None
+    states: list = []
+    start = time.perf_counter()
+    try:
+        for lo in chunks:
+            hi = min(B, lo + rows)
+            xb = np.ascontiguousarray(x[lo:hi])
+            if not model.takes_ids:
+                xb = xb.astype(model.dtype, copy=False)
+            y, state = model.forward(xb, None if lengths is None else lengths[lo:hi])
+            if out is None:
+                # Written chunk by chunk into the file, so the whole output never sits in memory.
+                out = np.lib.format.open_memmap(args.output, mode="w+", dtype=y.dtype, shape=(B,) + y.shape[1:])
+            out[lo:hi] = y
+            if args.state_out:
+                states.append(state)
+            progress.update(hi - lo)
+    finally:
+        progress.close()
+    out.flush()
+    shape = out.shape
+    del out
+    elapsed = time.perf_counter() - start
+    print(f"wrote {args.output}: {shape} {model.dtype} from {B} sequences of {T} steps "
+          f"in {len(chunks)} chunk(s) of {rows}, {elapsed:.3f} s ({B * T / elapsed:,.0f} steps/s)")
+    if args.state_out:
+        arrays = {}
+        for k, layer in enumerate(model.recurrent_layers):
+            for j, name in enumerate(("h", "c")[: len(layer.state_shapes)]):
+                arrays[f"layer{k}_{name}"] = np.concatenate([s[k][j] for s in states], axis=1)
+        np.savez(args.state_out, **arrays)
+        print(f"wrote {args.state_out}: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
+    return 0
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+def add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify", help="check a model against the framework it came from",
+        description="Run random inputs (and, for PyTorch, random lengths) through MODEL and through the "
+                    "ORIGINAL it was exported from — a PyTorch state_dict (.pt/.pth/.bin/.safetensors) "
+                    "with torch installed, or a Keras model (.keras/.h5) with keras installed — and print "
+                    "the max abs/rel error of the output and of every state. Without --source: check that "
+                    "the model survives lstm_engine.save/load unchanged and that the kernels agree with a "
+                    "step-by-step NumPy run of the equations. Exit status 1 when an error passes --atol.",
+        epilog=f"example: {PROG} verify model.safetensors --source model.pt --atol 1e-5",
+    )
+    p.add_argument("model", metavar="MODEL", help="the model file lstm_engine runs")
+    p.add_argument("--source", metavar="ORIGINAL", help="the file it was exported from")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest absolute error allowed (default 1e-4)")
+    p.add_argument("--batch", type=int, default=4, metavar="B", help="random sequences (default 4)")
+    p.add_argument("--steps", type=int, default=12, metavar="T", help="steps per sequence (default 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=run_verify)
+
+
+def _errors(name: str, got, want) -> tuple[str, float]:
+    import numpy as np
+
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise UserError(f"{name}: lstm_engine gives shape {got.shape}, the reference {want.shape}; "
+                        "the files do not describe the same model")
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    rel = err / scale if scale > 0 else err
+    return f"  {name:<14} max abs {err:9.2e}   max rel {rel:9.2e}", err
+
+
+def _torch_reference(model, path: str, x, lengths):
+    """Outputs and per-layer states of the original PyTorch network, rebuilt from its state_dict."""
+    import numpy as np
+    import torch
+
+    from .formats import _sniff
+
+    if _sniff(path) == "safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds for a file it cannot read
+            raise UserError(f"{path}: torch cannot read it as a state_dict: {str(exc).splitlines()[0]}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path}: expected a state_dict (names -> tensors)")
+    # Modules in state_dict order: "<prefix>.<param>" keys grouped by prefix.
+    groups: dict[str, dict] = {}
+    for key, value in sd.items():
+        prefix, _, name = key.rpartition(".")
+        groups.setdefault(prefix, {})[name] = value.double()
+    layers = [layer for layer in model.layers if layer.weights()]
+    pos = 0
+    steps = []
+    for prefix, params in groups.items():
+        if pos >= len(layers):
+            raise UserError(f"{path}: has more weights ({prefix!r}) than {model!r} holds")
+        layer = layers[pos]
+        kind = type(layer).__name__
+        if "weight_ih_l0" in params:
+            stack = []
+            while pos < len(layers) and layers[pos].is_recurrent and f"weight_ih_l{len(stack)}" in params:
+                stack.append(layers[pos])
+                pos += 1
+            first = stack[0]
+            cls = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}[type(first).__name__]
+            kw = {"nonlinearity": first.nonlinearity} if cls is torch.nn.RNN else {}
+            if first.proj_size:
+                kw["proj_size"] = first.proj_size
+            net = cls(first.input_size, first.hidden_size, num_layers=len(stack), bias="bias_ih_l0" in params,
+                      batch_first=True, bidirectional=first.bidirectional, **kw).double()
+            steps.append(("rnn", net, params, len(stack), first.num_directions))
+        elif kind == "Embedding":
+            steps.append(("emb", torch.nn.Embedding(*layer.weights()["weight"].shape).double(), params, 0, 0))
+            pos += 1
+        elif kind == "Dense":
+            out_f, in_f = layer.weights()["weight"].shape
+            steps.append(("dense", torch.nn.Linear(in_f, out_f, bias="bias" in params).double(), params,
+                          layer.activation, 0))
+            pos += 1
+        elif kind == "LayerNorm":
+            steps.append(("norm", torch.nn.LayerNorm(layer.input_size, eps=layer.eps).double(), params, 0, 0))
+            pos += 1
+        else:
+            raise UserError(f"verify --source: cannot rebuild a {kind} layer in torch")
+    for step in steps:
+        try:
+            step[1].load_state_dict(step[2], strict=True)
+        except RuntimeError as exc:
+            raise UserError(f"{path}: its weights do not fit the model's architecture: "
+                            f"{str(exc).splitlines()[-1].strip()}") from None
+    acts = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "linear": lambda t: t,
+            "softmax": lambda t: torch.softmax(t, -1)}
+    h = torch.from_numpy(np.asarray(x)) if model.takes_ids else torch.from_numpy(np.asarray(x, np.float64))
+    states = []
+    with torch.no_grad():
+        for kind, net, _, extra, D in steps:
+            if kind == "emb":
+                h = net(h)
+            elif kind == "rnn":
+                T = h.shape[1]
+                if lengths is not None:
+                    packed = torch.nn.utils.rnn.pack_padded_sequence(h, torch.from_numpy(lengths), batch_first=True,
+                                                                     enforce_sorted=False)
+                    out, st = net(packed)
+                    h = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+                else:
+                    h, st = net(h)
+                st = st if isinstance(st, tuple) else (st,)
+                for k in range(extra):
+                    states.append(tuple(s[k * D:(k + 1) * D].numpy() for s in st))
+            elif kind == "dense":
+                if extra not in acts:
+                    raise UserError(f"verify --source: cannot apply activation {extra!r} in torch")
+                h = acts[extra](net(h))
+            else:
+                h = net(h)
+    return h.numpy(), states
+
+
+def _keras_reference(path: str, x):
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    try:
+        net = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many kinds for a file it cannot read
+        raise UserError(f"{path}: keras cannot load it: {str(exc).splitlines()[0]}") from None
+    out = net(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    return keras.ops.convert_to_numpy(out)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import load, save
+
+    model = _load_model(args.model)
+    B, T = _positive(args.batch, "--batch"), _positive(args.steps, "--steps")
+    rng = np.random.default_rng(args.seed)
+    x = _random_input(model, B, T, rng)
+    lines = []
+    errs = []
+    if args.source is None:
+        import tempfile
+
+        lengths = rng.integers(1, T + 1, B)
+        lengths[0] = T
+        y, state = model.forward(x, lengths)
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = os.path.join(tmp, "model.safetensors")
+            save(model, copy)
+            y2, state2 = load(copy).forward(x, lengths)
+        y3, state3, _ = model.forward(x, lengths, record=True)
+        header = (f"verify {args.model}: {B} random sequences of {T} steps, lengths {lengths.tolist()}, "
+                  f"{model.dtype}")
+        for title, (ry, rs) in (("save/load round trip", (y2, state2)),
+                                ("kernels vs step-by-step NumPy", (y3, state3))):
+            lines.append(f" {title}:")
+            for name, got, want in _pairs(model, y, state, ry, rs):
+                line, err = _errors(name, got, want)
+                lines.append(line)
+                errs.append(err)
+    else:
+        if not os.path.exists(args.source):
+            raise UserError(f"{args.source}: no such file")
+        framework = _framework_of(args.source)
+        if framework == "keras":
+            try:
+                import keras  # noqa: F401
+            except ImportError:
+                raise UserError("--source is a Keras model but keras is not installed") from None
+            lengths = None
+            y = model.forward(x)[0]
+            lines.append(" (Keras models keep their states inside; the output is compared)")
+            line, err = _errors("output", y, _keras_reference(args.source, x))
+            lines.append(line)
+            errs.append(err)
+            version = f"keras {keras.__version__}"
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise UserError("--source is a PyTorch state_dict but torch is not installed") from None
+            lengths = rng.integers(1, T + 1, B)
+            lengths[0] = T
+            y, state = model.forward(x, lengths)
+            ry, rs = _torch_reference(model, args.source, x, lengths)
+            for name, got, want in _pairs(model, y, state, ry, rs):
+                line, err = _errors(name, got, want)
+                lines.append(line)
+                errs.append(err)
+            version = f"torch {torch.__version__}"
+        header = (f"verify {args.model} against {args.source} ({version}): {B} random sequences of {T} steps"
+                  + ("" if lengths is None else f", lengths {lengths.tolist()}"))
+    print(header)
+    print("\n".join(lines))
+    worst = max(errs)
+    if worst > args.atol:
+        print(f"FAILED: max abs error {worst:.2e} > --atol {args.atol:g}")
+        return 1
+    print(f"ok: every error within --atol {args.atol:g}")
+    return 0
+
+
+def _framework_of(path: str) -> str:
+    from .formats import _sniff
+
+    kind = _sniff(path)
+    if kind == "hdf5":
+        return "keras"
+    if kind == "zip":
+        import zipfile
+
+        with zipfile.ZipFile(path) as zf:
+            return "keras" if "config.json" in zf.namelist() else "torch"
+    if kind == "safetensors":
+        return "torch"
+    raise UserError(f"{path}: not a PyTorch state_dict or a Keras model file")
+
+
+def _pairs(model, y, state, ref_y, ref_state):
+    yield "output", y, ref_y
+    if len(ref_state) != len(state):
+        raise UserError(f"the reference has {len(ref_state)} recurrent layers, the model {len(state)}")
+    for k, (mine, theirs) in enumerate(zip(state, ref_state)):
+        for name, got, want in zip("hc", mine, theirs):
+            yield f"layer {k} {name}", got, want
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="measure step latency and throughput on this machine",
+        description="Time MODEL on random inputs: the latency of one streaming step (a session fed one "
+                    "timestep at a time; median and 99th percentile) and the throughput of whole sequences "
+                    "through model.forward.",
+        epilog=f"example: {PROG} bench model.safetensors --batch 8 --steps 128 --threads 1",
+    )
+    p.add_argument("model", metavar="MODEL", help="a model file")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences run together (default 1)")
+    p.add_argument("--steps", type=int, default=100, metavar="T", help="steps per sequence (default 100)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="threads to use (default: every core)")
+    p.add_argument("--seconds", type=float, default=1.0, metavar="S",
+                   help="time to spend on each measurement, about (default 1)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from .session import check_streamable
+
+    model = _load_model(args.model, args.threads)
+    B, T = _positive(args.batch, "--batch"), _positive(args.steps, "--steps")
+    budget = max(args.seconds, 0.01)
+    x = _random_input(model, B, T, np.random.default_rng(0))
+    kind = ", ".join(f"{type(layer).__name__} {layer.hidden_size}" for layer in model.recurrent_layers)
+    print(f"{args.model}: {kind or 'no recurrent layer'}; batch {B}, {T} steps, {model.threads} thread(s), "
+          f"{model.dtype}")
+    perf = time.perf_counter
+    try:
+        check_streamable(model, "streaming")
+    except ValueError as exc:
+        print(f"streaming step:  n/a ({str(exc).split(';')[0]})")
+    else:
+        session = model.session(B)
+        columns = [np.ascontiguousarray(x[:, t]) for t in range(T)]
+        for col in columns[: min(T, 10)]:
+            session.step(col)
+        times = []
+        deadline = perf() + budget
+        while perf() < deadline or len(times) < 100:
+            session.reset()
+            for col in columns:
+                t0 = perf()
+                session.step(col)
+                times.append(perf() - t0)
+        us = np.array(times) * 1e6
+        print(f"streaming step:  median {np.median(us):9.1f} us   p99 {np.percentile(us, 99):9.1f} us   "
+              f"({B / np.median(us) * 1e6:,.0f} sequence-steps/s, {len(us)} steps timed)")
+    model.forward(x)
+    runs = []
+    deadline = perf() + budget
+    while perf() < deadline or len(runs) < 3:
+        t0 = perf()
+        model.forward(x)
+        runs.append(perf() - t0)
+    ms = np.array(runs) * 1e3
+    print(f"whole sequence:  median {np.median(ms):9.3f} ms   p99 {np.percentile(ms, 99):9.3f} ms   "
+          f"({B * T / np.median(ms) * 1e3:,.0f} sequence-steps/s, {len(ms)} runs)")
+    return 0
+
+
+# -- gates ---------------------------------------------------------------------------------------
+
+LAGS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def add_gates(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gates", help="draw the gates at work and measure how far back the model remembers",
+        description="Run MODEL over one sequence of INPUT.npy recording every gate, draw the gates of each "
+                    "recurrent layer as heatmaps over time into -o (needs matplotlib: pip install "
+                    '"lstm_engine[plot]"), and print per layer the memory horizon (steps until the running '
+                    "product of the forget gate, GRU: update gate, falls below 1/e, averaged over units) and "
+                    "the gradient flow ||dc_T/dc_t|| and ||dh_T/dh_t|| (spectral norms of exact Jacobian "
+                    "products of the loaded weights) for t going back from the last step T.",
+        epilog=f"example: {PROG} gates model.safetensors x.npy -o gates.png --row 0",
+    )
+    p.add_argument("model", metavar="MODEL", help="a model file")
+    p.add_argument("input", metavar="INPUT.npy",
+                   help="(batch, steps, features) floats or (batch, steps) token ids; one sequence may drop batch")
+    p.add_argument("-o", "--output", metavar="PNG", help="where to draw the heatmaps (.png, .pdf, .svg)")
+    p.add_argument("--row", type=int, default=0, help="which sequence of the batch to look at (default 0)")
+    p.set_defaults(func=run_gates)
+
+
+def run_gates(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import gates
+
+    model = _load_model(args.model)
+    x = _load_array(args.input, "the input")
+    if x.ndim == (1 if model.takes_ids else 2):
+        x = x[None]
+    _check_input(model, x, args.input)
+    if not 0 <= args.row < x.shape[0]:
+        raise UserError(f"--row: expected 0..{x.shape[0] - 1} (the input has {x.shape[0]} sequences), got {args.row}")
+    if not model.recurrent_layers:
+        raise UserError(f"{args.model}: the model has no recurrent layer")
+    if args.output:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError('drawing needs matplotlib: pip install "lstm_engine[plot]" (or leave out -o)') from None
+    x = x[args.row:args.row + 1]
+    if not model.takes_ids:
+        x = x.astype(model.dtype, copy=False)
+    T = x.shape[1]
+    reports = gates.analyse(model, x)
+    for rep in reports:
+        layer = rep.layer
+        size = f"hidden {layer.hidden_size}" + (f", proj {layer.proj_size}" if layer.proj_size else "")
+        dirs = " bidirectional" if layer.bidirectional else ""
+        print(f"layer {rep.index} {rep.kind} ({size}{dirs}), sequence {args.row}, {T} steps")
+        means = "  ".join(f"{name} {np.nanmean(rep.gates[name]):.3f}" for name in gates.GATES[rep.kind]
+                          if name in "ifozr")
+        if means:
+            print(f"  mean gate          {means}")
+        if rep.horizon is None:
+            print("  memory horizon     - (no gate: a vanilla RNN keeps nothing by design)")
+        else:
+            gate = gates.KEEP_GATE[rep.kind]
+            values = ", ".join(f"{v:.1f}" for v in rep.horizon)
+            print(f"  memory horizon     {values} steps (running product of {gate} below 1/e; at most {T})")
+        lags = [k for k in LAGS if k <= T]
+        print("  gradient flow  k = " + "".join(f"{k:>10}" for k in lags))
+        for key in ("c", "h"):
+            if key in rep.flow:
+                for d in range(rep.flow[key].shape[0]):
+                    label = f"|d{key}_T/d{key}_T-k|" + (f" dir {d}" if layer.bidirectional else "")
+                    print(f"    {label:<16}" + "".join(f"{rep.flow[key][d, 0, k]:10.3g}" for k in lags))
+    if args.output:
+        labels = None
+        vocab = model.metadata.get("vocab")
+        if model.takes_ids and isinstance(vocab, str) and x.max() < len(vocab):
+            labels = [vocab[i] for i in x[0]]
+        gates.plot(reports, args.output, labels=labels, title=f"{os.path.basename(args.model)}: sequence {args.row}")
+        print(f"wrote {args.output}")
+    return 0
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+# Subcommands, in the order --help lists them.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_generate, add_inspect, add_run, add_verify, add_bench, add_gates,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description="Run LSTM, GRU and RNN models exported from PyTorch or Keras.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import LoadError
+
+    try:
+        return args.func(args)
+    except (UserError, LoadError, ValueError, TypeError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _broken_pipe()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _broken_pipe() -> int:
+    # The reader went away (e.g. `| head`): stop quietly, and keep Python from complaining when it
+    # flushes stdout at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
