@@ -1,0 +1,213 @@
+"""The lstm-engine command end to end: subprocesses on real files made here."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lstm_engine as le
+from lstm_engine.cli import main
+
+pytestmark = pytest.mark.timeout(300)
+
+COMMANDS = ["generate", "inspect", "run", "verify", "bench", "gates"]
+
+
+def cli(*args, cwd=None):
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    return subprocess.run([sys.executable, "-m", "lstm_engine.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=240)
+
+
+def run_main(capsys, *args):
+    """The same command in this process (no interpreter start-up): for the many small cases."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def assert_user_error(proc, *words):
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A bidirectional 2-layer torch LSTM (.pt state_dict and engine file) and an Embedding->GRU->Linear net."""
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 16, num_layers=2, bidirectional=True, batch_first=True)
+    torch.save(lstm.state_dict(), d / "lstm.pt")
+    le.save(le.from_torch(lstm), d / "lstm.safetensors")
+    lm = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.GRU(8, 12, batch_first=True),
+                             torch.nn.Linear(12, 20))
+    torch.save(lm.state_dict(), d / "lm.pt")
+    le.save(le.from_torch(lm), d / "lm.safetensors")
+    rng = np.random.default_rng(0)
+    np.save(d / "x.npy", rng.standard_normal((10, 7, 6)).astype(np.float32))
+    np.save(d / "lengths.npy", rng.integers(1, 8, 10))
+    np.save(d / "bad.npy", rng.standard_normal((10, 7, 5)).astype(np.float32))
+    np.save(d / "ids.npy", rng.integers(0, 20, (3, 9)))
+    return d
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_an_example(capsys, command):
+    proc = run_main(capsys, command, "--help")
+    assert proc.returncode == 0
+    assert f"example: lstm-engine {command}" in proc.stdout
+
+
+def test_inspect_torch_files(files, capsys):
+    proc = cli("inspect", files / "lstm.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    model = le.load(files / "lstm.safetensors")
+    params = sum(w.size for layer in model.layers for w in layer.weights().values())
+    assert f"{params:,} parameters" in out
+    assert out.count("LSTM") == 2 and "float32" in out
+    assert f"source: torch {torch.__version__}" in out
+    assert "lstm_engine safetensors" in out
+    proc = run_main(capsys, "inspect", files / "lstm.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert "torch.save zip" in proc.stdout and "source: torch" in proc.stdout
+    proc = run_main(capsys, "inspect", files / "lm.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "Embedding" in proc.stdout and "vocab 20" in proc.stdout and "GRU" in proc.stdout
+
+
+def test_inspect_keras(tmp_path, capsys):
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    net = keras.Sequential([keras.Input((None, 3)), keras.layers.GRU(5, reset_after=False, return_sequences=True),
+                            keras.layers.Dense(2)])
+    net.save(tmp_path / "k.keras")
+    proc = cli("inspect", tmp_path / "k.keras")
+    assert proc.returncode == 0, proc.stderr
+    assert "Keras .keras archive" in proc.stdout and f"source: keras {keras.__version__}" in proc.stdout
+    assert "reset_before" in proc.stdout
+    proc = run_main(capsys, "verify", tmp_path / "k.keras", "--source", tmp_path / "k.keras", "--atol", "1e-5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "output" in proc.stdout and "ok:" in proc.stdout and "keras" in proc.stdout
+
+
+def test_run_in_chunks_with_lengths_and_states(files):
+    out, states = files / "y.npy", files / "s.npz"
+    proc = cli("run", files / "lstm.safetensors", files / "x.npy", "--lengths", files / "lengths.npy",
+               "--batch-size", 3, "--threads", 1, "-o", out, "--state-out", states)
+    assert proc.returncode == 0, proc.stderr
+    assert "10/10 sequences" in proc.stderr  # progress over 4 chunks
+    model = le.load(files / "lstm.safetensors")
+    y, state = model.forward(np.load(files / "x.npy"), np.load(files / "lengths.npy"))
+    np.testing.assert_allclose(np.load(out), y, atol=1e-6, rtol=0)
+    saved = np.load(states)
+    assert sorted(saved.files) == ["layer0_c", "layer0_h", "layer1_c", "layer1_h"]
+    np.testing.assert_allclose(saved["layer1_c"], state[1][1], atol=1e-6, rtol=0)
+
+
+def test_run_token_ids_default_batch(files):
+    proc = cli("run", files / "lm.safetensors", files / "ids.npy", "-o", files / "ylm.npy")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # one chunk: no progress bar
+    y, _ = le.load(files / "lm.safetensors").forward(np.load(files / "ids.npy"))
+    np.testing.assert_allclose(np.load(files / "ylm.npy"), y, atol=1e-6, rtol=0)
+
+
+def test_user_mistakes_are_one_line(files, capsys):
+    model = files / "lstm.safetensors"
+    assert_user_error(cli("run", model, files / "missing.npy", "-o", files / "o.npy"), "missing.npy", "no such file")
+    out = files / "o.npy"
+    assert_user_error(run_main(capsys, "run", model, files / "bad.npy", "-o", out), "bad.npy", "(batch, steps, 6)")
+    assert_user_error(run_main(capsys, "run", model, files / "x.npy", "-o", out, "--lengths", files / "ids.npy"),
+                      "--lengths")
+    assert_user_error(run_main(capsys, "run", model, files / "x.npy"), "-o")  # a usage error
+    assert_user_error(run_main(capsys, "inspect", files / "x.npy"), "x.npy")  # not a model
+    assert_user_error(run_main(capsys, "gates", model, files / "x.npy", "--row", 10), "--row")
+    assert_user_error(run_main(capsys, "bench", model, "--batch", 0), "--batch")
+    assert_user_error(run_main(capsys, "verify", files / "missing.pt"), "missing.pt")
+
+
+def test_verify_against_torch(files, capsys):
+    proc = cli("verify", files / "lstm.safetensors", "--source", files / "lstm.pt", "--atol", "1e-5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "lengths" in proc.stdout and "ok:" in proc.stdout
+    assert "layer 0 h" in proc.stdout and "layer 1 c" in proc.stdout
+    # A container (Embedding -> GRU -> Linear) rebuilt from its state_dict, in this process.
+    proc = run_main(capsys, "verify", files / "lm.safetensors", "--source", files / "lm.pt", "--atol", "1e-5")
+    assert proc.returncode == 0 and "ok:" in proc.stdout and "layer 0 h" in proc.stdout, proc.stdout + proc.stderr
+    # Another network's weights in the same shapes: the errors are large and the status says so.
+    torch.manual_seed(1)
+    other = torch.nn.LSTM(6, 16, num_layers=2, bidirectional=True, batch_first=True)
+    torch.save(other.state_dict(), files / "other.pt")
+    proc = run_main(capsys, "verify", files / "lstm.safetensors", "--source", files / "other.pt")
+    assert proc.returncode == 1 and "FAILED" in proc.stdout
+    # Weights that do not fit: one line.
+    torch.save(torch.nn.GRU(6, 16).state_dict(), files / "gru.pt")
+    assert_user_error(run_main(capsys, "verify", files / "lstm.safetensors", "--source", files / "gru.pt"))
+
+
+def test_verify_without_source(files):
+    proc = cli("verify", files / "lm.safetensors", "--batch", 3, "--steps", 5)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "save/load round trip" in proc.stdout and "step-by-step NumPy" in proc.stdout
+    assert proc.stdout.count("max abs") == 4
+
+
+def test_bench(files, capsys):
+    proc = cli("bench", files / "lm.safetensors", "--batch", 2, "--steps", 8, "--threads", 1, "--seconds", 0.05)
+    assert proc.returncode == 0, proc.stderr
+    assert "streaming step:  median" in proc.stdout and "p99" in proc.stdout
+    assert "whole sequence:  median" in proc.stdout
+    proc = run_main(capsys, "bench", files / "lstm.safetensors", "--steps", 4, "--seconds", 0.05)
+    assert proc.returncode == 0 and "n/a" in proc.stdout and "bidirectional" in proc.stdout
+
+
+@pytest.mark.parametrize("bias", [10, -10])
+def test_gates_forced_forget_bias(tmp_path, capsys, bias):
+    pytest.importorskip("matplotlib")
+    H, T = 8, 30
+    rng = np.random.default_rng(0)
+    b = rng.uniform(-0.1, 0.1, 4 * H)
+    b[H:2 * H] = bias
+    lstm = le.LSTM(rng.uniform(-0.3, 0.3, (4 * H, 3)), rng.uniform(-0.01, 0.01, (4 * H, H)), b)
+    le.save(le.Model([lstm]), tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", rng.standard_normal((T, 3)).astype(np.float32))  # one sequence, no batch axis
+    # One case in a subprocess with the drawing, the other in this process (interpreter start-up is slow).
+    run = (lambda *a: cli(*a)) if bias > 0 else (lambda *a: run_main(capsys, *a))
+    proc = run("gates", tmp_path / "m.safetensors", tmp_path / "x.npy", "-o", tmp_path / "g.png")
+    assert proc.returncode == 0, proc.stderr
+    horizon = float(proc.stdout.split("memory horizon")[1].split()[0])
+    flow = [float(v) for v in proc.stdout.split("|dc_T/dc_T-k|")[1].split("\n")[0].split()]
+    if bias > 0:
+        assert horizon == T and all(0.99 < v < 1.5 for v in flow)
+    else:
+        assert horizon == 1 and flow[-1] < 1e-10
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gates_rnn_next_to_lstm(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    H, T = 8, 40
+    w = lambda *s: rng.uniform(-0.3, 0.3, s)  # noqa: E731
+    b = w(4 * H)
+    b[H:2 * H] = 10
+    le.save(le.Model([le.RNN(w(H, 3), w(H, H), w(H))]), tmp_path / "rnn.safetensors")
+    le.save(le.Model([le.LSTM(w(4 * H, 3), w(4 * H, H), b)]), tmp_path / "lstm.safetensors")
+    np.save(tmp_path / "x.npy", rng.standard_normal((1, T, 3)).astype(np.float32))
+    rnn = cli("gates", tmp_path / "rnn.safetensors", tmp_path / "x.npy")
+    lstm = run_main(capsys, "gates", tmp_path / "lstm.safetensors", tmp_path / "x.npy")
+    assert rnn.returncode == lstm.returncode == 0, rnn.stderr + lstm.stderr
+    assert "memory horizon     -" in rnn.stdout and "|dc_T" not in rnn.stdout
+    # The last column is k = 20, the largest printed lag within T = 40.
+    rnn_h = float(rnn.stdout.split("|dh_T/dh_T-k|")[1].split("\n")[0].split()[-1])
+    lstm_c = float(lstm.stdout.split("|dc_T/dc_T-k|")[1].split("\n")[0].split()[-1])
+    assert rnn_h < 1e-3 and lstm_c > 0.9
