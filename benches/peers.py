@@ -104,8 +104,8 @@ def onnx_model(w: wl.Workload, weights: dict):
         inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, w.steps, w.input_size]))
         cur = "x"
     # ONNX's recurrent ops are time-major; with one row the two layouts are the same bytes.
-    inits.append(numpy_helper.from_array(np.array([w.steps, B, -1], np.int64), "tmajor"))
     if B == 1:
+        inits.append(numpy_helper.from_array(np.array([w.steps, B, -1], np.int64), "tmajor"))
         nodes.append(helper.make_node("Reshape", [cur, "tmajor"], ["x_t"]))
     else:
         nodes.append(helper.make_node("Transpose", [cur], ["x_t"], perm=[1, 0, 2]))

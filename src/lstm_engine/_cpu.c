@@ -379,10 +379,12 @@ void le_sigmoid_f32(const float *x, float *y, ptrdiff_t n) { PICK(sigmoid)(x, y,
 #define MAX_THREADS 64
 /* An idle worker spins for the next job, first tightly, then yielding its core at each turn (a
  * BLAS call in between, a Dense head of milliseconds, gets the core when it wants it), then sleeps.
- * Back-to-back streaming calls and the next layer of a step find it awake. A job never waits for a
- * sleeping worker: waking one takes up to milliseconds on a busy machine, so that call runs on
- * one thread and the worker, woken, spins for the next. */
+ * Back-to-back streaming calls and the next layer of a step find it spinning. A job is given only
+ * to workers spinning tightly, known to be on a core: one that yields or sleeps may take
+ * milliseconds to come back on a busy machine, so that call runs on one thread and the worker,
+ * poked, spins tightly for the next. */
 #define IDLE_PAUSE_NS 20000L
+#define PATIENT_FLOPS 2e7
 #define IDLE_YIELD_NS 500000L
 /* A wait at a step's barrier longer than this, and than twice the waiting thread's own work for
  * the step, means a thread of the job lost its core to another process. Short steps (streaming)
@@ -477,7 +479,7 @@ static void barrier_wait(barrier_t *b, int *local_sense, long work_ns)
     wait_for(sense_flipped, &w, work_ns > STALL_NS / 2 ? 2 * work_ns : STALL_NS);
 }
 
-static atomic_int asleep[MAX_THREADS];  /* worker tid waits on the condition variable */
+static atomic_int polling[MAX_THREADS]; /* worker tid spins tightly: it is on a core, now */
 static atomic_uint pokes;               /* bumped to wake the workers without a job */
 
 static void *worker_main(void *p)
@@ -487,29 +489,38 @@ static void *worker_main(void *p)
     unsigned seen = start_generation[tid];
     for (;;) {
         long start = now_ns();
+        unsigned poked = atomic_load_explicit(&pokes, memory_order_relaxed);
         int spins = 0;
+        atomic_store_explicit(&polling[tid], 1, memory_order_relaxed);
         while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen) {
             if ((++spins & 63) != 0) {
                 cpu_relax();
                 continue;
             }
+            if (atomic_load_explicit(&pokes, memory_order_relaxed) != poked) {
+                /* A caller found us away and ran alone: spin tightly again for the next job. */
+                poked = atomic_load_explicit(&pokes, memory_order_relaxed);
+                start = now_ns();
+                atomic_store_explicit(&polling[tid], 1, memory_order_relaxed);
+            }
             long idle = now_ns() - start;
             if (idle < IDLE_PAUSE_NS) {
                 cpu_relax();
             } else if (idle < IDLE_YIELD_NS) {
+                atomic_store_explicit(&polling[tid], 0, memory_order_relaxed);
                 sched_yield();
             } else {
                 pthread_mutex_lock(&pool.lock);
-                unsigned poked = atomic_load_explicit(&pokes, memory_order_relaxed);
-                atomic_store_explicit(&asleep[tid], 1, memory_order_relaxed);
                 while (atomic_load_explicit(&pool.generation, memory_order_acquire) == seen
                        && atomic_load_explicit(&pokes, memory_order_relaxed) == poked)
                     pthread_cond_wait(&pool.wake, &pool.lock);
-                atomic_store_explicit(&asleep[tid], 0, memory_order_relaxed);
                 pthread_mutex_unlock(&pool.lock);
+                poked = atomic_load_explicit(&pokes, memory_order_relaxed);
                 start = now_ns();
+                atomic_store_explicit(&polling[tid], 1, memory_order_relaxed);
             }
         }
+        atomic_store_explicit(&polling[tid], 0, memory_order_relaxed);
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
         if (tid < pool.nth) {
             pool.fn(pool.arg, tid, pool.nth);
@@ -527,7 +538,7 @@ static void pool_after_fork(void)
     pthread_cond_init(&pool.wake, NULL);
     pool.started = 0;
     for (int tid = 0; tid < MAX_THREADS; tid++)
-        atomic_store(&asleep[tid], 0);
+        atomic_store(&polling[tid], 0);
 }
 
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
@@ -543,9 +554,10 @@ int le_cpu_count(void)
 }
 
 /* The number of threads a job may use, up to nth: 1 when the workers are busy with another
- * caller's job (so two sessions stepping at once each keep one core). Above 1 the workers are
- * reserved for this caller until pool_run. */
-static int pool_acquire(int nth)
+ * caller's job (so two sessions stepping at once each keep one core), or, unless the job is
+ * patient (long), when a worker is not spinning on a core. Above 1 the workers are reserved for
+ * this caller until pool_run. */
+static int pool_acquire(int nth, int patient)
 {
     if (nth > MAX_THREADS)
         nth = MAX_THREADS;
@@ -571,10 +583,10 @@ static int pool_acquire(int nth)
     }
     if (nth > pool.started + 1)
         nth = pool.started + 1;
-    int sleeping = 0;
+    int away = 0;
     for (int tid = 1; tid < nth; tid++)
-        sleeping |= atomic_load_explicit(&asleep[tid], memory_order_relaxed);
-    if (sleeping) {
+        away |= !atomic_load_explicit(&polling[tid], memory_order_relaxed);
+    if (away && !patient) {
         pthread_mutex_lock(&pool.lock);
         atomic_fetch_add_explicit(&pokes, 1, memory_order_relaxed);
         pthread_cond_broadcast(&pool.wake);
@@ -763,7 +775,9 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
 #else
     job_fn fn = steps_c;
 #endif
-    int used = pool_acquire(nthreads);
+    /* A long job (over ~1 ms of work) waits for workers that are away: waking them costs it little. */
+    double flops = 2.0 * a->B * a->T * GH * (a->In + a->H);
+    int used = pool_acquire(nthreads, flops > PATIENT_FLOPS);
     job.barrier.n = used;
     pool_run(fn, &job, used);
     memcpy(a->h, h0 + (a->T & 1) * BH, BH * sizeof(float));
