@@ -13,7 +13,6 @@ Outcomes: "loaded" (the model loaded and ran a forward pass), "load_error" (a Lo
 (a loaded model whose forward pass raised), "other" (any other exception).
 """
 import json
-import os
 import resource
 import sys
 

@@ -21,9 +21,7 @@ import os
 import pickle
 import pickletools
 import random
-import resource
 import select
-import struct
 import subprocess
 import sys
 import tempfile
@@ -512,7 +510,7 @@ def make_cases(sources, root, per_source, random_files, seed=SEED):
                 f.write(data)
             cases.append((f"{name}:{strategy}:{n}", case))
             n += 1
-    for k in range(random_files):
+    for _ in range(random_files):
         case = os.path.join(root, f"{n}.bin")
         with open(case, "wb") as f:
             f.write(random_file(rng))
