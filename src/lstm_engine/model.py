@@ -1,7 +1,7 @@
 """Model: a chain of layers run as one, with input checks and the recurrent state in and out."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -13,6 +13,38 @@ if TYPE_CHECKING:  # imported by the methods that make them
     from .session import Session
 
 State = list  # one tuple per recurrent layer: (h, c) for LSTM, (h,) for GRU and RNN
+
+
+def check_state(value: Any, layers: list, batch: int, what: str, check_dtype: Callable[[np.ndarray, str], None],
+                allow_missing: bool = False) -> list[tuple[np.ndarray, ...] | None]:
+    """Check a state given by a caller: one (h, c) or (h,) per recurrent layer, each (directions, batch, width).
+
+    Returns the arrays (as given, not copied) per layer; an entry given as None stays None when
+    ``allow_missing``. ``check_dtype(array, where)`` raises TypeError for a dtype the caller refuses.
+    Shared by Model.forward(initial_state=), Session.state and the pool's Stream.state.
+    """
+    if not isinstance(value, (list, tuple)) or len(value) != len(layers):
+        raise ValueError(f"{what}: expected a list of {len(layers)} entries, one per recurrent layer")
+    out: list[tuple[np.ndarray, ...] | None] = []
+    for k, (layer, given) in enumerate(zip(layers, value)):
+        if given is None and allow_missing:
+            out.append(None)
+            continue
+        if isinstance(given, np.ndarray):
+            given = (given,)
+        names = ("h", "c")[: len(layer.state_shapes)]
+        if not isinstance(given, (list, tuple)) or len(given) != len(names):
+            raise ValueError(f"{what}[{k}]: expected a tuple ({', '.join(names)}) for {layer!r}")
+        entry = []
+        for name, arr, (D, W) in zip(names, given, layer.state_shapes):
+            arr = np.asarray(arr)
+            check_dtype(arr, f"{what}[{k}] {name}")
+            if arr.shape != (D, batch, W):
+                raise ValueError(f"{what}[{k}] {name}: expected shape {(D, batch, W)} "
+                                 f"(directions, batch, width), got {arr.shape}")
+            entry.append(arr)
+        out.append(tuple(entry))
+    return out
 
 
 class Model:
@@ -131,29 +163,15 @@ class Model:
         layers = self.recurrent_layers
         if initial_state is None:
             return [layer.zero_state(B, dtype) for layer in layers]
-        if not isinstance(initial_state, (list, tuple)) or len(initial_state) != len(layers):
-            raise ValueError(f"initial_state: expected a list of {len(layers)} entries, one per recurrent layer")
-        states = []
-        for k, (layer, given) in enumerate(zip(layers, initial_state)):
-            if given is None:
-                states.append(layer.zero_state(B, dtype))
-                continue
-            if isinstance(given, np.ndarray):
-                given = (given,)
-            names = ("h", "c")[: len(layer.state_shapes)]
-            if not isinstance(given, (list, tuple)) or len(given) != len(names):
-                raise ValueError(f"initial_state[{k}]: expected a tuple ({', '.join(names)}) for {layer!r}")
-            entry = []
-            for name, arr, (D, W) in zip(names, given, layer.state_shapes):
-                arr = np.asarray(arr)
-                if arr.dtype.newbyteorder("=") != dtype and not (cast and arr.dtype.kind in "fiu"):
-                    raise TypeError(f"initial_state[{k}] {name}: dtype {arr.dtype}, expected {dtype} like x")
-                if arr.shape != (D, B, W):
-                    raise ValueError(f"initial_state[{k}] {name}: expected shape {(D, B, W)} "
-                                     f"(directions, batch, width), got {arr.shape}")
-                entry.append(np.array(arr, dtype=dtype, order="C"))
-            states.append(tuple(entry))
-        return states
+
+        def check_dtype(arr: np.ndarray, where: str) -> None:
+            if arr.dtype.newbyteorder("=") != dtype and not (cast and arr.dtype.kind in "fiu"):
+                raise TypeError(f"{where}: dtype {arr.dtype}, expected {dtype} like x")
+
+        given = check_state(initial_state, layers, B, "initial_state", check_dtype, allow_missing=True)
+        return [layer.zero_state(B, dtype) if entry is None
+                else tuple(np.array(arr, dtype=dtype, order="C") for arr in entry)
+                for layer, entry in zip(layers, given)]
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, x: Any, lengths: Any = None, initial_state: Any = None, *,

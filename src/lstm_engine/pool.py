@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from ._base import as_real_array
-from .session import _Chain, check_streamable
+from .model import check_state
+from .session import _Chain, check_floats, check_streamable
 
 
 class _Core:
@@ -411,22 +412,8 @@ class Stream:
     def state(self, value: Any) -> None:
         self._idle()
         core = self._core
-        layers = core.model.recurrent_layers
-        if not isinstance(value, (list, tuple)) or len(value) != len(layers):
-            raise ValueError(f"state: expected a list of {len(layers)} entries, one per recurrent layer")
-        rows = []
-        for k, (layer, given) in enumerate(zip(layers, value)):
-            if isinstance(given, np.ndarray):
-                given = (given,)
-            if not isinstance(given, (list, tuple)) or len(given) != len(layer.state_shapes):
-                raise ValueError(f"state[{k}]: expected {len(layer.state_shapes)} arrays for {layer!r}")
-            for name, arr, (D, W) in zip("hc", given, layer.state_shapes):
-                arr = np.asarray(arr)
-                if arr.dtype.kind != "f":
-                    raise TypeError(f"state[{k}] {name}: expected floats, got dtype {arr.dtype}")
-                if arr.shape != (D, 1, W):
-                    raise ValueError(f"state[{k}] {name}: expected shape {(D, 1, W)}, got {arr.shape}")
-                rows.append(arr.reshape(W))
+        given = check_state(value, core.model.recurrent_layers, 1, "state", check_floats)
+        rows = [arr.reshape(-1) for entry in given for arr in entry]
         with core.state_lock:
             targets = [arr for arrays in core.slots for arr in arrays]
             for dst, src in zip(targets, rows):

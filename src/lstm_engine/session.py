@@ -23,6 +23,7 @@ import numpy as np
 from . import activations
 from ._base import as_real_array
 from .layers import Dense, Dropout, Embedding
+from .model import check_state
 
 _EMBED, _RECURRENT, _DENSE, _OTHER = range(4)
 _ndarray = np.ndarray
@@ -30,6 +31,12 @@ _ndarray = np.ndarray
 # Chunks longer than this many elements of the widest buffer run in slices, so that one huge feed()
 # does not keep gigabytes of scratch alive for the session's lifetime.
 _MAX_CHUNK_ELEMENTS = 1 << 22
+
+
+def check_floats(arr: np.ndarray, where: str) -> None:
+    """A state array must hold floats; it is copied into the session's own dtype."""
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{where}: expected floats, got dtype {arr.dtype}")
 
 
 def check_streamable(model: Any, what: str = "model.session()") -> None:
@@ -460,24 +467,8 @@ class Session:
         if value is None:
             self.reset()
             return
-        layers = self.model.recurrent_layers
-        if not isinstance(value, (list, tuple)) or len(value) != len(layers):
-            raise ValueError(f"state: expected a list of {len(layers)} entries, one per recurrent layer")
-        new = []
-        for k, (layer, given) in enumerate(zip(layers, value)):
-            if isinstance(given, np.ndarray):
-                given = (given,)
-            names = ("h", "c")[: len(layer.state_shapes)]
-            if not isinstance(given, (list, tuple)) or len(given) != len(names):
-                raise ValueError(f"state[{k}]: expected a tuple ({', '.join(names)}) for {layer!r}")
-            for name, arr, (D, W) in zip(names, given, layer.state_shapes):
-                arr = np.asarray(arr)
-                if arr.dtype.kind != "f":
-                    raise TypeError(f"state[{k}] {name}: expected floats, got dtype {arr.dtype}")
-                if arr.shape != (D, self.batch_size, W):
-                    raise ValueError(f"state[{k}] {name}: expected shape {(D, self.batch_size, W)} "
-                                     f"(directions, batch, width), got {arr.shape}")
-                new.append(arr)
+        given = check_state(value, self.model.recurrent_layers, self.batch_size, "state", check_floats)
+        new = [arr for entry in given for arr in entry]
         with self._guard():
             targets = [a for entry in self._state for a in entry]
             for dst, src in zip(targets, new):
