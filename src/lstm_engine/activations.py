@@ -35,31 +35,44 @@ def code(name: str | None, what: str = "activation") -> int:
 
 
 def apply(name: str, x: np.ndarray) -> np.ndarray:
-    """Apply an activation (canonical name, or 'softmax' over the last axis) to an array, in place where possible."""
+    """Apply an activation (canonical name, or 'softmax' over the last axis) to a float array in place; returns x.
+
+    x must be the caller's own array: Dense heads, sessions and the reference paths all hand over fresh
+    buffers, so no temporary the size of x is made for the common functions.
+    """
     if name == "linear":
         return x
     if name == "softmax":
-        x = x - x.max(axis=-1, keepdims=True)
+        x -= x.max(axis=-1, keepdims=True)
         np.exp(x, out=x)
         x /= x.sum(axis=-1, keepdims=True)
         return x
     with np.errstate(over="ignore"):
         if name == "sigmoid":
-            return 1.0 / (1.0 + np.exp(-x))
-        if name == "tanh":
-            return np.tanh(x)
-        if name == "relu":
-            return np.maximum(x, 0)
-        if name == "hard_sigmoid":
-            return np.clip(x / 6 + 0.5, 0, 1)
-        if name == "hard_sigmoid_v2":
-            return np.clip(0.2 * x + 0.5, 0, 1)
-        if name == "softsign":
-            return x / (1 + np.abs(x))
-        if name == "softplus":
-            return np.logaddexp(x, 0).astype(x.dtype, copy=False)
-        if name == "elu":
-            return np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
-        if name == "exponential":
-            return np.exp(x)
-    raise ValueError(f"activation {name!r} is not supported")
+            np.negative(x, out=x)
+            np.exp(x, out=x)
+            x += 1
+            np.reciprocal(x, out=x)
+        elif name == "tanh":
+            np.tanh(x, out=x)
+        elif name == "relu":
+            np.maximum(x, 0, out=x)
+        elif name == "hard_sigmoid":
+            x /= 6
+            x += 0.5
+            np.clip(x, 0, 1, out=x)
+        elif name == "hard_sigmoid_v2":
+            x *= 0.2
+            x += 0.5
+            np.clip(x, 0, 1, out=x)
+        elif name == "softsign":
+            x /= 1 + np.abs(x)
+        elif name == "softplus":
+            np.logaddexp(x, 0, out=x)
+        elif name == "elu":
+            np.copyto(x, np.expm1(np.minimum(x, 0)), where=x <= 0)
+        elif name == "exponential":
+            np.exp(x, out=x)
+        else:
+            raise ValueError(f"activation {name!r} is not supported")
+    return x

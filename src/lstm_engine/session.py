@@ -56,24 +56,6 @@ def check_streamable(model: Any, what: str = "model.session()") -> None:
                              "layers after it, which need every step; the model cannot stream step by step")
 
 
-def _activate_inplace(name: str, y: np.ndarray) -> None:
-    """A Dense activation applied in y's own memory (the common ones without a temporary)."""
-    if name == "linear":
-        return
-    if name == "relu":
-        np.maximum(y, 0, out=y)
-    elif name == "tanh":
-        np.tanh(y, out=y)
-    elif name == "sigmoid":
-        with np.errstate(over="ignore"):
-            np.negative(y, out=y)
-            np.exp(y, out=y)
-        y += 1
-        np.reciprocal(y, out=y)
-    else:
-        y[...] = activations.apply(name, y)
-
-
 class _Chain:
     """A streamable model's layers bound to buffers for up to ``rows`` batch rows.
 
@@ -168,7 +150,7 @@ class _Chain:
                 np.matmul(x.reshape(n * T, -1), st[1], out=y)
                 if st[2] is not None:
                     y += st[2]
-                _activate_inplace(st[3], y)
+                activations.apply(st[3], y)
             elif kind == _EMBED:
                 np.take(st[1], x, axis=0, out=dst.reshape(n, T, -1))
                 if st[2]:
