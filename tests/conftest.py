@@ -5,3 +5,19 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 # Keras 3 runs on the torch backend in every test that uses it.
 os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def kernel_variant(request):
+    """Run the test with each float32 kernel variant forced; skipped, naming what is missing, where
+    this CPU cannot run it."""
+    from lstm_engine import _kernels
+
+    supported, why = _kernels.variant_supported(request.param)
+    if not supported:
+        pytest.skip(f"{request.param} kernels cannot run here: {why}")
+    _kernels.set_simd_level(request.param)
+    yield request.param
+    _kernels.set_simd_level(None)

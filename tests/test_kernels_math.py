@@ -1,4 +1,4 @@
-"""The float32 kernels' own maths: rational tanh and sigmoid against libm, saturation, NaN, both CPU variants,
+"""The float32 kernels' own maths: rational tanh and sigmoid against libm, saturation, NaN, every CPU variant,
 and the batch-1 direct path (threads, T=1 fused and T>1) against the general BLAS path and PyTorch."""
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ import pytest
 import lstm_engine as le
 from lstm_engine import _kernels
 
-# The portable variant (0) always runs; the AVX2+FMA one (1) where the CPU has it.
-LEVELS = [0] + ([1] if _kernels.simd_level() == 1 else [])
-
-
-@pytest.fixture(params=LEVELS, ids=lambda lv: ["portable", "avx2"][lv])
-def simd_level(request):
-    _kernels.set_simd_level(request.param)
-    yield request.param
-    _kernels.set_simd_level(-1)
+@pytest.fixture
+def simd_level(kernel_variant):
+    """Every variant this CPU runs (conftest's kernel_variant), forced in turn."""
+    return kernel_variant
 
 
 def dense_grid() -> np.ndarray:
