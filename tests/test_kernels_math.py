@@ -170,3 +170,56 @@ def test_threads_option_is_checked():
         le.Model([layer], threads=1.5)
     model = le.Model([layer], threads=None)
     assert model.threads == _kernels.cpu_count()
+
+
+def test_cpu_info_names_the_variant_and_why():
+    info = le.cpu_info()
+    assert info["variant"] == _kernels.VARIANTS[_kernels.simd_level()]
+    assert info["variants"]["portable"]["supported"]
+    assert set(info["variants"]) == {"portable", "avx2", "avx512"}
+    for name, v in info["variants"].items():
+        assert v["reason"], name
+    assert info["threads"] == _kernels.cpu_count() >= 1
+
+
+def test_forcing_a_variant_and_the_errors():
+    best = _kernels.simd_level()
+    try:
+        _kernels.set_simd_level("portable")
+        assert _kernels.simd_level() == 0
+        assert le.cpu_info()["reason"].startswith("forced")
+        with pytest.raises(ValueError, match="unknown kernel variant 'sse'"):
+            _kernels.set_simd_level("sse")
+        with pytest.raises(ValueError, match="-1 or 0..2"):
+            _kernels.set_simd_level(7)
+        for name in _kernels.VARIANTS:
+            supported, why = _kernels.variant_supported(name)
+            if not supported:
+                with pytest.raises(ValueError, match=f"'{name}' cannot run here: .*lacks"):
+                    _kernels.set_simd_level(name)
+    finally:
+        _kernels.set_simd_level(None)
+    assert _kernels.simd_level() == best
+
+
+def _in_child(code, **env):
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    return out.returncode, out.stdout.strip(), out.stderr.strip()
+
+
+def test_environment_forces_a_variant_or_names_the_problem():
+    code = "import lstm_engine as le; print(le.cpu_info()['variant'])"
+    assert _in_child(code, LSTM_ENGINE_KERNELS="portable")[1] == "portable"
+    rc, _, err = _in_child(code, LSTM_ENGINE_KERNELS="sse9")
+    assert rc != 0 and "LSTM_ENGINE_KERNELS='sse9': unknown kernel variant" in err
+
+
+def test_default_threads_follow_affinity_and_omp_num_threads():
+    code = "import lstm_engine as le; i = le.cpu_info(); print(i['threads'], '|', i['threads_reason'])"
+    assert _in_child(code, OMP_NUM_THREADS="1")[1] == "1 | OMP_NUM_THREADS=1"
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " + code)
+    assert _in_child(code, OMP_NUM_THREADS="")[1] == "1 | 1 core(s) in the process's affinity mask"

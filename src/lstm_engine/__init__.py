@@ -5,6 +5,7 @@
     y, state = model.forward(x)          # x (batch, steps, features)
 """
 from . import activations
+from ._kernels import cpu_info
 from .errors import LoadError, UnsafeModelError
 from .formats import load
 from .formats.keras import from_keras
@@ -37,6 +38,7 @@ __all__ = [
     "Stream",
     "StreamPool",
     "UnsafeModelError",
+    "cpu_info",
     "from_keras",
     "from_torch",
     "load",

@@ -378,19 +378,49 @@ def variant_supported(level):
     return level <= le_simd_detected(), le_simd_reason(level).decode()
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
 def cpu_info():
-    """Which float32 kernel variant runs and why, what each variant needs, and the default threads."""
+    """Which float32 kernel variant runs and why, what each variant needs, and the default threads.
+
+    A dict: cpu (model name), variant, reason, variants {name: {supported, reason}}, threads,
+    threads_reason. LSTM_ENGINE_KERNELS=portable|avx2|avx512 in the environment forces a variant."""
     level = le_simd_level()
     forced = level != le_simd_detected()
     return {
+        "cpu": _cpu_model(),
         "variant": VARIANTS[level],
-        "reason": ("forced (LSTM_ENGINE_KERNELS or set_simd_level); " if forced else "")
+        "reason": ("forced (LSTM_ENGINE_KERNELS or set_simd_level); " if forced else "the best this CPU runs: ")
                   + le_simd_reason(level).decode(),
         "variants": {VARIANTS[v]: {"supported": v <= le_simd_detected(),
                                    "reason": le_simd_reason(v).decode()} for v in range(LE_NUM_VARIANTS)},
         "threads": le_cpu_count(),
         "threads_reason": le_cpu_count_reason().decode(),
     }
+
+
+def _force_from_environment():
+    import os
+
+    name = os.environ.get("LSTM_ENGINE_KERNELS", "").strip()
+    if name:
+        try:
+            set_simd_level(name)
+        except ValueError as e:
+            raise ValueError(f"LSTM_ENGINE_KERNELS={name!r}: {e}") from None
+
+
+_force_from_environment()
 
 
 def cpu_count():
