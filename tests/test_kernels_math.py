@@ -223,3 +223,23 @@ def test_default_threads_follow_affinity_and_omp_num_threads():
     assert _in_child(code, OMP_NUM_THREADS="1")[1] == "1 | OMP_NUM_THREADS=1"
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " + code)
     assert _in_child(code, OMP_NUM_THREADS="")[1] == "1 | 1 core(s) in the process's affinity mask"
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (10000, 512), (33, 37)])
+def test_dense_row_matches_numpy(N, K, kernel_variant):
+    rng = np.random.default_rng(N * K)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = rng.standard_normal(K).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    want = w.astype(np.float64) @ x + b
+    got = _kernels.dense_row(w, x, b, np.empty(N, np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    np.testing.assert_allclose(_kernels.dense_row(w, x, None, np.empty(N, np.float32)), want - b,
+                               rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    # A batch-1 Dense layer takes this path; more rows go through BLAS: both agree.
+    layer = le.Dense(w, b)
+    one, _ = layer.forward(x[None, None], None)
+    many, _ = layer.forward(np.stack([x, x])[None], None)
+    np.testing.assert_allclose(one[0, 0], many[0, 0], rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        _kernels.dense_row(w, x[:-1] if K > 1 else np.zeros(2, np.float32), b, np.empty(N, np.float32))

@@ -448,6 +448,33 @@ def set_parallel_min_bytes(Py_ssize_t n):
 
 
 
+def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out):
+    """out = weight @ x (+ bias) for one float32 row, on this thread with the engine's own GEMV.
+
+    weight (N, K), x (K,), bias (N,) or None, out (N,): float32, C-contiguous (the caller checks;
+    a mismatch raises ValueError here rather than reading out of bounds). A batch-1 Dense head
+    (10000 x 512) through a 2-thread BLAS call is slower on a busy machine: its second thread
+    waits for a core (benches/RESULTS.md)."""
+    cdef int N, K
+    cdef const float* b = NULL
+    if (cnp.PyArray_NDIM(weight) != 2 or cnp.PyArray_TYPE(weight) != cnp.NPY_FLOAT32
+            or not cnp.PyArray_IS_C_CONTIGUOUS(weight)):
+        raise ValueError("dense_row: weight must be a C-contiguous float32 (N, K) array")
+    N = weight.shape[0]
+    K = weight.shape[1]
+    for a, n in ((x, K), (out, N)) + (() if bias is None else ((bias, N),)):
+        if (cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32 or cnp.PyArray_SIZE(<cnp.ndarray>a) != n
+                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
+            raise ValueError(f"dense_row: expected C-contiguous float32 arrays of {K} (x) and {N} (bias, out) "
+                             "elements")
+    if bias is not None:
+        b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    with nogil:
+        le_gemv_f32(N, K, <const float*>cnp.PyArray_DATA(weight), K, <const float*>cnp.PyArray_DATA(x), b,
+                    <float*>cnp.PyArray_DATA(out))
+    return out
+
+
 def fast_tanh(cnp.ndarray[float, ndim=1, mode="c"] x):
     """The float32 kernels' tanh of a 1-D float32 array (a new array); for tests."""
     out = cnp.PyArray_EMPTY(1, x.shape, cnp.NPY_FLOAT32, 0)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import activations
+from . import _kernels, activations
 from ._base import Layer, as_dtypes, as_weight
 
 
@@ -89,9 +89,13 @@ class Dense(_Weighted):
 
     def forward(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         w = self._by_dtype[x.dtype]
-        y = x @ w["weight"].T
-        if w["bias"] is not None:
-            y += w["bias"]
+        if x.dtype == np.float32 and x.size == x.shape[-1] and x.flags.c_contiguous:
+            # One row (a batch-1 step): the engine's GEMV on this thread, not a BLAS call's threads.
+            y = _kernels.dense_row(w["weight"], x, w["bias"], np.empty(x.shape[:-1] + (self.output_size,), x.dtype))
+        else:
+            y = x @ w["weight"].T
+            if w["bias"] is not None:
+                y += w["bias"]
         return activations.apply(self.activation, y), mask
 
     def config(self) -> dict:

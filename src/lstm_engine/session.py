@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import activations
+from . import _kernels, activations
 from ._base import as_real_array
 from .layers import Dense, Dropout, Embedding
 from .model import check_state
@@ -86,7 +86,7 @@ class _Chain:
                 w = layer._by_dtype[dtype]
                 width = layer.output_size
                 # weight.T is a view: BLAS reads the (out, in) weight transposed, nothing is copied.
-                self.stages.append((_DENSE, w["weight"].T, w["bias"], layer.activation))
+                self.stages.append((_DENSE, w["weight"].T, w["bias"], layer.activation, w["weight"]))
             else:
                 self.masked |= type(layer).__name__ == "Masking"
                 width = layer.output_size or width
@@ -147,9 +147,13 @@ class _Chain:
                 k += 1
             elif kind == _DENSE:
                 y = dst.reshape(n * T, -1)
-                np.matmul(x.reshape(n * T, -1), st[1], out=y)
-                if st[2] is not None:
-                    y += st[2]
+                if n * T == 1 and y.dtype == np.float32:
+                    # One row: the engine's GEMV on this thread (a 2-thread BLAS call waits for a core).
+                    _kernels.dense_row(st[4], x.reshape(-1), st[2], y.reshape(-1))
+                else:
+                    np.matmul(x.reshape(n * T, -1), st[1], out=y)
+                    if st[2] is not None:
+                        y += st[2]
                 activations.apply(st[3], y)
             elif kind == _EMBED:
                 np.take(st[1], x, axis=0, out=dst.reshape(n, T, -1))
