@@ -290,19 +290,17 @@ print(rss() - base)
 
 # -- main -------------------------------------------------------------------------------------
 def machine() -> str:
-    cpu, flags = "unknown CPU", set()
+    fields: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith(("cpu family", "model\t")):
-                cpu += f", {line.split(':')[0].strip()} {line.split(':', 1)[1].strip()}"
-            if line.strip() == "":
-                break
+            if not line.strip():
+                break  # the first CPU is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
+    cpu = f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+    flags = set(fields.get("flags", "").split())
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
               "avx512_fp16", "amx_tile"]
     have = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
@@ -313,12 +311,14 @@ def with_variant(run: Callable[[np.ndarray], np.ndarray], variant: str) -> Calla
     """run with the engine's kernels forced to `variant` for the call (the bench is single-threaded)."""
     from lstm_engine import _kernels
 
+    level = _kernels.VARIANTS.index(variant)
+
     def forced(x: np.ndarray) -> np.ndarray:
-        _kernels.set_simd_level(variant)
+        _kernels.set_simd_level(level)
         try:
             return run(x)
         finally:
-            _kernels.set_simd_level(None)
+            _kernels.set_simd_level(-1)
 
     return forced
 

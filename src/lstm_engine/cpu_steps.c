@@ -57,6 +57,7 @@ ptrdiff_t le_steps_work_size(int cell, int B, int H, int T)
  * its core (or a worker that never came: cpu_pool.c) holds nobody up beyond the unit it is in.
  * Each unit is computed the same way whoever runs it, so results never depend on the threads. */
 #define MAX_PARTS 64
+#define STALL_NS 100000L
 #define PROJECT_ROWS 48 /* rows of a projection unit: whole micro-kernel tiles for 3, 4, 6 and 8 rows */
 
 typedef struct {
@@ -181,9 +182,15 @@ static void steps_run(void *arg, int tid, int nth)
     if (phase < (job->fused ? 1 : 0))
         phase = job->fused ? 1 : 0;
     le_block blk;
+    long worked = 0;
     for (; phase <= T; phase++) {
         done_wait w = {job, units_before(job, phase)};
-        le_wait_until(reached, &w);
+        /* Waiting long, and longer than this thread's own work of the phase, for a unit another
+         * thread holds: that thread lost its core. */
+        long waited = le_wait_until(reached, &w);
+        if (waited > STALL_NS && waited > 2 * worked)
+            le_pool_note_stall();
+        long started = le_now_ns();
         int seen = atomic_load_explicit(&job->phase, memory_order_relaxed);
         while (seen < phase && !atomic_compare_exchange_weak_explicit(&job->phase, &seen, phase, memory_order_relaxed,
                                                                       memory_order_relaxed))
@@ -197,6 +204,7 @@ static void steps_run(void *arg, int tid, int nth)
                 atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
             }
         }
+        worked = le_now_ns() - started;
     }
     /* The caller returns only when every unit is done: the state is then complete. */
     done_wait w = {job, units_before(job, T + 1)};
