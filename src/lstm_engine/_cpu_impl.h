@@ -36,6 +36,7 @@ typedef struct {
     ptrdiff_t ld_add;
     float *out;                /* MODE_PROJECT: row r at out + r * ldo, panel p at + p * G * 16 */
     ptrdiff_t ldo;
+    int steps, rows;           /* > 0: A's row b * steps + t goes to out's row t * rows + b (time-major) */
     const float *bias;         /* GRU with A2: the packed bias added to W2's product */
     const float *bias_hn;      /* GRU: padded b_hn */
     float *c;                  /* LSTM cell, row r at c + r * H */
