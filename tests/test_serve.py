@@ -435,18 +435,14 @@ def test_rate_limit_and_backpressure(files):
 
         t = threading.Thread(target=long)
         t.start()
-        statuses = []
         deadline = time.monotonic() + 20
-        while t.is_alive() and time.monotonic() < deadline:
-            r = c.post(f"/v1/streams/{ids[1]}/step", json={"x": [0] * 8})
-            statuses.append(r.status_code)
-            if r.status_code == 503:
-                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
-                break
-            time.sleep(0.005)
+        while not c.get("/healthz").json()["requests_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.002)
+        r = c.post(f"/v1/streams/{ids[1]}/step", json={"x": [0] * 8})
         t.join(60)
         assert results["long"] == 200
-        assert 503 in statuses
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
         assert c.post(f"/v1/streams/{ids[1]}/step", json={"x": [0] * 8}).status_code == 200
 
 
@@ -557,3 +553,52 @@ def test_core_does_not_import_the_server_stack(files):
     p = subprocess.run([sys.executable, "-c", code, files["float"]], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr
     assert "lstm_engine[serve]" in p.stderr and "starlette" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkeypatch):
+    """In process: a chunk whose state cannot be written is refused whole, in memory and on disk."""
+    import asyncio
+
+    from lstm_engine.serve.store import StreamStore
+
+    model = float_model()
+    xs = np.random.default_rng(9).standard_normal((5, 8)).astype(np.float32)
+
+    async def main(state_dir):
+        with model.pool() as pool:
+            store = StreamStore(model, pool, state_dir=state_dir, idle_timeout=60, max_streams_per_owner=4)
+            try:
+                entry = await store.create("")
+                await store.locked(entry, store.run_steps, xs[:2], None)
+                if state_dir is None:
+                    def fail(*args):
+                        raise RuntimeError("the pool was closed before this step ran")
+
+                    calls = []
+                    real = type(entry.stream).astep
+
+                    async def astep(self, x):  # the second step of the chunk fails
+                        calls.append(x)
+                        if len(calls) == 2:
+                            fail()
+                        return await real(self, x)
+
+                    monkeypatch.setattr(type(entry.stream), "astep", astep)
+                else:
+                    def full(*args):
+                        raise OSError(28, "No space left on device")
+
+                    monkeypatch.setattr(store.writer, "_write_one", full)
+                with pytest.raises((RuntimeError, OSError)):
+                    await store.locked(entry, store.run_steps, xs[2:4], None)
+                monkeypatch.undo()
+                assert entry.position == 2
+                y, pos = await store.locked(entry, store.run_steps, xs[2:], None)
+                return y, pos
+            finally:
+                store.close()
+
+    for state_dir in (None, str(tmp_path / "s")):
+        y, pos = asyncio.run(main(state_dir))
+        assert pos == 5
+        np.testing.assert_array_equal(y, reference(model, xs)[2:])

@@ -245,7 +245,7 @@ class Server:
     # -- endpoints -------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "streams": len(self.store.entries), "in_pool": self.store.resident,
-                             "uptime_s": round(time.time() - self.started, 3)})
+                             "requests_in_flight": self.inflight, "uptime_s": round(time.time() - self.started, 3)})
 
     async def metrics_text(self, request: Request) -> Response:
         async def handle(request: Request) -> Response:

@@ -329,7 +329,9 @@ class StreamStore:
 
     async def advance(self, entry: Entry, stream: Any, xs: Any) -> np.ndarray:
         """Run the steps xs and make the new state durable, or, on any failure, leave the last answered state."""
-        before = None if self.writer is not None else stream.state
+        # A failed step leaves its stream's state as it was (the pool scatters states back only after a
+        # batch ran), so only the earlier steps of a chunk can need undoing.
+        before = None if self.writer is not None or len(xs) == 1 else stream.state
         out = np.empty((len(xs), self.output_size), self.pool.dtype)
         try:
             for t, x in enumerate(xs):
@@ -359,6 +361,18 @@ class StreamStore:
             await send(tok, entry.position)
         return tokens
 
+    def _roll_back(self, entry: Entry, before: list | None) -> None:
+        """Undo a request that failed part-way: back to the last answered state."""
+        stream = entry.stream
+        if stream is None or stream.closed:
+            return
+        if self.writer is None:
+            if before is not None:
+                stream.state = before
+        else:
+            # The file holds the last answered state: the next request reloads it.
+            stream.close()
+            entry.stream = None
 
     async def export_state(self, entry: Entry, stream: Any) -> bytes:
         return self.codec.dump(stream.state)
