@@ -54,48 +54,73 @@ def _summary(latencies: list, steps: int, seconds: float) -> dict:
     return {"steps_s": steps / seconds, "p50": float(np.quantile(lat, 0.5)), "p99": float(np.quantile(lat, 0.99))}
 
 
+class _Tally:
+    """Steps and latencies of n streams inside the measured window (after WARMUP, for `seconds`)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.start, self.end = _window(seconds)
+        self.counts, self.lats, self.errors = [0] * n, [[] for _ in range(n)], 0
+
+    async def drive(self, k: int, step) -> None:
+        """Call ``await step()`` (True when answered with outputs) until the window closes."""
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= self.end:
+                return
+            ok = await step()
+            t1 = time.perf_counter()
+            if not ok:
+                self.errors += 1
+            elif t0 >= self.start:
+                self.counts[k] += 1
+                self.lats[k].append(t1 - t0)
+
+    def result(self) -> dict:
+        return {"steps": sum(self.counts), "lats": np.concatenate([np.asarray(x) for x in self.lats]),
+                "errors": self.errors}
+
+
 # -- in-process ------------------------------------------------------------------------------------
 
 def in_process(model: le.Model, streams: int, seconds: float, max_batch: int) -> dict:
     xs = np.random.default_rng(0).standard_normal((streams, model.input_size)).astype(np.float32)
 
     async def main() -> dict:
-        start, end = _window(seconds)
-        counts = [0] * streams
-        lats: list[list[float]] = [[] for _ in range(streams)]
+        tally = _Tally(streams, seconds)
         with model.pool(max_batch=max_batch) as pool:
             async def one(k: int) -> None:
                 with pool.open() as s:
-                    while True:
-                        t0 = time.perf_counter()
-                        if t0 >= end:
-                            return
+                    async def step() -> bool:
                         await s.astep(xs[k])
-                        t1 = time.perf_counter()
-                        if t0 >= start:
-                            counts[k] += 1
-                            lats[k].append(t1 - t0)
+                        return True
+
+                    await tally.drive(k, step)
 
             await asyncio.gather(*(one(k) for k in range(streams)))
-        return _summary(lats, sum(counts), seconds)
+        r = tally.result()
+        return _summary([r["lats"]], r["steps"], seconds)
 
     return asyncio.run(main())
 
 
 # -- clients (in their own processes) -------------------------------------------------------------
 
-async def _http_streams(url: str, n: int, seconds: float, body: str, input_size: int, out: dict) -> None:
+async def _open_streams(client, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        async with client.post("/v1/streams") as r:
+            ids.append((await r.json())["id"])
+    return ids
+
+
+async def _http_streams(url: str, n: int, seconds: float, body: str, input_size: int) -> dict:
     # aiohttp's client, not httpx's: at 100 concurrent requests httpx's pool took 5x the CPU per request here.
     import aiohttp
 
     xs = np.random.default_rng(os.getpid()).standard_normal((n, input_size)).astype(np.float32)
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=n)) as client:
-        ids = []
-        for _ in range(n):
-            async with client.post("/v1/streams") as r:
-                ids.append((await r.json())["id"])
-        start, end = _window(seconds)
-        counts, lats, errors = [0] * n, [[] for _ in range(n)], [0]
+        ids = await _open_streams(client, n)
+        tally = _Tally(n, seconds)
 
         async def one(k: int) -> None:
             path = f"/v1/streams/{ids[k]}/step"
@@ -103,69 +128,49 @@ async def _http_streams(url: str, n: int, seconds: float, body: str, input_size:
                 kw = {"data": _npy(xs[k]), "headers": {"Content-Type": "application/x-npy"}}
             else:
                 kw = {"json": {"x": xs[k].tolist()}}
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    return
+
+            async def step() -> bool:
                 async with client.post(path, **kw) as r:
                     await r.read()
-                    ok = r.status == 200
-                t1 = time.perf_counter()
-                if not ok:
-                    errors[0] += 1
-                    continue
-                if t0 >= start:
-                    counts[k] += 1
-                    lats[k].append(t1 - t0)
+                    return r.status == 200
+
+            await tally.drive(k, step)
 
         await asyncio.gather(*(one(k) for k in range(n)))
         for sid in ids:
             async with client.delete(f"/v1/streams/{sid}"):
                 pass
-    out.update(steps=sum(counts), lats=np.concatenate([np.asarray(x) for x in lats]), errors=errors[0])
+    return tally.result()
 
 
-async def _ws_streams(url: str, n: int, seconds: float, body: str, input_size: int, out: dict) -> None:
+async def _ws_streams(url: str, n: int, seconds: float, body: str, input_size: int) -> dict:
     import aiohttp
     from websockets.asyncio.client import connect
 
     xs = np.random.default_rng(os.getpid()).standard_normal((n, input_size)).astype(np.float32)
-    ids = []
     async with aiohttp.ClientSession(url) as client:
-        for _ in range(n):
-            async with client.post("/v1/streams") as r:
-                ids.append((await r.json())["id"])
-    start, end = _window(seconds)
-    counts, lats, errors = [0] * n, [[] for _ in range(n)], [0]
+        ids = await _open_streams(client, n)
+    tally = _Tally(n, seconds)
     ws_url = url.replace("http://", "ws://")
 
     async def one(k: int) -> None:
         message = _npy(xs[k]) if body == "npy" else f'{{"x": {xs[k].tolist()}}}'
         async with connect(f"{ws_url}/v1/streams/{ids[k]}/ws", max_size=None, compression=None) as ws:
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    return
+            async def step() -> bool:
                 await ws.send(message)
                 reply = await ws.recv()
-                t1 = time.perf_counter()
-                if isinstance(reply, str) and '"error"' in reply:
-                    errors[0] += 1
-                    continue
-                if t0 >= start:
-                    counts[k] += 1
-                    lats[k].append(t1 - t0)
+                return not (isinstance(reply, str) and '"error"' in reply)
+
+            await tally.drive(k, step)
 
     await asyncio.gather(*(one(k) for k in range(n)))
-    out.update(steps=sum(counts), lats=np.concatenate([np.asarray(x) for x in lats]), errors=errors[0])
+    return tally.result()
 
 
 def _client(kind: str, url: str, n: int, seconds: float, body: str, input_size: int, conn) -> None:
-    out: dict = {}
     run = _http_streams if kind == "http" else _ws_streams
     try:
-        asyncio.run(run(url, n, seconds, body, input_size, out))
-        conn.send(out)
+        conn.send(asyncio.run(run(url, n, seconds, body, input_size)))
     except BaseException as exc:  # report, do not hang the parent
         conn.send({"failed": f"{type(exc).__name__}: {exc}"})
 
