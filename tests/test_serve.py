@@ -25,6 +25,8 @@ websockets_sync = pytest.importorskip("websockets.sync.client", reason="the serv
 for _mod in ("starlette", "uvicorn", "prometheus_client"):
     pytest.importorskip(_mod, reason="lstm-engine serve needs the [serve] extra")
 
+pytestmark = pytest.mark.timeout(300)
+
 NPY = "application/x-npy"
 TOKEN_A = "token-a-0123456789abcdef"
 TOKEN_B = "token-b-0123456789abcdef"
