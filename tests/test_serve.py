@@ -604,3 +604,22 @@ def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkey
         y, pos = asyncio.run(main(state_dir))
         assert pos == 5
         np.testing.assert_array_equal(y, reference(model, xs)[2:])
+
+
+def test_a_model_that_cannot_stream_serves_forward_only(tmp_path):
+    rng = np.random.default_rng(10)
+    H = 6
+    lstm = le.LSTM(_u(rng, 2, 4 * H, 3), _u(rng, 2, 4 * H, H), _u(rng, 2, 4 * H), _u(rng, 2, 4 * H),
+                   bidirectional=True)
+    model = le.Model([lstm])
+    path = str(tmp_path / "bi.safetensors")
+    le.save(model, path)
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    with Server(path) as srv, srv.client() as c:
+        r = c.post("/v1/streams")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "not_streamable"
+        assert "bidirectional" in r.json()["error"]["message"]
+        r = c.post("/v1/forward", json={"x": x.tolist()})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(np.asarray(r.json()["y"], np.float32), model.forward(x)[0])
+        assert c.get("/metrics").status_code == 200

@@ -36,6 +36,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..generate import check_language_model, check_sampling
+from ..session import check_streamable
 from .metrics import Metrics
 from .store import StreamError, StreamStore
 from .wire import NPY, Inputs, array_from_json, check_position, parse_json, parse_npy, to_npy
@@ -94,15 +95,22 @@ class Server:
         self.model = model
         self.limits = limits or Limits()
         self.tokens = tokens
-        self.pool = model.pool(max_batch=max_batch, dtype=dtype)
-        self.metrics = Metrics(self.pool)
         try:
-            self.store = StreamStore(model, self.pool, state_dir=state_dir, idle_timeout=idle_timeout,
-                                     max_streams_per_owner=self.limits.max_streams_per_token,
-                                     on_step=self.metrics.observe_step)
-        except BaseException:
-            self.pool.close()
-            raise
+            check_streamable(model, "streams")
+        except ValueError as exc:
+            # A bidirectional or backwards model still serves whole sequences.
+            self.pool = self.store = _NoStreams(model, dtype, str(exc))
+            self.metrics = Metrics(self.pool)
+        else:
+            self.pool = model.pool(max_batch=max_batch, dtype=dtype)
+            self.metrics = Metrics(self.pool)
+            try:
+                self.store = StreamStore(model, self.pool, state_dir=state_dir, idle_timeout=idle_timeout,
+                                         max_streams_per_owner=self.limits.max_streams_per_token,
+                                         on_step=self.metrics.observe_step)
+            except BaseException:
+                self.pool.close()
+                raise
         self.metrics.store = self.store
         self.inputs = Inputs(model, self.pool.dtype, self.limits.max_chunk)
         self.buckets: dict[str, list[float]] = {}
@@ -465,6 +473,32 @@ class Server:
     async def _crash(self, request: Request, exc: Exception) -> Response:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return _error(500, "internal_error", f"the server failed on this request: {type(exc).__name__}")
+
+
+class _NoStreams:
+    """The pool and the store of a model that cannot stream: every stream route answers why; forward works."""
+
+    stats = {"steps": 0, "batches": 0}
+    resident = evictions = 0
+    idle_timeout = 600.0
+
+    def __init__(self, model: Any, dtype: Any, reason: str) -> None:
+        self.dtype = model.dtype if dtype is None else np.dtype(dtype)
+        self.output_size = model.output_size
+        self.reason = reason
+        self.entries: dict = {}
+
+    def get(self, *args: Any) -> Any:
+        raise StreamError(422, "not_streamable", f"{self.reason}; this server answers POST /v1/forward only")
+
+    async def create(self, owner: str) -> Any:
+        return self.get()
+
+    def evict_idle(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 def _fields(obj: dict, allowed: set, prefix: str = "") -> None:
