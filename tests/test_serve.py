@@ -548,7 +548,8 @@ def test_server_errors_at_start_are_one_line(files, tmp_path):
 
 def test_core_does_not_import_the_server_stack(files):
     code = ("import sys, lstm_engine, lstm_engine.cli\n"
-            "bad = [m for m in ('starlette', 'uvicorn', 'prometheus_client', 'lstm_engine.serve') if m in sys.modules]\n"
+            "stack = ('starlette', 'uvicorn', 'prometheus_client', 'lstm_engine.serve')\n"
+            "bad = [m for m in stack if m in sys.modules]\n"
             "assert not bad, bad\n"
             "sys.modules['starlette'] = None\n"  # as if the [serve] extra were not installed
             "sys.exit(lstm_engine.cli.main(['serve', sys.argv[1]]))\n")

@@ -30,7 +30,7 @@ import anyio
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -204,11 +204,14 @@ class Server:
             if int(length) > limit:
                 raise StreamError(413, "body_too_large", f"the body has {length} bytes; the limit is {limit}")
         parts, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise StreamError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-            parts.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise StreamError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+                parts.append(chunk)
+        except ClientDisconnect:
+            raise StreamError(400, "incomplete_body", "the client went away before sending the whole body") from None
         return b"".join(parts)
 
     @staticmethod

@@ -65,7 +65,8 @@ class Metrics:
         stats = self.pool.stats
         steps = CounterMetricFamily("lstm_engine_pool_steps", "Steps run by the pool")
         steps.add_metric([], stats["steps"])
-        batches = CounterMetricFamily("lstm_engine_pool_batches", "Batches run by the pool (steps/batches = mean batch)")
+        batches = CounterMetricFamily("lstm_engine_pool_batches",
+                                      "Batches run by the pool (steps/batches = mean batch)")
         batches.add_metric([], stats["batches"])
         yield steps
         yield batches
