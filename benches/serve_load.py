@@ -59,7 +59,7 @@ class _Tally:
 
     def __init__(self, n: int, seconds: float) -> None:
         self.start, self.end = _window(seconds)
-        self.counts, self.lats, self.errors = [0] * n, [[] for _ in range(n)], 0
+        self.counts, self.lats, self.errors, self.total = [0] * n, [[] for _ in range(n)], 0, 0
 
     async def drive(self, k: int, step) -> None:
         """Call ``await step()`` (True when answered with outputs) until the window closes."""
@@ -71,13 +71,15 @@ class _Tally:
             t1 = time.perf_counter()
             if not ok:
                 self.errors += 1
-            elif t0 >= self.start:
+                continue
+            self.total += 1
+            if t0 >= self.start:
                 self.counts[k] += 1
                 self.lats[k].append(t1 - t0)
 
     def result(self) -> dict:
         return {"steps": sum(self.counts), "lats": np.concatenate([np.asarray(x) for x in self.lats]),
-                "errors": self.errors}
+                "errors": self.errors, "total": self.total}
 
 
 # -- in-process ------------------------------------------------------------------------------------
@@ -98,9 +100,14 @@ def in_process(model: le.Model, streams: int, seconds: float, max_batch: int) ->
 
             await asyncio.gather(*(one(k) for k in range(streams)))
         r = tally.result()
-        return _summary([r["lats"]], r["steps"], seconds)
+        summary = _summary([r["lats"]], r["steps"], seconds)
+        summary["total"] = r["total"]
+        return summary
 
-    return asyncio.run(main())
+    cpu = time.process_time()
+    summary = asyncio.run(main())
+    summary["cpu_us"] = (time.process_time() - cpu) / summary["total"] * 1e6
+    return summary
 
 
 # -- clients (in their own processes) -------------------------------------------------------------
@@ -170,12 +177,23 @@ async def _ws_streams(url: str, n: int, seconds: float, body: str, input_size: i
 def _client(kind: str, url: str, n: int, seconds: float, body: str, input_size: int, conn) -> None:
     run = _http_streams if kind == "http" else _ws_streams
     try:
-        conn.send(asyncio.run(run(url, n, seconds, body, input_size)))
+        cpu = time.process_time()
+        result = asyncio.run(run(url, n, seconds, body, input_size))
+        result["cpu"] = time.process_time() - cpu
+        conn.send(result)
     except BaseException as exc:  # report, do not hang the parent
         conn.send({"failed": f"{type(exc).__name__}: {exc}"})
 
 
-def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, body: str, input_size: int) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, body: str, input_size: int,
+                 server_pid: int) -> dict:
+    server_cpu = _cpu_seconds(server_pid)
     ctx = mp.get_context("spawn")
     shares = [streams // procs + (i < streams % procs) for i in range(procs)]
     pipes, workers = [], []
@@ -197,6 +215,9 @@ def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, 
             raise RuntimeError(f"{kind} client: {r['failed']}")
     summary = _summary([r["lats"] for r in results], sum(r["steps"] for r in results), seconds)
     summary["errors"] = sum(r["errors"] for r in results)
+    total = sum(r["total"] for r in results)
+    summary["cpu_us"] = (_cpu_seconds(server_pid) - server_cpu) / total * 1e6
+    summary["client_cpu_us"] = sum(r["cpu"] for r in results) / total * 1e6
     return summary
 
 
@@ -277,15 +298,20 @@ def main() -> None:
         try:
             for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
                 rows.append((f"server, {name}", over_network(kind, server.url, args.streams, args.client_procs,
-                                                             args.seconds, args.body, model.input_size)))
+                                                             args.seconds, args.body, model.input_size,
+                                                             server.proc.pid)))
         finally:
             server.stop()
         rows.append(("in-process pool (after)", in_process(model, args.streams, args.seconds, args.max_batch)))
     ceiling = (rows[0][1]["steps_s"] + rows[-1][1]["steps_s"]) / 2
-    print(f"{'way':28s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s}")
+    # CPU time per step is what the machine's load does not change: the pool's process (or the server's), and
+    # the clients'.
+    print(f"{'way':28s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s} "
+          f"{'CPU us/step':>11s} {'clients':>8s}")
     for name, r in rows:
+        clients = f"{r['client_cpu_us']:8.0f}" if "client_cpu_us" in r else f"{'-':>8s}"
         print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
-              f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d}")
+              f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['cpu_us']:11.0f} {clients}")
     rss = server.rss
     if rss:
         marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]
