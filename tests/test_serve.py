@@ -464,6 +464,10 @@ def _malformed(sid: str) -> list:
     return [
         ("bad JSON", "POST", step_path, j, b'{"x": [1, 2', 400, "bad_json"),
         ("JSON not an object", "POST", step_path, j, b"[1, 2]", 400, "bad_json"),
+        ("JSON nested too deeply", "POST", step_path, j, b'{"x": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400,
+         "bad_json"),
+        ("not UTF-8", "POST", step_path, j, b'{"x": "\xff\xfe"}', 400, "bad_json"),
+        ("huge integer", "POST", step_path, j, b'{"x": [1' + b"0" * 400 + b', 0, 0, 0, 0, 0, 0, 0]}', 422, None),
         ("NaN", "POST", step_path, j, b'{"x": [NaN, 0, 0, 0, 0, 0, 0, 0]}', 400, "bad_json"),
         ("missing x", "POST", step_path, j, b'{"at": 0}', 422, "missing_field"),
         ("unknown field", "POST", step_path, j, b'{"x": [0,0,0,0,0,0,0,0], "X": 1}', 422, "unknown_field"),

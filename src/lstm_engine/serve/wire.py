@@ -27,6 +27,8 @@ def parse_json(body: bytes | str) -> dict:
         value = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise StreamError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise StreamError(400, "bad_json", "the body's JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise StreamError(400, "bad_json", f"expected a JSON object, got {type(value).__name__}")
     return value
