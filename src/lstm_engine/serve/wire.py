@@ -87,10 +87,13 @@ def to_npy(arr: np.ndarray) -> bytes:
 
 def _has_bools(value: Any) -> bool:
     """Whether a parsed JSON value holds true/false anywhere (NumPy would read them as 1 and 0)."""
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, list):
-        return any(_has_bools(v) for v in value)
+    stack = [value]  # a loop, not recursion: JSON may nest as deep as its parser allows
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool):
+            return True
+        if isinstance(v, list):
+            stack.extend(v)
     return False
 
 
