@@ -628,3 +628,30 @@ def test_a_model_that_cannot_stream_serves_forward_only(tmp_path):
         assert r.status_code == 200, r.text
         np.testing.assert_array_equal(np.asarray(r.json()["y"], np.float32), model.forward(x)[0])
         assert c.get("/metrics").status_code == 200
+
+
+def test_concurrent_requests_on_one_stream_run_one_at_a_time(files):
+    """Requests racing on one stream each get their own position, and each answer is the step at that position."""
+    model = float_model()
+    rng = np.random.default_rng(11)
+    xs = rng.standard_normal((8, 5, 8)).astype(np.float32)  # 8 clients x 5 requests
+    answers = []
+    with Server(files["float"]) as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+
+        def client(k: int) -> None:
+            with srv.client() as ck:
+                for x in xs[k]:
+                    y, pos = step(ck, sid, x)
+                    answers.append((pos, x, y))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert c.get(f"/v1/streams/{sid}").json()["position"] == xs.shape[0] * xs.shape[1]
+    answers.sort(key=lambda a: a[0])
+    assert [a[0] for a in answers] == list(range(1, len(answers) + 1))
+    want = reference(model, np.stack([a[1] for a in answers]))
+    np.testing.assert_array_equal(np.stack([a[2] for a in answers]), want)
