@@ -32,6 +32,7 @@ _FILE_VERSION = 1
 _FILE_HEAD = struct.Struct("<8sII")  # magic, format version, metadata length
 _CRC = struct.Struct("<I")
 _SUFFIX = ".state"
+_TEMP_PATTERN = re.compile(r"[0-9a-f]{32}\.state\.[0-9a-f]{8}\.tmp")  # what _Writer writes before renaming
 
 
 class StreamError(Exception):
@@ -189,8 +190,8 @@ def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
 class StreamStore:
     """Streams of one pool, by id, with owners, positions, eviction and (optionally) state files.
 
-    ``state_dir`` None keeps everything in memory. ``on_step(steps, seconds)`` is told about each
-    pool step (for the metrics).
+    ``state_dir`` None keeps everything in memory. ``on_step(seconds)`` is told how long each pool
+    step took from submission to result (for the metrics).
     """
 
     def __init__(self, model: Any, pool: Any, *, state_dir: str | None, idle_timeout: float,
@@ -222,7 +223,7 @@ class StreamStore:
         os.makedirs(directory, exist_ok=True)
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
-            if name.endswith(".tmp"):
+            if _TEMP_PATTERN.fullmatch(name):
                 os.unlink(path)
                 continue
             if not name.endswith(_SUFFIX) or not ID_PATTERN.fullmatch(name[:-len(_SUFFIX)]):
@@ -252,8 +253,13 @@ class StreamStore:
             if entry.saved is not None:
                 blob = entry.saved
             elif self.state_dir is not None:
-                with open(self._path(entry.id), "rb") as f:
-                    blob = _unpack(f.read(), self._path(entry.id))[1]
+                try:
+                    with open(self._path(entry.id), "rb") as f:
+                        blob = _unpack(f.read(), self._path(entry.id))[1]
+                except (OSError, LoadError) as exc:
+                    # Not the client's doing: the file went missing or bad behind the server's back.
+                    raise StreamError(503, "state_unavailable", f"the stream's saved state cannot be read: {exc}") \
+                        from None
             else:
                 blob = None
             stream = self.pool.open()
@@ -298,7 +304,7 @@ class StreamStore:
             entry.stream = None
 
     async def locked(self, entry: Entry, work: Callable, *args: Any) -> Any:
-        """Run ``await work(stream, *args)`` under the entry's lock, to the end even if the caller goes away.
+        """Run ``await work(entry, stream, *args)`` under the entry's lock, to the end even if the caller goes away.
 
         The work is shielded from cancellation: a client that hangs up mid-request cannot leave a
         step half-applied or its state unwritten.
