@@ -41,6 +41,7 @@ TARGETS = {
 # ... and the fraction of this machine's sgemm (NumPy 2048^3, same threads, same run) the engine must reach.
 SGEMM_TARGETS = {"batch": 0.85, "pool-step": 0.6}
 LABEL = {"torch": "PyTorch", "onnxruntime": "ORT"}
+SETTLE_S = 0.2
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
@@ -218,6 +219,10 @@ def time_interleaved(calls: dict[str, Callable[[], object]], reps: int, budget: 
     for _ in range(reps):
         for k, f in calls.items():
             n = counts[k]
+            # Untimed quiet first: the previous system's threads (PyTorch's OpenMP, ORT's pool) keep
+            # spinning after its calls, and on 2 cores they took the next system's: token-lm measured
+            # 4 ms alone and 32 ms right after ORT's block in one run.
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             for _ in range(n):
                 f()
