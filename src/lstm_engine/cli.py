@@ -385,13 +385,17 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
         description="Run random inputs (and, for PyTorch, random lengths) through MODEL and through the "
                     "ORIGINAL it was exported from — a PyTorch state_dict (.pt/.pth/.bin/.safetensors) "
                     "with torch installed, or a Keras model (.keras/.h5) with keras installed — and print "
-                    "the max abs/rel error of the output and of every state. Without --source: check that "
+                    "the max abs/rel error of the output and of every state. A model read from a torch "
+                    "module's forward (le.from_torch(module, x)) is checked only against that module: "
+                    "--source is a script defining `model` or its torch.export.save program (.pt2); "
+                    "without it verify says NOT VERIFIED (exit status 2). Without --source: check that "
                     "the model survives lstm_engine.save/load unchanged and that the kernels agree with a "
                     "step-by-step NumPy run of the equations. Exit status 1 when an error passes --atol.",
         epilog=f"example: {PROG} verify model.safetensors --source model.pt --atol 1e-5",
     )
     p.add_argument("model", metavar="MODEL", help="the model file lstm_engine runs")
-    p.add_argument("--source", metavar="ORIGINAL", help="the file it was exported from")
+    p.add_argument("--source", metavar="ORIGINAL", help="the file it was exported from (a torch module: a "
+                   ".py script defining `model`, or a .pt2 from torch.export.save)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest absolute error allowed (default 1e-4)")
     p.add_argument("--batch", type=int, default=4, metavar="B", help="random sequences (default 4)")
     p.add_argument("--steps", type=int, default=12, metavar="T", help="steps per sequence (default 12)")
@@ -413,7 +417,7 @@ def _errors(name: str, got, want) -> tuple[str, float]:
 
 
 def _torch_reference(model, path: str, x, lengths):
-    """Outputs and per-layer states of the original PyTorch network, rebuilt from its state_dict."""
+    """Outputs and per-layer states of the original bare nn.LSTM/GRU/RNN, rebuilt from its state_dict."""
     import numpy as np
     import torch
 
@@ -432,77 +436,37 @@ def _torch_reference(model, path: str, x, lengths):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"{path}: expected a state_dict (names -> tensors)")
-    # Modules in state_dict order: "<prefix>.<param>" keys grouped by prefix.
-    groups: dict[str, dict] = {}
-    for key, value in sd.items():
-        prefix, _, name = key.rpartition(".")
-        groups.setdefault(prefix, {})[name] = value.double()
-    layers = [layer for layer in model.layers if layer.weights()]
-    pos = 0
-    steps = []
-    for prefix, params in groups.items():
-        if pos >= len(layers):
-            raise UserError(f"{path}: has more weights ({prefix!r}) than {model!r} holds")
-        layer = layers[pos]
-        kind = type(layer).__name__
-        if "weight_ih_l0" in params:
-            stack = []
-            while pos < len(layers) and layers[pos].is_recurrent and f"weight_ih_l{len(stack)}" in params:
-                stack.append(layers[pos])
-                pos += 1
-            first = stack[0]
-            cls = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}[type(first).__name__]
-            kw = {"nonlinearity": first.nonlinearity} if cls is torch.nn.RNN else {}
-            if first.proj_size:
-                kw["proj_size"] = first.proj_size
-            net = cls(first.input_size, first.hidden_size, num_layers=len(stack), bias="bias_ih_l0" in params,
-                      batch_first=True, bidirectional=first.bidirectional, **kw).double()
-            steps.append(("rnn", net, params, len(stack), first.num_directions))
-        elif kind == "Embedding":
-            steps.append(("emb", torch.nn.Embedding(*layer.weights()["weight"].shape).double(), params, 0, 0))
-            pos += 1
-        elif kind == "Dense":
-            out_f, in_f = layer.weights()["weight"].shape
-            steps.append(("dense", torch.nn.Linear(in_f, out_f, bias="bias" in params).double(), params,
-                          layer.activation, 0))
-            pos += 1
-        elif kind == "LayerNorm":
-            steps.append(("norm", torch.nn.LayerNorm(layer.input_size, eps=layer.eps).double(), params, 0, 0))
-            pos += 1
-        else:
-            raise UserError(f"verify --source: cannot rebuild a {kind} layer in torch")
-    for step in steps:
-        try:
-            step[1].load_state_dict(step[2], strict=True)
-        except RuntimeError as exc:
-            raise UserError(f"{path}: its weights do not fit the model's architecture: "
-                            f"{str(exc).splitlines()[-1].strip()}") from None
-    acts = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "linear": lambda t: t,
-            "softmax": lambda t: torch.softmax(t, -1)}
-    h = torch.from_numpy(np.asarray(x)) if model.takes_ids else torch.from_numpy(np.asarray(x, np.float64))
-    states = []
+    # Only a bare nn.LSTM/GRU/RNN is fully described by its state_dict: a network's forward is not in it.
+    layers = model.layers
+    if not all(layer.is_recurrent for layer in layers) or any("." in key for key in sd):
+        raise UserError(f"{path}: the state_dict of a whole network does not say what its forward computes, "
+                        "so verify cannot check against it; pass --source a script that defines `model` (the "
+                        "nn.Module) or the program saved with torch.export.save (.pt2)")
+    first = layers[0]
+    cls = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}[type(first).__name__]
+    kw = {"nonlinearity": first.nonlinearity} if cls is torch.nn.RNN else {}
+    if first.proj_size:
+        kw["proj_size"] = first.proj_size
+    net = cls(first.input_size, first.hidden_size, num_layers=len(layers), bias="bias_ih_l0" in sd,
+              batch_first=True, bidirectional=first.bidirectional, **kw).double()
+    try:
+        net.load_state_dict({k: v.double() for k, v in sd.items()}, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: its weights do not fit the model's architecture: "
+                        f"{str(exc).splitlines()[-1].strip()}") from None
+    h = torch.from_numpy(np.asarray(x, np.float64))
+    T = h.shape[1]
     with torch.no_grad():
-        for kind, net, _, extra, D in steps:
-            if kind == "emb":
-                h = net(h)
-            elif kind == "rnn":
-                T = h.shape[1]
-                if lengths is not None:
-                    packed = torch.nn.utils.rnn.pack_padded_sequence(h, torch.from_numpy(lengths), batch_first=True,
-                                                                     enforce_sorted=False)
-                    out, st = net(packed)
-                    h = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
-                else:
-                    h, st = net(h)
-                st = st if isinstance(st, tuple) else (st,)
-                for k in range(extra):
-                    states.append(tuple(s[k * D:(k + 1) * D].numpy() for s in st))
-            elif kind == "dense":
-                if extra not in acts:
-                    raise UserError(f"verify --source: cannot apply activation {extra!r} in torch")
-                h = acts[extra](net(h))
-            else:
-                h = net(h)
+        if lengths is not None:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(h, torch.from_numpy(lengths), batch_first=True,
+                                                             enforce_sorted=False)
+            out, st = net(packed)
+            h = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+        else:
+            h, st = net(h)
+    st = st if isinstance(st, tuple) else (st,)
+    D = first.num_directions
+    states = [tuple(s[k * D:(k + 1) * D].numpy() for s in st) for k in range(len(layers))]
     return h.numpy(), states
 
 
@@ -527,6 +491,8 @@ def run_verify(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     B, T = _positive(args.batch, "--batch"), _positive(args.steps, "--steps")
     rng = np.random.default_rng(args.seed)
+    if model.metadata.get("exported") or (args.source or "").endswith((".py", ".pt2")):
+        return _verify_torch_forward(args, model, B, T, rng)
     x = _random_input(model, B, T, rng)
     lines = []
     errs = []
@@ -582,14 +548,86 @@ def run_verify(args: argparse.Namespace) -> int:
             version = f"torch {torch.__version__}"
         header = (f"verify {args.model} against {args.source} ({version}): {B} random sequences of {T} steps"
                   + ("" if lengths is None else f", lengths {lengths.tolist()}"))
+    return _report(header, lines, errs, args.atol)
+
+
+def _report(header: str, lines: list, errs: list, atol: float) -> int:
+    """Print the errors; exit status 1 when one passes atol."""
     print(header)
     print("\n".join(lines))
     worst = max(errs)
-    if worst > args.atol:
-        print(f"FAILED: max abs error {worst:.2e} > --atol {args.atol:g}")
+    if worst > atol:
+        print(f"FAILED: max abs error {worst:.2e} > --atol {atol:g}")
         return 1
-    print(f"ok: every error within --atol {args.atol:g}")
+    print(f"ok: every error within --atol {atol:g}")
     return 0
+
+
+def _verify_torch_forward(args: argparse.Namespace, model, B: int, T: int, rng) -> int:
+    """A model read from a torch module's forward is checked against that module, and nothing else."""
+    import numpy as np
+
+    if args.source is None:
+        print(f"verify {args.model}: NOT VERIFIED: it was read from the forward of the torch module "
+              f"{model.metadata['exported']}, and only that module can check it; pass --source model.py (a "
+              "script that defines `model`) or the program saved with torch.export.save (.pt2)")
+        return 2
+    if not os.path.exists(args.source):
+        raise UserError(f"{args.source}: no such file")
+    try:
+        import torch
+        from .formats.torch_export import load_reference
+    except ImportError:
+        raise UserError("--source is a torch module but torch is not installed") from None
+    from .errors import LoadError
+
+    try:
+        reference, shapes = load_reference(args.source)
+    except LoadError as exc:
+        raise UserError(str(exc)) from None
+    inputs = _graph_inputs(model, B, T, rng, shapes)
+    got, _ = model.forward(tuple(inputs) if len(inputs) > 1 else inputs[0])
+    want = reference(*(torch.from_numpy(a) for a in inputs))
+    got_leaves, want_leaves = torch.utils._pytree.tree_flatten(got)[0], torch.utils._pytree.tree_flatten(want)[0]
+    if len(got_leaves) != len(want_leaves):
+        raise UserError(f"{args.source} returns {len(want_leaves)} tensors, the model {len(got_leaves)}; they "
+                        "are not the same model")
+    lines, errs = [], []
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
+        line, err = _errors(f"output {i}" if len(got_leaves) > 1 else "output", g, w.detach().numpy())
+        lines.append(line)
+        errs.append(err)
+    shown = ", ".join(f"{name} {a.shape}" for name, a in zip((v.name for v in model.graph.inputs), inputs))
+    return _report(f"verify {args.model} against {args.source} (torch {torch.__version__}): random {shown}",
+                   lines, errs, args.atol)
+
+
+def _graph_inputs(model, B: int, T: int, rng, shapes=None) -> list:
+    """Random inputs for a graph: "batch" B, "steps" T (within the sizes the forward allows), other
+    sizes as the example input had them; token ids within the table they index."""
+    import numpy as np
+
+    graph = model.graph
+    examples = graph.metadata.get("example_shapes", {})
+    ranges = graph.metadata.get("dim_ranges", {})
+    arrays = []
+    for k, info in enumerate(v for v in graph.inputs if not v.optional):
+        if shapes is not None:
+            shape = shapes[k]
+        else:
+            shape = []
+            for axis, d in enumerate(info.shape):
+                size = B if d == "batch" else T if d == "steps" else d if isinstance(d, int) else \
+                    examples.get(info.name, [1] * len(info.shape))[axis]
+                lo, hi = ranges.get(d, [1, None]) if isinstance(d, str) else (1, None)
+                shape.append(max(lo, min(size, hi if hi is not None else size)))
+        if info.dtype == "float":
+            arrays.append(rng.standard_normal(shape).astype(model.dtype))
+            continue
+        tables = [graph.constants[n.inputs[0]].shape[n.attrs.get("axis", 0)] for n in graph.nodes
+                  if n.op == "Gather" and n.inputs[1] == info.name and n.inputs[0] in graph.constants]
+        arrays.append(rng.integers(0, min(tables) if tables else 2, shape).astype(info.dtype))
+    return arrays
 
 
 def _framework_of(path: str) -> str:
