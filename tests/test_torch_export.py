@@ -503,3 +503,129 @@ def test_sequential_that_needs_its_input_is_refused(seq, child):
         model = le.from_torch(seq.eval(), x)
         with torch.no_grad():
             assert_same(model.forward(x.numpy())[0], seq(x))
+
+
+# -- more ops, sizes and dtypes -------------------------------------------------------------------------
+
+class MoreOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, batch_first=True, bidirectional=True)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 12))
+        self.pick = nn.Parameter(torch.tensor([3, 0, 7]), requires_grad=False)
+
+    def forward(self, x):
+        out, (h, c) = self.rnn(x)
+        fwd, bwd = out.chunk(2, dim=-1)
+        a, b = torch.split(out * self.scale, [4, 8], dim=2)
+        first, second = h.unbind(0)
+        mask = out > 0
+        gated = torch.where(mask, out, out * 0.1).masked_fill(out < -0.5, -1.0)
+        padded = F.pad(out.transpose(1, 2), (2, 1)).transpose(1, 2)
+        return (fwd.flip(1) + bwd, a.clamp(-0.2, 0.3), b.amin(1), first - second, gated,
+                out[:, :, self.pick], padded, torch.argmax(out, dim=-1), F.normalize(h[-1], dim=-1),
+                h[-1].unsqueeze(1).expand(-1, 3, -1), c.repeat(1, 1, 2), torch.matmul(out, out.transpose(1, 2)),
+                (out.pow(2).sum(-1) + 1).rsqrt(), torch.maximum(fwd, bwd), out.mean())
+
+
+def test_more_ops_match_torch():
+    torch.manual_seed(9)
+    check(MoreOps(), floats(4), sizes=[(2, 5), (3, 8), (1, 3)])
+
+
+def test_float64_model():
+    torch.manual_seed(10)
+    module = LastStep().double().eval()
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    model = le.from_torch(module, x, dtype=np.float64)
+    with torch.no_grad():
+        want = module(x)
+    np.testing.assert_allclose(model.forward(x.numpy())[0], want.numpy(), atol=1e-12)
+
+
+def test_fixed_sizes_are_checked():
+    """An example of batch 1 fixes the batch (torch specialises sizes 0 and 1): other batches are refused."""
+    torch.manual_seed(11)
+    module = LastStep().eval()
+    model = le.from_torch(module, torch.randn(1, 5, 4))
+    x = torch.randn(1, 9, 4)
+    with torch.no_grad():
+        assert_same(model.forward(x.numpy())[0], module(x))
+    with pytest.raises(ValueError, match=r"expected shape \(1, 'steps', 4\)"):
+        model.forward(np.zeros((3, 5, 4), np.float32))
+
+
+def test_squeeze_of_a_varying_axis_refuses_size_one():
+    class SqueezeAll(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 1, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0].squeeze()  # (B, T): torch drops B and T too when they are 1
+
+    module = SqueezeAll().eval()
+    model = le.from_torch(module, torch.randn(2, 5, 4))
+    x = torch.randn(3, 4, 4)
+    with torch.no_grad():
+        assert_same(model.forward(x.numpy())[0], module(x))
+    with pytest.raises(ValueError, match="'batch' has size 1"):
+        model.forward(np.zeros((1, 4, 4), np.float32))
+
+
+class Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, batch_first=True)
+
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.full((x.shape[0],), x.shape[1]), batch_first=True)
+        return self.rnn(packed)[1][0]
+
+
+class CellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(4, 6)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 6)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return h
+
+
+@pytest.mark.parametrize("module, match", [
+    (Packed(), r"rnn \(LSTM\) at .*test_torch_export.py:\d+.*pack_padded_sequence"),
+    (CellLoop(), r"cell \(GRUCell\) at .*test_torch_export.py:\d+.*aten.gru_cell"),
+])
+def test_packed_sequences_and_cells_are_refused(module, match):
+    with pytest.raises(le.LoadError, match=match):
+        le.from_torch(module.eval(), torch.randn(2, 5, 4))
+
+
+def test_example_input_is_checked():
+    with pytest.raises(TypeError, match=r"example_input\[0\] is a list"):
+        le.from_torch(LastStep().eval(), [[1.0, 2.0]])
+    with pytest.raises(TypeError, match="example_input is for an nn.Module"):
+        le.from_torch({"weight_ih_l0": np.zeros((4, 2))}, np.zeros((1, 2, 2)))
+
+
+class ConvModes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv1d(4, 4, 3, padding=1, padding_mode=mode, bias=(mode != "zeros"))
+                                    for mode in ("zeros", "reflect", "replicate")])
+        self.strided = nn.Conv1d(4, 6, 4, stride=2, padding=1)
+        self.bn = nn.BatchNorm1d(6, affine=False)
+
+    def forward(self, x):
+        z = x.transpose(1, 2)
+        for conv in self.convs:
+            z = F.relu6(conv(z)) - F.hardsigmoid(z)
+        return self.bn(self.strided(z)).transpose(1, 2)
+
+
+def test_conv_padding_modes_and_strides():
+    torch.manual_seed(12)
+    check(ConvModes(), floats(4), sizes=[(2, 5), (3, 8), (1, 4)])

@@ -292,7 +292,7 @@ class _Converter:
         """The graph value for an input: a name stays, a tensor, array or number becomes a constant."""
         if isinstance(v, _Value):
             return v
-        if v is None or v == "":  # an omitted optional input
+        if v is None or (isinstance(v, str) and not v):  # an omitted optional input
             return ""
         if isinstance(v, _Zeros):
             raise self.refuse(str(v.node.target), "(a tensor whose shape depends on the input) is only "
@@ -707,6 +707,11 @@ def _leaky_relu(cv, node, x, negative_slope):
 @handles("aten.hardtanh.default")
 def _hardtanh(cv, node, x, min_val, max_val):
     return cv.emit("Clip", [x], {"min": float(min_val), "max": float(max_val)})
+
+
+@handles("aten.relu6.default")
+def _relu6(cv, node, x):
+    return cv.emit("Clip", [x], {"min": 0.0, "max": 6.0})
 
 
 @handles("aten.softplus.default")
