@@ -125,7 +125,13 @@ def export_graph(module: torch.nn.Module, example_input: Any, *, dtype: Any = np
                          "module.eval() first — lstm_engine runs inference: Dropout off, BatchNorm with its "
                          "running statistics")
     args = _example_args(example_input)
-    rnns = {name: m for name, m in module.named_modules() if isinstance(m, _RNN_CLASSES)}
+    # Only torch's own forward is replaced: a subclass that overrides it is traced as written.
+    rnns = {name: m for name, m in module.named_modules()
+            if isinstance(m, _RNN_CLASSES) and type(m).forward in {c.forward for c in _RNN_CLASSES}}
+    own = {name: m.__dict__["forward"] for name, m in rnns.items() if "forward" in m.__dict__}
+    if own:
+        raise LoadError(f"from_torch: {next(iter(own))!r} has a forward of its own (set on the instance); "
+                        "lstm_engine maps the forward of nn.LSTM/GRU/RNN itself")
     for name, m in rnns.items():
         m.forward = _traced_rnn_forward(m, name)
     try:
