@@ -679,7 +679,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .session import check_streamable
+    from .stream import check_streamable
 
     model = _load_model(args.model, args.threads)
     B, T = _positive(args.batch, "--batch"), _positive(args.steps, "--steps")

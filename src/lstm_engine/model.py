@@ -35,7 +35,7 @@ def chain_graph(layers: list) -> Graph:
         y = f"layers.{i}"
         new_mask = f"layers.{i}.mask" if masked else ""
         if layer.is_recurrent:
-            states = [f"layers.{i}.h", f"layers.{i}.c"][: len(layer.state_shapes)]
+            states = [""] * len(layer.state_shapes)  # a chain's states come out of forward, not as values
             ins = [x, "lengths", "", "", mask] if masked else [x, "lengths"]
             nodes.append(Node("Recurrent", ins, [y] + states + ([new_mask] if masked else []), {"layer": i},
                               f"layers.{i}", f"layer {i} ({layer!r})"))
