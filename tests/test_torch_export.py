@@ -373,18 +373,39 @@ def test_numpy_and_tuple_example_inputs():
     assert_same(model.forward(arrays)[0], want)
 
 
-@pytest.mark.xfail(strict=True, reason="le.save of graph models is issue 10 item 5 (branch i10-graph); "
-                   "until it lands the saved file holds the layers only")
-def test_exported_model_saves_and_loads(tmp_path):
+@pytest.mark.parametrize("name", ["attention pooling (bmm)", "Embedding -> LSTM -> Linear", "tuple and list returns",
+                                  "Conv1d front end -> GRU"])
+def test_exported_model_saves_and_loads(tmp_path, name):
+    make, make_input = MODULES[name]
     torch.manual_seed(6)
-    module = AttentionPool().eval()
-    x = torch.randn(3, 7, 4)
-    model = le.from_torch(module, x)
-    le.save(model, tmp_path / "attn.safetensors")
-    loaded = le.load(tmp_path / "attn.safetensors")
+    module = make().eval()
+    model = le.from_torch(module, make_input(2, 5)[0])
+    le.save(model, tmp_path / "m.safetensors")
+    loaded = le.load(tmp_path / "m.safetensors")
+    x = make_input(3, 7)[0]
     with torch.no_grad():
         want = module(x)
     assert_same(loaded.forward(x.numpy())[0], want)
+    assert loaded.metadata["exported"] == type(module).__name__
+
+
+def test_session_streams_a_causal_forward():
+    """Step by step through a session equals the whole forward, for a forward that is causal in time."""
+    torch.manual_seed(13)
+    module = LanguageModel().eval()
+    model = le.from_torch(module, torch.randint(0, 30, (2, 5)))
+    tokens = torch.randint(0, 30, (3, 6))
+    with torch.no_grad():
+        want = module(tokens).numpy()
+    session = model.session(batch_size=3)
+    got = np.stack([session.step(tokens[:, t].numpy()) for t in range(6)], axis=1)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_session_refuses_pooling_over_time():
+    model = le.from_torch(Pooling().eval(), torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="ReduceMean|ReduceMax"):
+        model.session()
 
 
 # -- refusals --------------------------------------------------------------------------------------------
