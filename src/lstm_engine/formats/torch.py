@@ -93,8 +93,8 @@ def model_from_state_dict(state_dict: dict, *, source: str = "state_dict", dtype
     other = [k for k in state_dict if k not in known]
     if other:
         raise LoadError(f"{source}: tensor {other[0]!r} is not a parameter of a bare nn.LSTM/GRU/RNN; for a "
-                        "whole network use le.save(le.from_torch(net), 'model.safetensors') where torch is "
-                        "installed, then le.load that file")
+                        "whole network use le.save(le.from_torch(net, example_input), 'model.safetensors') where "
+                        "torch is installed, then le.load that file")
     try:
         layers = recurrent_layers_from_state_dict(state_dict, nonlinearity=nonlinearity,
                                                   dtype=np.float32 if dtype is None else dtype, source=source)
