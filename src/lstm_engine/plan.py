@@ -124,6 +124,11 @@ class Plan:
             if node.op not in ("Recurrent", "Layer", "If") and all(i < 0 or env[i] is not None for i in ins) \
                     and not any(i in self.input_slots for i in ins):
                 # Inputs all constant: run once now (weights assembled from slices, shapes of constants).
+                args = [env[i] for i in ins if i >= 0]
+                if node.op in _ops.OPS and _ops.result_elements(
+                        node.op, args, _ops.check_attrs(node.op, node.attrs)) > _ops.MAX_ELEMENTS:
+                    raise ValueError(f"{node.where()}: folding its constant inputs would make an array of more "
+                                     f"than {_ops.MAX_ELEMENTS} elements")
                 step(env, None)
                 continue
             steps.append(step)
