@@ -158,10 +158,10 @@ def test_verify_against_torch(files, capsys):
 def test_verify_without_source(files):
     proc = cli("verify", files / "lm.safetensors", "--batch", 3, "--steps", 5)
     # The self-checks pass, but nothing was compared with the source: not "ok".
-    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "save/load round trip" in proc.stdout and "step-by-step NumPy" in proc.stdout
     assert proc.stdout.count("max abs") == 4
-    assert "NOT VERIFIED against the model's source: no --source given" in proc.stdout and "ok:" not in proc.stdout
+    assert "NOT CHECKED against the model's source: no --source given" in proc.stdout and "ok:" not in proc.stdout
 
 
 def _graph_file(path):
@@ -188,8 +188,8 @@ def test_graph_model_inspect_run_verify(files, capsys):
                                atol=1e-6, rtol=0)
     # A state_dict is not the forward of a graph model: verify says so instead of comparing with a guess.
     proc = run_main(capsys, "verify", path, "--source", files / "lstm.pt")
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "NOT VERIFIED" in proc.stdout and "holds weights, not the forward" in proc.stdout
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "NOT CHECKED" in proc.stdout and "holds weights, not the forward" in proc.stdout
     assert "max abs" not in proc.stdout
     proc = run_main(capsys, "bench", path, "--steps", 4, "--seconds", 0.02)
     assert "streaming step:  n/a" in proc.stdout and "mean_over_time" in proc.stdout
@@ -201,12 +201,12 @@ def test_verify_takes_sources_registered_by_other_formats(files, capsys, monkeyp
     path = _graph_file(files / "graph2.safetensors")
     (files / "truth.npy").write_bytes(b"")
 
-    def reference(model, source, x, rng):
+    def reference(model, source, x, rng, args):
         y, state = model.forward(x)
-        return cli_mod.Reference("fake 1.0", [y + 1e-7], None, note="(outputs only)")
+        return cli_mod.Reference("fake 1.0", {"y": y + 1e-7}, note="(outputs only)")
 
     monkeypatch.setattr(cli_mod, "SOURCES", list(cli_mod.SOURCES))
-    cli_mod.register_source("fake", lambda p: str(p).endswith("truth.npy"), reference)
+    cli_mod.register_source(cli_mod.Source("fake", lambda p: str(p).endswith("truth.npy"), reference))
     proc = run_main(capsys, "verify", path, "--source", files / "truth.npy", "--atol", "1e-6")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(fake 1.0)" in proc.stdout and "ok:" in proc.stdout and "y " in proc.stdout

@@ -487,8 +487,8 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
                     "module's forward or an ONNX file) is compared with that module or file only, never with "
                     "a model rebuilt from weights. Without --source, or when the source cannot be run here, "
                     "verify checks lstm_engine against itself (save/load round trip, kernels against a "
-                    "step-by-step NumPy run) and says NOT VERIFIED. Exit status: 0 ok, 1 an error passes "
-                    f"--atol, {NOT_VERIFIED} not verified against the source.",
+                    "step-by-step NumPy run) and says NOT CHECKED. Exit status: 0 ok, 1 an error passes "
+                    f"--atol, {NOT_CHECKED} not checked against the source.",
         epilog=f"example: {PROG} verify model.safetensors --source model.pt --atol 1e-5",
     )
     p.add_argument("model", metavar="MODEL", help="the model file lstm_engine runs")
@@ -622,38 +622,53 @@ def _keras_reference(path: str, x):
 
 @dataclass
 class Reference:
-    """What a model's original computes for the same inputs, for verify to compare with.
+    """What a model's original computes, for verify to compare with.
 
-    outputs: one array per graph output, in ``model.graph.outputs`` order (for a chain: [y]); states:
-    per recurrent layer (h, c) / (h,) as ``model.forward`` returns them, or None where the source does
-    not give them; lengths: the lengths the source ran with (the model runs with the same), or None;
-    note: a line printed under the header (what was compared, and what was not).
+    outputs: one array per graph output, in ``model.graph.outputs`` order (for a chain: [y]), or a dict
+    by output name; states: per recurrent layer (h, c) / (h,) as ``model.forward`` returns them, or None
+    where the source does not give them; inputs: what the model is run on, forward's x, or a dict by
+    input name for ``model.run`` (None: the random x verify made); lengths: the lengths the source ran
+    with, or None; note: a line printed under the header (what was compared, and what was not).
     """
 
     label: str
-    outputs: list
+    outputs: list | dict
     states: list | None = None
+    inputs: Any = None
     lengths: Any = None
     note: str = ""
 
 
-class NotReached(Exception):
+class NotChecked(Exception):
     """The model's source cannot be run here: verify says why instead of "ok"."""
 
 
-# Where verify finds the truth: (kind, detect(path) -> bool, reference(model, path, x, rng) -> Reference).
-# The first kind whose detect accepts --source runs; a reference raises NotReached when it cannot run the
-# source (a framework missing, a file without the model's forward), UserError for a broken file.
-# Loaders of other formats put theirs in front with register_source.
-SOURCES: list[tuple[str, Callable[[str], bool], Callable[..., Reference]]] = []
+@dataclass
+class Source:
+    """A kind of file verify can take the truth from.
 
-# Exit status of a verify whose checks passed but that could not compare with the model's source.
-NOT_VERIFIED = 3
+    detect(path) -> bool; reference(model, path, x, rng, args) -> Reference, raising NotChecked when the
+    source cannot run here (its framework missing, a file without the model's forward) and UserError for
+    a broken file. model_is_source: MODEL itself, given without --source, is such a file (an ONNX file).
+    """
+
+    kind: str
+    detect: Callable[[str], bool]
+    reference: Callable[..., Reference]
+    model_is_source: bool = False
 
 
-def register_source(kind: str, detect: Callable[[str], bool], reference: Callable[..., Reference]) -> None:
+# Where verify finds the truth: the first Source whose detect accepts the file runs. Loaders of other
+# formats put theirs in front with register_source.
+SOURCES: list[Source] = []
+
+# Exit status of a verify that could not compare the model with its source (nothing was checked).
+NOT_CHECKED = 2
+
+
+def register_source(source: Source) -> None:
     """Let verify compare models with sources of another kind (checked before the kinds already known)."""
-    SOURCES.insert(0, (kind, detect, reference))
+    SOURCES.insert(0, source)
 
 
 def _is_keras(path: str) -> bool:
@@ -674,28 +689,31 @@ def _is_keras(path: str) -> bool:
 def _is_torch_state_dict(path: str) -> bool:
     from .formats import _sniff
 
-    return _sniff(path) in ("zip", "safetensors")
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return "lstm_engine safetensors" not in _file_format(path)
+    return kind == "zip" and not _is_keras(path)
 
 
-def _keras_source(model, path: str, x, rng) -> Reference:
+def _keras_source(model, path: str, x, rng, args) -> Reference:
     try:
         import keras
     except ImportError:
-        raise NotReached("--source is a Keras model but keras is not installed") from None
+        raise NotChecked("--source is a Keras model but keras is not installed") from None
     if not model.is_chain:
-        raise NotReached("a graph model is not compared with a Keras file (the Keras loader builds chains)")
+        raise NotChecked("a graph model is not compared with a Keras file (the Keras loader builds chains)")
     return Reference(f"keras {keras.__version__}", [_keras_reference(path, x)],
                      note="(Keras models keep their states inside; the output is compared)")
 
 
-def _torch_state_dict_source(model, path: str, x, rng) -> Reference:
+def _torch_state_dict_source(model, path: str, x, rng, args) -> Reference:
     if not model.is_chain:
-        raise NotReached(f"{path} is a state_dict: it holds weights, not the forward that a graph model runs; "
+        raise NotChecked(f"{path} is a state_dict: it holds weights, not the forward that a graph model runs; "
                          "verify a graph model against its module or exported program")
     try:
         import torch
     except ImportError:
-        raise NotReached("--source is a PyTorch state_dict but torch is not installed") from None
+        raise NotChecked("--source is a PyTorch state_dict but torch is not installed") from None
     B, T = x.shape[:2]
     lengths = rng.integers(1, T + 1, B)
     lengths[0] = T
@@ -703,10 +721,11 @@ def _torch_state_dict_source(model, path: str, x, rng) -> Reference:
     bare = all(layer.is_recurrent for layer in model.layers)
     note = "" if bare else (" (torch modules rebuilt in the state_dict's order: this checks the layers "
                             "lstm_engine runs, not that the original's forward chains them so)")
-    return Reference(f"torch {torch.__version__}", [y], states, lengths, note)
+    return Reference(f"torch {torch.__version__}", [y], states, lengths=lengths, note=note)
 
 
-SOURCES += [("keras", _is_keras, _keras_source), ("torch state_dict", _is_torch_state_dict, _torch_state_dict_source)]
+SOURCES += [Source("keras", _is_keras, _keras_source),
+            Source("torch state_dict", _is_torch_state_dict, _torch_state_dict_source)]
 
 
 def _flat_outputs(model, y) -> list:
@@ -728,9 +747,15 @@ def _flat_outputs(model, y) -> list:
 def _compare(model, outputs, state, ref_outputs, ref_state):
     """(name, got, want) of every output and, where the reference has them, every state."""
     names = ["output"] if model.is_chain else model.graph.outputs
-    if len(ref_outputs) != len(outputs):
-        raise UserError(f"the reference gives {len(ref_outputs)} outputs, the model {len(outputs)}")
-    yield from zip(names, outputs, ref_outputs)
+    if isinstance(ref_outputs, dict):
+        missing = sorted(set(ref_outputs) - set(names))
+        if missing:
+            raise UserError(f"the model has no output {missing[0]!r}; its outputs: {names}")
+        yield from ((n, outputs[names.index(n)], w) for n, w in ref_outputs.items())
+    else:
+        if len(ref_outputs) != len(outputs):
+            raise UserError(f"the reference gives {len(ref_outputs)} outputs, the model {len(outputs)}")
+        yield from zip(names, outputs, ref_outputs)
     if ref_state is None:
         return
     if len(ref_state) != len(state):
@@ -740,63 +765,75 @@ def _compare(model, outputs, state, ref_outputs, ref_state):
             yield f"layer {k} {name}", got, want
 
 
-def run_verify(args: argparse.Namespace) -> int:
-    import numpy as np
+def _self_checks(model, x, lengths, lines: list, errs: list) -> None:
+    """lstm_engine against itself: a save/load round trip, and the kernels against a step-by-step NumPy run."""
+    import tempfile
 
     from . import load, save
+
+    y, state = model.forward(x, lengths)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "model.safetensors")
+        save(model, copy)
+        y2, state2 = load(copy).forward(x, lengths)
+    y3, state3, _ = model.forward(x, lengths, record=True)
+    outputs = _flat_outputs(model, y)
+    for title, (ry, rs) in (("save/load round trip", (y2, state2)),
+                            ("kernels vs step-by-step NumPy", (y3, state3))):
+        lines.append(f" {title}:")
+        for name, got, want in _compare(model, outputs, state, _flat_outputs(model, ry), rs):
+            line, err = _errors(name, got, want)
+            lines.append(line)
+            errs.append(err)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import numpy as np
 
     model = _load_model(args.model)
     B, T = _positive(args.batch, "--batch"), _positive(args.steps, "--steps")
     rng = np.random.default_rng(args.seed)
+    source = args.source
+    if source is None:
+        source = next((args.model for src in SOURCES if src.model_is_source and src.detect(args.model)), None)
+    elif not os.path.exists(source):
+        raise UserError(f"{source}: no such file")
     x = _random_input(model, B, T, rng)
-    lines = []
-    errs = []
-    reached = True
-    if args.source is None:
-        import tempfile
-
+    lines: list[str] = []
+    errs: list[float] = []
+    why = ""
+    if source is None:
         lengths = None
         if model.is_chain:
             lengths = rng.integers(1, T + 1, B)
             lengths[0] = T
-        y, state = model.forward(x, lengths)
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = os.path.join(tmp, "model.safetensors")
-            save(model, copy)
-            y2, state2 = load(copy).forward(x, lengths)
-        y3, state3, _ = model.forward(x, lengths, record=True)
+        _self_checks(model, x, lengths, lines, errs)
         header = (f"verify {args.model}: {B} random sequences of {T} steps"
                   + ("" if lengths is None else f", lengths {lengths.tolist()}") + f", {model.dtype}")
-        outputs = _flat_outputs(model, y)
-        for title, (ry, rs) in (("save/load round trip", (y2, state2)),
-                                ("kernels vs step-by-step NumPy", (y3, state3))):
-            lines.append(f" {title}:")
-            for name, got, want in _compare(model, outputs, state, _flat_outputs(model, ry), rs):
-                line, err = _errors(name, got, want)
-                lines.append(line)
-                errs.append(err)
-        reached = False
         why = "no --source given (the checks above are lstm_engine against itself)"
     else:
-        if not os.path.exists(args.source):
-            raise UserError(f"{args.source}: no such file")
-        kind = next(((k, ref) for k, detect, ref in SOURCES if detect(args.source)), None)
-        if kind is None:
-            raise UserError(f"{args.source}: not a source verify knows ({', '.join(k for k, _, _ in SOURCES)})")
+        found = next((src for src in SOURCES if src.detect(source)), None)
+        if found is None:
+            raise UserError(f"{source}: not a source verify knows ({', '.join(src.kind for src in SOURCES)})")
         try:
-            ref = kind[1](model, args.source, x, rng)
-        except NotReached as exc:
-            ref, reached, why = None, False, str(exc)
+            ref = found.reference(model, source, x, rng, args)
+        except NotChecked as exc:
+            ref, why = None, str(exc)
         if ref is not None:
-            y, state = model.forward(x, ref.lengths)
+            if isinstance(ref.inputs, dict):
+                got = model.run(ref.inputs, cast=True)
+                outputs, state = [got[n] for n in model.graph.outputs], None
+            else:
+                y, state = model.forward(x if ref.inputs is None else ref.inputs, ref.lengths, cast=True)
+                outputs = _flat_outputs(model, y)
             if ref.note:
                 lines.append(f" {ref.note.strip()}")
-            for name, got, want in _compare(model, _flat_outputs(model, y), state, ref.outputs, ref.states):
-                line, err = _errors(name, got, want)
+            for name, got_, want in _compare(model, outputs, state, ref.outputs, ref.states):
+                line, err = _errors(name, got_, want)
                 lines.append(line)
                 errs.append(err)
-        header = (f"verify {args.model} against {args.source}" + (f" ({ref.label})" if ref else "")
-                  + f": {B} random sequences of {T} steps"
+        header = (f"verify {args.model} against {source}" + (f" ({ref.label})" if ref else "")
+                  + (f": {B} random sequences of {T} steps" if ref is None or ref.inputs is None else "")
                   + ("" if ref is None or ref.lengths is None else f", lengths {ref.lengths.tolist()}"))
     print(header)
     if lines:
@@ -805,9 +842,9 @@ def run_verify(args: argparse.Namespace) -> int:
     if worst > args.atol:
         print(f"FAILED: max abs error {worst:.2e} > --atol {args.atol:g}")
         return 1
-    if not reached:
-        print(f"NOT VERIFIED against the model's source: {why}")
-        return NOT_VERIFIED
+    if why:
+        print(f"NOT CHECKED against the model's source: {why}")
+        return NOT_CHECKED
     print(f"ok: every error within --atol {args.atol:g}")
     return 0
 
