@@ -88,7 +88,8 @@ class Plan:
     """A graph bound to one float dtype: value slots, node functions, constants cast once."""
 
     def __init__(self, graph: Graph, dtype: np.dtype, outer: dict[str, int] | None = None,
-                 outer_env: list | None = None, positions: list | None = None) -> None:
+                 outer_env: list | None = None, positions: list | None = None,
+                 recurrent: list | None = None) -> None:
         self.graph = graph
         # Buffer positions: two per node (its output, its scratch), numbered across If branches too.
         self._positions = positions = [0] if positions is None else positions
@@ -109,7 +110,8 @@ class Plan:
         self.input_slots = [slot(v.name) for v in graph.inputs]
         for name, value in graph.constants.items():
             env[slot(name)] = value.astype(self.dtype) if value.dtype.kind == "f" else value
-        self.recurrent: list[Node] = []
+        # One list for the graph and its If branches: a Recurrent node's index into Call.states is unique.
+        self.recurrent: list[Node] = [] if recurrent is None else recurrent
         self.layers = graph.layers
         steps = []
         self.producer: dict[int, int] = {}  # value slot -> the buffer position of the node that makes it
@@ -151,7 +153,7 @@ class Plan:
         if node.op == "Layer":
             return _layer_step(node, self.layers[node.attrs["layer"]], pos, ins, outs, self.dtype)
         if node.op == "If":
-            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions)
+            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions, self.recurrent)
                         for b in ("then_branch", "else_branch")]
             return _if_step(node, branches, ins, outs)
         spec = _ops.OPS[node.op]
