@@ -224,12 +224,16 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
         return step
     if getattr(layer, "accepts_ids", False):
         table = layer._by_dtype[dtype]["weight"]
+        width = table.shape[1]
         mask_zero = layer.mask_zero
 
         def step(env: list, call: Call) -> None:
             ids = env[ix]
-            y = call.alloc(pos, ids.shape + table.shape[1:], dtype)
-            np.take(table, ids, axis=0, out=y)
+            frame = call.frame
+            y = None if frame is None else frame[pos]
+            if y is None or y.shape[:-1] != ids.shape:
+                y = call.alloc(pos, ids.shape + (width,), dtype)
+            table.take(ids, axis=0, out=y)
             env[oy] = y
             if om >= 0:
                 mask = env[im] if im >= 0 else None
