@@ -88,7 +88,8 @@ class Plan:
     """A graph bound to one float dtype: value slots, node functions, constants cast once."""
 
     def __init__(self, graph: Graph, dtype: np.dtype, outer: dict[str, int] | None = None,
-                 outer_env: list | None = None, positions: list | None = None) -> None:
+                 outer_env: list | None = None, positions: list | None = None,
+                 recurrent: list | None = None) -> None:
         self.graph = graph
         # Buffer positions: two per node (its output, its scratch), numbered across If branches too.
         self._positions = positions = [0] if positions is None else positions
@@ -109,7 +110,8 @@ class Plan:
         self.input_slots = [slot(v.name) for v in graph.inputs]
         for name, value in graph.constants.items():
             env[slot(name)] = value.astype(self.dtype) if value.dtype.kind == "f" else value
-        self.recurrent: list[Node] = []
+        # One list for the graph and its If branches: a Recurrent node's index into Call.states is unique.
+        self.recurrent: list[Node] = [] if recurrent is None else recurrent
         self.layers = graph.layers
         steps = []
         self.producer: dict[int, int] = {}  # value slot -> the buffer position of the node that makes it
@@ -124,6 +126,11 @@ class Plan:
             if node.op not in ("Recurrent", "Layer", "If") and all(i < 0 or env[i] is not None for i in ins) \
                     and not any(i in self.input_slots for i in ins):
                 # Inputs all constant: run once now (weights assembled from slices, shapes of constants).
+                args = [env[i] for i in ins if i >= 0]
+                if node.op in _ops.OPS and _ops.result_elements(
+                        node.op, args, _ops.check_attrs(node.op, node.attrs)) > _ops.MAX_ELEMENTS:
+                    raise ValueError(f"{node.where()}: folding its constant inputs would make an array of more "
+                                     f"than {_ops.MAX_ELEMENTS} elements")
                 step(env, None)
                 continue
             steps.append(step)
@@ -146,7 +153,7 @@ class Plan:
         if node.op == "Layer":
             return _layer_step(node, self.layers[node.attrs["layer"]], pos, ins, outs, self.dtype)
         if node.op == "If":
-            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions)
+            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions, self.recurrent)
                         for b in ("then_branch", "else_branch")]
             return _if_step(node, branches, ins, outs)
         spec = _ops.OPS[node.op]
@@ -217,12 +224,16 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
         return step
     if getattr(layer, "accepts_ids", False):
         table = layer._by_dtype[dtype]["weight"]
+        width = table.shape[1]
         mask_zero = layer.mask_zero
 
         def step(env: list, call: Call) -> None:
             ids = env[ix]
-            y = call.alloc(pos, ids.shape + table.shape[1:], dtype)
-            np.take(table, ids, axis=0, out=y)
+            frame = call.frame
+            y = None if frame is None else frame[pos]
+            if y is None or y.shape[:-1] != ids.shape:
+                y = call.alloc(pos, ids.shape + (width,), dtype)
+            table.take(ids, axis=0, out=y)
             env[oy] = y
             if om >= 0:
                 mask = env[im] if im >= 0 else None

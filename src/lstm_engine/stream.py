@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import ops as _ops
-from .graph import Graph, Node
+from .graph import Graph, Node, id_range
 from .plan import Call
 
 FINAL = "final"  # a value that depends on the whole prefix read so far but has no time axis (h_n)
@@ -386,20 +386,14 @@ class Streamer:
 
     def vocab(self) -> int:
         """For a model of token ids, the number of ids it takes (checked per stream by the pool); else 0."""
-        model = self.model
-        if not model.takes_ids:
+        if not self.model.takes_ids:
             return 0
-        if model.is_chain:
-            return model.layers[0].num_embeddings
-        graph = model.graph
-        name = graph.inputs[self.inputs[0][0]].name
-        readers = [n for n in graph.nodes if name in n.inputs]
-        tables = [graph.constants.get(n.inputs[0]) for n in readers
-                  if n.op == "Gather" and n.inputs[1] == name and n.inputs[0] != name and n.attrs.get("axis", 0) == 0]
-        if not readers or len(tables) != len(readers) or any(t is None for t in tables):
+        graph = self.model.graph
+        n = id_range(graph, graph.inputs[self.first].name)
+        if n is None:
             raise ValueError("model.pool(): the model's token ids are not only looked up in constant tables, so "
                              "the pool cannot check each stream's ids apart; use model.session()")
-        return min(t.shape[0] for t in tables)
+        return n
 
     def run(self, inputs: list, states: list, started: list | None, out: np.ndarray | None) -> list:
         call = self.call
