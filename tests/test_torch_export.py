@@ -557,6 +557,9 @@ def test_more_ops_match_torch():
 def test_float64_model():
     torch.manual_seed(10)
     module = LastStep().double().eval()
+    with torch.no_grad():  # values float32 cannot hold
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 1e-9)
     x = torch.randn(3, 6, 4, dtype=torch.float64)
     model = le.from_torch(module, x, dtype=np.float64)
     with torch.no_grad():

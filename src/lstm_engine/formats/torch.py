@@ -220,9 +220,9 @@ def from_torch(obj: Any, example_input: Any = None, *, nonlinearity: str | None 
         if not layers:
             raise ValueError("from_torch: the Sequential has no children lstm_engine can run")
     elif _is_torch_module(obj):
-        raise ValueError(f"from_torch: {type(obj).__name__} is a custom module: only its forward says what it "
-                         "computes; pass an example input, le.from_torch(module, example_input), and lstm_engine "
-                         "reads the forward with torch.export")
+        raise ValueError(f"from_torch: {type(obj).__name__} is not a bare nn.LSTM/GRU/RNN or an nn.Sequential: only "
+                         "its forward says what it computes; pass an example input, le.from_torch(module, "
+                         "example_input), and lstm_engine reads the forward with torch.export")
     elif isinstance(obj, dict):
         layers = recurrent_layers_from_state_dict(obj, nonlinearity=nonlinearity or "tanh", dtype=dtype)
     else:

@@ -294,7 +294,7 @@ class _Converter:
         self.nodes.append(Node(op, names, outs, dict(attrs or {}), self.fresh(f"{op}_{base}"), self.source()))
         return outs[0] if outputs == 1 else outs
 
-    def value(self, v: Any, like: Any = None) -> str:
+    def value(self, v: Any) -> str:
         """The graph value for an input: a name stays, a tensor, array or number becomes a constant."""
         if isinstance(v, _Value):
             return v
@@ -304,11 +304,10 @@ class _Converter:
             raise self.refuse(str(v.node.target), "(a tensor whose shape depends on the input) is only "
                               "supported as an RNN's initial state")
         if isinstance(v, torch.Tensor):
-            arr = v.detach().cpu()
-            arr = (arr.float() if arr.is_floating_point() else arr).numpy()
+            arr = _array(v)
         elif isinstance(v, (bool, int, float)):
-            arr = np.array(v, dtype=np.float32 if isinstance(v, float) or like == "float" else
-                           np.bool_ if isinstance(v, bool) else np.int64)
+            arr = np.array(v, dtype=np.bool_ if isinstance(v, bool) else np.float64 if isinstance(v, float)
+                           else np.int64)
         elif isinstance(v, np.ndarray):
             arr = v
         else:
@@ -480,7 +479,7 @@ class _Converter:
                 for name, w in zip(names, group):
                     if not isinstance(w, torch.Tensor):
                         raise self.refuse(str(node.target), "has weights computed from the input")
-                    state[f"{name}_l{k}{'_reverse' if d else ''}"] = w.detach().cpu().float().numpy()
+                    state[f"{name}_l{k}{'_reverse' if d else ''}"] = _array(w)
         try:
             layers = recurrent_layers_from_state_dict(
                 state, nonlinearity="relu" if mode == "RNN_RELU" else "tanh", dtype=self.dtype,
@@ -523,6 +522,14 @@ def _dim(d: Any) -> Any:
         return d
     expr = d.node.expr
     return int(expr) if expr.is_number else expr
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values; float16/bfloat16 widened to float32, float64 kept."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype != torch.float64:
+        t = t.float()
+    return t.numpy()
 
 
 def _dim_hint(d: Any) -> int:
@@ -620,9 +627,10 @@ def _typed(cv: _Converter, v: Any, fx_arg: Any, kind: str) -> str:
     """v as a graph value of kind ("float", "int64", "bool"), cast or made a constant as needed."""
     if isinstance(v, _Value):
         return v if cv.kind(fx_arg) == kind else cv.emit("Cast", [v], {"to": kind})
-    dt = {"float": np.float32, "int64": np.int64, "int32": np.int32, "bool": np.bool_}[kind]
+    # Float constants are kept in float64: the plan casts them to the dtype the model runs in.
+    dt = {"float": np.float64, "int64": np.int64, "int32": np.int32, "bool": np.bool_}[kind]
     if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().double().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+        v = _array(v)
     return cv.value(np.asarray(v, dtype=dt))
 
 
@@ -993,13 +1001,6 @@ def _flip(cv, node, x, dims):
     dims = [int(d) for d in dims]
     return cv.emit("Slice", [x], {"starts": [-1] * len(dims), "ends": [-INT64_MAX] * len(dims), "axes": dims,
                                   "steps": [-1] * len(dims)})
-
-
-def _split_sizes(cv: _Converter, node: Any, dim: int, sizes: list) -> tuple[int, list]:
-    length = cv.dims(_fx(node, 0))[dim]
-    if not isinstance(length, int):
-        raise cv.refuse(str(node.target).rsplit(".", 1)[0], "along an axis whose size varies is not supported")
-    return length, sizes
 
 
 @handles("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int")
