@@ -607,25 +607,37 @@ class Packed(nn.Module):
         return self.rnn(packed)[1][0]
 
 
+def test_packed_sequences_are_refused():
+    with pytest.raises(le.LoadError, match=r"rnn \(LSTM\) at .*test_torch_export.py:\d+.*pack_padded_sequence"):
+        le.from_torch(Packed().eval(), torch.randn(2, 5, 4))
+
+
 class CellLoop(nn.Module):
+    """A decoder-style loop over cells: the export unrolls it, so the number of steps is fixed."""
+
     def __init__(self):
         super().__init__()
-        self.cell = nn.GRUCell(4, 6)
+        self.lstm = nn.LSTMCell(4, 6)
+        self.gru = nn.GRUCell(6, 5)
+        self.rnn = nn.RNNCell(5, 3, nonlinearity="relu", bias=False)
 
     def forward(self, x):
-        h = torch.zeros(x.shape[0], 6)
+        h, c = torch.zeros(x.shape[0], 6), torch.zeros(x.shape[0], 6)
+        g, outs = None, []
         for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
-        return h
+            h, c = self.lstm(x[:, t], (h, c))
+            g = self.gru(h, g)
+            outs.append(self.rnn(g))
+        return torch.stack(outs, dim=1), c
 
 
-@pytest.mark.parametrize("module, match", [
-    (Packed(), r"rnn \(LSTM\) at .*test_torch_export.py:\d+.*pack_padded_sequence"),
-    (CellLoop(), r"cell \(GRUCell\) at .*test_torch_export.py:\d+.*aten.gru_cell"),
-])
-def test_packed_sequences_and_cells_are_refused(module, match):
-    with pytest.raises(le.LoadError, match=match):
-        le.from_torch(module.eval(), torch.randn(2, 5, 4))
+def test_cell_loops_unrolled():
+    torch.manual_seed(14)
+    module = CellLoop()
+    model = check(module, floats(4), sizes=[(2, 5), (3, 5), (1, 5)])
+    assert len(model.layers) == 3  # one layer per cell, however many steps use it
+    with pytest.raises(ValueError, match=r"expected shape \('batch', 5, 4\)"):
+        model.forward(np.zeros((2, 6, 4), np.float32))
 
 
 def test_example_input_is_checked():

@@ -251,6 +251,7 @@ class _Converter:
         self.min_two: set[Any] = set()  # symbols whose size-1 case torch computes differently
         self.node: Any = None  # the fx node being mapped, for sources and errors
         self.param_names: dict[int, str] = {}  # id(tensor) -> its state_dict name, to name constants
+        self.cells: dict[tuple, int] = {}  # an nn.*Cell's weights -> its layer's index
 
     # -- helpers -------------------------------------------------------------------------------
     def fresh(self, base: str) -> str:
@@ -380,16 +381,21 @@ class _Converter:
         return out
 
     def name_dims(self, graph: Any) -> None:
-        """"batch" and "steps" for the first recurrent op's axes; other dynamic dims by input and axis."""
+        """"batch" and "steps" for the first recurrent op's axes (a cell's: batch only); other dynamic dims
+        by input and axis."""
         for node in graph.nodes:
-            if node.op == "call_function" and node.target is torch.ops.lstm_engine.recurrent.default:
-                x, batch_first = node.args[0], node.args[7]
-                dims = self.dims(x)
-                if len(dims) == 3:
-                    b, t = (dims[0], dims[1]) if batch_first else (dims[1], dims[0])
-                    for sym, name in ((b, "batch"), (t, "steps")):
-                        if not isinstance(sym, int) and getattr(sym, "is_Symbol", False):
-                            self.dim_names.setdefault(sym, name)
+            if node.op != "call_function":
+                continue
+            dims = []
+            if node.target is torch.ops.lstm_engine.recurrent.default and self.rank(node.args[0]) == 3:
+                x, batch_first = self.dims(node.args[0]), node.args[7]
+                dims = [(x[0], "batch"), (x[1], "steps")] if batch_first else [(x[1], "batch"), (x[0], "steps")]
+            elif _key(node.target) in _CELLS and self.rank(node.args[0]) == 2:
+                dims = [(self.dims(node.args[0])[0], "batch")]
+            for sym, name in dims:
+                if not isinstance(sym, int) and getattr(sym, "is_Symbol", False):
+                    self.dim_names.setdefault(sym, name)
+            if dims:
                 break
         for node in graph.nodes:
             if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
@@ -508,6 +514,23 @@ class _Converter:
         h = hs[0] if len(hs) == 1 else self.emit("Concat", hs, {"axis": 0})
         c = (cs[0] if len(cs) == 1 else self.emit("Concat", cs, {"axis": 0})) if cs else None
         return (y, h, c)
+
+
+    def cell_layer(self, node: Any, weights: list, nonlinearity: str) -> int:
+        """The index in graph.layers of the one-layer LSTM/GRU/RNN an nn.*Cell's weights make (one per cell,
+        however many steps call it)."""
+        key = tuple(id(w) for w in weights)
+        if key not in self.cells:
+            names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+            state = {n: _array(w) for n, w in zip(names, weights) if w is not None}
+            try:
+                layer, = recurrent_layers_from_state_dict(state, nonlinearity=nonlinearity, dtype=self.dtype,
+                                                          source=self.source(node))
+            except (TypeError, ValueError) as exc:
+                raise LoadError(str(exc)) from exc
+            self.cells[key] = len(self.layers)
+            self.layers.append(layer)
+        return self.cells[key]
 
 
 # -- small helpers -----------------------------------------------------------------------------------
@@ -773,6 +796,34 @@ def _linear(cv, node, x, weight, bias):
         cv.emit("Transpose", [weight], {"perm": [1, 0]})
     y = cv.emit("MatMul", [x, w_t])
     return y if bias is None else cv.emit("Add", [y, bias])
+
+
+_CELLS = ("aten.lstm_cell.default", "aten.gru_cell.default", "aten.rnn_tanh_cell.default",
+          "aten.rnn_relu_cell.default")
+
+
+@handles(*_CELLS)
+def _cell(cv, node, x, hx, w_ih, w_hh, b_ih, b_hh):
+    """One step of an nn.LSTMCell/GRUCell/RNNCell: a Recurrent node over one timestep. A Python loop over
+    the steps is unrolled by the export, which fixes the number of steps."""
+    name = str(node.target).split(".")[1]
+    weights = [w_ih, w_hh, b_ih, b_hh]
+    if any(w is not None and not isinstance(w, torch.Tensor) for w in weights):
+        raise cv.refuse(f"aten.{name}", "with weights computed from the input is not supported")
+    if cv.rank(_fx(node, 0)) != 2:
+        raise cv.refuse(f"aten.{name}", "on an unbatched (1-D) input is not supported")
+    lstm = name == "lstm_cell"
+    index = cv.cell_layer(node, weights, "relu" if name == "rnn_relu_cell" else "tanh")
+    states = list(hx) if lstm else [hx]
+
+    def initial(s):
+        return "" if s is None or isinstance(s, _Zeros) else cv.emit("Unsqueeze", [s], {"axes": [0]})
+
+    x3 = cv.emit("Unsqueeze", [x], {"axes": [1]})
+    outs = cv.emit("Recurrent", [x3, ""] + [initial(s) for s in states], {"layer": index},
+                   outputs=3 if lstm else 2)
+    finals = [cv.emit("Squeeze", [s], {"axes": [0]}) for s in outs[1:]]
+    return tuple(finals) if lstm else finals[0]
 
 
 @handles("aten.matmul.default", "aten.mm.default", "aten.bmm.default")
