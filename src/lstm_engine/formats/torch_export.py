@@ -287,16 +287,28 @@ class _Converter:
             err.args = (f"{self.source()}: op {op!r} {why}; supported ops: {', '.join(err.supported)}",)
         return err
 
-    def emit(self, op: str, inputs: list, attrs: dict | None = None, outputs: int = 1) -> Any:
-        """Add a node; inputs are value names or constants. Returns its output name (or names)."""
-        names = [self.value(v) for v in inputs]
-        base = self.node.name if self.node is not None else op.lower()
-        outs = [_Value(self.fresh(base)) for _ in range(outputs)]
-        self.nodes.append(Node(op, names, outs, dict(attrs or {}), self.fresh(f"{op}_{base}"), self.source()))
-        return outs[0] if outputs == 1 else outs
+    def emit(self, op: str, inputs: list, attrs: dict | None = None, outputs: int | list = 1,
+             name: str = "") -> Any:
+        """Add a node; inputs are value names or constants. Returns its output name (or names).
 
-    def value(self, v: Any) -> str:
-        """The graph value for an input: a name stays, a tensor, array or number becomes a constant."""
+        Values are named after the torch node (or ``name.<output>`` for outputs given as a list of names).
+        """
+        names = [self.value(v) for v in inputs]
+        base = name or (self.node.name if self.node is not None else op.lower())
+        suffixes = outputs if isinstance(outputs, list) else [""] * outputs
+        outs = [_Value(self.fresh(f"{base}.{s}" if s else base)) for s in suffixes]
+        node_name = self.fresh(base if name else f"{op}_{base}")
+        self.nodes.append(Node(op, names, outs, dict(attrs or {}), node_name, self.source()))
+        return outs[0] if len(outs) == 1 else outs
+
+    def module_path(self, node: Any) -> str:
+        """The path of the module an fx node ran in ("" for the root)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        return next(reversed(stack.values()))[0] if stack else ""
+
+    def value(self, v: Any, name: str = "") -> str:
+        """The graph value for an input: a name stays, a tensor, array or number becomes a constant (named
+        ``name``, or after the parameter it is)."""
         if isinstance(v, _Value):
             return v
         if v is None or (isinstance(v, str) and not v):  # an omitted optional input
@@ -313,7 +325,8 @@ class _Converter:
             arr = v
         else:
             raise self.refuse(str(self.node.target), f"takes an argument of type {type(v).__name__}")
-        name = self.fresh(self.param_names.get(id(v)) or f"const_{self.node.name if self.node is not None else 'c'}")
+        name = self.fresh(name or self.param_names.get(id(v))
+                          or f"const_{self.node.name if self.node is not None else 'c'}")
         self.constants[name] = np.array(arr, order="C")  # ascontiguousarray would make 0-d arrays 1-d
         return _Value(name)
 
@@ -506,13 +519,16 @@ class _Converter:
             self.layers.append(layer)
             lstm = mode == "LSTM"
             ins = [y, "", part(h0)] + ([part(c0)] if lstm else [])
-            outs = self.emit("Recurrent", ins, {"layer": index}, outputs=3 if lstm else 2)
+            path = self.module_path(node) or "rnn"
+            outs = self.emit("Recurrent", ins, {"layer": index}, ["y", "h_n", "c_n"][:3 if lstm else 2],
+                             name=f"{path}.l{k}" if num_layers > 1 else path)
             y, hs = outs[0], hs + [outs[1]]
             cs += [outs[2]] if lstm else []
         if not batch_first:
             y = self.emit("Transpose", [y], {"perm": [1, 0, 2]})
-        h = hs[0] if len(hs) == 1 else self.emit("Concat", hs, {"axis": 0})
-        c = (cs[0] if len(cs) == 1 else self.emit("Concat", cs, {"axis": 0})) if cs else None
+        path = self.module_path(node) or "rnn"
+        h = hs[0] if len(hs) == 1 else self.emit("Concat", hs, {"axis": 0}, name=f"{path}.h_n")
+        c = (cs[0] if len(cs) == 1 else self.emit("Concat", cs, {"axis": 0}, name=f"{path}.c_n")) if cs else None
         return (y, h, c)
 
 
@@ -792,8 +808,10 @@ def _softmax(cv, node, x, dim, *_):
 
 @handles("aten.linear.default")
 def _linear(cv, node, x, weight, bias):
-    w_t = weight.detach().t().contiguous() if isinstance(weight, torch.Tensor) else \
-        cv.emit("Transpose", [weight], {"perm": [1, 0]})
+    if isinstance(weight, torch.Tensor):
+        w_t = cv.value(weight.detach().t().contiguous(), cv.param_names.get(id(weight), "const_" + node.name) + ".T")
+    else:
+        w_t = cv.emit("Transpose", [weight], {"perm": [1, 0]})
     y = cv.emit("MatMul", [x, w_t])
     return y if bias is None else cv.emit("Add", [y, bias])
 
