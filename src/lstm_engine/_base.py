@@ -91,7 +91,7 @@ class Layer:
 SMALL_PRODUCT_FLOPS = 5e7
 
 
-class OneBlasThread:
+class one_blas_thread:
     """Hold BLAS to one thread: the products here are small (one step, one unit-by-unit Jacobian, a
     Dense head), where a second thread only adds hand-overs (measured: a 256x256 SVD 20 ms on one
     thread, 0.4 s on two busy cores)."""

@@ -228,20 +228,28 @@ class RecurrentLayer(Layer):
         if work is not None:
             kernel.run(x, out, h, c, mask, work, zero_masked)
             return out
+        work = self.take_work(kernel, B, T)
+        try:
+            kernel.run(x, out, h, c, mask, work, zero_masked)
+        finally:
+            self.give_work(work)
+        return out
+
+    def take_work(self, kernel: Any, B: int, T: int) -> np.ndarray:
+        """A work buffer for one run of kernel over (B, T): the layer's spare one when it fits (give it back)."""
         need = kernel.work_size(B, T)
         try:
             work = self._spare_work.pop()
         except IndexError:
             work = None
-        if work is None or work.dtype != x.dtype or work.size < need:
-            work = np.empty(need, x.dtype)
-        try:
-            kernel.run(x, out, h, c, mask, work, zero_masked)
-        finally:
-            # Kept for the next call unless huge: a one-off giant batch should not pin its scratch.
-            if not self._spare_work and work.nbytes <= _SPARE_WORK_BYTES:
-                self._spare_work.append(work)
-        return out
+        if work is None or work.dtype != kernel.dtype or work.size < need:
+            work = np.empty(need, kernel.dtype)
+        return work
+
+    def give_work(self, work: np.ndarray) -> None:
+        """Keep a buffer from take_work for the next call, unless huge (a one-off giant batch should not pin it)."""
+        if not self._spare_work and work.nbytes <= _SPARE_WORK_BYTES:
+            self._spare_work.append(work)
 
     def forward_with_state(
         self, x: np.ndarray, mask: np.ndarray | None, state: tuple[np.ndarray, ...], zero_masked: bool

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _kernels, activations
-from ._base import SMALL_PRODUCT_FLOPS, Layer, OneBlasThread, as_dtypes, as_weight
+from ._base import SMALL_PRODUCT_FLOPS, Layer, one_blas_thread, as_dtypes, as_weight
 
 
 class _Weighted(Layer):
@@ -94,7 +94,7 @@ class Dense(_Weighted):
             # One row (a batch-1 step): the engine's GEMV on this thread, not a BLAS call's threads.
             y = _kernels.dense_row(w["weight"], x, w["bias"], np.empty(x.shape[:-1] + (self.output_size,), x.dtype))
         else:
-            with OneBlasThread() if 2 * x.size * self.output_size < SMALL_PRODUCT_FLOPS else nullcontext():
+            with one_blas_thread() if 2 * x.size * self.output_size < SMALL_PRODUCT_FLOPS else nullcontext():
                 y = x @ w["weight"].T
             if w["bias"] is not None:
                 y += w["bias"]
