@@ -89,7 +89,7 @@ class Plan:
     """A graph bound to one float dtype: value slots, node functions, constants cast once."""
 
     def __init__(self, graph: Graph, dtype: np.dtype, outer: dict[str, int] | None = None,
-                 outer_env: list | None = None) -> None:
+                 outer_env: list | None = None, recurrent: list | None = None) -> None:
         self.graph = graph
         self.dtype = np.dtype(dtype)
         # An If branch reads the enclosing graph's values by name and puts its own after them in the
@@ -108,7 +108,8 @@ class Plan:
         self.input_slots = [slot(v.name) for v in graph.inputs]
         for name, value in graph.constants.items():
             env[slot(name)] = value.astype(self.dtype) if value.dtype.kind == "f" else value
-        self.recurrent: list[Node] = []
+        # One list for the graph and its If branches: a Recurrent node's index into Call.states is unique.
+        self.recurrent: list[Node] = [] if recurrent is None else recurrent
         self.layers = graph.layers
         steps = []
         for node in graph.nodes:
@@ -135,11 +136,12 @@ class Plan:
         if node.op == "Layer":
             return _layer_step(node, self.layers[node.attrs["layer"]], index, ins, outs, self.dtype)
         if node.op == "If":
-            branches = [Plan(node.attrs[b], self.dtype, slots, env) for b in ("then_branch", "else_branch")]
+            branches = [Plan(node.attrs[b], self.dtype, slots, env, self.recurrent)
+                        for b in ("then_branch", "else_branch")]
             return _if_step(node, branches, ins, outs)
         spec = _ops.OPS[node.op]
         kw = _ops.check_attrs(node.op, node.attrs)
-        if node.op == "Cast":
+        if node.op in ("Cast", "ConstantOfShape"):
             kw["_float"] = self.dtype
         elif node.op == "Split":
             kw["_outputs"] = len(outs)

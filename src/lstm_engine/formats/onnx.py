@@ -154,9 +154,13 @@ class _Sym:
 
 @dataclass
 class _Fill:
-    """A tensor of one value whose shape has sizes known only at run time (ConstantOfShape of a _Sym)."""
+    """A tensor of one value whose shape has sizes known only at run time (ConstantOfShape of a _Sym).
+
+    ``size`` is the _Sym it was made from, if unchanged since: the run-time ConstantOfShape can rebuild it.
+    """
     value: np.ndarray
     shape: tuple
+    size: Any = None
 
 
 @dataclass
@@ -199,7 +203,7 @@ _HANDLED = sorted(_DIRECT | {
     "LSTM", "GRU", "RNN", "Constant", "ConstantOfShape", "Shape", "Size", "Cast", "Reshape", "Squeeze",
     "Unsqueeze", "Slice", "Split", "Expand", "Tile", "Pad", "Clip", "ReduceMean", "ReduceSum", "ReduceMax",
     "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "LayerNormalization", "BatchNormalization", "Conv",
-    "Dropout", "If", "Range",
+    "Dropout", "If", "Range", "ConstantOfShape",
 })
 
 
@@ -220,7 +224,8 @@ class _Converter:
         self.scope = scope or _Scope()
         self.nodes: list[Node] = []
         self.constants: dict[str, np.ndarray] = {}
-        self.layers: list = []
+        # One list for the graph and its If branches (a layer's index is unique in the model).
+        self.layers: list = parent.layers if parent else []
         self.taken: set[str] = parent.taken if parent else set()
         self.float_dtype = None if dtype is None else np.dtype(dtype)
         if self.float_dtype is not None and self.float_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -374,6 +379,8 @@ class _Converter:
             if v.built is None:
                 v.built = v.rebuild()
             return v.built
+        if isinstance(v, _Fill) and v.size is not None and not all(isinstance(d, int) for d in v.shape):
+            return self.constant_of_shape(self.ref(v.size, "shape"), v.value)[0].name
         if isinstance(v, np.ndarray) and id(v) in self.stored:
             name = self.stored[id(v)][1]  # one copy of a weight several nodes read, under its own name
             if name in self.pending:
@@ -568,12 +575,21 @@ class _Converter:
             value = self.tensor(attrs["value"].t, f"{self.where} value").reshape(())
         shape = ins[0]
         if isinstance(shape, _Sym) and not shape.known:
-            return [_Fill(value, shape.dims)]
+            return [_Fill(value, shape.dims, shape)]
+        if isinstance(shape, _Run):
+            return self.constant_of_shape(shape.name, value, list(node.output))
         dims = self.ints_input(shape, "input")
         if any(d < 0 for d in dims):
             raise self.error(f"shape {dims} has a negative size")
         return [_Fill(value, tuple(dims)) if np.prod(dims, dtype=np.float64) > MAX_ELEMENTS
                 else np.full(dims, value, value.dtype)]
+
+    def constant_of_shape(self, shape: str, value: np.ndarray, outputs: list | None = None) -> list:
+        kind = {"f": "float", "b": "bool"}.get(value.dtype.kind, str(value.dtype))
+        if kind not in ("float", "bool", "int64", "int32"):
+            raise self.error(f"ConstantOfShape of {value.dtype} at run time; supported: float, int64, int32, bool")
+        return self.emit("ConstantOfShape", [shape], {"value": float(value), "dtype": kind}, outputs,
+                         hint="ConstantOfShape")
 
     def op_Range(self, node: Any, ins: list, attrs: dict) -> list:
         start, limit, delta = (self.const_input(v, n) for v, n in zip(ins, ("start", "limit", "delta")))
