@@ -35,8 +35,6 @@ def functions(op: str, D: int, names: list | None, alphas: list | None, betas: l
     """Per direction, the activation functions in ONNX's order (f, g, h), with alpha/beta consumed in order."""
     n = len(DEFAULT_ACTIVATIONS[op])
     names = list(names or DEFAULT_ACTIVATIONS[op] * D)
-    if len(names) == n and D == 2:
-        names = names * 2
     alphas, betas = list(alphas or []), list(betas or [])
     out = []
     for name in names:

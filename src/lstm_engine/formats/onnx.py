@@ -363,7 +363,9 @@ class _Converter:
             if not all(isinstance(d, int) for d in v.shape):
                 raise self.error(f"a tensor of shape {v.shape} filled with {v.value.item()!r}: its size is known "
                                  "only at run time")
-            return self.check_size(np.full(v.shape, v.value, v.value.dtype))
+            if np.prod(v.shape, dtype=np.float64) > MAX_ELEMENTS:
+                raise self.error(f"a constant of shape {v.shape} is over {MAX_ELEMENTS} elements")
+            return np.full(v.shape, v.value, v.value.dtype)
         raise self.error("a value computed at run time is used where lstm_engine needs a constant")
 
     def check_size(self, a: np.ndarray) -> np.ndarray:
@@ -870,8 +872,7 @@ class _Converter:
         graphs = []
         for key in ("then_branch", "else_branch"):
             sub = _Converter(self.source, self.opset, self.inferred, self.float_dtype, self, _Scope(parent=self.scope))
-            for n in attrs[key].node:
-                sub.convert(n)
+            sub.read_branch(attrs[key])
             sub.where = self.where
             outs = sub._outputs_for_branch([o.name for o in attrs[key].output])
             graphs.append(Graph([], outs, sub.nodes, sub.constants, sub.layers, None, {}))
@@ -884,10 +885,18 @@ class _Converter:
     def inline(self, branch: Any) -> list:
         """The values of a branch run in this graph (an If whose condition is known at load)."""
         where = self.where
-        for n in branch.node:
-            self.convert(n)
+        self.read_branch(branch)
         self.where = where
         return [self.scope.get(o.name) for o in branch.output]
+
+    def read_branch(self, g: Any) -> None:
+        """A sub-graph's initializers and nodes into this converter's scope."""
+        if len(g.input):
+            raise self.error(f"sub-graph {g.name!r} takes inputs (a Loop or Scan body); If branches take none")
+        for t in g.initializer:
+            self.scope.values[t.name] = self.tensor(t, f"initializer {t.name!r} of sub-graph {g.name!r}")
+        for n in g.node:
+            self.convert(n)
 
     def _outputs_for_branch(self, names: list[str]) -> list[str]:
         """A branch's outputs as fresh names of this branch (the outer graph names the If's outputs)."""
@@ -1045,10 +1054,9 @@ class _Converter:
         defaults = ["Sigmoid", "Tanh", "Tanh"][:n] if n > 1 else ["Tanh"]
         if not names:
             names = defaults * D
-        elif len(names) == n and D == 2:
-            names = list(names) * 2  # onnxruntime repeats one direction's list for the other
         if len(names) != n * D:
-            raise self.error(f"activations {names}: expected {n} per direction ({n * D})")
+            raise self.error(f"activations {names}: expected {n} per direction, {n * D} in all (onnxruntime "
+                             "refuses other counts too)")
         alphas = list(attrs.get("activation_alpha", []))
         betas = list(attrs.get("activation_beta", []))
         specs = []
