@@ -405,6 +405,7 @@ class _Converter:
         handler = getattr(self, f"op_{node.op_type}", None)
         if handler is None and node.op_type not in _DIRECT:
             raise UnsupportedOpError(node.op_type, f"{self.source}: {self.where}", supported_ops())
+        self.check_arity(node)
         ins = []
         for name in node.input:
             if not name:
@@ -416,10 +417,29 @@ class _Converter:
                                  "(the nodes must be in topological order)")
             ins.append(v)
         attrs = self.attributes(node)
-        outs = handler(node, ins, attrs) if handler else self.direct(node, ins, attrs)
+        try:
+            outs = handler(node, ins, attrs) if handler else self.direct(node, ins, attrs)
+        except (IndexError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            # A node whose attributes or inputs are not of the kinds the spec gives (a damaged file).
+            raise self.error(f"malformed node: {type(exc).__name__}: {exc}") from None
         for name, v in zip(node.output, outs):
             if name:
                 self.scope.values[name] = v
+
+    def check_arity(self, node: Any) -> None:
+        """The node's input and output counts against its operator's schema at the model's opset."""
+        from onnx import defs
+
+        try:
+            schema = defs.get_schema(node.op_type, self.opset, "")
+        except Exception:
+            raise UnsupportedOpError(node.op_type, f"{self.source}: {self.where} (not defined at opset "
+                                     f"{self.opset})", supported_ops()) from None
+        n_in, n_out = len(node.input), len(node.output)
+        if not schema.min_input <= n_in <= schema.max_input or not schema.min_output <= n_out <= schema.max_output:
+            raise self.error(f"{n_in} inputs and {n_out} outputs; {node.op_type} (opset {schema.since_version}) "
+                             f"takes {schema.min_input}..{schema.max_input} inputs and "
+                             f"{schema.min_output}..{schema.max_output} outputs")
 
     def attributes(self, node: Any) -> dict:
         from onnx import helper
