@@ -4,6 +4,7 @@
     lstm-engine inspect model.safetensors       # layers, sizes, parameters, where it came from
     lstm-engine run model.pt x.npy -o y.npy     # batched inference over a file of sequences
     lstm-engine verify model.safetensors --source model.pt   # against the framework it came from
+    lstm-engine verify model.onnx                            # an ONNX model against onnxruntime
     lstm-engine bench model.safetensors         # step latency and throughput here
     lstm-engine gates model.safetensors x.npy -o gates.png   # the gates at work, memory, gradient flow
 
@@ -387,7 +388,9 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
                     "with torch installed, or a Keras model (.keras/.h5) with keras installed — and print "
                     "the max abs/rel error of the output and of every state. Without --source: check that "
                     "the model survives lstm_engine.save/load unchanged and that the kernels agree with a "
-                    "step-by-step NumPy run of the equations. Exit status 1 when an error passes --atol.",
+                    "step-by-step NumPy run of the equations. An ONNX MODEL (or --source) is checked against "
+                    "onnxruntime running the same file, by the graph's own input and output names. Exit status "
+                    "1 when an error passes --atol, 2 when the reference cannot run here (nothing was checked).",
         epilog=f"example: {PROG} verify model.safetensors --source model.pt --atol 1e-5",
     )
     p.add_argument("model", metavar="MODEL", help="the model file lstm_engine runs")
@@ -527,6 +530,9 @@ def run_verify(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     B, T = _positive(args.batch, "--batch"), _positive(args.steps, "--steps")
     rng = np.random.default_rng(args.seed)
+    for path in (args.source, args.model):
+        if path is not None and os.path.exists(path) and _framework_of(path) == "onnx":
+            return _verify_onnx(args, model, path, B, T, rng)
     x = _random_input(model, B, T, rng)
     lines = []
     errs = []
@@ -592,10 +598,57 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_onnx(args: argparse.Namespace, model, source: str, B: int, T: int, rng) -> int:
+    """MODEL against onnxruntime running the ONNX file ``source``: random floats, integer inputs 0."""
+    import numpy as np
+
+    try:
+        import onnxruntime
+    except ImportError:
+        print(f"NOT CHECKED: {source} is an ONNX model and onnxruntime, the reference, is not installed "
+              "(pip install onnxruntime)")
+        return 2
+    try:
+        sess = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own kinds
+        print(f"NOT CHECKED: onnxruntime cannot run {source}: {str(exc).splitlines()[0]}")
+        return 2
+    feeds = {}
+    for info in sess.get_inputs():
+        sizes = iter([B] + [T] * 8)
+        shape = [d if isinstance(d, int) else next(sizes) for d in info.shape]
+        if "float" in info.type or "double" in info.type:
+            feeds[info.name] = rng.standard_normal(shape).astype(np.float64 if "double" in info.type else np.float32)
+        else:
+            feeds[info.name] = np.zeros(shape, np.bool_ if "bool" in info.type else
+                                        np.int32 if "int32" in info.type else np.int64)
+    want = sess.run(None, feeds)
+    got = model.run(feeds, cast=True)
+    lines = []
+    errs = []
+    for out, w in zip(sess.get_outputs(), want):
+        if out.name not in got:
+            raise UserError(f"{args.model} has no output {out.name!r}; {source} has {[o.name for o in sess.get_outputs()]}")
+        line, err = _errors(out.name, got[out.name], w)
+        lines.append(line)
+        errs.append(err)
+    print(f"verify {args.model} against {source} (onnxruntime {onnxruntime.__version__}): inputs "
+          + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()) + " (random floats, integers 0)")
+    print("\n".join(lines))
+    worst = max(errs)
+    if worst > args.atol:
+        print(f"FAILED: max abs error {worst:.2e} > --atol {args.atol:g}")
+        return 1
+    print(f"ok: every error within --atol {args.atol:g}")
+    return 0
+
+
 def _framework_of(path: str) -> str:
     from .formats import _sniff
 
     kind = _sniff(path)
+    if kind == "onnx" or path.lower().endswith(".onnx"):
+        return "onnx"
     if kind == "hdf5":
         return "keras"
     if kind == "zip":
