@@ -588,13 +588,18 @@ def run_verify(args: argparse.Namespace) -> int:
             version = f"torch {torch.__version__}"
         header = (f"verify {args.model} against {args.source} ({version}): {B} random sequences of {T} steps"
                   + ("" if lengths is None else f", lengths {lengths.tolist()}"))
+    return _report(header, lines, errs, args.atol)
+
+
+def _report(header: str, lines: list[str], errs: list[float], atol: float) -> int:
+    """Print a verify's findings; its exit status."""
     print(header)
     print("\n".join(lines))
     worst = max(errs)
-    if worst > args.atol:
-        print(f"FAILED: max abs error {worst:.2e} > --atol {args.atol:g}")
+    if worst > atol:
+        print(f"FAILED: max abs error {worst:.2e} > --atol {atol:g}")
         return 1
-    print(f"ok: every error within --atol {args.atol:g}")
+    print(f"ok: every error within --atol {atol:g}")
     return 0
 
 
@@ -632,15 +637,9 @@ def _verify_onnx(args: argparse.Namespace, model, source: str, B: int, T: int, r
         line, err = _errors(out.name, got[out.name], w)
         lines.append(line)
         errs.append(err)
-    print(f"verify {args.model} against {source} (onnxruntime {onnxruntime.__version__}): inputs "
-          + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()) + " (random floats, integers 0)")
-    print("\n".join(lines))
-    worst = max(errs)
-    if worst > args.atol:
-        print(f"FAILED: max abs error {worst:.2e} > --atol {args.atol:g}")
-        return 1
-    print(f"ok: every error within --atol {args.atol:g}")
-    return 0
+    header = (f"verify {args.model} against {source} (onnxruntime {onnxruntime.__version__}): inputs "
+              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()) + " (random floats, integers 0)")
+    return _report(header, lines, errs, args.atol)
 
 
 def _framework_of(path: str) -> str:
