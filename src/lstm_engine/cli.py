@@ -399,6 +399,8 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=4, metavar="B", help="random sequences (default 4)")
     p.add_argument("--steps", type=int, default=12, metavar="T", help="steps per sequence (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--fill", action="append", default=[], metavar="NAME=NUMBER",
+                   help="ONNX: fill input NAME with NUMBER instead of random values (e.g. sr=16000); repeatable")
     p.set_defaults(func=run_verify)
 
 
@@ -614,20 +616,42 @@ def _verify_onnx(args: argparse.Namespace, model, source: str, B: int, T: int, r
               "(pip install onnxruntime)")
         return 2
     try:
-        sess = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # its failures come back as exceptions, reported below
+        sess = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own kinds
         print(f"NOT CHECKED: onnxruntime cannot run {source}: {str(exc).splitlines()[0]}")
         return 2
+    fills = {}
+    for item in args.fill:
+        name, _, number = item.partition("=")
+        try:
+            fills[name] = float(number)
+        except ValueError:
+            raise UserError(f"--fill {item!r}: expected NAME=NUMBER") from None
+    inputs = sess.get_inputs()
+    unknown = sorted(set(fills) - {i.name for i in inputs})
+    if unknown:
+        raise UserError(f"--fill {unknown[0]}: {source} has no such input; its inputs: {[i.name for i in inputs]}")
     feeds = {}
-    for info in sess.get_inputs():
+    for info in inputs:
         sizes = iter([B] + [T] * 8)
         shape = [d if isinstance(d, int) else next(sizes) for d in info.shape]
-        if "float" in info.type or "double" in info.type:
-            feeds[info.name] = rng.standard_normal(shape).astype(np.float64 if "double" in info.type else np.float32)
+        dtype = (np.float64 if "double" in info.type else np.float32 if "float" in info.type else
+                 np.bool_ if "bool" in info.type else np.int32 if "int32" in info.type else np.int64)
+        if info.name in fills:
+            feeds[info.name] = np.full(shape, fills[info.name], dtype)
+        elif dtype in (np.float32, np.float64):
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[info.name] = np.zeros(shape, np.bool_ if "bool" in info.type else
-                                        np.int32 if "int32" in info.type else np.int64)
-    want = sess.run(None, feeds)
+            feeds[info.name] = np.zeros(shape, dtype)
+    try:
+        want = sess.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own kinds
+        print(f"NOT CHECKED: onnxruntime cannot run {source} on inputs "
+              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
+              + f": {str(exc).splitlines()[0][:300]} (set sizes with --batch/--steps, values with --fill)")
+        return 2
     got = model.run(feeds, cast=True)
     lines = []
     errs = []
@@ -638,7 +662,7 @@ def _verify_onnx(args: argparse.Namespace, model, source: str, B: int, T: int, r
         lines.append(line)
         errs.append(err)
     header = (f"verify {args.model} against {source} (onnxruntime {onnxruntime.__version__}): inputs "
-              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()) + " (random floats, integers 0)")
+              + ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items()) + " (random floats, integers 0, --fill as given)")
     return _report(header, lines, errs, args.atol)
 
 
