@@ -15,7 +15,7 @@ def _sniff(path: str) -> str:
             head = f.read(16)
     except OSError as exc:
         raise LoadError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
-    if head.startswith(b"\x08") and len(head) > 2 and head[1] < 0x80 and head[2] in (0x12, 0x1a, 0x22, 0x3a, 0x42):
+    if head.startswith(b"\x08") and len(head) > 2 and head[1] < 0x80 and head[2] in (0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42):
         # An ONNX ModelProto: ir_version (field 1, a small varint), then producer, domain, graph or opset.
         return "onnx"
     if head.startswith(b"PK"):
