@@ -168,6 +168,19 @@ class LanguageModel(nn.Module):
         return self.out(self.drop(self.rnn(self.embed(tokens))[0]))
 
 
+class MultiOutput(nn.Module):
+    """Nested returns (torch.onnx.export cannot export proj_size: that stays le.from_torch's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        out, (h, c) = self.rnn(x)
+        return self.fc(out), (h, c), [out[:, 0], h[-2:]]
+
+
 class SpeakerEncoder(nn.Module):
     def __init__(self):
         super().__init__()
@@ -243,6 +256,7 @@ MODULES = {
     "Conv1d and BatchNorm front end": (CRNN, floats(6)),
     "reflect pad and strided Conv1d": (StridedFrontEnd, floats(1)),
     "Embedding -> LSTM -> Linear": (LanguageModel, lambda B, T: (torch.randint(0, 30, (B, T)),)),
+    "tuple and list returns": (MultiOutput, floats(4)),
     "L2-normalised speaker embedding": (SpeakerEncoder, floats(40)),
     "initial states as inputs": (InitialState, lambda B, T: (torch.randn(B, T, 4), torch.randn(2, B, 8),
                                                              torch.randn(2, B, 8))),
