@@ -241,3 +241,24 @@ def test_old_opsets_are_refused(tmp_path):
     path = save(tmp_path, [helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [2])], [tensor("y", None)], opset=6)
     with pytest.raises(le.LoadError, match="opset 6"):
         le.load(path)
+
+
+# -- operators written with others --------------------------------------------------------------------
+
+@pytest.mark.parametrize("op, attrs, n_in, opset", [
+    ("Sum", {}, 3, 17), ("Sum", {}, 1, 17), ("Mean", {}, 2, 17), ("PRelu", {}, 2, 17),
+    ("Selu", {}, 1, 17), ("Selu", {"alpha": 1.5, "gamma": 0.5}, 1, 17), ("HardSwish", {}, 1, 17),
+    ("GlobalAveragePool", {}, 1, 17), ("GlobalMaxPool", {}, 1, 17),
+])
+def test_operators_made_of_others(tmp_path, op, attrs, n_in, opset):
+    shape = [2, 3, 5]
+    names = [f"x{k}" for k in range(n_in)]
+    inputs = [tensor(names[0], shape)]
+    inits = []
+    if op == "PRelu":
+        inits.append(init(names[1], RNG.standard_normal((3, 1)).astype(np.float32)))  # a slope per channel
+    else:
+        inputs += [tensor(n, shape) for n in names[1:]]
+    path = save(tmp_path, [helper.make_node(op, names, ["y"], **attrs)], inputs, [tensor("y", None)], inits, opset)
+    feeds = {i.name: RNG.standard_normal(shape).astype(np.float32) * 3 for i in inputs}
+    check_against_onnxruntime(path, feeds)

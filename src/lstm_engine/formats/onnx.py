@@ -203,7 +203,8 @@ _HANDLED = sorted(_DIRECT | {
     "LSTM", "GRU", "RNN", "Constant", "ConstantOfShape", "Shape", "Size", "Cast", "Reshape", "Squeeze",
     "Unsqueeze", "Slice", "Split", "Expand", "Tile", "Pad", "Clip", "ReduceMean", "ReduceSum", "ReduceMax",
     "ReduceMin", "ReduceL2", "Softmax", "LogSoftmax", "LayerNormalization", "BatchNormalization", "Conv",
-    "Dropout", "If", "Range", "ConstantOfShape",
+    "Dropout", "If", "Range", "ConstantOfShape", "Sum", "Mean", "PRelu", "Selu", "HardSwish", "GlobalAveragePool",
+    "GlobalMaxPool",
 })
 
 
@@ -856,6 +857,8 @@ class _Converter:
     def op_BatchNormalization(self, node: Any, ins: list, attrs: dict) -> list:
         if attrs.get("training_mode", 0) or any(node.output[1:]):
             raise self.error("BatchNormalization in training mode; lstm_engine runs inference only")
+        if attrs.get("spatial", 1) == 0:
+            raise self.error("BatchNormalization with spatial=0 (statistics per element, opset 7/8)")
         return self.run_or_fold(node, "BatchNormalization", ins[:5], {"epsilon": attrs.get("epsilon", 1e-5)})[:1]
 
     def op_Conv(self, node: Any, ins: list, attrs: dict) -> list:
@@ -876,6 +879,52 @@ class _Converter:
         params = {k: attrs[k] for k in ("kernel_shape", "strides", "dilations", "group") if k in attrs}
         params["pads"] = pads
         return self.run_or_fold(node, "Conv", ins[:3], params)
+
+    # -- operators written with the ones above -------------------------------------------------------
+    def chain(self, node: Any, steps: list) -> list:
+        """Emit (op, inputs, attrs) steps, each reading the values before it ("$k" is step k's output); the
+        last writes the node's output. Folds when every input is known at load."""
+        values: list = []
+        for k, (op, ins, attrs) in enumerate(steps):
+            args = [values[int(v[1:])] if isinstance(v, str) else v for v in ins]
+            last = k == len(steps) - 1
+            fake = type("N", (), {"output": [node.output[0] if last else self.fresh(f"{node.name or op}.{k}")],
+                                  "name": node.name})
+            values.append(self.run_or_fold(fake, op, args, attrs)[0])
+        return [values[-1]]
+
+    def op_Sum(self, node: Any, ins: list, attrs: dict) -> list:
+        return self.chain(node, [("Add", [ins[0] if k == 0 else f"${k - 1}", v], {}) for k, v in enumerate(ins[1:])]
+                          or [("Identity", [ins[0]], {})])
+
+    def op_Mean(self, node: Any, ins: list, attrs: dict) -> list:
+        steps = [("Add", [ins[0] if k == 0 else f"${k - 1}", v], {}) for k, v in enumerate(ins[1:])]
+        total = f"${len(steps) - 1}" if steps else ins[0]
+        return self.chain(node, steps + [("Div", [total, np.array(len(ins), np.float32)], {})])
+
+    def op_PRelu(self, node: Any, ins: list, attrs: dict) -> list:
+        x, slope = ins
+        return self.chain(node, [("Mul", [x, slope], {}), ("Less", [x, np.array(0, np.float32)], {}),
+                                 ("Where", ["$1", "$0", x], {})])
+
+    def op_Selu(self, node: Any, ins: list, attrs: dict) -> list:
+        alpha, gamma = attrs.get("alpha", 1.67326319217681884765625), attrs.get("gamma", 1.05070102214813232421875)
+        return self.chain(node, [("Elu", [ins[0]], {"alpha": alpha}), ("Mul", ["$0", np.array(gamma, np.float32)], {})])
+
+    def op_HardSwish(self, node: Any, ins: list, attrs: dict) -> list:
+        return self.chain(node, [("HardSigmoid", [ins[0]], {"alpha": 1 / 6, "beta": 0.5}), ("Mul", [ins[0], "$0"], {})])
+
+    def global_pool(self, node: Any, ins: list, op: str) -> list:
+        rank = self.rank_of(ins[0])
+        if rank is None or rank < 3:
+            raise self.error(f"{node.op_type} of a tensor of rank {rank}; expected (N, C, spatial...)")
+        return self.run_or_fold(node, op, ins, {"axes": list(range(2, rank)), "keepdims": 1})
+
+    def op_GlobalAveragePool(self, node: Any, ins: list, attrs: dict) -> list:
+        return self.global_pool(node, ins, "ReduceMean")
+
+    def op_GlobalMaxPool(self, node: Any, ins: list, attrs: dict) -> list:
+        return self.global_pool(node, ins, "ReduceMax")
 
     def op_Flatten(self, node: Any, ins: list, attrs: dict) -> list:
         return self.run_or_fold(node, "Flatten", ins, {"axis": attrs.get("axis", 1)})
