@@ -106,3 +106,9 @@ def proto_mutation(rng, data):
 def test_fuzz_onnx(sources, tmp_path):
     cases = make_cases(sources, str(tmp_path), per_source=120, random_files=0, seed=SEED)
     check(run_cases(cases), cases)
+
+
+@pytest.mark.slow
+def test_fuzz_onnx_long(sources, tmp_path):
+    cases = make_cases(sources, str(tmp_path), per_source=2000, random_files=0, seed=SEED + 1)
+    check(run_cases(cases), cases)
