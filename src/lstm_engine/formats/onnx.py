@@ -49,7 +49,12 @@ def load_onnx(path: str | os.PathLike, *, dtype: Any = None) -> Model:
     path = os.fspath(path)
     proto = read_model(path)
     graph = graph_from_onnx(proto, path, dtype)
-    return Model(graph)
+    try:
+        return Model(graph)
+    except ValueError as exc:  # the graph's own checks (LoadError among them), naming the file
+        if isinstance(exc, LoadError) and path in str(exc):
+            raise
+        raise LoadError(f"{path}: {exc}") from None
 
 
 def read_model(path: str) -> Any:
@@ -74,7 +79,7 @@ def read_model(path: str) -> Any:
         raise LoadError(f"{path}: not a readable ONNX model (protobuf: {exc})") from None
     if not proto.HasField("graph"):
         raise LoadError(f"{path}: not an ONNX model (no graph)")
-    _refuse_external(proto.graph, path)
+    _check_graph(proto.graph, path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # shapes are a help, not a requirement: the conversion says what it cannot fold
@@ -82,20 +87,28 @@ def read_model(path: str) -> Any:
     return proto
 
 
-def _refuse_external(graph: Any, path: str, depth: int = 0) -> None:
-    """LoadError if any tensor (in any sub-graph) keeps its data in another file: paths in a model are never read."""
+def _check_graph(graph: Any, path: str, depth: int = 0) -> None:
+    """LoadError if any tensor (in any sub-graph) keeps its data in another file — paths in a model are never
+    read — or a name is not text (protobuf hands invalid UTF-8 back as bytes)."""
     if depth > 32:
         raise LoadError(f"{path}: sub-graphs nest deeper than 32 levels")
     tensors = list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+    names = [vi.name for vi in list(graph.input) + list(graph.output) + list(graph.value_info)]
+    names += [d.dim_param for vi in graph.input for d in vi.type.tensor_type.shape.dim]
     for node in graph.node:
+        names += list(node.input) + list(node.output) + [node.name, node.op_type, node.domain]
         for attr in node.attribute:
+            names.append(attr.name)
             if attr.HasField("t"):
                 tensors.append(attr.t)
             tensors.extend(attr.tensors)
             if attr.HasField("g"):
-                _refuse_external(attr.g, path, depth + 1)
+                _check_graph(attr.g, path, depth + 1)
             for g in attr.graphs:
-                _refuse_external(g, path, depth + 1)
+                _check_graph(g, path, depth + 1)
+    bad = next((n for n in names + [t.name for t in tensors] if not isinstance(n, str)), None)
+    if bad is not None:
+        raise LoadError(f"{path}: a name in the graph is not valid UTF-8 text: {bad[:60]!r}")
     for t in tensors:
         if t.data_location == 1 or len(t.external_data):
             raise LoadError(f"{path}: tensor {t.name!r} keeps its data in an external file; lstm_engine reads "
@@ -208,6 +221,25 @@ _HANDLED = sorted(_DIRECT | {
 })
 
 
+def _result_size(op: str, arrays: list, attrs: dict) -> float:
+    """An upper bound on the elements an op makes from these inputs, for the ops whose result can be far larger
+    than their inputs (checked before folding, so that a file cannot make the loader allocate without bound)."""
+    shapes = [a.shape for a in arrays if a is not None]
+    if op == "Expand":
+        return float(np.prod(np.broadcast_shapes(shapes[0], tuple(attrs["shape"])), dtype=np.float64))
+    if op == "Tile":
+        return float(np.prod(shapes[0], dtype=np.float64)) * float(np.prod(attrs["repeats"], dtype=np.float64))
+    if op == "Pad":
+        grow = sum(abs(p) for p in attrs["pads"])
+        return float(np.prod([n + grow for n in shapes[0]], dtype=np.float64))
+    if op in ("MatMul", "Gemm", "Einsum", "Conv"):
+        # Every output dim is one of the inputs' dims: the product of the largest ones bounds it.
+        dims = sorted((d for s in shapes for d in s), reverse=True)
+        rank = max((len(s) for s in shapes), default=0) + (1 if op != "Conv" else 0)
+        return float(np.prod(dims[:rank], dtype=np.float64))
+    return 0.0
+
+
 def supported_ops() -> list[str]:
     """The ONNX operators (default domain) the loader maps."""
     return list(_HANDLED)
@@ -227,7 +259,8 @@ class _Converter:
         self.constants: dict[str, np.ndarray] = {}
         # One list for the graph and its If branches (a layer's index is unique in the model).
         self.layers: list = parent.layers if parent else []
-        self.taken: set[str] = parent.taken if parent else set()
+        self.taken: set[str] = parent.taken if parent else set()  # value names
+        self.node_names: set[str] = parent.node_names if parent else set()
         self.float_dtype = None if dtype is None else np.dtype(dtype)
         if self.float_dtype is not None and self.float_dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"dtype: expected float32 or float64, got {self.float_dtype}")
@@ -236,13 +269,14 @@ class _Converter:
         self.pending: set[str] = set()  # initializers' names, stored as constants once a node reads them
 
     # -- names and errors ---------------------------------------------------------------------------
-    def fresh(self, hint: str) -> str:
-        """A value or node name used nowhere in the file or the graph so far."""
+    def fresh(self, hint: str, taken: set | None = None) -> str:
+        """A value name (or, with taken=self.node_names, a node name) not used so far in the file or the graph."""
+        taken = self.taken if taken is None else taken
         name, k = hint, 0
-        while name in self.taken:
+        while name in taken:
             k += 1
             name = f"{hint}.{k}"
-        self.taken.add(name)
+        taken.add(name)
         return name
 
     def error(self, message: str) -> LoadError:
@@ -285,7 +319,6 @@ class _Converter:
             self.taken.add(t.name)
         for node in g.node:
             self.taken.update(node.output)
-            self.taken.add(node.name)
             for attr in node.attribute:
                 if attr.HasField("g") and depth < 32:
                     self._reserve(attr.g, depth + 1)
@@ -310,7 +343,7 @@ class _Converter:
                 out.append(name)
                 continue
             if isinstance(v, _Run):
-                self.nodes.append(Node("Identity", [v.name], [name], {}, self.fresh(f"{name}.output"),
+                self.nodes.append(Node("Identity", [v.name], [name], {}, self.fresh(f"{name}.output", self.node_names),
                                        f"ONNX graph output {name!r}"))
             else:
                 self.constants[name] = self.materialize(v)
@@ -469,7 +502,7 @@ class _Converter:
     def emit(self, op: str, inputs: list[str], attrs: dict, outputs: list[str] | None = None,
              n_out: int = 1, hint: str = "") -> list[_Run]:
         """Append an engine node; returns its outputs as run-time values (fresh names unless given)."""
-        node_name = self.fresh(hint or f"{op}")
+        node_name = self.fresh(hint or f"{op}", self.node_names)
         if outputs is None:
             outputs = [self.fresh(f"{node_name}.out{i}" if n_out > 1 else f"{node_name}.out") for i in range(n_out)]
         self.nodes.append(Node(op, inputs, outputs, attrs, node_name, f"{self.source}: {self.where}"))
@@ -480,6 +513,12 @@ class _Converter:
         spec = _ops.OPS[op]
         try:
             checked = _ops.check_attrs(op, attrs)
+            size = _result_size(op, arrays, checked)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise self.error(f"cannot be computed on its constant inputs: {exc}") from None
+        if size > MAX_ELEMENTS:
+            raise self.error(f"folding it at load would make {size:.3g} elements (over {MAX_ELEMENTS})")
+        try:
             extra = {"_outputs": n_out} if op == "Split" else {}
             with np.errstate(all="ignore"):
                 result = spec.fn(*arrays, **checked, **extra)
@@ -976,7 +1015,7 @@ class _Converter:
                 raise self.error(f"an If branch output {name!r} is computed by no node")
             fresh = self.fresh(f"{name}.branch")
             if isinstance(v, _Run):
-                self.nodes.append(Node("Identity", [v.name], [fresh], {}, self.fresh(f"{fresh}.node"),
+                self.nodes.append(Node("Identity", [v.name], [fresh], {}, self.fresh(f"{fresh}.node", self.node_names),
                                        f"{self.source}: {self.where}"))
             else:
                 self.constants[fresh] = self.materialize(v)
