@@ -122,6 +122,26 @@ def test_if_runs_the_branch_its_condition_picks():
     np.testing.assert_array_equal(model.run({"x": x, "flag": np.array(False)})["y"], -x)
 
 
+def test_recurrent_nodes_inside_if_branches_have_their_own_state():
+    rng = np.random.default_rng(8)
+    outer = le.GRU(rng.standard_normal((6, 2)), rng.standard_normal((6, 2)))
+    inner = le.RNN(rng.standard_normal((3, 2)), rng.standard_normal((3, 3)))
+    then_g = Graph([], ["z"], [Node("Recurrent", ["y"], ["z", "hz"], {"layer": 0}, "inner")], layers=[inner])
+    else_g = Graph([], ["z"], [Node("Identity", ["y"], ["z"], {}, "same")])
+    g = Graph([ValueInfo("x", "float", ["batch", "steps", 2]), ValueInfo("flag", "bool", [])], ["z"],
+              [Node("Recurrent", ["x"], ["y", "hy"], {"layer": 0}, "outer"),
+               Node("If", ["flag"], ["z"], {"then_branch": then_g, "else_branch": else_g}, "if")], layers=[outer])
+    model = le.Model(g)
+    assert model.recurrent_layers == [outer, inner]
+    x = rng.standard_normal((2, 4, 2)).astype(np.float32)
+    z, state = model.forward((x, np.array(True)))
+    want, _ = le.Model([outer, inner]).forward(x)
+    np.testing.assert_allclose(z, want, atol=1e-6)
+    assert state[0][0].shape == (1, 2, 2) and state[1][0].shape == (1, 2, 3)
+    z, state = model.forward((x, np.array(False)))
+    assert state[1] is None  # the branch with the inner layer did not run
+
+
 def test_constant_subgraphs_are_folded_once():
     g = Graph([ValueInfo("x", "float", ["batch", 4])], ["y"], [
         Node("Concat", ["wa", "wb"], ["w"], {"axis": 0}, "assemble"),

@@ -77,6 +77,9 @@ def generate_tokens(session: Any, prompt_ids: Any, max_new_tokens: Any, temperat
                     top_p: Any, seed: Any) -> Iterator:
     """Validate everything now, then return the lazy iterator of sampled ids (see Session.generate)."""
     model = session.model
+    if not model.is_chain:
+        raise ValueError("generate: the model must be a chain of layers from token ids to scores "
+                         "(Embedding -> recurrent layers -> Dense); feed a graph model with session.step")
     if not model.takes_ids:
         raise ValueError("generate: the model must start with an Embedding (token ids in) and end in logits")
     vocab = model.layers[0].num_embeddings

@@ -277,6 +277,24 @@ def _structure_indices(structure: Any, where: str, depth: int = 0) -> list[int]:
     raise LoadError(f"{where}: output_structure holds {structure!r}; expected ints in tuples and lists")
 
 
+def id_range(graph: Graph, name: str) -> int | None:
+    """For an integer input that is only looked up in constant tables (Gather on axis 0, or a chain's
+    Embedding layer), how many ids every lookup takes; None if something else reads it."""
+    sizes = []
+    for node in graph.nodes:
+        if name not in node.inputs:
+            continue
+        if node.op == "Gather" and node.inputs[1] == name and node.inputs[0] in graph.constants \
+                and node.attrs.get("axis", 0) == 0 and node.inputs[0] != name:
+            sizes.append(graph.constants[node.inputs[0]].shape[0])
+        elif node.op == "Layer" and node.inputs[0] == name and hasattr(graph.layers[node.attrs["layer"]],
+                                                                       "num_embeddings"):
+            sizes.append(graph.layers[node.attrs["layer"]].num_embeddings)
+        else:
+            return None
+    return min(sizes) if sizes else None
+
+
 def build_structure(structure: Any, values: list) -> Any:
     """The outputs arranged as ``structure`` says."""
     if isinstance(structure, int):

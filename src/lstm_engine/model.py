@@ -35,7 +35,7 @@ def chain_graph(layers: list) -> Graph:
         y = f"layers.{i}"
         new_mask = f"layers.{i}.mask" if masked else ""
         if layer.is_recurrent:
-            states = [f"layers.{i}.h", f"layers.{i}.c"][: len(layer.state_shapes)]
+            states = [""] * len(layer.state_shapes)  # a chain's states come out of forward, not as values
             ins = [x, "lengths", "", "", mask] if masked else [x, "lengths"]
             nodes.append(Node("Recurrent", ins, [y] + states + ([new_mask] if masked else []), {"layer": i},
                               f"layers.{i}", f"layer {i} ({layer!r})"))
@@ -53,8 +53,9 @@ class Model:
     batch-major — (B, T, F) floats, or (B, T) token ids when the first layer is an Embedding — and y
     (B, T, out) (or (B, out) after a layer with return_sequences=False). For a graph x is its input
     (a tuple for several) and y has the structure the source returned. ``state`` is one tuple per
-    recurrent layer (Recurrent node, in graph order): (h, c) for LSTM, (h,) otherwise, each array
-    (directions, B, width). ``run(feeds)`` runs a graph by its input and output names.
+    recurrent layer (Recurrent node, in graph order; None for one in an If branch that did not run): (h, c)
+    for LSTM, (h,) otherwise, each array (directions, B, width). ``run(feeds)`` runs a graph by its input
+    and output names.
     """
 
     def __init__(self, layers: Sequence[Layer] | Graph, *, metadata: dict | None = None,
@@ -79,9 +80,23 @@ class Model:
         self.metadata = dict(metadata if metadata is not None else graph.metadata)
         self._plans: dict[np.dtype, Plan] = {}
         self._plan_lock = threading.Lock()
-        self.recurrent_layers = [layers[n.attrs["layer"]] for n in self.plan(self.dtype).recurrent]
+        self.recurrent_layers = [self._layer_of(n) for n in self.plan(self.dtype).recurrent]
         self._describe_io()
         self.threads = threads
+
+    def _layer_of(self, node: Node) -> Any:
+        """The layer a Recurrent node runs (its own graph's, also inside If branches)."""
+        def find(graph: Graph) -> Any:
+            if any(n is node for n in graph.nodes):
+                return graph.layers[node.attrs["layer"]]
+            for n in graph.nodes:
+                if n.op == "If":
+                    for b in ("then_branch", "else_branch"):
+                        found = find(n.attrs[b])
+                        if found is not None:
+                            return found
+            return None
+        return find(self.graph)
 
     @staticmethod
     def _check_chain(layers: Sequence[Layer]) -> list:
@@ -148,7 +163,7 @@ class Model:
         if threads < 1:
             raise ValueError(f"threads: expected at least 1, got {threads}")
         self._threads = int(threads)
-        for layer in self.layers:
+        for layer in self.layers + self.recurrent_layers:
             for kernel in getattr(layer, "_kernels", {}).values():
                 kernel.threads = self._threads
 

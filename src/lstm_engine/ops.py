@@ -97,6 +97,9 @@ class OpSpec:
 
 OPS: dict[str, OpSpec] = {}
 VARIADIC = 1 << 16
+# The largest array an op may make from its attributes alone (Expand, Tile, Pad), and constant folding
+# at load: a model file could otherwise ask for terabytes.
+MAX_ELEMENTS = 1 << 28
 
 
 def op(name: str, inputs: tuple[int, int] | int, outputs: tuple[int, int] | int = 1,
@@ -127,6 +130,46 @@ def check_attrs(op_name: str, attrs: dict) -> dict:
         except ValueError as exc:
             raise ValueError(f"attribute {name!r}: {exc}") from None
     return out
+
+
+def _check_size(shape: Any, op_name: str) -> None:
+    n = math.prod(int(d) for d in shape)
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"{op_name}: the result would have {n} elements (shape {tuple(shape)}), over the "
+                         f"{MAX_ELEMENTS} an op may make")
+
+
+def result_elements(op_name: str, args: list, kw: dict) -> int:
+    """About how many elements an op's result will have (to refuse folding a constant bigger than any model)."""
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    biggest = max((a.size for a in arrays), default=0)
+    try:
+        if op_name == "MatMul":
+            a, b = args
+            if a.ndim >= 2 and b.ndim >= 2:
+                batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+                return math.prod(batch) * a.shape[-2] * b.shape[-1]
+            return biggest
+        if op_name == "Einsum":
+            lhs, _, out = kw["equation"].replace(" ", "").partition("->")
+            sizes = {ch: n for term, a in zip(lhs.split(","), arrays) for ch, n in zip(term, a.shape)}
+            return math.prod(sizes.get(ch, 1) for ch in out) if out else biggest
+        if op_name == "Gemm":
+            return args[0].shape[1 if kw["transA"] else 0] * args[1].shape[0 if kw["transB"] else 1]
+        if op_name in ("Expand", "Tile", "Pad"):
+            return 0  # checked by the op itself before it allocates
+        if op_name == "Concat":
+            return sum(a.size for a in arrays)
+        if op_name == "Gather":
+            data, idx = args
+            return idx.size * (data.size // max(data.shape[kw["axis"]], 1))
+        if op_name == "Conv":
+            return args[0].size * args[1].shape[0] * max(args[1].shape[-1], 1)
+        if len(arrays) > 1:
+            return math.prod(np.broadcast_shapes(*[a.shape for a in arrays]))
+    except (ValueError, TypeError, KeyError, IndexError):
+        return biggest  # the op itself will say what is wrong
+    return biggest
 
 
 def _axis(axis: int, ndim: int, what: str = "axis") -> int:
@@ -481,6 +524,7 @@ def expand(x: np.ndarray, shape: list[int]) -> np.ndarray:
         target = np.broadcast_shapes(x.shape, tuple(shape))
     except ValueError:
         raise ValueError(f"Expand: shape {x.shape} cannot broadcast to {shape}") from None
+    _check_size(target, "Expand")
     return np.broadcast_to(x, target).copy()
 
 
@@ -488,6 +532,7 @@ def expand(x: np.ndarray, shape: list[int]) -> np.ndarray:
 def tile(x: np.ndarray, repeats: list[int]) -> np.ndarray:
     if len(repeats) != x.ndim or any(r < 0 for r in repeats):
         raise ValueError(f"Tile: repeats {repeats} must be {x.ndim} non-negative counts")
+    _check_size([n * r for n, r in zip(x.shape, repeats)], "Tile")
     return np.tile(x, repeats)
 
 
@@ -603,6 +648,7 @@ def pad(x: np.ndarray, pads: list[int], mode: str, value: float, axes: list[int]
                       for (lo, hi), n in zip(widths, x.shape))
         x = x[index]
         widths = [(max(lo, 0), max(hi, 0)) for lo, hi in widths]
+    _check_size([n + lo + hi for n, (lo, hi) in zip(x.shape, widths)], "Pad")
     if mode == "constant":
         return np.pad(x, widths, constant_values=x.dtype.type(value) if x.dtype.kind != "b" else bool(value))
     for (lo, hi), n in zip(widths, x.shape):

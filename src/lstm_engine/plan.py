@@ -59,29 +59,28 @@ class Call:
 
     states: per Recurrent node a tuple of (D, B, width) arrays the kernels update in place, or None:
     then the node starts from its h0/c0 inputs (or zeros) and the new arrays are stored here.
-    buffers: a dict the nodes keep their output arrays in between runs (sessions, the pool), or None.
-    out: an array the graph's first output is written into (sessions), or None.
+    frame: a list (one entry per buffer position of the plan) that keeps the nodes' output arrays
+    between runs of the same input shapes (sessions, the pool; the caller may put its own output
+    array at the position of the node that makes the first output), or None: fresh arrays.
     started: per Recurrent node, (B,) bool: whether a row has had a valid step since its reset
     (streaming with Keras masks), or None. streaming: run chunk by chunk (no Keras arrangement of a
-    recurrent output). record: a list that collects (gates, trace) per Recurrent node, run in NumPy.
+    recurrent output). record: a list that collects (layer, trace) per Recurrent node, run in NumPy.
     """
 
     states: list
-    buffers: dict | None = None
-    out: np.ndarray | None = None
+    frame: list | None = None
     started: list | None = None
     streaming: bool = False
     record: list | None = None
-    out_slot: int = -1
 
-    def alloc(self, key: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
-        if self.buffers is None:
+    def alloc(self, pos: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """The array a node writes its output at buffer position pos into (the frame's, when it fits)."""
+        frame = self.frame
+        if frame is None:
             return np.empty(shape, dtype)
-        buf = self.buffers.get(key)
+        buf = frame[pos]
         if buf is None or buf.shape != shape:
-            if len(self.buffers) > 512:
-                self.buffers.clear()
-            buf = self.buffers[key] = np.empty(shape, dtype)
+            buf = frame[pos] = np.empty(shape, dtype)
         return buf
 
 
@@ -89,8 +88,11 @@ class Plan:
     """A graph bound to one float dtype: value slots, node functions, constants cast once."""
 
     def __init__(self, graph: Graph, dtype: np.dtype, outer: dict[str, int] | None = None,
-                 outer_env: list | None = None, recurrent: list | None = None) -> None:
+                 outer_env: list | None = None, positions: list | None = None,
+                 recurrent: list | None = None) -> None:
         self.graph = graph
+        # Buffer positions: two per node (its output, its scratch), numbered across If branches too.
+        self._positions = positions = [0] if positions is None else positions
         self.dtype = np.dtype(dtype)
         # An If branch reads the enclosing graph's values by name and puts its own after them in the
         # same value list, so that the slots of both never collide.
@@ -112,13 +114,23 @@ class Plan:
         self.recurrent: list[Node] = [] if recurrent is None else recurrent
         self.layers = graph.layers
         steps = []
+        self.producer: dict[int, int] = {}  # value slot -> the buffer position of the node that makes it
         for node in graph.nodes:
             ins = [slot(n) for n in node.inputs]
             outs = [slot(n) for n in node.outputs]
-            step = self._bind(node, len(steps), ins, outs, slots, env)
+            pos = positions[0]
+            positions[0] += 2
+            for o in outs:
+                self.producer[o] = pos
+            step = self._bind(node, pos, ins, outs, slots, env)
             if node.op not in ("Recurrent", "Layer", "If") and all(i < 0 or env[i] is not None for i in ins) \
                     and not any(i in self.input_slots for i in ins):
                 # Inputs all constant: run once now (weights assembled from slices, shapes of constants).
+                args = [env[i] for i in ins if i >= 0]
+                if node.op in _ops.OPS and _ops.result_elements(
+                        node.op, args, _ops.check_attrs(node.op, node.attrs)) > _ops.MAX_ELEMENTS:
+                    raise ValueError(f"{node.where()}: folding its constant inputs would make an array of more "
+                                     f"than {_ops.MAX_ELEMENTS} elements")
                 step(env, None)
                 continue
             steps.append(step)
@@ -127,21 +139,26 @@ class Plan:
         self.env = env
         self.output_slots = [slot(n) for n in graph.outputs]
 
+    @property
+    def positions(self) -> int:
+        """How many buffer positions a Call.frame for this plan holds."""
+        return self._positions[0]
+
     # -- binding ------------------------------------------------------------------------------
-    def _bind(self, node: Node, index: int, ins: list[int], outs: list[int], slots: dict, env: list) -> Callable:
+    def _bind(self, node: Node, pos: int, ins: list[int], outs: list[int], slots: dict, env: list) -> Callable:
         if node.op == "Recurrent":
             k = len(self.recurrent)
             self.recurrent.append(node)
-            return _recurrent_step(node, self.layers[node.attrs["layer"]], k, index, ins, outs, self.dtype)
+            return _recurrent_step(node, self.layers[node.attrs["layer"]], k, pos, ins, outs, self.dtype)
         if node.op == "Layer":
-            return _layer_step(node, self.layers[node.attrs["layer"]], index, ins, outs, self.dtype)
+            return _layer_step(node, self.layers[node.attrs["layer"]], pos, ins, outs, self.dtype)
         if node.op == "If":
-            branches = [Plan(node.attrs[b], self.dtype, slots, env, self.recurrent)
+            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions, self.recurrent)
                         for b in ("then_branch", "else_branch")]
             return _if_step(node, branches, ins, outs)
         spec = _ops.OPS[node.op]
         kw = _ops.check_attrs(node.op, node.attrs)
-        if node.op in ("Cast", "ConstantOfShape"):
+        if node.op == "Cast":
             kw["_float"] = self.dtype
         elif node.op == "Split":
             kw["_outputs"] = len(outs)
@@ -195,7 +212,7 @@ def _if_step(node: Node, branches: list[Plan], ins: list[int], outs: list[int]) 
     return step
 
 
-def _layer_step(node: Node, layer: Any, index: int, ins: list[int], outs: list[int], dtype: np.dtype) -> Callable:
+def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int], dtype: np.dtype) -> Callable:
     """A non-recurrent engine layer of a chain, with its Keras mask in and out."""
     ix, im = ins[0], (ins[1] if len(ins) > 1 else -1)
     oy, om = outs[0], (outs[1] if len(outs) > 1 else -1)
@@ -207,12 +224,16 @@ def _layer_step(node: Node, layer: Any, index: int, ins: list[int], outs: list[i
         return step
     if getattr(layer, "accepts_ids", False):
         table = layer._by_dtype[dtype]["weight"]
+        width = table.shape[1]
         mask_zero = layer.mask_zero
 
         def step(env: list, call: Call) -> None:
             ids = env[ix]
-            y = call.alloc(index, ids.shape + table.shape[1:], dtype)
-            np.take(table, ids, axis=0, out=y)
+            frame = call.frame
+            y = None if frame is None else frame[pos]
+            if y is None or y.shape[:-1] != ids.shape:
+                y = call.alloc(pos, ids.shape + (width,), dtype)
+            table.take(ids, axis=0, out=y)
             env[oy] = y
             if om >= 0:
                 mask = env[im] if im >= 0 else None
@@ -228,7 +249,11 @@ def _layer_step(node: Node, layer: Any, index: int, ins: list[int], outs: list[i
 
         def step(env: list, call: Call) -> None:
             x = env[ix]
-            y = call.alloc(index, x.shape[:-1] + (width,), dtype)
+            shape = x.shape[:-1] + (width,)
+            frame = call.frame
+            y = None if frame is None else frame[pos]
+            if y is None or y.shape != shape:
+                y = call.alloc(pos, shape, dtype)
             y2 = y.reshape(-1, width)
             np.matmul(x.reshape(-1, x.shape[-1]), wT, out=y2)
             if bias is not None:
@@ -262,7 +287,7 @@ def check_lengths(lengths: Any, B: int, T: int, where: str = "lengths", low: int
     return lengths
 
 
-def _recurrent_step(node: Node, layer: Any, k: int, index: int, ins: list[int], outs: list[int],
+def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], outs: list[int],
                     dtype: np.dtype) -> Callable:
     """Run one recurrent layer through its compiled kernel (or, recording, the NumPy twin in gates)."""
     ins = ins + [-1] * (5 - len(ins))
@@ -290,16 +315,35 @@ def _recurrent_step(node: Node, layer: Any, k: int, index: int, ins: list[int], 
             state.append(np.array(given, dtype=dtype, order="C"))
         return tuple(state)
 
+    plain = il < 0 and im < 0 and not keras
+    state_outs = [(o, j) for j, o in enumerate(o_states) if o >= 0]
+
     def step(env: list, call: Call) -> None:
         x = env[ix]
-        if x.dtype != dtype or not x.flags.c_contiguous:
+        if x.dtype is not dtype or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=dtype)
-        if x.ndim != 3 or x.shape[2] != I or x.shape[1] == 0:
+        shape = x.shape
+        if len(shape) != 3 or shape[2] != I or shape[1] == 0:
             raise ValueError(f"{where}: x must have shape (batch, steps >= 1, {I}), got {x.shape}")
-        B, T = x.shape[:2]
+        B, T = shape[0], shape[1]
         state = call.states[k]
         if state is None:
             state = call.states[k] = initial(env, B)
+        if plain and call.record is None and call.started is None:
+            # The common case (chains, sessions): no lengths, no mask, nothing to arrange.
+            frame = call.frame
+            raw = None if frame is None else frame[pos]
+            if raw is None or raw.shape != (B, T, width):
+                raw = call.alloc(pos, (B, T, width), dtype)
+            # A frame serves one set of input shapes, so its scratch, once made, fits.
+            work = None if frame is None else frame[pos + 1]
+            if work is None:
+                work = call.alloc(pos + 1, (kernel.work_size(B, T),), dtype)
+            kernel.run(x, raw, state[0], state[-1], None, work, zero_output)
+            env[oy] = raw
+            for o, j in state_outs:
+                env[o] = state[j]
+            return
         lengths = env[il] if il >= 0 else None
         kmask = None
         valid = env[im] if im >= 0 else None
@@ -315,14 +359,13 @@ def _recurrent_step(node: Node, layer: Any, k: int, index: int, ins: list[int], 
 
             raw, trace = run_layer(layer, x, kmask, state, zero_masked)
             call.record.append((layer, trace))
-        elif call.started is not None:
-            raw = call.alloc(index, (B, T, width), dtype)
-            _run_masked(kernel, x, raw, state, kmask, call.alloc((index, "work"), (kernel.work_size(B, T),), dtype),
-                        zero_masked, call.started[k], B, T)
         else:
-            raw = call.out if call.out is not None and oy == call.out_slot else call.alloc(index, (B, T, width), dtype)
-            work = call.alloc((index, "work"), (kernel.work_size(B, T),), dtype)
-            kernel.run(x, raw, state[0], state[-1], kmask, work, zero_masked)
+            raw = call.alloc(pos, (B, T, width), dtype)
+            work = call.alloc(pos + 1, (kernel.work_size(B, T),), dtype)
+            if call.started is not None:
+                _run_masked(kernel, x, raw, state, kmask, work, zero_masked, call.started[k], B, T)
+            else:
+                kernel.run(x, raw, state[0], state[-1], kmask, work, zero_masked)
         if lengths is not None and not lengths.all():
             # A row of length 0 (ONNX allows it) ends with zero states, as onnxruntime gives.
             for s in state:
@@ -332,9 +375,8 @@ def _recurrent_step(node: Node, layer: Any, k: int, index: int, ins: list[int], 
         else:
             y, mask = raw, valid
         env[oy] = y
-        for o, s in zip(o_states, state):
-            if o >= 0:
-                env[o] = s
+        for o, j in state_outs:
+            env[o] = state[j]
         if om >= 0:
             env[om] = mask
     return step
