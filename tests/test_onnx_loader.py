@@ -262,3 +262,44 @@ def test_operators_made_of_others(tmp_path, op, attrs, n_in, opset):
     path = save(tmp_path, [helper.make_node(op, names, ["y"], **attrs)], inputs, [tensor("y", None)], inits, opset)
     feeds = {i.name: RNG.standard_normal(shape).astype(np.float32) * 3 for i in inputs}
     check_against_onnxruntime(path, feeds)
+
+
+# -- an ONNX model as an engine model: saved, and streamed ---------------------------------------------
+
+def test_saved_as_an_engine_file_it_runs_without_onnx(tmp_path):
+    """Peepholes, clip, parameterised activations and an If with an LSTM in each branch survive le.save."""
+    H, I = 4, 3
+    node = helper.make_node("LSTM", ["x", "W", "R", "B", "", "", "", "P"], ["Y", "Y_h"], hidden_size=H, clip=1.5,
+                            direction="bidirectional", input_forget=1,
+                            activations=["HardSigmoid", "Elu", "Softsign", "Sigmoid", "Tanh", "LeakyRelu"],
+                            activation_alpha=[0.3, 0.7, 0.05], activation_beta=[0.4])
+    branch = helper.make_node("If", ["flag"], ["h"], then_branch=lstm_branch("a"), else_branch=lstm_branch("b"))
+    inits = [init(n, RNG.standard_normal(s).astype(np.float32)) for n, s in
+             (("W", (2, 4 * H, I)), ("R", (2, 4 * H, H)), ("B", (2, 8 * H)), ("P", (2, 3 * H)))]
+    path = save(tmp_path, [node, branch], [tensor("x", [5, 2, I]), tensor("flag", [], TensorProto.BOOL)],
+                [tensor("Y", None), tensor("Y_h", None), tensor("h", None)], inits)
+    model = le.load(path)
+    le.save(model, tmp_path / "m.safetensors")
+    again = le.load(tmp_path / "m.safetensors")
+    x = RNG.standard_normal((5, 2, I)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"x": x, "flag": np.array(flag)}
+        want = check_against_onnxruntime(path, feeds)
+        got = again.run(feeds)
+        for name in ("Y", "Y_h", "h"):
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_a_causal_model_streams_step_by_step(tmp_path):
+    torch = pytest.importorskip("torch")
+    from test_onnx_torch_export import HeadFirst, export
+
+    torch.manual_seed(0)
+    module = HeadFirst().eval()  # LSTM then Linear on every step
+    names, outputs = export(module, [torch.randn(2, 5, 4)], tmp_path / "m.onnx")
+    model = le.load(tmp_path / "m.onnx")
+    x = RNG.standard_normal((3, 7, 4)).astype(np.float32)
+    want = model.run({names[0]: x})[outputs[0]]
+    session = model.session(batch_size=3)
+    got = np.stack([session.step(x[:, t]) for t in range(7)], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
