@@ -119,6 +119,8 @@ VARIANTS = {
     "input_forget": {"attrs": {"input_forget": 1}},
     "everything": {"peephole": True, "states": True, "lengths": [4, 5, 1], "attrs": {"clip": 1.5}},
     "linear_before_reset": {"attrs": {"linear_before_reset": 1}},
+    "linear_before_reset_clip": {"attrs": {"linear_before_reset": 1, "clip": 0.8}, "lengths": [5, 0, 3],
+                                 "states": True},
 }
 LSTM_ONLY = {"peephole", "input_forget", "everything"}
 ACTIVATION_SETS = {
@@ -137,7 +139,7 @@ def variant_cases():
                 for name in VARIANTS:
                     if name in LSTM_ONLY and op != "LSTM":
                         continue
-                    if name == "linear_before_reset" and op != "GRU":
+                    if name.startswith("linear_before_reset") and op != "GRU":
                         continue
                     yield pytest.param(op, direction, layout, name, id=f"{op}-{direction}-layout{layout}-{name}")
 
