@@ -117,3 +117,11 @@ def test_record_refuses_options_it_does_not_model():
     lstm = layer(le.LSTM, np.random.default_rng(9), clip=3.0)
     with pytest.raises(ValueError, match="record=True"):
         le.Model([lstm]).forward(np.zeros((1, 2, 5), np.float32), record=True)
+
+
+@pytest.mark.parametrize("name", ["leaky_relu", "affine", "thresholded_relu", "scaled_tanh"])
+def test_names_whose_defaults_differ_between_frameworks_are_refused_bare(name):
+    """Keras's leaky_relu has slope 0.2, PyTorch's 0.01: a Dense or a file's bare name is refused, not guessed."""
+    with pytest.raises(ValueError, match="not supported"):
+        le.Dense(np.eye(2), activation=name)
+    layer(le.RNN, np.random.default_rng(10), nonlinearity={"name": name, "alpha": 0.3, "beta": 0.1})

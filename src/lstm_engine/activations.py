@@ -27,17 +27,18 @@ FIRST_GENERAL_CODE = CODES["affine"]
 ALIASES = {None: "linear", "identity": "linear", "none": "linear"}
 
 
-def canonical(name: str | None, what: str = "activation") -> str:
-    """The engine's name for an activation, or ValueError listing the supported ones."""
+def canonical(name: str | None, what: str = "activation", parameterised: bool = False) -> str:
+    """The engine's name for an activation, or ValueError listing the supported ones.
+
+    The activations that only recurrent layers' general gate loop runs (affine, leaky_relu, ...) are
+    accepted only with ``parameterised=True``: frameworks give those names different default parameters
+    (Keras's leaky_relu slope is 0.2, PyTorch's 0.01), so a bare name from a file is refused, never guessed.
+    """
     key = ALIASES.get(name, name)
-    if not isinstance(key, str) or key.lower() not in CODES:
-        raise ValueError(f"{what} {name!r} is not supported; expected one of {sorted(CODES)}")
+    known = CODES if parameterised else {k: v for k, v in CODES.items() if v < FIRST_GENERAL_CODE}
+    if not isinstance(key, str) or key.lower() not in known:
+        raise ValueError(f"{what} {name!r} is not supported; expected one of {sorted(known)}")
     return key.lower()
-
-
-def code(name: str | None, what: str = "activation") -> int:
-    """The kernel code of an activation name."""
-    return CODES[canonical(name, what)]
 
 
 def spec(value: Any, what: str = "activation") -> tuple[str, float, float]:
@@ -54,7 +55,7 @@ def spec(value: Any, what: str = "activation") -> tuple[str, float, float]:
         if value is None or extra:
             raise ValueError(f"{what}: expected a name or a dict with 'name' and optional 'alpha', 'beta', "
                              f"got {sorted(params) if value is not None else 'no name'}")
-    name = canonical(value, what)
+    name = canonical(value, what, parameterised=True)
     defaults = PARAMS.get(name)
     if defaults is None:
         if params:
