@@ -303,3 +303,12 @@ def test_a_causal_model_streams_step_by_step(tmp_path):
     session = model.session(batch_size=3)
     got = np.stack([session.step(x[:, t]) for t in range(7)], axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_operator_newer_than_the_models_opset_is_invalid(tmp_path):
+    node = helper.make_node("LayerNormalization", ["x", "s"], ["y"])
+    path = save(tmp_path, [node], [tensor("x", [2, 3])], [tensor("y", None)], [init("s", np.ones(3, np.float32))],
+                opset=16)
+    with pytest.raises(le.LoadError, match="not an operator of opset 16") as err:
+        le.load(path)
+    assert not isinstance(err.value, le.UnsupportedOpError)

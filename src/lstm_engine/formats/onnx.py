@@ -253,7 +253,6 @@ class _Converter:
         self.source = source
         self.opset = opset
         self.inferred = inferred
-        self.parent = parent
         self.scope = scope or _Scope()
         self.nodes: list[Node] = []
         self.constants: dict[str, np.ndarray] = {}
@@ -467,8 +466,10 @@ class _Converter:
         try:
             schema = defs.get_schema(node.op_type, self.opset, "")
         except Exception:
-            raise UnsupportedOpError(node.op_type, f"{self.source}: {self.where} (not defined at opset "
-                                     f"{self.opset})", supported_ops()) from None
+            if node.op_type not in _HANDLED:
+                raise UnsupportedOpError(node.op_type, f"{self.source}: {self.where}", supported_ops()) from None
+            raise self.error(f"{node.op_type} is not an operator of opset {self.opset} (the model's); "
+                             "the file is not valid ONNX") from None
         n_in, n_out = len(node.input), len(node.output)
         if not schema.min_input <= n_in <= schema.max_input or not schema.min_output <= n_out <= schema.max_output:
             raise self.error(f"{n_in} inputs and {n_out} outputs; {node.op_type} (opset {schema.since_version}) "
