@@ -232,3 +232,24 @@ def test_inputs_are_checked():
         model.run({})
     with pytest.raises(ValueError, match="without a lengths input"):
         model.forward(np.ones((2, 3), np.float32), lengths=[1, 1])
+
+
+def test_initial_state_and_threads_on_a_graph():
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    g = Graph([ValueInfo("x", "float", ["batch", "steps", 3])], ["y"],
+              [Node("Recurrent", ["x"], ["y", "h", "c"], {"layer": 0}, "lstm")], {}, [layer_from(lstm)])
+    model = le.Model(g, threads=1)
+    assert model.threads == 1 and model.recurrent_layers[0]._kernels[np.dtype(np.float32)].threads == 1
+    x = RNG.standard_normal((2, 5, 3)).astype(np.float32)
+    h0, c0 = (RNG.standard_normal((1, 2, 4)).astype(np.float32) for _ in range(2))
+    y, state = model.forward(x, initial_state=[(h0, c0)])
+    with torch.no_grad():
+        want, (h, c) = lstm(torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)))
+    np.testing.assert_allclose(y, want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(state[0][1], c.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match=r"initial_state\[0\] h: expected shape \(1, 'batch', 4\)"):
+        model.forward(x, initial_state=[(h0[:, :, :3], c0)])
+    # A session continues from a state set on it, as forward does from initial_state.
+    s = model.session(2)
+    s.state = [(h0, c0)]
+    np.testing.assert_allclose(s.feed(x), y, atol=1e-5)

@@ -100,6 +100,7 @@ REC = Node("Recurrent", ["x"], ["out", "h", "c"], {"layer": 0}, "lstm")
      "'pool' \\(ReduceMean\\).*pooling over time"),
     ([REC, Node("Softmax", ["out"], ["y"], {"axis": 1}, "attn")], {}, "along the time axis"),
     ([REC, Node("Slice", ["out"], ["y"], {"starts": [1], "ends": [9], "axes": [1]}, "sl")], {}, "slices the time"),
+    ([REC, Node("Shape", ["out"], ["y"], {}, "size")], {}, "reads the number of steps"),
     ([REC, Node("Squeeze", ["h"], ["h2"], {"axes": [0]}, "sq"), Node("Unsqueeze", ["h2"], ["h3"], {"axes": [1]}, "u"),
       Node("Add", ["out", "h3"], ["y"], {}, "mix")], {}, "'mix' \\(Add\\).* combines a final state"),
     ([REC, Node("Transpose", ["out"], ["o2"], {"perm": [0, 2, 1]}, "t"),
@@ -134,6 +135,22 @@ def test_bidirectional_and_initial_state_are_refused():
               [Node("Recurrent", ["x", "", "h0"], ["y", "h", "c"], {"layer": 0}, "lstm")], {}, [lstm(4, 6)])
     with pytest.raises(ValueError, match="starts from a given initial state"):
         le.Model(g).session()
+
+
+def test_a_zero_initial_state_built_in_the_graph_streams():
+    """h0 = zeros expanded to the batch (what `torch.zeros(1, x.size(0), H)` in a forward becomes)."""
+    nodes = [Node("Shape", ["x"], ["xs"], {"start": 0, "end": 1}, "batch_size"),
+             Node("Expand", ["zero"], ["h0"], {"shape": [1, 2, 6]}, "zeros"),
+             Node("Recurrent", ["x", "", "h0", "h0"], ["y", "h", "c"], {"layer": 0}, "lstm")]
+    g = Graph([ValueInfo("x", "float", ["batch", "steps", 4])], ["y"], nodes,
+              {"zero": np.zeros((1, 1, 1), np.float32)}, [lstm(4, 6)])
+    model = le.Model(g)
+    x = RNG.standard_normal((2, 5, 4)).astype(np.float32)
+    s = model.session(2)
+    np.testing.assert_allclose(np.stack([s.step(x[:, t]) for t in range(5)], 1), model.forward(x)[0], **F32)
+    g.constants["zero"] = np.ones((1, 1, 1), np.float32)
+    with pytest.raises(ValueError, match="starts from a given initial state"):
+        le.Model(g).session(2)
 
 
 def test_input_without_a_time_axis_is_refused():

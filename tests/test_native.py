@@ -239,3 +239,16 @@ def test_folding_a_huge_constant_is_refused(tmp_path):
     with pytest.raises(le.LoadError, match="Tile: the result would have"):
         le.load(_graph_file(tmp_path, edit))
 
+
+
+def test_graph_file_loads_in_float64(tmp_path):
+    model = graph_model()
+    path = tmp_path / "g.safetensors"
+    le.save(model, path)
+    wide = le.load(path, dtype=np.float64)
+    assert wide.dtypes == (np.dtype(np.float64),)
+    x = np.random.default_rng(3).standard_normal((2, 4, 4))
+    (z, (h, out)), _ = wide.forward((x, np.array(True)))
+    assert z.dtype == h.dtype == out.dtype == np.float64
+    (z32, _), _ = model.forward((x.astype(np.float32), np.array(True)))
+    np.testing.assert_allclose(z, z32, rtol=1e-4, atol=1e-5)

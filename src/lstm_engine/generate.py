@@ -75,6 +75,9 @@ def sample(scores: np.ndarray, temperature: float, top_k: int | None, top_p: flo
 
 def check_language_model(model: Any, output_size: int | None) -> bool:
     """Raise ValueError unless the model maps token ids to scores over those ids; True if the scores are probabilities."""
+    if not model.is_chain:
+        raise ValueError("generate: the model must be a chain of layers from token ids to scores "
+                         "(Embedding -> recurrent layers -> Dense); feed a graph model with session.step")
     if not model.takes_ids:
         raise ValueError("generate: the model must start with an Embedding (token ids in) and end in logits")
     vocab = model.layers[0].num_embeddings
@@ -99,9 +102,6 @@ def generate_tokens(session: Any, prompt_ids: Any, max_new_tokens: Any, temperat
                     top_p: Any, seed: Any) -> Iterator:
     """Validate everything now, then return the lazy iterator of sampled ids (see Session.generate)."""
     model = session.model
-    if not model.is_chain:
-        raise ValueError("generate: the model must be a chain of layers from token ids to scores "
-                         "(Embedding -> recurrent layers -> Dense); feed a graph model with session.step")
     log_probs = check_language_model(model, session.output_size)
     n, temp, k, p, rng = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     B = session.batch_size

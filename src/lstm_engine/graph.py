@@ -16,17 +16,20 @@ Contract (shared by the loaders: torch export, ONNX, the engine's file, chains o
   value is defined once (a graph input, a constant, or one node's output) before any node reads it.
 - ``ValueInfo.dtype`` is ``"float"`` (the dtype the model runs in: float32 or float64), ``"int64"``,
   ``"int32"`` or ``"bool"``; ``shape`` gives per dim an int, a name (str) or None. The dim named
-  ``"steps"`` is the time axis: sessions stream over it. ``optional=True`` marks an input a caller may
+  ``"steps"`` is the time axis: sessions stream over it (a graph input without one cannot stream); a dim
+  named ``"batch"`` must equal a session's batch size. ``optional=True`` marks an input a caller may
   leave out (it then reads as omitted, ``""``, wherever it is used).
 - ``constants`` are arrays (float ones are cast to the running dtype once); ``layers`` the
   LSTM/GRU/RNN (or other engine layer) objects the engine ops use by index.
 - ``output_structure`` nests indices into ``outputs`` as the source returned them: 0, (0, 1), [0, (1, 2)].
+- Constant subgraphs are folded once when the graph is compiled; a fold (or an Expand/Tile/Pad at run time)
+  over ``ops.MAX_ELEMENTS`` elements is refused, so a model file cannot ask for terabytes.
 
 ``Recurrent`` {layer: k}: inputs [x (B, T, I) float, lengths (B,) int or "", h0 (D, B, P) or "", c0
 (D, B, H) or "" (LSTM only)], outputs [y (B, T, D*P), h_n (D, B, P)] + [c_n (D, B, H)] for LSTM. Directions
 are concatenated on y's last axis, each at its own timestep; with lengths, row b runs on its first
 lengths[b] steps (packed semantics: outputs past them are 0, the states are taken at the row's last
-valid step). A layer built with Keras options (go_backwards, return_sequences=False, merge_mode) applies
+valid step; a row of length 0 gives zero outputs and zero final states, as onnxruntime does). A layer built with Keras options (go_backwards, return_sequences=False, merge_mode) applies
 them to y as ``RecurrentLayer.arrange`` does. An optional fifth input is a Keras mask (B, T) bool, and an
 optional extra output the mask that follows the layer (chains of Keras layers only).
 

@@ -238,7 +238,11 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
             if om >= 0:
                 mask = env[im] if im >= 0 else None
                 if mask_zero:
-                    mask = ids != 0 if mask is None else mask & (ids != 0)
+                    valid = call.alloc(pos + 1, ids.shape, np.bool_)
+                    np.not_equal(ids, 0, out=valid)
+                    if mask is not None:
+                        valid &= mask
+                    mask = valid
                 env[om] = mask
         return step
     if isinstance(layer, Dense):
@@ -329,8 +333,8 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
         state = call.states[k]
         if state is None:
             state = call.states[k] = initial(env, B)
-        if plain and call.record is None and call.started is None:
-            # The common case (chains, sessions): no lengths, no mask, nothing to arrange.
+        record = call.record
+        if record is None:
             frame = call.frame
             raw = None if frame is None else frame[pos]
             if raw is None or raw.shape != (B, T, width):
@@ -339,6 +343,8 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
             work = None if frame is None else frame[pos + 1]
             if work is None:
                 work = call.alloc(pos + 1, (kernel.work_size(B, T),), dtype)
+        if plain and record is None and call.started is None:
+            # The common case (chains, sessions): no lengths, no mask, nothing to arrange.
             kernel.run(x, raw, state[0], state[-1], None, work, zero_output)
             env[oy] = raw
             for o, j in state_outs:
@@ -352,16 +358,15 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
             packed = np.arange(T) < lengths[:, None]
             valid = packed if valid is None else valid & packed
         if valid is not None:
-            kmask = np.ascontiguousarray(valid, dtype=np.uint8)
+            kmask = valid.view(np.uint8) if valid.dtype == np.bool_ and valid.flags.c_contiguous else \
+                np.ascontiguousarray(valid, dtype=np.uint8)
         zero_masked = lengths is not None or zero_output
-        if call.record is not None:
+        if record is not None:
             from .gates import run_layer
 
             raw, trace = run_layer(layer, x, kmask, state, zero_masked)
-            call.record.append((layer, trace))
+            record.append((layer, trace))
         else:
-            raw = call.alloc(pos, (B, T, width), dtype)
-            work = call.alloc(pos + 1, (kernel.work_size(B, T),), dtype)
             if call.started is not None:
                 _run_masked(kernel, x, raw, state, kmask, work, zero_masked, call.started[k], B, T)
             else:

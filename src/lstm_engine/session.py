@@ -122,6 +122,7 @@ class Session:
         self.output_size = model.output_size if self._chain else None
         self._out_shape = (B, self.output_size)
         self._out_ok = None  # the last out= buffer that passed the checks
+        self._out_steps = (None, None)  # the last step output and its (B, 1, out) view, which the plan writes
         self._max_steps = self._streamer.max_steps
         self._one_row = B == 1
         fast = self._fast_plan()
@@ -231,7 +232,11 @@ class Session:
             else:
                 x = self._check_floats(x, 2)
             x = x[None] if self._one_row else x[:, None]
-            self._run_chain(x, out[:, None])
+            known, out3 = self._out_steps
+            if known is not out:
+                out3 = out[:, None]
+                self._out_steps = (out, out3)
+            self._run_chain(x, out3)
             return out
         finally:
             self._give_token(True)

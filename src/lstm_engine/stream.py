@@ -123,7 +123,7 @@ def _rule(node: Node, graph: Graph, t: list, r: list) -> list[tuple[Any, int | N
         if t[0] != 1 or r[0] != 3:
             raise _NotCausal("reads a value whose time axis is not axis 1 of (batch, steps, features)")
         for j, name in ((2, "h0"), (3, "c0")):
-            if len(node.inputs) > j and node.inputs[j]:
+            if len(node.inputs) > j and node.inputs[j] and not _zeros(graph, node.inputs[j]):
                 raise _NotCausal(f"starts from a given initial state ({name}); a session starts from zeros "
                                  "and carries its own state")
         if len(node.inputs) > 1 and node.inputs[1] and not _optional_input(graph, node.inputs[1]):
@@ -143,6 +143,26 @@ def _rule(node: Node, graph: Graph, t: list, r: list) -> list[tuple[Any, int | N
         return [(FINAL, rk) for rk in _ranks(op, a, r, n_out)]
     out_ranks = _ranks(op, a, r, n_out)
     return [(axis, rk) for axis, rk in zip(_time_rule(op, a, t, r, out_ranks, graph, node), out_ranks)]
+
+
+# Ops that make zeros from zeros, whatever their other inputs and attributes.
+_KEEP_ZEROS = {"Expand", "Tile", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Identity", "Cast", "Concat",
+               "Slice", "Gather", "Flatten"}
+
+
+def _zeros(graph: Graph, name: str, depth: int = 0) -> bool:
+    """Whether a value is all zeros whatever the input (a zero initial state a forward builds itself)."""
+    if name in graph.constants:
+        return not graph.constants[name].any()
+    node = next((n for n in graph.nodes if name in n.outputs), None)
+    if node is None or depth > 16:
+        return False
+    if node.op == "ConstantOfShape":
+        return float(node.attrs.get("value", 0.0)) == 0.0
+    if node.op in _KEEP_ZEROS:
+        data = node.inputs[:1] if node.op in ("Gather", "Slice") else [i for i in node.inputs if i]
+        return all(_zeros(graph, i, depth + 1) for i in data)
+    return False
 
 
 def _optional_input(graph: Graph, name: str) -> bool:
@@ -218,6 +238,11 @@ def _time_rule(op: str, a: dict, t: list, r: list, out_ranks: list, graph: Graph
         if op == "Einsum":
             return [_einsum_time(a["equation"], t, r)]
         raise _NotCausal("reads the time axis in a way that mixes steps")
+    if op == "Shape":
+        start, end = a["start"], a["end"]
+        if r0 is None or t0 in range(r0)[slice(start, end)]:
+            raise _NotCausal("reads the number of steps, which differs between a chunk and the whole sequence")
+        return [None]  # sizes of other axes (the batch) are the same in every chunk
     if op in ("Softmax", "LogSoftmax", "ArgMax"):
         if _norm(a["axis"], r0) == t0:
             raise _NotCausal("acts along the time axis")
