@@ -153,6 +153,21 @@ def test_a_zero_initial_state_built_in_the_graph_streams():
         le.Model(g).session(2)
 
 
+def test_the_time_axis_of_an_unnamed_input_is_proved_from_the_graph():
+    """An ONNX file names its dims itself ("seq", "N"): the axis that reaches the recurrent layer's steps is time."""
+    g = time_major_graph()
+    g.inputs[0] = ValueInfo("x", "float", ["seq", "N", 3])
+    model = le.Model(g)
+    x = RNG.standard_normal((6, 2, 3)).astype(np.float32)
+    s = model.session(2)
+    got = np.stack([s.step(x[t]) for t in range(6)])
+    np.testing.assert_allclose(got, model.forward(x)[0], **F32)
+    bi = le.LSTM(w(2, 24, 4), w(2, 24, 6))
+    g = Graph([ValueInfo("x", "float", ["N", "seq", 4])], ["out"], [REC], {}, [bi])
+    with pytest.raises(ValueError, match="is bidirectional"):
+        le.Model(g).session()
+
+
 def test_input_without_a_time_axis_is_refused():
     g = Graph([ValueInfo("x", "float", ["batch", 4])], ["y"], [Node("Relu", ["x"], ["y"], {}, "r")])
     with pytest.raises(ValueError, match="no axis named 'steps'"):

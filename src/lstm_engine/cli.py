@@ -951,7 +951,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         session = model.session(B)
         first = x if not isinstance(x, tuple) else x[0]
-        axis = 1 if model.is_chain else next(v.time_axis for v in model.graph.inputs if not v.optional)
+        axis = session._streamer.inputs[0][1]
         columns = [np.ascontiguousarray(np.take(first, t, axis=axis)) for t in range(T)]
         if isinstance(x, tuple):
             raise UserError("bench: streaming a model of several inputs is not timed here")

@@ -16,7 +16,8 @@ Contract (shared by the loaders: torch export, ONNX, the engine's file, chains o
   value is defined once (a graph input, a constant, or one node's output) before any node reads it.
 - ``ValueInfo.dtype`` is ``"float"`` (the dtype the model runs in: float32 or float64), ``"int64"``,
   ``"int32"`` or ``"bool"``; ``shape`` gives per dim an int, a name (str) or None. The dim named
-  ``"steps"`` is the time axis: sessions stream over it (a graph input without one cannot stream); a dim
+  ``"steps"`` is the time axis: sessions stream over it (for one input without it, sessions take the axis
+  that the graph carries to its recurrent layers' steps, proved op by op in ``stream.time_axes``); a dim
   named ``"batch"`` must equal a session's batch size. ``optional=True`` marks an input a caller may
   leave out (it then reads as omitted, ``""``, wherever it is used).
 - ``constants`` are arrays (float ones are cast to the running dtype once); ``layers`` the

@@ -46,19 +46,47 @@ class _NotCausal(Exception):
 
 
 def time_axes(model: Any, what: str = "model.session()") -> dict[str, Any]:
-    """Per value name: its time axis (int), None (no time dependence) or FINAL; ValueError if it cannot stream."""
+    """Per value name: its time axis (int), None (no time dependence) or FINAL; ValueError if it cannot stream.
+
+    A graph input's time axis is the dim it names "steps". Where one input names none (an ONNX file's own
+    dim names), each of its axes of open size is tried: the one axis with which the graph proves causal up
+    to its recurrent layers (they step along axis 1 of their input) is its time axis.
+    """
+    graph = model.graph
+    fed = [info for info in graph.inputs if not info.optional]
+    unnamed = [info for info in fed if info.time_axis is None]
+    if len(unnamed) == 1 and any(n.op == "Recurrent" for n in graph.nodes):
+        info = unnamed[0]
+        found, errors = [], []
+        for axis, dim in enumerate(info.shape):
+            if isinstance(dim, int):
+                continue
+            try:
+                found.append(_time_axes(model, what, {info.name: axis}))
+            except ValueError as exc:
+                errors.append(str(exc))
+        if len(found) == 1:
+            return found[0]
+        # None proved causal: say why with the axis that reached furthest (past the recurrent layers' input).
+        reasons = [e for e in errors if "time axis is not axis 1" not in e and "no axis named" not in e]
+        if not found and reasons:
+            raise ValueError(reasons[0])
+    return _time_axes(model, what, {})
+
+
+def _time_axes(model: Any, what: str, chosen: dict[str, int]) -> dict[str, Any]:
     graph = model.graph
     axes: dict[str, Any] = {}
     ranks: dict[str, int | None] = {}
     for info in graph.inputs:
         if not info.optional:
-            axes[info.name] = info.time_axis
+            axes[info.name] = chosen.get(info.name, info.time_axis)
             ranks[info.name] = len(info.shape)
     for name, value in graph.constants.items():
         axes[name], ranks[name] = None, value.ndim
     _walk(graph, model, axes, ranks, what)
     for info in graph.inputs:
-        if not info.optional and info.time_axis is None:
+        if not info.optional and axes[info.name] is None:
             raise ValueError(f"{what}: input {info.name!r} has no axis named 'steps', so there is nothing to stream "
                              "over (use model.forward)")
     return axes
@@ -393,7 +421,7 @@ class Streamer:
         self.axes = time_axes(model, what)
         graph = model.graph
         self.plan = plan = model.plan(dtype)
-        self.inputs = [(i, v.time_axis) for i, v in enumerate(graph.inputs) if not v.optional]
+        self.inputs = [(i, self.axes[v.name]) for i, v in enumerate(graph.inputs) if not v.optional]
         self.n_inputs = len(graph.inputs)
         self.output_axes = [self.axes.get(name) for name in graph.outputs]
         self.masked = any(len(n.inputs) == 5 for n in plan.recurrent)
