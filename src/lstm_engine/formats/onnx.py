@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import ops as _ops
 from ..errors import LoadError, UnsupportedOpError
-from ..graph import TIME, Graph, Node, ValueInfo
+from ..graph import Graph, Node, ValueInfo
 from ..gru import GRU
 from ..lstm import LSTM
 from ..model import Model
@@ -245,43 +245,6 @@ def supported_ops() -> list[str]:
     return list(_HANDLED)
 
 
-def _name_time_axis(inputs: list[ValueInfo], nodes: list[Node]) -> None:
-    """Name an input's axis TIME ("steps", what sessions stream over) when the file did not and it provably is
-    the time axis of the recurrent nodes: the one input axis that reaches their x through Transposes only.
-
-    Exporters name that axis as they like ("seq", "sequence", or not at all); only a size the file leaves
-    open is renamed (with every input dim of the same name), and nothing when an input already has a TIME axis.
-    """
-    if any(TIME in info.shape for info in inputs):
-        return
-    by_name = {info.name: info for info in inputs}
-    producer = {o: n for n in nodes for o in n.outputs if o}
-    found = set()
-    for node in nodes:
-        if node.op != "Recurrent":
-            continue
-        name, axis = node.inputs[0], 1
-        while name not in by_name:
-            p = producer.get(name)
-            perm = p.attrs.get("perm") if p is not None and p.op == "Transpose" else None
-            if p is None or p.op not in ("Transpose", "Identity") or (p.op == "Transpose" and
-                                                                     (perm is None or axis >= len(perm))):
-                break
-            axis = perm[axis] if p.op == "Transpose" else axis
-            name = p.inputs[0]
-        else:
-            shape = by_name[name].shape
-            if axis < len(shape) and not isinstance(shape[axis], int):
-                found.add((name, axis))
-    if len(found) != 1:
-        return
-    name, axis = found.pop()
-    dim = by_name[name].shape[axis]
-    for info in inputs:
-        info.shape = [TIME if (d == dim and dim is not None) or (info.name == name and k == axis) else d
-                      for k, d in enumerate(info.shape)]
-
-
 class _Converter:
     """Walks an ONNX graph once, folding what the file alone determines and emitting the rest as engine nodes."""
 
@@ -345,7 +308,6 @@ class _Converter:
             self.convert(node)
         outputs = self._outputs([o.name for o in g.output])
         self.where = "graph"
-        _name_time_axis(inputs, self.nodes)
         return Graph(inputs, outputs, self.nodes, self.constants, self.layers, None, {})
 
     def _reserve(self, g: Any, depth: int = 0) -> None:
