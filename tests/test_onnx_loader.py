@@ -1,6 +1,8 @@
 """The ONNX reader around the recurrent operators: If, folding, refusals, and hostile files."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -312,3 +314,21 @@ def test_an_operator_newer_than_the_models_opset_is_invalid(tmp_path):
     with pytest.raises(le.LoadError, match="not an operator of opset 16") as err:
         le.load(path)
     assert not isinstance(err.value, le.UnsupportedOpError)
+
+
+def test_an_exported_model_streams_whatever_the_exporter_called_its_time_axis(tmp_path):
+    torch = pytest.importorskip("torch")
+    from test_onnx_torch_export import HeadFirst
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(HeadFirst().eval(), (torch.randn(2, 5, 4),), str(path), input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n", 1: "seq"}}, dynamo=False)
+    model = le.load(path)
+    assert model.graph.inputs[0].shape == ["n", "seq", 4]  # the file's own names are kept
+    x = RNG.standard_normal((2, 6, 4)).astype(np.float32)
+    session = model.session(batch_size=2)
+    got = np.stack([session.step(x[:, t]) for t in range(6)], axis=1)
+    np.testing.assert_allclose(got, model.run({"x": x})["y"], rtol=1e-6, atol=1e-6)
