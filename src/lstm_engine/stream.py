@@ -430,8 +430,9 @@ class Streamer:
         self.frames: dict[tuple, list] = {}  # per input shapes, the nodes' buffers
         self.single = len(self.inputs) == 1  # then the one fed input's shape is the key
         self.first = self.inputs[0][0] if self.inputs else 0
-        self.kernels = [model.graph.layers[n.attrs["layer"]]._kernels[dtype] for n in plan.recurrent]
-        widths = [plan.graph.layers[n.attrs["layer"]].output_size * 4 for n in plan.recurrent]
+        # recurrent_layers follow plan.recurrent, If branches included.
+        self.kernels = [layer._kernels[dtype] for layer in model.recurrent_layers]
+        widths = [layer.output_size * 4 for layer in model.recurrent_layers]
         if model.is_chain:
             widths += [layer.output_size or 0 for layer in model.layers]
         widest = max([rows * w for w in widths] + [k.work_size(rows, 1) for k in self.kernels] + [1])
