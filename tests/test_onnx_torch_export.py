@@ -72,6 +72,18 @@ class Pooling(nn.Module):
         return self.fc(torch.cat([out.mean(dim=1), out.max(dim=1)[0], out.sum(1)], dim=-1))
 
 
+class LengthMean(nn.Module):
+    """A mean written as a sum over the run-time length: Shape -> Gather -> Cast(float) -> Div."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return out.sum(1) / out.size(1)
+
+
 class ResidualLN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -248,6 +260,7 @@ MODULES = {
     "h_n[-1] of a bidirectional stack, and c_n": (FinalHidden, floats(4)),
     "bidirectional GRU states concatenated": (BiGRUConcat, floats(4)),
     "mean, max and sum pooling": (Pooling, floats(4)),
+    "sum over steps divided by the run-time length": (LengthMean, floats(4)),
     "residual LSTMs with LayerNorm": (ResidualLN, floats(4)),
     "softmax heads on a relu RNN": (SoftmaxHeads, floats(4)),
     "batch_first=False with transposes": (TimeMajor, floats(4)),

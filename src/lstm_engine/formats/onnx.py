@@ -668,7 +668,7 @@ class _Converter:
         x = ins[0]
         if isinstance(x, _Sym) and not x.known and to in (_INT64, _INT32):
             return [x]  # sizes stay sizes
-        if isinstance(x, (np.ndarray, _Sym)):
+        if isinstance(x, np.ndarray) or (isinstance(x, _Sym) and x.known):
             if to not in _NUMPY:
                 raise self.error(f"Cast to element type {to}")
             with np.errstate(all="ignore"):  # float to int truncates toward zero, as ONNX does
