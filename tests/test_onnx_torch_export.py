@@ -84,6 +84,27 @@ class LengthMean(nn.Module):
         return out.sum(1) / out.size(1)
 
 
+class Packed(nn.Module):
+    """pack_padded_sequence / pad_packed_sequence: ONNX's sequence_lens from a run-time input."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)  # sorted, longest first
+        out, (h, _) = self.rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.fc(out), h
+
+
+def sorted_lengths(B, T):
+    lengths = torch.sort(torch.randint(1, T + 1, (B,)), descending=True)[0]
+    lengths[0] = T
+    return torch.randn(B, T, 4), lengths
+
+
 class ResidualLN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -261,6 +282,7 @@ MODULES = {
     "bidirectional GRU states concatenated": (BiGRUConcat, floats(4)),
     "mean, max and sum pooling": (Pooling, floats(4)),
     "sum over steps divided by the run-time length": (LengthMean, floats(4)),
+    "packed sequences (sorted lengths)": (Packed, sorted_lengths),
     "residual LSTMs with LayerNorm": (ResidualLN, floats(4)),
     "softmax heads on a relu RNN": (SoftmaxHeads, floats(4)),
     "batch_first=False with transposes": (TimeMajor, floats(4)),
@@ -287,7 +309,7 @@ def export(module, inputs, path, dynamic=True, opset=None):
     axes = None
     if dynamic:
         axes = {n: {0: "batch", 1: "steps"} for n in names[:1]}
-        axes.update({n: {1: "batch"} for n in names[1:]})
+        axes.update({n: {1 if t.dim() > 1 else 0: "batch"} for n, t in zip(names[1:], inputs[1:])})
         axes.update({o: {0: "batch"} for o in outputs})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
