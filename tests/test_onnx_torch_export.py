@@ -105,6 +105,19 @@ def sorted_lengths(B, T):
     return torch.randn(B, T, 4), lengths
 
 
+class SizeSlices(nn.Module):
+    """Slice bounds computed from the run-time length: the same bounds counted from the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 8, batch_first=True)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        T = x.size(1)
+        return out[:, :T - 1] - out[:, 1:], out[:, T - 2:].mean(1), out[:, : T + 3].sum(1)
+
+
 class ResidualLN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -283,6 +296,7 @@ MODULES = {
     "mean, max and sum pooling": (Pooling, floats(4)),
     "sum over steps divided by the run-time length": (LengthMean, floats(4)),
     "packed sequences (sorted lengths)": (Packed, sorted_lengths),
+    "slice bounds from the run-time length": (SizeSlices, floats(4)),
     "residual LSTMs with LayerNorm": (ResidualLN, floats(4)),
     "softmax heads on a relu RNN": (SoftmaxHeads, floats(4)),
     "batch_first=False with transposes": (TimeMajor, floats(4)),

@@ -787,8 +787,9 @@ class _Converter:
         if self.opset < 10:
             params = {"starts": attrs.get("starts"), "ends": attrs.get("ends"), "axes": attrs.get("axes")}
         else:
-            params = {"starts": self.ints_input(ins[1], "starts"), "ends": self.ints_input(ins[2], "ends"),
-                      "axes": self.ints_input(ins[3] if len(ins) > 3 else None, "axes", False),
+            axes = self.ints_input(ins[3] if len(ins) > 3 else None, "axes", False)
+            params = {"starts": self.slice_bounds(ins[0], ins[1], "starts", axes),
+                      "ends": self.slice_bounds(ins[0], ins[2], "ends", axes), "axes": axes,
                       "steps": self.ints_input(ins[4] if len(ins) > 4 else None, "steps", False)}
         x = ins[0]
         if isinstance(x, _Sym) and not x.known and not x.scalar:
@@ -798,6 +799,49 @@ class _Converter:
         if isinstance(x, _Fill) and all(isinstance(d, int) for d in x.shape) is False:
             return [self.slice_fill(x, params)]
         return self.run_or_fold(node, "Slice", [x], params)
+
+    def slice_bounds(self, x: Any, v: Any, what: str, axes: list[int] | None) -> list[int]:
+        """Slice starts or ends; a bound written as the sliced axis's own run-time size plus k (x.size(1) - 1)
+        is the same bound as k counted from the end (k < 0), or the end itself (k >= 0)."""
+        if not (isinstance(v, _Sym) and not v.known):
+            return self.ints_input(v, what)
+        shape = self.shape_of(x) or []
+        axes = list(range(len(v.dims))) if axes is None else axes
+        out = []
+        for d, a in zip(v.dims, axes):
+            if isinstance(d, int):
+                out.append(d)
+                continue
+            name, k = d if isinstance(d, tuple) else (d, 0)
+            if not (-len(shape) <= a < len(shape) and shape[a] == name):
+                raise self.error(f"input {what!r} depends on a size known only at run time ({name}) that is not "
+                                 "the sliced axis's own")
+            out.append(k if k < 0 else 1 << 62)
+        return out
+
+    def offset(self, node: Any, ins: list, sign: int) -> list | None:
+        """size ± k as a _Sym of (name, k) entries, when one side is a run-time size and the other an integer
+        constant; None otherwise."""
+        a, b = ins
+        if sign > 0 and isinstance(a, np.ndarray):
+            a, b = b, a
+        if not (isinstance(a, _Sym) and not a.known and isinstance(b, np.ndarray) and b.dtype.kind in "iu"
+                and b.size == 1):
+            return None
+        k = sign * int(b.reshape(-1)[0])
+
+        def shifted(d: Any) -> Any:
+            if isinstance(d, int):
+                return d + k
+            name, j = d if isinstance(d, tuple) else (d, 0)
+            return (name, j + k) if j + k else name
+        return [self.sym([shifted(d) for d in a.dims], a.scalar, node.op_type, ins, {})]
+
+    def op_Add(self, node: Any, ins: list, attrs: dict) -> list:
+        return self.offset(node, ins, 1) or self.direct(node, ins, attrs)
+
+    def op_Sub(self, node: Any, ins: list, attrs: dict) -> list:
+        return self.offset(node, ins, -1) or self.direct(node, ins, attrs)
 
     def slice_fill(self, x: _Fill, params: dict) -> _Fill:
         """Slicing a filled tensor of run-time size: along known axes only (torch's zero initial states)."""
