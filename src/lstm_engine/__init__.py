@@ -6,7 +6,7 @@
 """
 from . import activations
 from .errors import LoadError, UnsafeModelError
-from .formats import load
+from .formats import load, load_state_dict
 from .formats.keras import from_keras
 from .formats.native import save
 from .formats.torch import from_torch
@@ -40,5 +40,6 @@ __all__ = [
     "from_keras",
     "from_torch",
     "load",
+    "load_state_dict",
     "save",
 ]
