@@ -453,6 +453,28 @@ def test_legacy_weights_with_another_count_are_not_paired(tmp_path, tf2_model):
         read_keras(tmp_path / "w.h5", config=_tf2_sequential_config())
 
 
+def test_cudnn_lstm_weights_refused(tmp_path, tf2_model):
+    # Keras 2's CuDNNLSTM stores two biases per gate (8 * units values).
+    groups = _tf2_groups(tf2_model, "keras22")
+    name, bias = groups[0][1][2]
+    groups[0][1][2] = (name, np.concatenate([bias, bias]))
+    _write_legacy_h5(tmp_path / "cudnn.h5", _tf2_sequential_config(), groups)
+    with pytest.raises(LoadError, match=r"cudnn\.h5: layer 'lstm' tensor 'bias': 32 values, two per gate and unit: "
+                                        r"weights of a Keras 2 CuDNNLSTM layer"):
+        read_keras(tmp_path / "cudnn.h5")
+
+
+def test_unknown_layers_named_before_the_graph_shape(tmp_path):
+    inp = keras.Input((6, 3))
+    a = L.LSTM(4, return_sequences=True, name="a")(inp)
+    b = L.LSTM(4, return_sequences=True, name="b")(a)
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling1D(name="pool")(L.Add(name="sum")([a, b]))))
+    model.save(tmp_path / "branch.keras")
+    with pytest.raises(LoadError, match=r"branch\.keras: layer 'sum' \(Add\), layer 'pool' \(GlobalAveragePooling1D\): "
+                                        r"Keras layer classes not supported, and the model is not a chain .*'a' branches"):
+        read_keras(tmp_path / "branch.keras")
+
+
 def test_tf_keras_2_functional_with_tf_op_lambda_mask(tmp_path, tf2_model):
     lstm_weights = _tf2_groups(tf2_model, "tf2")[0][1]
     lstm = _rnn_config("LSTM", "lstm", 4, return_sequences=True)

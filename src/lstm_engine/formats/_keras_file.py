@@ -1063,6 +1063,12 @@ def _check_recurrent(class_name, cfg, weights, prefix, in_dim, path, layer) -> i
             shape = (2, width) if cfg["reset_after"] else (width,)
         else:
             shape = (width,)
+        if weights[prefix + "bias"].shape == (2 * width,) and shape == (width,):
+            # Keras 2's CuDNNLSTM/CuDNNGRU keep input and recurrent biases apart and lay their kernels out for cuDNN.
+            raise LoadError(
+                f"{path}: layer '{layer}' tensor '{prefix}bias': {2 * width} values, two per gate and unit: weights "
+                f"of a Keras 2 CuDNN{class_name} layer, which are not supported (expected shape ({width},))"
+            )
         _expect(weights, prefix + "bias", shape, path, layer)
     return units
 
@@ -1164,9 +1170,10 @@ def _build_spec(path, model_config, store, keras_version, backend, source_format
             unknown = [e for e in layer_entries if e["class_name"] not in _KNOWN_LAYERS]
             if not unknown:
                 raise
+            named = ", ".join(f"layer '{_entry_name(e, path)}' ({e['class_name']})" for e in unknown)
             raise LoadError(
-                f"{path}: layer '{_entry_name(unknown[0], path)}': Keras layer class {unknown[0]['class_name']!r} "
-                f"is not supported, and the model is not a chain of supported layers ({exc})"
+                f"{path}: {named}: Keras layer class{'es' if len(unknown) > 1 else ''} not supported, and the model "
+                f"is not a chain of supported layers ({exc})"
             ) from exc
 
     input_shape, input_dtype = _input_info(model_class, body, ordered)
