@@ -1,27 +1,24 @@
 """g2p-en 2.1.0: a GRU encoder and a greedy GRU decoder (checkpoint20.npz) against the package's own NumPy code.
 
-The reference is g2p-en's own ``G2p`` class, compiled from the wheel's ``g2p_en/g2p.py`` without running that module
-(its top level imports nltk and downloads corpora): its methods ``load_variables``, ``sigmoid``, ``grucell``, ``gru``,
-``encode`` and ``predict`` are taken from the file's syntax tree as written, with the vocabulary assignments of its
-``__init__`` (graphemes, phonemes and their index maps); the CMU dictionary lookup around them is left out, so every
-word goes through the network, as the out-of-vocabulary path does. The word list is the package's homographs file.
+The reference is g2p-en's own ``G2p`` methods compiled from the wheel's ``g2p_en/g2p.py`` without running that module
+(packages.g2p_en says which); every word of the package's homograph list goes through the network.
 """
 
 from __future__ import annotations
 
-import ast
 import os
-import warnings
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import packages
 import pytest
 
 import lstm_engine as le
 
 pytestmark = pytest.mark.zoo
 
-_METHODS = {"load_variables", "sigmoid", "grucell", "gru", "encode", "predict"}
-_VOCABULARY = {"graphemes", "phonemes", "g2idx", "idx2g", "p2idx", "idx2p"}
 EOS, SOS, UNK = 3, 2, 1  # phoneme </s>, phoneme <s>, grapheme <unk>
 MAX_STEPS = 20  # g2p-en's predict stops after 20 phonemes
 
@@ -29,28 +26,6 @@ MAX_STEPS = 20  # g2p-en's predict stops after 20 phonemes
 @pytest.fixture(scope="module")
 def package(zoo):
     return zoo("g2p-en", "2.1.0") / "g2p_en"
-
-
-def reference(folder):
-    """g2p-en's G2p with its own NumPy methods, compiled from its source (see the module docstring)."""
-    path = folder / "g2p.py"
-    with warnings.catch_warnings():  # its regular expressions have escapes Python now warns about
-        warnings.simplefilter("ignore", DeprecationWarning)
-        tree = ast.parse(path.read_text(encoding="utf8"), str(path))
-    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "G2p")
-    methods = [node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name in _METHODS]
-    assert {m.name for m in methods} == _METHODS
-    init = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
-    vocabulary = [node for node in init.body if isinstance(node, ast.Assign)
-                  and all(isinstance(t, ast.Attribute) and t.attr in _VOCABULARY for t in node.targets)]
-    assert len(vocabulary) == len(_VOCABULARY)
-    namespace = {"np": np, "os": os, "dirname": str(folder)}
-    body = ast.Module([ast.ClassDef("G2p", [], [], methods, [])], [])
-    exec(compile(ast.fix_missing_locations(body), str(path), "exec"), namespace)
-    g2p = namespace["G2p"]()
-    exec(compile(ast.Module(vocabulary, []), str(path), "exec"), {"self": g2p})
-    g2p.load_variables()
-    return g2p
 
 
 def engine_models(folder):
@@ -62,12 +37,6 @@ def engine_models(folder):
                         le.GRU(w["dec_w_ih"], w["dec_w_hh"], w["dec_b_ih"], w["dec_b_hh"]),
                         le.Dense(w["fc_w"], w["fc_b"])])
     return encoder, decoder
-
-
-def words(folder) -> list[str]:
-    lines = (folder / "homographs.en").read_text(encoding="utf8").splitlines()
-    return [line.split("|")[0].lower() for line in lines if line and not line.startswith("#")] + [
-        "activationist", "lstm", "zyxw", "o'neill", "x"]
 
 
 def greedy(decoder, h: np.ndarray) -> list[int]:
@@ -85,9 +54,9 @@ def greedy(decoder, h: np.ndarray) -> list[int]:
 
 
 def test_g2p_en_phonemes_identical_to_its_numpy_code(package):
-    ref = reference(package)
+    ref = packages.g2p_en(package)
     encoder, decoder = engine_models(package)
-    vocab = words(package)
+    vocab = packages.g2p_en_words(package)
     assert len(vocab) > 370
     differences = []
     for word in vocab:
@@ -105,9 +74,9 @@ def test_g2p_en_phonemes_identical_to_its_numpy_code(package):
 
 def test_g2p_en_padded_batch_with_lengths(package):
     """Every word encoded in one padded batch with lengths gives each word's own final state (packed semantics)."""
-    ref = reference(package)
+    ref = packages.g2p_en(package)
     encoder, _ = engine_models(package)
-    vocab = words(package)
+    vocab = packages.g2p_en_words(package)
     rows = [[ref.g2idx.get(ch, UNK) for ch in word] + [ref.g2idx["</s>"]] for word in vocab]
     lengths = np.array([len(r) for r in rows])
     ids = np.zeros((len(rows), lengths.max()), np.int64)
@@ -118,3 +87,15 @@ def test_g2p_en_padded_batch_with_lengths(package):
         _, [(alone,)] = encoder.forward(ids[b:b + 1, :lengths[b]])
         np.testing.assert_allclose(h[:, b], alone[:, 0], rtol=0, atol=1e-6, err_msg=word)
         assert not y[b, lengths[b]:].any(), word
+
+
+def test_example_g2p_prints_the_package_phonemes(package):
+    """examples/g2p.py, run as the README says, prints what g2p-en's own code predicts."""
+    ref = packages.g2p_en(package)
+    words = ["activationist", "zoology", "Tomato"]
+    example = Path(__file__).parents[2] / "examples" / "g2p.py"
+    env = {**os.environ, "LSTM_ENGINE_ZOO_CACHE": str(packages.cache_dir())}
+    done = subprocess.run([sys.executable, str(example), *words], capture_output=True, text=True, env=env,
+                          timeout=300, check=True)
+    printed = [line.split() for line in done.stdout.splitlines()]
+    assert printed == [[w, *ref.predict(w.lower())] for w in words]

@@ -9,9 +9,8 @@ same state dict. Its logits are recorded at ``fc_layer`` and compared with the e
 
 from __future__ import annotations
 
-import ast
-
 import numpy as np
+import packages
 import pytest
 
 import lstm_engine as le
@@ -32,15 +31,7 @@ def package(zoo):
 
 def reference(folder, state_dict):
     """g2pM's G2pM with its own NumPy methods, compiled from its source (see the module docstring)."""
-    path = folder / "g2pM.py"
-    tree = ast.parse(path.read_text(encoding="utf8"), str(path))
-    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "G2pM")
-    methods = [node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name in _METHODS]
-    assert {m.name for m in methods} == _METHODS
-    namespace = {"np": np}
-    exec(compile(ast.fix_missing_locations(ast.Module([ast.ClassDef("G2pM", [], [], methods, [])], [])),
-                 str(path), "exec"), namespace)
-    g2pm = namespace["G2pM"]()
+    g2pm = packages.compile_methods(folder / "g2pM.py", "G2pM", _METHODS, {"np": np})()
     g2pm.load_variable(state_dict)
     return g2pm
 
