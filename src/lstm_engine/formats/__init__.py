@@ -15,7 +15,7 @@ _INFLATION_FLOOR = 64 << 20
 
 
 def _sniff(path: str) -> str:
-    """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors', 'torch-legacy',
+    """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors', 'onnx', 'torch-legacy',
     'pickle' or 'unknown'."""
     from ._torch_pickle import _LEGACY_HEAD
 
@@ -25,6 +25,9 @@ def _sniff(path: str) -> str:
             size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise LoadError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    if head.startswith(b"\x08") and len(head) > 2 and head[1] < 0x80 and head[2] in (0x12, 0x1a, 0x22, 0x3a, 0x42):
+        # An ONNX ModelProto: ir_version (field 1, a small varint), then producer, domain, graph or opset.
+        return "onnx"
     if head.startswith(b"PK"):
         return "zip"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
@@ -108,7 +111,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model:
     """Load a model file: the engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``,
-    ``.bin``, ``.safetensors``, legacy pre-1.6 ``torch.save`` files too) or a Keras model (``.keras``, ``.h5``).
+    ``.bin``, ``.safetensors``, legacy pre-1.6 ``torch.save`` files too), a Keras model (``.keras``, ``.h5``) or an
+    ONNX model (``.onnx``, needs ``pip install "lstm_engine[onnx]"``).
 
     The format is recognised from the file's content. ``dtype`` picks the weights' float type
     (default: as saved for the engine's own files, float32 otherwise). Other keyword options go to the
@@ -135,9 +139,15 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
         return load_keras(path, dtype=dtype, **options)
     if kind in ("zip", "torch-legacy", "pickle"):
         return model_from_state_dict(load_state_dict(path), source=path, dtype=dtype, **options)
+    if kind == "onnx" or (kind == "unknown" and path.lower().endswith(".onnx")):
+        if options:
+            raise TypeError(f"load: options {sorted(options)} do not apply to an ONNX file")
+        from .onnx import load_onnx
+
+        return load_onnx(path, dtype=dtype)
     if kind == "hdf5":
         from .keras import load_keras
 
         return load_keras(path, dtype=dtype, **options)
     raise LoadError(f"{path}: not a model file lstm_engine knows (expected an lstm_engine or PyTorch "
-                    "safetensors file, a torch.save file, a .keras archive or a Keras .h5 file)")
+                    "safetensors file, a torch.save file, a .keras archive, a Keras .h5 file or an ONNX model)")
