@@ -2,7 +2,8 @@
 
     python benches/zoo.py [--rounds N]
 
-g2p-en 2.1.0 (GRU encoder-decoder): per word (encode + greedy decode) and per decode step against the package's own
+silero-vad 6.2.3 (STFT, convolutions, LSTM): per 512-sample chunk with its state carried, against onnxruntime on the
+package's own silero_vad.onnx. g2p-en 2.1.0 (GRU encoder-decoder): per word (encode + greedy decode) and per decode step against the package's own
 NumPy code (compiled from its g2p.py, see tests/zoo/packages.py), and the encoding of all its words as one padded
 batch with lengths against torch's packed GRU. Every system runs on one thread (engine, BLAS, torch). Outputs are
 checked equal before timing; each round times every system in turn, so drift on a shared machine hits them alike;
@@ -123,6 +124,49 @@ class G2pEn:
         np.testing.assert_allclose(h, self.torch_encoder()(), rtol=0, atol=1e-5)
 
 
+class SileroVad:
+    """silero_vad.onnx in lstm_engine and in onnxruntime, streaming 10 s of voice-like audio chunk by chunk."""
+
+    def __init__(self) -> None:
+        import onnxruntime as ort
+
+        path = packages.fetch("silero-vad", "6.2.3") / "silero_vad" / "data" / "silero_vad.onnx"
+        self.model = le.load(path)
+        self.model.threads = 1
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        audio = packages.voice_like(10.0, 16000)
+        context = np.zeros((1, 64), np.float32)
+        self.chunks = []
+        for start in range(0, len(audio) - 511, 512):
+            x = np.concatenate([context, audio[None, start:start + 512]], axis=1)
+            self.chunks.append(x)
+            context = x[:, -64:]
+        self.sr = np.array(16000, np.int64)
+
+    def engine(self) -> list[float]:
+        state = np.zeros((2, 1, 128), np.float32)
+        out = []
+        for x in self.chunks:
+            result = self.model.run({"input": x, "state": state, "sr": self.sr})
+            state = result["stateN"]
+            out.append(result["output"].item())
+        return out
+
+    def reference(self) -> list[float]:
+        state = np.zeros((2, 1, 128), np.float32)
+        out = []
+        for x in self.chunks:
+            p, state = self.session.run(None, {"input": x, "state": state, "sr": self.sr})
+            out.append(p.item())
+        return out
+
+    def check(self) -> None:
+        np.testing.assert_allclose(self.engine(), self.reference(), rtol=0, atol=1e-4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -137,12 +181,15 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  {machine()}; torch {torch.__version__}; "
           f"kernels: {'AVX2+FMA' if _kernels.simd_level() else 'portable'}; 1 thread each")
 
+    vad = SileroVad()
+    vad.check()
     g2p = G2pEn()
     g2p.check()
     n = len(g2p.words)
     steps = sum(len(g2p.engine_decode(h)) + 1 for h in g2p.states)
     torch_encode = g2p.torch_encoder()
     timed = {
+        "silero-vad per 512-sample chunk": (vad.engine, vad.reference, "onnxruntime", len(vad.chunks)),
         "g2p-en per word (encode + decode)": (
             lambda: [g2p.engine_word(b) for b in range(n)], lambda: [g2p.reference_word(b) for b in range(n)],
             "g2p-en NumPy", n),

@@ -169,3 +169,27 @@ def g2p_en_words(folder: Path) -> list[str]:
     lines = (folder / "homographs.en").read_text(encoding="utf8").splitlines()
     return [line.split("|")[0].lower() for line in lines if line and not line.startswith("#")] + [
         "activationist", "lstm", "zyxw", "o'neill", "x"]
+
+
+def voice_like(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
+    """Audio for the VAD: vowel-like bursts (0.4-1.2 s, syllables at 4 Hz) of a gliding pitch through three
+    formant resonances, with 0.3-0.8 s gaps, over faint noise; float32 in [-1, 1]."""
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    envelope = np.zeros_like(t)
+    at = 0.5
+    while at < seconds - 0.5:
+        on = (t >= at) & (t < at + rng.uniform(0.4, 1.2))
+        envelope[on] = 0.5 + 0.5 * np.abs(np.sin(2 * np.pi * 4 * (t[on] - at)))
+        at = t[on][-1] + rng.uniform(0.3, 0.8)
+    pitch = 110 + 25 * np.sin(2 * np.pi * 0.9 * t) + 10 * np.sin(2 * np.pi * 5 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    source = sum(np.sin(k * phase) / k for k in range(1, 30))
+    voice = np.zeros_like(source)
+    for centre, bandwidth in ((700, 130), (1200, 150), (2600, 250)):
+        r, theta = np.exp(-np.pi * bandwidth / rate), 2 * np.pi * centre / rate
+        voice += lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], source)
+    voice /= np.abs(voice).max()
+    return (0.5 * envelope * voice + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
