@@ -193,3 +193,13 @@ def voice_like(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
         voice += lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], source)
     voice /= np.abs(voice).max()
     return (0.5 * envelope * voice + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def run_module(path: Path, namespace: dict) -> dict:
+    """Run a package's module file in ``namespace`` without its relative imports (given in ``namespace``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tree = ast.parse(path.read_text(encoding="utf8"), str(path))
+        tree.body = [node for node in tree.body if not (isinstance(node, ast.ImportFrom) and node.level > 0)]
+        exec(compile(tree, str(path), "exec"), namespace)
+    return namespace

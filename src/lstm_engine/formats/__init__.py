@@ -39,6 +39,8 @@ def _sniff(path: str) -> str:
         return "torch-legacy"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "pickle"
+    if head.startswith((b"ccopy_reg\n", b"(dp", b"(lp")):  # protocol 0, as Python 2 wrote by default
+        return "pickle"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"  # a cut file: its reader says what is wrong
     return "unknown"
@@ -111,8 +113,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model:
     """Load a model file: the engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``,
-    ``.bin``, ``.safetensors``, legacy pre-1.6 ``torch.save`` files too), a Keras model (``.keras``, ``.h5``) or an
-    ONNX model (``.onnx``, needs ``pip install "lstm_engine[onnx]"``).
+    ``.bin``, ``.safetensors``, legacy pre-1.6 ``torch.save`` files too), a Keras model (``.keras``, ``.h5``), an
+    ONNX model (``.onnx``, needs ``pip install "lstm_engine[onnx]"``) or a madmom model (its pickled networks).
 
     The format is recognised from the file's content. ``dtype`` picks the weights' float type
     (default: as saved for the engine's own files, float32 otherwise). Other keyword options go to the
@@ -137,7 +139,16 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
         from .keras import load_keras
 
         return load_keras(path, dtype=dtype, **options)
-    if kind in ("zip", "torch-legacy", "pickle"):
+    if kind == "pickle":
+        from . import madmom, numpy_pickle
+
+        value = madmom.read_madmom(path)  # madmom's classes read as inert records, never run
+        if madmom.is_madmom(value):
+            if options:
+                raise TypeError(f"load: options {sorted(options)} do not apply to a madmom model")
+            return madmom.model_from_madmom(value, path, dtype)
+        return model_from_state_dict(numpy_pickle.arrays(value, path), source=path, dtype=dtype, **options)
+    if kind in ("zip", "torch-legacy"):
         return model_from_state_dict(load_state_dict(path), source=path, dtype=dtype, **options)
     if kind == "onnx" or (kind == "unknown" and path.lower().endswith(".onnx")):
         if options:

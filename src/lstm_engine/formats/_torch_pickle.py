@@ -533,6 +533,28 @@ def _unpickle(data: bytes, path: str, start: int = 0, *, legacy: bool = False,
         raise LoadError(f"{path}: malformed {what}: {type(exc).__name__}: {message}") from exc
 
 
+def _genops(stream: io.BytesIO) -> Iterator[tuple[Any, Any, int]]:
+    """``pickletools.genops``, except that protocol-0 STRING arguments stay undecoded bytes: Python 2 pickles keep
+    binary data there (NumPy arrays), which genops fails to decode as ASCII."""
+    while True:
+        position = stream.tell()
+        code = stream.read(1)
+        opcode = pickletools.code2op.get(code.decode("latin-1"))
+        if opcode is None:
+            raise ValueError(f"unknown opcode {code!r} at byte {position}" if code else "pickle exhausted before STOP")
+        if opcode.arg is None:
+            arg = None
+        elif opcode.arg is pickletools.stringnl:
+            arg = stream.readline()
+            if not arg.endswith(b"\n"):
+                raise ValueError(f"no newline after the STRING argument at byte {position}")
+        else:
+            arg = opcode.arg.reader(stream)
+        yield opcode, arg, position
+        if opcode.name == "STOP":
+            return
+
+
 def _check_opcodes(data: bytes, path: str, start: int, what: str) -> int:
     """Walk the pickle's opcodes without running them, refusing what would make the C unpickler over-allocate.
 
@@ -542,13 +564,14 @@ def _check_opcodes(data: bytes, path: str, start: int, what: str) -> int:
     # twice any PUT index it meets (a 9-byte pickle can ask for gigabytes). The pure-Python walk reads each argument
     # from the buffer, so a length the data does not hold fails here; memo indices must come in sequence, as every
     # pickler writes them.
+    # (Python 2's pickler numbered its memo from 1, hence one entry of slack.)
     memo_len = 0
     stream = io.BytesIO(data)
     stream.seek(start)
     try:
-        for opcode, arg, position in pickletools.genops(stream):
+        for opcode, arg, position in _genops(stream):
             if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                if arg > memo_len:
+                if arg > memo_len + 1:
                     raise LoadError(
                         f"{path}: {what} stores memo entry {arg} at byte {position} after only {memo_len} entries"
                     )

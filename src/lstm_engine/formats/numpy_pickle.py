@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import LoadError, UnsafeModelError
 from ._torch_pickle import _MAX_NESTING, _SafeCall, _check_opcodes, _codecs_encode, _describe, iter_leaves
 
-__all__ = ["read_pickle", "loads", "arrays"]
+__all__ = ["Name", "Record", "arrays", "loads", "read_pickle"]
 
 _MAX_FILE_BYTES = 4 << 30
 _MAX_NDIM = 64
@@ -31,13 +31,39 @@ _KINDS = "biufc"  # booleans and numbers: what arrays() returns as weights
 _DATA_KINDS = _KINDS + "US"  # also text; and "O" (objects) holding only values this reader made itself
 
 
-class _Marker(NamedTuple):
-    """An allowed global that is only ever passed as an argument (``numpy.ndarray`` to ``_reconstruct``)."""
+class Name(NamedTuple):
+    """An allowed global read as its qualified name: ``numpy.ndarray`` passed to ``_reconstruct``, or a function a
+    pickled object refers to (an activation function, say)."""
 
     name: str
 
 
-_NDARRAY = _Marker("numpy.ndarray")
+_NDARRAY = Name("numpy.ndarray")
+_OBJECT = Name("builtins.object")
+
+
+class Record:
+    """An instance of an allowed class, as data: the class's qualified name (``kind``) and the state BUILD gave it
+    (``state``, usually its ``__dict__``), built like every other value here. Nothing of the class is run."""
+
+    __slots__ = ("state",)
+    kind = ""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _record_class(qualified: str) -> type:
+    """The stand-in for class ``qualified``: NEWOBJ and copy_reg._reconstructor make empty Records of it."""
+    return type(qualified.rsplit(".", 1)[-1], (Record,), {"__slots__": (), "kind": qualified})
+
+
+def _reconstructor(cls: Any, base: Any, state: Any = None) -> Record:
+    """Stand-in for ``copy_reg._reconstructor``, how protocol 0 and 1 pickles make instances of plain classes."""
+    if not (isinstance(cls, type) and issubclass(cls, Record)) or base is not _OBJECT or state is not None:
+        raise LoadError(f"copy_reg._reconstructor({_describe(cls)}, {_describe(base)}, ...): only allowed classes "
+                        "built on object are read")
+    return cls.__new__(cls)
 
 
 class _DTypeState:
@@ -131,6 +157,8 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     """The allow-list: (module, name) -> safe stand-in."""
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): _NDARRAY,
+        ("copy_reg", "_reconstructor"): _SafeCall("copy_reg._reconstructor", _reconstructor),
+        ("copyreg", "_reconstructor"): _SafeCall("copy_reg._reconstructor", _reconstructor),
         ("numpy", "dtype"): _SafeCall("numpy.dtype", _dtype),
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("_codecs", "encode"): _SafeCall("_codecs.encode", _codecs_encode),
@@ -144,6 +172,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         allowed[builtins, "frozenset"] = frozenset
         allowed[builtins, "bytearray"] = _SafeCall("bytearray", _bytearray)
         allowed[builtins, "bytes"] = _SafeCall("bytes", _empty_bytes)
+        allowed[builtins, "object"] = _OBJECT
     return allowed
 
 
@@ -153,12 +182,14 @@ _ALLOWED = _allowed_globals()
 class _Unpickler(pickle.Unpickler):
     """Resolves only the allow-listed globals; refuses every other one, and persistent ids, by name."""
 
-    def __init__(self, data: bytes, where: str) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, data: bytes, where: str, allowed: dict) -> None:
+        # Python 2 pickles hold binary data (array bytes) in str: latin-1 maps it back byte for byte.
+        super().__init__(io.BytesIO(data), encoding="latin1")
         self._where = where
+        self._allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:
-        stand_in = _ALLOWED.get((module, name))
+        stand_in = self._allowed.get((module, name))
         if stand_in is None:
             raise UnsafeModelError(
                 f"{self._where}: refusing pickle global '{module}.{name}': only NumPy arrays and plain containers "
@@ -170,11 +201,21 @@ class _Unpickler(pickle.Unpickler):
         raise LoadError(f"{self._where}: the pickle refers to external object {_describe(pid)}; not supported")
 
 
-def loads(data: bytes, where: str = "pickle") -> Any:
-    """The value of one pickle of NumPy arrays and plain containers; ``where`` names it in errors."""
+def loads(data: bytes, where: str = "pickle", *, classes: tuple[str, ...] = (),
+          functions: tuple[str, ...] = ()) -> Any:
+    """The value of one pickle of NumPy arrays and plain containers; ``where`` names it in errors.
+
+    ``classes`` (qualified names) may also appear, each instance read as a :class:`Record` of its state; ``functions``
+    (qualified names) are read as :class:`Name`. A format reader that knows those classes maps the records.
+    """
+    allowed = dict(_ALLOWED)
+    for qualified in classes:
+        allowed[tuple(qualified.rsplit(".", 1))] = _record_class(qualified)
+    for qualified in functions:
+        allowed[tuple(qualified.rsplit(".", 1))] = Name(qualified)
     _check_opcodes(data, where, 0, "the pickle")
     try:
-        value = _Unpickler(data, where).load()
+        value = _Unpickler(data, where, allowed).load()
     except LoadError:
         raise
     except Exception as exc:  # the pickle drives calls into the stand-ins: any failure means malformed data
@@ -182,15 +223,16 @@ def loads(data: bytes, where: str = "pickle") -> Any:
     return _Builder(where).build(value, 0)
 
 
-def read_pickle(path: str | os.PathLike) -> Any:
-    """The value of a pickle file holding NumPy arrays and plain containers (dicts, lists, str, numbers)."""
+def read_pickle(path: str | os.PathLike, **allowed: Any) -> Any:
+    """The value of a pickle file holding NumPy arrays and plain containers (dicts, lists, str, numbers);
+    ``classes=`` and ``functions=`` as for :func:`loads`."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > _MAX_FILE_BYTES:
             raise LoadError(f"{path}: {size} bytes; pickles over {_MAX_FILE_BYTES} bytes are not read")
         data = f.read()
-    return loads(data, path)
+    return loads(data, path, **allowed)
 
 
 def arrays(value: Any, where: str) -> dict[str, np.ndarray]:
@@ -230,6 +272,12 @@ class _Builder:
         if isinstance(value, _ArrayState):
             out = self.done[key] = self._array(value, depth)
             return out
+        if isinstance(value, Name):
+            return value
+        if isinstance(value, Record):
+            record = self.done[key] = type(value).__new__(type(value))
+            record.state = self.build(getattr(value, "state", None), depth + 1)
+            return record
         if isinstance(value, list):
             out = self.done[key] = []
             out.extend(self.build(v, depth + 1) for v in value)
