@@ -113,3 +113,11 @@ def test_madmom_refusals_name_the_layer(madmom, name):
     error, message = REFUSED[name]
     with pytest.raises(error, match=message):
         le.load(madmom / "models" / name)
+
+
+def test_madmom_inspect(madmom, capsys):
+    from lstm_engine.cli import main
+
+    assert main(["inspect", str(madmom / "models" / "beats/2015/beats_blstm_1.pkl")]) == 0
+    out = capsys.readouterr().out
+    assert "source: madmom" in out and "file: pickle (madmom network" in out and out.count("LSTM") == 3
