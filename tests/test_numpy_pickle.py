@@ -207,3 +207,78 @@ def test_read_pickle_of_a_vocabulary(tmp_path):
     with open(tmp_path / "vocab.pkl", "wb") as f:
         pickle.dump(vocab, f, protocol=2)
     assert read_pickle(tmp_path / "vocab.pkl") == vocab
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# madmom files: classes read as records; damaged or hostile networks refused by name
+
+
+@pytest.fixture
+def fake_madmom(monkeypatch):
+    """Stand-in madmom modules, so that pickle writes the GLOBALs madmom's files hold."""
+    import sys
+    import types
+
+    modules = {}
+    for name in ("madmom", "madmom.ml", "madmom.ml.nn", "madmom.ml.nn.layers", "madmom.ml.nn.activations"):
+        modules[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+
+    def cls(module, name):
+        made = type(name, (), {"__module__": module, "__init__": lambda self, **state: self.__dict__.update(state)})
+        setattr(modules[module], name, made)
+        return made
+
+    def fn(name):
+        def f(x):
+            return x
+        f.__module__, f.__qualname__, f.__name__ = "madmom.ml.nn.activations", name, name
+        setattr(modules["madmom.ml.nn.activations"], name, f)
+        return f
+
+    return {"NeuralNetwork": cls("madmom.ml.nn", "NeuralNetwork"),
+            **{n: cls("madmom.ml.nn.layers", n) for n in ("FeedForwardLayer", "RecurrentLayer", "LSTMLayer",
+                                                            "Gate", "Cell", "ConvolutionalLayer")},
+            "tanh": fn("tanh"), "sigmoid": fn("sigmoid"), "softplus": fn("softplus")}
+
+
+def test_madmom_networks_and_their_refusals(fake_madmom, tmp_path):
+    m = fake_madmom
+    rng = np.random.default_rng(3)
+
+    def network(*layers, protocol=2):
+        path = tmp_path / f"net{protocol}.pkl"
+        path.write_bytes(pickle.dumps(m["NeuralNetwork"](layers=list(layers)), protocol=protocol))
+        return path
+
+    rnn = m["RecurrentLayer"](weights=rng.standard_normal((3, 4)).astype(np.float32),
+                              bias=np.zeros(4, np.float32), recurrent_weights=np.eye(4, dtype=np.float32),
+                              activation_fn=m["tanh"], init=np.zeros(4, np.float32))
+    head = m["FeedForwardLayer"](weights=np.ones((4, 1), np.float32), bias=np.zeros(1, np.float32),
+                                 activation_fn=m["sigmoid"])
+    for protocol in (0, 2):
+        model = le.load(network(rnn, head, protocol=protocol))
+        x = rng.standard_normal((1, 5, 3)).astype(np.float32)
+        h, expected = np.zeros(4), []
+        for t in range(5):
+            h = np.tanh(x[0, t] @ rnn.weights + h @ rnn.recurrent_weights)
+            expected.append(1 / (1 + np.exp(-h.sum())))
+        np.testing.assert_allclose(model.forward(x)[0][0, :, 0], expected, rtol=0, atol=1e-5)
+
+    cases = [
+        ((m["ConvolutionalLayer"](weights=np.ones((2, 2, 3, 3))),), r"layers\[0\]: madmom ConvolutionalLayer is not "
+                                                                   r"supported"),
+        ((m["FeedForwardLayer"](weights=np.ones((4, 1)), bias=np.zeros(1), activation_fn=m["softplus"]),),
+         r"refusing pickle global 'madmom\.ml\.nn\.activations\.softplus'"),  # a function madmom lacks
+        ((m["FeedForwardLayer"](weights=np.ones(4), bias=np.zeros(1), activation_fn=m["tanh"]),),
+         r"layers\[0\]: 'weights' is ndarray, expected a 2-D float array"),
+        ((m["RecurrentLayer"](weights=np.ones((3, 4), np.float32), bias=np.zeros(4, np.float32),
+                              recurrent_weights=np.ones((5, 5), np.float32), activation_fn=m["tanh"]),),
+         r"layers\[0\] \(RecurrentLayer\): RNN weight_hh"),
+        ((m["LSTMLayer"](input_gate=None, forget_gate=None, cell=None, output_gate=None, activation_fn=m["tanh"]),),
+         r"layers\[0\]\.input_gate is not a madmom object with a state"),
+        (("not a layer",), r"layers\[0\]: madmom str is not supported"),
+    ]
+    for layers, message in cases:
+        with pytest.raises(le.LoadError, match=rf"net2\.pkl: {message}"):
+            le.load(network(*layers))

@@ -70,7 +70,7 @@ def load_madmom(path: str | os.PathLike, *, dtype: Any = None) -> Model:
 def model_from_madmom(network: Record, path: str, dtype: Any = None) -> Model:
     """A Model from a madmom NeuralNetwork record read from ``path``."""
     dtype = np.float32 if dtype is None else dtype
-    layers = _state(network, path, "the network").get("layers")
+    layers = _state(network, f"{path}: the network").get("layers")
     if not isinstance(layers, list) or not layers:
         raise LoadError(f"{path}: the madmom network has no list of layers")
     built = [_layer(layer, f"{path}: layers[{k}]", dtype) for k, layer in enumerate(layers)]
@@ -80,9 +80,9 @@ def model_from_madmom(network: Record, path: str, dtype: Any = None) -> Model:
         raise LoadError(f"{path}: {exc}") from exc
 
 
-def _state(record: Any, path: str, where: str) -> dict:
-    if not isinstance(record, Record) or not isinstance(record.state, dict):
-        raise LoadError(f"{path}: {where} is not a madmom object with a state")
+def _state(record: Any, where: str) -> dict:
+    if not isinstance(record, Record) or not isinstance(getattr(record, "state", None), dict):
+        raise LoadError(f"{where} is not a madmom object with a state")
     return record.state
 
 
@@ -116,7 +116,7 @@ def _zero_init(state: dict, where: str, *keys: str) -> None:
 
 def _gate(record: Any, where: str, peephole: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, str]:
     """(W (out, in), R (out, out), b, peephole or None, activation) of a madmom Gate/Cell/GRUCell."""
-    state = _state(record, "", where)
+    state = _state(record, where)
     w, r = _array(state, "weights", where, 2), _array(state, "recurrent_weights", where, 2)
     b = _array(state, "bias", where, 1)
     p = state.get("peephole_weights")
@@ -129,7 +129,7 @@ def _gate(record: Any, where: str, peephole: bool) -> tuple[np.ndarray, np.ndarr
 
 def _recurrent(record: Record, where: str) -> tuple[type, dict, dict]:
     """(engine class, weight arguments, options) for one madmom recurrent layer."""
-    kind, state = _kind(record), _state(record, "", where)
+    kind, state = _kind(record), _state(record, where)
     if kind == "RecurrentLayer":
         _zero_init(state, where, "init")
         act = _activation(state, where)
@@ -180,14 +180,14 @@ def _layer(record: Any, where: str, dtype: Any):
     kind = _kind(record)
     try:
         if kind == "FeedForwardLayer":
-            state = _state(record, "", where)
+            state = _state(record, where)
             return Dense(_array(state, "weights", where, 2).T, _array(state, "bias", where, 1),
                          activation=_activation(state, where), dtype=dtype)
         if kind in ("RecurrentLayer", "LSTMLayer", "GRULayer"):
             cls, weights, options = _recurrent(record, where)
             return cls(**weights, **options, dtype=dtype)
         if kind == "BidirectionalLayer":
-            state = _state(record, "", where)
+            state = _state(record, where)
             fwd, bwd = state.get("fwd_layer"), state.get("bwd_layer")
             (cls, fw, options), (cls_b, bw, options_b) = (_recurrent(fwd, f"{where}.fwd_layer"),
                                                           _recurrent(bwd, f"{where}.bwd_layer"))

@@ -61,8 +61,8 @@ def _record_class(qualified: str) -> type:
 def _reconstructor(cls: Any, base: Any, state: Any = None) -> Record:
     """Stand-in for ``copy_reg._reconstructor``, how protocol 0 and 1 pickles make instances of plain classes."""
     if not (isinstance(cls, type) and issubclass(cls, Record)) or base is not _OBJECT or state is not None:
-        raise LoadError(f"copy_reg._reconstructor({_describe(cls)}, {_describe(base)}, ...): only allowed classes "
-                        "built on object are read")
+        raise ValueError(f"copy_reg._reconstructor({_describe(cls)}, {_describe(base)}, ...): only allowed classes "
+                         "built on object are read")
     return cls.__new__(cls)
 
 
@@ -116,7 +116,7 @@ class _ArrayState:
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayState:
     """Stand-in for ``numpy.core.multiarray._reconstruct``: only plain ndarrays, filled in by BUILD."""
     if cls is not _NDARRAY:
-        raise LoadError(f"_reconstruct of {_describe(cls)}: only numpy.ndarray is read")
+        raise ValueError(f"_reconstruct of {_describe(cls)}: only numpy.ndarray is read")
     return _ArrayState()
 
 
