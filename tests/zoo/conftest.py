@@ -1,9 +1,9 @@
-"""The ``zoo`` fixture: PyPI packages fetched into a cache (see packages.py); skips only when the index is out of reach."""
+"""The ``zoo`` fixture: PyPI packages fetched into a cache (see zoo_packages.py); skips only when the index is out of reach."""
 
 from __future__ import annotations
 
 import pytest
-from packages import Unreachable, fetch
+from zoo_packages import Unreachable, fetch
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import packages
+import zoo_packages as packages
 import pytest
 
 import lstm_engine as le

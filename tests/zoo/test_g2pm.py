@@ -10,7 +10,7 @@ same state dict. Its logits are recorded at ``fc_layer`` and compared with the e
 from __future__ import annotations
 
 import numpy as np
-import packages
+import zoo_packages as packages
 import pytest
 
 import lstm_engine as le

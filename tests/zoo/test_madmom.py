@@ -12,7 +12,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
-import packages
+import zoo_packages as packages
 import pytest
 
 import lstm_engine as le

@@ -17,7 +17,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
-import packages
+import zoo_packages as packages
 import pytest
 
 import lstm_engine as le

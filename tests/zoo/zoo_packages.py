@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
@@ -62,7 +64,7 @@ def _download(name: str, version: str, into: Path) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=into.parent))
     try:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--no-input", f"{name}=={version}", "-d", str(partial)]
+                   "--no-input", "-v", f"{name}=={version}", "-d", str(partial)]
         if name in _NO_BUILD_ISOLATION:
             command.append("--no-build-isolation")
         try:
@@ -72,8 +74,10 @@ def _download(name: str, version: str, into: Path) -> Path:
         output = done.stdout + done.stderr
         if done.returncode != 0:
             reason = _UNREACHABLE.search(output)
-            if reason:
-                raise Unreachable(f"pip download {name}=={version}: {reason.group(0)}")
+            # pip reports an index it could not reach (without retries) only as "from versions: none".
+            why = reason.group(0) if reason else _no_index_answers(output, name) if "versions: none" in output else None
+            if why:
+                raise Unreachable(f"pip download {name}=={version}: {why}")
             raise RuntimeError(f"pip download {name}=={version} failed:\n{output[-3000:]}")
         files = list(partial.glob("*"))
         if len(files) != 1:
@@ -83,6 +87,22 @@ def _download(name: str, version: str, into: Path) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return next(into.glob("*"))
+
+
+def _no_index_answers(output: str, name: str) -> str | None:
+    """Why no HTTP index pip looked in answers for ``name``, or None when one does (the failure is then real)."""
+    looked = re.search(r"Looking in indexes: (.*)", output)
+    urls = [u.strip() for u in looked.group(1).split(",")] if looked else ["https://pypi.org/simple"]
+    errors = []
+    for url in [u for u in urls if u.startswith(("http://", "https://"))]:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/{name}/", timeout=15):
+                return None
+        except urllib.error.HTTPError:
+            return None  # it answered, if only to say no
+        except (urllib.error.URLError, OSError) as exc:
+            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+    return "; ".join(errors) or "pip looked in no HTTP index"
 
 
 def _unpack(archive: Path, into: Path) -> None:
