@@ -8,7 +8,7 @@
 from . import activations
 from ._kernels import cpu_info
 from .errors import LoadError, UnsafeModelError, UnsupportedOpError
-from .formats import load
+from .formats import load, load_state_dict
 from .formats.keras import from_keras
 from .formats.native import save
 from .formats.torch import from_torch
@@ -48,5 +48,6 @@ __all__ = [
     "from_keras",
     "from_torch",
     "load",
+    "load_state_dict",
     "save",
 ]
