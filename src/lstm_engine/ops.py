@@ -621,13 +621,22 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
     L_out = (xp.shape[2] - span) // stride + 1
     if L_out < 1:
         raise ValueError(f"Conv: the input of length {L} is shorter than the kernel's span {span}")
-    # (N, C, L_out, k) windows as a view; one GEMM per group.
+    # im2col: the (N, C, L_out, k) windows are a strided view, copied once into (N, C, k, L_out) columns so that each
+    # group is one GEMM (M/group, C/group * k) @ (C/group * k, L_out) written straight into the output.
     win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=2)[:, :, ::stride][:, :, :L_out, ::dilation]
-    out = np.empty((N, M, L_out), np.result_type(x, w))
+    dtype = np.result_type(x, w)
+    cols = np.empty((N, C, k, L_out), dtype)
+    cols[...] = win.transpose(0, 1, 3, 2)
+    cols = cols.reshape(N, group, Cg * k, L_out)
     Mg = M // group
-    for g in range(group):
-        xs = win[:, g * Cg:(g + 1) * Cg]  # (N, Cg, L_out, k)
-        out[:, g * Mg:(g + 1) * Mg] = np.einsum("nclk,mck->nml", xs, w[g * Mg:(g + 1) * Mg], optimize=True)
+    wg = w.reshape(group, Mg, Cg * k)
+    out = np.empty((N, M, L_out), dtype)
+    if group == 1:
+        np.matmul(wg[0], cols[:, 0], out=out)
+    else:
+        out_g = out.reshape(N, group, Mg, L_out)
+        for g in range(group):
+            np.matmul(wg[g], cols[:, g], out=out_g[:, g])
     if b is not None:
         out += b[:, None]
     return out
