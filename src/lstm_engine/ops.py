@@ -616,17 +616,24 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
                          f"dilations={dilations} group={group} do not fit x {x.shape} and W {w.shape}")
     if b is not None and b.shape != (M,):
         raise ValueError(f"Conv: B must have shape ({M},), got {b.shape}")
-    xp = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[1])))
     span = dilation * (k - 1) + 1
-    L_out = (xp.shape[2] - span) // stride + 1
+    Lp = L + pad[0] + pad[1]
+    L_out = (Lp - span) // stride + 1
     if L_out < 1:
         raise ValueError(f"Conv: the input of length {L} is shorter than the kernel's span {span}")
-    # im2col: the (N, C, L_out, k) windows are a strided view, copied once into (N, C, k, L_out) columns so that each
-    # group is one GEMM (M/group, C/group * k) @ (C/group * k, L_out) written straight into the output.
-    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=2)[:, :, ::stride][:, :, :L_out, ::dilation]
+    if pad[0] or pad[1] or not x.flags.c_contiguous:
+        xp = np.zeros((N, C, Lp), x.dtype)
+        xp[:, :, pad[0]:pad[0] + L] = x
+    else:
+        xp = x
+    # im2col: the (N, C, k, L_out) windows are a strided view of the contiguous padded input (built directly, as
+    # sliding_window_view costs more than the copy on small inputs), copied once into columns so that each group is
+    # one GEMM (M/group, C/group * k) @ (C/group * k, L_out) written straight into the output.
+    item = xp.itemsize
+    win = np.ndarray((N, C, k, L_out), xp.dtype, xp, 0, (C * Lp * item, Lp * item, dilation * item, stride * item))
     dtype = np.result_type(x, w)
     cols = np.empty((N, C, k, L_out), dtype)
-    cols[...] = win.transpose(0, 1, 3, 2)
+    cols[...] = win
     cols = cols.reshape(N, group, Cg * k, L_out)
     Mg = M // group
     wg = w.reshape(group, Mg, Cg * k)
