@@ -670,4 +670,15 @@ def pad(x: np.ndarray, pads: list[int], mode: str, value: float, axes: list[int]
     for (lo, hi), n in zip(widths, x.shape):
         if (lo or hi) and (n == 0 or (mode == "reflect" and max(lo, hi) >= n)):
             raise ValueError(f"Pad: {mode} padding of {max(lo, hi)} does not fit an axis of size {n}")
+    padded = [a for a, (lo, hi) in enumerate(widths) if lo or hi]
+    if mode == "reflect" and len(padded) == 1:
+        # One axis reflected (an STFT's framing, per streamed chunk): three slice copies cost far less than np.pad.
+        a = padded[0]
+        (lo, hi), n = widths[a], x.shape[a]
+        out = np.empty(x.shape[:a] + (n + lo + hi,) + x.shape[a + 1:], x.dtype)
+        pre = (slice(None),) * a
+        out[pre + (slice(lo, lo + n),)] = x
+        out[pre + (slice(0, lo),)] = x[pre + (slice(lo, 0, -1),)]
+        out[pre + (slice(lo + n, None),)] = x[pre + (slice(n - 2, n - 2 - hi if hi < n - 1 else None, -1),)]
+        return out
     return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")
