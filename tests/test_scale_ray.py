@@ -58,6 +58,26 @@ def test_cli_run_on_ray(tmp_path, data):
     assert_like_one_process(data, y, states)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ray_serve_example_answers_like_forward():
+    # Its own Ray instance and Serve (about 30 s here), before the module's: run with -m slow.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray.serve")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "ray_serve.py")
+    out = subprocess.run([sys.executable, example, "--port", str(port)], capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "32 requests through the handle: answers match model.forward" in out.stdout
+    assert "HTTP: " in out.stdout
+
+
 @pytest.fixture(scope="module")
 def ray():
     ray = pytest.importorskip("ray")
@@ -137,3 +157,4 @@ def test_a_stream_moves_between_actors(ray, data, tmp_path):
     stay = model.session(batch_size=4)
     assert np.array_equal(first, stay.feed(x[:4, :5]))
     assert np.array_equal(rest, stay.feed(x[:4, 5:]))
+
