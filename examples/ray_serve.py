@@ -1,6 +1,6 @@
 """Online scoring with Ray Serve: stateless requests from many clients, batched by @serve.batch.
 
-    pip install "lstm_engine[serve]"
+    pip install "lstm_engine[ray]" "ray[serve]"
     python examples/ray_serve.py [MODEL.safetensors] [--port 8000]
 
 Starts Ray and Serve on this machine, deploys MODEL (a small random LSTM when none is given), sends 32
