@@ -40,11 +40,6 @@ def worker_model(model: Any, threads: int | None = None, concurrent: int = 1) ->
     return model
 
 
-def returns_sequences(model: Model) -> bool:
-    """Whether the output keeps the time axis: (B, T, out) rather than (B, out)."""
-    return all(layer.return_sequences for layer in model.recurrent_layers)
-
-
 def forward_output(model: Model, x: np.ndarray, lengths: Any = None) -> np.ndarray:
     """The model's output for a dense batch, (B, T, out) or (B, out); float input is cast to the model's dtype."""
     y, _ = model.forward(x, lengths, cast=not model.takes_ids)

@@ -25,7 +25,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('lstm_engine.dask needs Dask: pip install "lstm_engine[dask]"') from exc
 
-from ._scale import returns_sequences, score_sequences, worker_model
+from ._scale import score_sequences, worker_model
 from .model import Model
 
 __all__ = ["forward", "map_partitions"]
@@ -104,14 +104,21 @@ def forward(x: Any, model: Any, lengths: Any = None, threads: int | None = None,
         args += [lengths.rechunk((x.chunks[0],)), "b"]
     else:
         args += [None, None]
-    out = local.output_size if local.output_size is not None else x.shape[2]
-    if returns_sequences(local):
-        index, new_axes = "bto", {"o": out}
+    # The output's shape and dtype from one sequence run here: (1, T, out) or (1, out) for any model.
+    # (Token 1 rather than 0, which a mask_zero Embedding would mask out entirely.)
+    probe = np.ones((1,) + x.shape[1:], dtype=x.dtype) if local.takes_ids else \
+        np.zeros((1,) + x.shape[1:], dtype=local.dtype)
+    y = local.forward(probe)[0]
+    if y.ndim == 3 and y.shape[1] == x.shape[1]:
+        index, new_axes = "bto", {"o": y.shape[2]}
+    elif y.ndim == 2:
+        index, new_axes = "bo", {"o": y.shape[1]}
     else:
-        index, new_axes = "bo", {"o": out}
+        raise ValueError(f"model: lstm_engine.dask runs models whose output is (batch, steps, out) or (batch, out); "
+                         f"this one gives {y.shape} for one sequence of {x.shape[1]} steps")
     return da.blockwise(_run_block, index, *args, _shipped(model), None, threads, None,
-                        new_axes=new_axes, concatenate=True, dtype=local.dtype,
-                        meta=np.empty((0,) * len(index), dtype=local.dtype))
+                        new_axes=new_axes, concatenate=True, dtype=y.dtype,
+                        meta=np.empty((0,) * len(index), dtype=y.dtype))
 
 
 def _score_partition(df: Any, model: Any, column: str, output: str, threads: int | None) -> Any:
