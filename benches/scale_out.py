@@ -7,8 +7,9 @@ output (one vector per sequence, as when re-scoring every user's history). The i
 workers read their own slices from (no input data goes through the scheduler); each worker process has one
 core (Dask: threads_per_worker=1, Ray: num_cpus=1 per actor, plus one logical CPU for Ray Data's reads),
 so plain forward runs with threads=1 too.
-Prints, per run, sequences/s, the speed-up from 1 to 2 workers with its efficiency (speed-up / 2), and the
-1-worker time over plain forward's. Worker start-up is outside the timings; loading the model is inside.
+Prints, per run, sequences/s, the speed-up from 1 to 2 workers with its efficiency (speed-up / 2), the
+1-worker time over plain forward's, and (Dask) the CPU seconds the workers spent, which other jobs on the
+machine change far less than wall time. Worker start-up is outside the timings; loading the model is inside.
 """
 from __future__ import annotations
 
@@ -58,12 +59,13 @@ def on_dask(workers: int, model_path: str, x_path: str, n: int, batch: int, shap
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: None)  # every worker up
+        cpu0 = sum(client.run(time.process_time).values())  # also waits for every worker to be up
         blocks = [da.from_delayed(dask.delayed(read_rows)(x_path, lo, min(n, lo + batch)),
                                   (min(n, lo + batch) - lo,) + shape[1:], np.float32) for lo in range(0, n, batch)]
         t0 = time.perf_counter()
         y = lstm_engine.dask.forward(da.concatenate(blocks), model_path).compute()
-        return time.perf_counter() - t0, y
+        seconds = time.perf_counter() - t0
+        return seconds, y, sum(client.run(time.process_time).values()) - cpu0
 
 
 def on_ray(workers: int, model_path: str, x_path: str, n: int, batch: int) -> tuple:
@@ -81,7 +83,7 @@ def on_ray(workers: int, model_path: str, x_path: str, n: int, batch: int) -> tu
         ds = ds.map_batches(Predictor, fn_constructor_args=(model_path,), fn_constructor_kwargs={"column": "data"},
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, batch_size=batch)
         y = np.concatenate([b["y"] for b in ds.iter_batches(batch_size=None)])
-        return time.perf_counter() - t0, y
+        return time.perf_counter() - t0, y, None
     finally:
         ray.shutdown()
 
@@ -109,26 +111,28 @@ def main() -> None:
         print(f"{machine()}, kernels: {'AVX2/FMA' if le._kernels.simd_level() == 1 else 'portable'}")
         print(f"{n} sequences x {args.steps} steps, LSTM {args.features}->{args.hidden} x2, float32, "
               f"batch {batch}\n")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         want = plain(model_path, x_path, n, batch)
-        base = time.perf_counter() - t0
-        print(f"| run | seconds | sequences/s | vs 1 worker | vs plain forward |\n|---|---|---|---|---|")
-        print(f"| plain forward, 1 thread | {base:.1f} | {n / base:,.0f} | | 1.00 |")
+        base, base_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        print("| run | seconds | sequences/s | vs 1 worker | vs plain forward | CPU s, all workers (vs plain) |\n"
+              "|---|---|---|---|---|---|")
+        print(f"| plain forward, 1 thread | {base:.1f} | {n / base:,.0f} | | 1.00 | {base_cpu:.1f} |")
         for engine in args.engines.split(","):
             times = {}
             for workers in (1, 2):
                 if engine == "dask":
-                    seconds, y = on_dask(workers, model_path, x_path, n, batch, shape)
+                    seconds, y, cpu = on_dask(workers, model_path, x_path, n, batch, shape)
                 elif engine == "ray":
-                    seconds, y = on_ray(workers, model_path, x_path, n, batch)
+                    seconds, y, cpu = on_ray(workers, model_path, x_path, n, batch)
                 else:
                     raise SystemExit(f"--engines: unknown engine {engine!r} (dask, ray)")
                 assert y.shape == want.shape and np.allclose(y, want, rtol=1e-5, atol=1e-6), engine
                 times[workers] = seconds
                 speedup = f"{times[1] / seconds:.2f}x (efficiency {times[1] / seconds / workers:.0%})" \
                     if workers > 1 else ""
+                cpu = "" if cpu is None else f"{cpu:.1f} ({cpu / base_cpu:.2f})"
                 print(f"| {engine}, {workers} worker(s) | {seconds:.1f} | {n / seconds:,.0f} | {speedup} | "
-                      f"{seconds / base:.2f} |", flush=True)
+                      f"{seconds / base:.2f} | {cpu} |", flush=True)
 
 
 if __name__ == "__main__":

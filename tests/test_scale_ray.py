@@ -113,17 +113,25 @@ def test_map_batches_with_a_model_and_ragged_sequences(ray, data):
 
 
 @pytest.mark.cluster
-def test_actors_use_the_cpus_ray_gave_them(ray, data):
+def test_tasks_and_actors_use_the_cpus_ray_gave_them(ray, data):
     _, _, path = data
 
     @ray.remote
-    def threads(path):
-        import os
+    def predictor_threads(path):
+        return Predictor(path).model.threads
 
-        return Predictor(path).model.threads, os.environ.get("OMP_NUM_THREADS")
+    @ray.remote
+    class Loader:
+        def threads(self, path):
+            return le.load(path).threads  # the core's default: OMP_NUM_THREADS, set when the actor started
 
-    assert ray.get(threads.options(num_cpus=1).remote(path), timeout=60) == (1, "1")
-    assert ray.get(threads.options(num_cpus=2).remote(path), timeout=60) == (2, "2")
+    # a task may run in a worker process started for another num_cpus: the Predictor asks Ray
+    for cpus in (1, 2, 1):
+        assert ray.get(predictor_threads.options(num_cpus=cpus).remote(path), timeout=60) == cpus
+    for cpus in (2, 1):
+        actor = Loader.options(num_cpus=cpus).remote()
+        assert ray.get(actor.threads.remote(path), timeout=60) == cpus
+        ray.kill(actor)
 
 
 @pytest.mark.cluster

@@ -9,19 +9,34 @@
                             concurrency=8, batch_size=256)
 
 Each actor of the pool loads the model once (from a path readable on every node, or a Model pickled as
-the engine's own file bytes) and runs with the cores Ray gave it: Ray sets ``OMP_NUM_THREADS`` to the
-actor's ``num_cpus``, which the engine follows. Needs ``pip install "lstm_engine[ray]"``; this module
+the engine's own file bytes) and runs with the CPUs Ray assigned it (its ``num_cpus``). Needs ``pip install "lstm_engine[ray]"``; this module
 itself imports nothing from Ray, so a Predictor also works in plain Python.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 
+from . import _kernels
 from ._scale import score_sequences, worker_model
 
 __all__ = ["Predictor"]
+
+
+def _assigned_threads(threads: int | None) -> int | None:
+    """``threads`` if given, else the CPUs Ray assigned to the running task or actor (at most the process's
+    cores), else None (outside Ray: the engine's default). Ray also sets OMP_NUM_THREADS from num_cpus, but a
+    task can run in a worker process started for another task's num_cpus, so its environment may be stale."""
+    if threads is not None or "ray" not in sys.modules:  # never import Ray just to ask
+        return threads
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return max(1, min(int(cpus), _kernels.cpu_count())) if cpus else None
 
 
 class Predictor:
@@ -35,7 +50,7 @@ class Predictor:
 
     def __init__(self, model: Any, *, column: str = "x", lengths_column: str | None = None,
                  output_column: str = "y", threads: int | None = None) -> None:
-        self.model = worker_model(model, threads)
+        self.model = worker_model(model, _assigned_threads(threads))
         self.column, self.lengths_column, self.output_column = column, lengths_column, output_column
 
     def __call__(self, batch: Any) -> Any:
@@ -67,7 +82,7 @@ class _Scorer:
     """One actor's model, for score_chunks."""
 
     def __init__(self, model: Any, threads: int | None) -> None:
-        self.model = worker_model(model, threads)
+        self.model = worker_model(model, _assigned_threads(threads))
 
     def forward(self, key: Any, x: np.ndarray, lengths: np.ndarray | None) -> tuple:
         y, state = self.model.forward(x, lengths)
