@@ -77,7 +77,9 @@ def on_ray(workers: int, model_path: str, x_path: str, n: int, batch: int) -> tu
     # no work); with only the actors' CPUs the reads never get scheduled (Ray 2.60, even with num_cpus=0).
     ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.execution_options.preserve_order = True  # rows back in input order, to compare with plain
         t0 = time.perf_counter()
         ds = ray.data.read_numpy(x_path, override_num_blocks=max(2 * workers, n // (4 * batch)))
         ds = ds.map_batches(Predictor, fn_constructor_args=(model_path,), fn_constructor_kwargs={"column": "data"},
