@@ -43,6 +43,21 @@ def test_pickle_is_the_engine_file_and_round_trips(dtype):
     assert all(np.array_equal(a, b) for s, t in zip(state, state2) for a, b in zip(s, t))
 
 
+def test_a_graph_model_pickles():
+    from test_graph import lstm_head_graph
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = le.Model(lstm_head_graph(torch.nn.LSTM(5, 8, batch_first=True), torch.nn.Linear(8, 3)))
+    back = pickle.loads(pickle.dumps(model))
+    assert not back.is_chain
+    x = np.random.default_rng(2).standard_normal((4, 7, 5)).astype(np.float32)
+    y, state = model.forward(x)
+    y2, state2 = back.forward(x)
+    assert np.array_equal(y, y2)
+    assert all(np.array_equal(a, b) for s, t in zip(state, state2) for a, b in zip(s, t))
+
+
 def test_pickle_does_not_carry_threads():
     model = torch_lstm_model()
     model.threads = 1

@@ -80,6 +80,18 @@ def test_local_scheduler_matches_forward(data):
     assert np.array_equal(got, batched_forward(ids_model(), ids, batch=8))
 
 
+def test_a_graph_model(data):
+    torch = pytest.importorskip("torch")
+    from test_graph import lstm_head_graph
+
+    torch.manual_seed(0)
+    model = le.Model(lstm_head_graph(torch.nn.LSTM(6, 8, batch_first=True), torch.nn.Linear(8, 3)))
+    x = data[0][:40]
+    y = led.forward(x, model, batch_size=BATCH)
+    assert y.shape == (40, 3) and y.chunks == ((16, 16, 8), (3,))
+    assert np.array_equal(y.compute(scheduler="sync"), batched_forward(model, x))
+
+
 def test_bad_input_is_refused_before_anything_runs(data):
     x, lengths, path = data
     with pytest.raises(ValueError, match=r"\(batch, steps, 6\)"):

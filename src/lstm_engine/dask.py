@@ -109,6 +109,9 @@ def forward(x: Any, model: Any, lengths: Any = None, threads: int | None = None,
     probe = np.ones((1,) + x.shape[1:], dtype=x.dtype) if local.takes_ids else \
         np.zeros((1,) + x.shape[1:], dtype=local.dtype)
     y = local.forward(probe)[0]
+    if not isinstance(y, np.ndarray):
+        raise ValueError("model: it returns several outputs; lstm_engine.dask.forward gives one array "
+                         "(run model.run on each chunk with x.map_blocks instead)")
     if y.ndim == 3 and y.shape[1] == x.shape[1]:
         index, new_axes = "bto", {"o": y.shape[2]}
     elif y.ndim == 2:
