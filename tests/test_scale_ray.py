@@ -121,16 +121,20 @@ def test_tasks_and_actors_use_the_cpus_ray_gave_them(ray, data):
         return Predictor(path).model.threads
 
     @ray.remote
-    class Loader:
-        def threads(self, path):
-            return le.load(path).threads  # the core's default: OMP_NUM_THREADS, set when the actor started
+    class Holder:
+        def __init__(self, path):
+            self.predict = Predictor(path)
 
-    # a task may run in a worker process started for another num_cpus: the Predictor asks Ray
+        def threads(self):
+            return self.predict.model.threads
+
+    # A task or actor may run in a worker process Ray started for another num_cpus, whose OMP_NUM_THREADS
+    # is stale: the Predictor asks Ray what it was given.
     for cpus in (1, 2, 1):
         assert ray.get(predictor_threads.options(num_cpus=cpus).remote(path), timeout=60) == cpus
     for cpus in (2, 1):
-        actor = Loader.options(num_cpus=cpus).remote()
-        assert ray.get(actor.threads.remote(path), timeout=60) == cpus
+        actor = Holder.options(num_cpus=cpus).remote(path)
+        assert ray.get(actor.threads.remote(), timeout=60) == cpus
         ray.kill(actor)
 
 
