@@ -15,6 +15,7 @@ A user mistake (a bad argument, a missing or broken file) is one line on stderr 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from contextlib import ExitStack
@@ -400,6 +401,14 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                    help="also save the final states: layer<k>_h (and layer<k>_c for LSTM), "
                         "each (directions, batch, width)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    cluster = p.add_mutually_exclusive_group()
+    cluster.add_argument("--dask", metavar="SCHEDULER",
+                         help="score the chunks on a Dask cluster: a scheduler address (tcp://host:8786), or "
+                              "local:N for N worker processes on this machine (needs lstm_engine[dask]); "
+                              "--threads is then per task")
+    cluster.add_argument("--ray", metavar="ADDRESS",
+                         help="score the chunks on a Ray cluster: auto (the running one), an address, or local:N "
+                              "for N CPUs on this machine (needs lstm_engine[ray]); --threads is then per actor")
     p.set_defaults(func=run_run)
 
 
@@ -457,24 +466,20 @@ def run_run(args: argparse.Namespace) -> int:
     chunks = range(0, B, rows)
     progress = _Progress(B, enabled=len(chunks) > 1 and not args.quiet)
     out = None
-    states: list = []
+    states: dict = {}
     start = time.perf_counter()
     try:
-        for lo in chunks:
-            hi = min(B, lo + rows)
-            xb = np.ascontiguousarray(x[lo:hi])
-            if not model.takes_ids:
-                xb = xb.astype(model.dtype, copy=False)
-            y, state = model.forward(xb, None if lengths is None else lengths[lo:hi])
+        for lo, y, state in _score_chunks(args, model, x, lengths, chunks, rows):
             if not isinstance(y, np.ndarray):
                 raise UserError(f"{args.model}: the model returns several outputs; run writes one array "
                                 "(use model.run in Python)")
+            hi = lo + len(y)
             if out is None:
                 # Written chunk by chunk into the file, so the whole output never sits in memory.
                 out = np.lib.format.open_memmap(args.output, mode="w+", dtype=y.dtype, shape=(B,) + y.shape[1:])
             out[lo:hi] = y
             if args.state_out:
-                states.append(state)
+                states[lo] = state
             progress.update(hi - lo)
     finally:
         progress.close()
@@ -483,15 +488,44 @@ def run_run(args: argparse.Namespace) -> int:
     del out
     elapsed = time.perf_counter() - start
     print(f"wrote {args.output}: {shape} {model.dtype} from {B} sequences of {T} steps "
-          f"in {len(chunks)} chunk(s) of {rows}, {elapsed:.3f} s ({B * T / elapsed:,.0f} steps/s)")
+          f"in {len(chunks)} chunk(s) of {rows}{_where(args)}, {elapsed:.3f} s ({B * T / elapsed:,.0f} steps/s)")
     if args.state_out:
         arrays = {}
         for k, layer in enumerate(model.recurrent_layers):
             for j, name in enumerate(("h", "c")[: len(layer.state_shapes)]):
-                arrays[f"layer{k}_{name}"] = np.concatenate([s[k][j] for s in states], axis=1)
+                arrays[f"layer{k}_{name}"] = np.concatenate([states[lo][k][j] for lo in sorted(states)], axis=1)
         np.savez(args.state_out, **arrays)
         print(f"wrote {args.state_out}: {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}")
     return 0
+
+
+def _score_chunks(args: argparse.Namespace, model, x, lengths, chunks: range, rows: int):
+    """(lo, y, state) for every chunk: here in order, or on a Dask or Ray cluster as the chunks finish."""
+    import numpy as np
+
+    def batches():
+        for lo in chunks:
+            xb = np.ascontiguousarray(x[lo:lo + rows])
+            if not model.takes_ids:
+                xb = xb.astype(model.dtype, copy=False)
+            yield lo, xb, None if lengths is None else lengths[lo:lo + rows]
+
+    if args.dask or args.ray:
+        engine = "dask" if args.dask else "ray"
+        try:
+            cluster = importlib.import_module(f"lstm_engine.{engine}")
+        except ImportError as exc:
+            raise UserError(f"--{engine} needs {engine.capitalize()}: pip install \"lstm_engine[{engine}]\" "
+                            f"({exc})") from None
+        yield from cluster.score_chunks(args.dask or args.ray, model, batches(), args.threads)
+        return
+    for lo, xb, lb in batches():
+        y, state = model.forward(xb, lb)
+        yield lo, y, state
+
+
+def _where(args: argparse.Namespace) -> str:
+    return f" on Dask {args.dask}" if args.dask else f" on Ray {args.ray}" if args.ray else ""
 
 
 # -- verify --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _kernels
 from ._base import FLOAT_DTYPES, Layer, as_real_array
+from ._threads import default_threads
 from .graph import Graph, Node, ValueInfo, build_structure
 from .plan import Call, Plan, State, check_lengths, check_state
 
@@ -147,7 +148,8 @@ class Model:
 
     @property
     def threads(self) -> int:
-        """Threads one call may use, the engine's own and BLAS's (default: every core of the process).
+        """Threads one call may use, the engine's own and BLAS's (default: every core of the process,
+        at most ``OMP_NUM_THREADS`` when that is set, as Ray and Dask workers do).
 
         Sessions of the model use it too. Two calls running at once in different Python threads
         each get one core when the engine's workers are busy with the other.
@@ -157,7 +159,7 @@ class Model:
     @threads.setter
     def threads(self, threads: int | None) -> None:
         if threads is None:
-            threads = _kernels.cpu_count()
+            threads = default_threads()
         if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
             raise TypeError(f"threads: expected an int or None, got {type(threads).__name__}")
         if threads < 1:
@@ -354,6 +356,14 @@ class Model:
                 check_lengths(lengths, x.shape[0], x.shape[1])
         outputs = self._execute(inputs, dtype, Call([None] * len(self.recurrent_layers)))
         return dict(zip(self.graph.outputs, outputs))
+
+    def __reduce__(self) -> tuple:
+        # A pickled Model is the engine's own file bytes, read back by the same checked loader as
+        # le.load: it travels to Dask and Ray workers as weights, never as code. Threads are not
+        # kept: the receiving worker sizes them to its own cores.
+        from .formats.native import from_bytes, to_bytes
+
+        return from_bytes, (to_bytes(self),)
 
     # -- streaming ----------------------------------------------------------------------------
     def session(self, batch_size: int = 1, *, dtype: Any = None) -> "Session":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -111,10 +111,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     ".npz, or a pickle of NumPy arrays)")
 
 
-def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model:
+def load(path: str | os.PathLike | BinaryIO, *, dtype: Any = None, **options: Any) -> Model:
     """Load a model file: the engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``,
     ``.bin``, ``.safetensors``, legacy pre-1.6 ``torch.save`` files too), a Keras model (``.keras``, ``.h5``), an
     ONNX model (``.onnx``, needs ``pip install "lstm_engine[onnx]"``) or a madmom model (its pickled networks).
+
+    ``path`` may also be a binary file object (e.g. ``io.BytesIO(data)``) holding a safetensors file:
+    the engine's own, as ``save`` writes it, or a PyTorch state_dict.
 
     The format is recognised from the file's content. ``dtype`` picks the weights' float type
     (default: as saved for the engine's own files, float32 otherwise). Other keyword options go to the
@@ -126,10 +129,18 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
     from ._safetensors import read_safetensors
     from .torch import model_from_state_dict
 
-    path = os.fspath(path)
-    kind = _sniff(path)
+    if hasattr(path, "read"):
+        source = path
+        path = getattr(source, "name", "<bytes>")
+        kind = "safetensors" if source.read(9)[8:9] == b"{" else "unknown"
+        if kind != "safetensors":
+            raise LoadError(f"{path}: from a file object, load reads safetensors files only (the engine's own "
+                            "or a PyTorch state_dict); save other formats to a file and load its path")
+    else:
+        source = path = os.fspath(path)
+        kind = _sniff(path)
     if kind == "safetensors":
-        tensors, metadata = read_safetensors(path)
+        tensors, metadata = read_safetensors(source)
         if native.is_native(metadata):
             if options:
                 raise TypeError(f"load: options {sorted(options)} do not apply to an lstm_engine file")

@@ -17,7 +17,8 @@ import itertools
 import json
 import math
 import os
-from typing import Any
+from contextlib import nullcontext
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -62,12 +63,16 @@ _WRITE_DTYPES = {
 }
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file: ({name: C-contiguous array}, metadata); F16/BF16 as float32."""
-    path_str = os.fspath(path)
+def read_safetensors(path: str | os.PathLike | BinaryIO) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a safetensors file: ({name: C-contiguous array}, metadata); F16/BF16 as float32.
+
+    ``path`` may also be a seekable binary file object (e.g. ``io.BytesIO``), read from its start.
+    """
+    path_str = os.fspath(path) if not hasattr(path, "read") else getattr(path, "name", "<bytes>")
     # Opening errors (missing file, no permission) are the caller's to see unchanged.
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
+    with _opened(path, "rb") as f:
+        file_size = f.seek(0, os.SEEK_END)
+        f.seek(0)
         if file_size < 8:
             raise LoadError(f"{path_str}: {file_size}-byte file is too short for the 8-byte header length")
         header_len = int.from_bytes(f.read(8), "little")
@@ -88,6 +93,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                 raise LoadError(f"{path_str}: tensor '{name}': file ended inside its data (changed while reading?)")
             tensors[name] = _decode(raw, dtype).reshape(shape)
     return tensors, metadata
+
+
+def _opened(path: str | os.PathLike | BinaryIO, mode: str) -> IO[bytes]:
+    """A context giving the file: opened (and closed) here for a name, as given (left open) for a file object."""
+    return nullcontext(path) if hasattr(path, "read" if "r" in mode else "write") else open(path, mode)
 
 
 def _parse_header(raw: bytes, path: str) -> dict[str, Any]:
@@ -188,9 +198,10 @@ def _decode(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+    path: str | os.PathLike | BinaryIO, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
 ) -> None:
-    """Write ``tensors`` (any shapes; bool, int/uint 8-64, float16-64) and string ``metadata`` to ``path``."""
+    """Write ``tensors`` (any shapes; bool, int/uint 8-64, float16-64) and string ``metadata`` to ``path``
+    (a file name, or a binary file object written from its current position)."""
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map str to str")
     arrays: dict[str, np.ndarray] = {}
@@ -224,7 +235,7 @@ def write_safetensors(
     # Pad with spaces (valid JSON) so the data buffer starts 8-byte aligned, as the reference writer does.
     encoded += b" " * (-len(encoded) % 8)
 
-    with open(path, "wb") as f:
+    with _opened(path, "wb") as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for name in data_order:

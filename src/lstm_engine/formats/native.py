@@ -20,9 +20,10 @@ runtime knows (the graph is validated before it runs); it needs neither torch no
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -80,8 +81,9 @@ def _encode_structure(s: Any) -> Any:
     return {"tuple" if isinstance(s, tuple) else "list": [_encode_structure(x) for x in s]}
 
 
-def save(model: Model, path: str | os.PathLike) -> None:
-    """Write a Model to ``path`` (conventionally ``.safetensors``); ``load`` reads it back identically."""
+def save(model: Model, path: str | os.PathLike | BinaryIO) -> None:
+    """Write a Model to ``path`` (conventionally ``.safetensors``), or to a binary file object such as
+    ``io.BytesIO``; ``load`` reads it back identically."""
     if not isinstance(model, Model):
         raise TypeError(f"save: expected an lstm_engine Model, got {type(model).__name__}")
     tensors: dict[str, np.ndarray] = {}
@@ -254,9 +256,24 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
         raise LoadError(f"{path}: {exc}") from exc
 
 
-def load_native(path: str | os.PathLike, dtype: Any = None) -> Model:
-    """Read a file written by ``save``."""
+def load_native(path: str | os.PathLike | BinaryIO, dtype: Any = None) -> Model:
+    """Read a file (or binary file object) written by ``save``."""
+    name = getattr(path, "name", "<bytes>") if hasattr(path, "read") else os.fspath(path)
     tensors, metadata = read_safetensors(path)
     if not is_native(metadata):
-        raise LoadError(f"{os.fspath(path)}: not an lstm_engine model file (no 'format' metadata)")
-    return model_from_safetensors(os.fspath(path), tensors, metadata, dtype)
+        raise LoadError(f"{name}: not an lstm_engine model file (no 'format' metadata)")
+    return model_from_safetensors(name, tensors, metadata, dtype)
+
+
+def to_bytes(model: Model) -> bytes:
+    """The bytes ``save`` would write to a file: what a pickled Model carries."""
+    buffer = io.BytesIO()
+    save(model, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes | bytearray | memoryview, dtype: Any = None) -> Model:
+    """Rebuild a Model from ``to_bytes`` output, with the same checks as loading a file (never runs code)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"from_bytes: expected bytes, got {type(data).__name__}")
+    return load_native(io.BytesIO(data), dtype)

@@ -1,0 +1,137 @@
+"""Batch scoring on Ray Data: ``Predictor``, a callable class for ``Dataset.map_batches``.
+
+    import ray
+    from lstm_engine.ray import Predictor
+
+    ds = ray.data.read_parquet("s3://bucket/features/")        # a column "x" of sequences
+    scored = ds.map_batches(Predictor, fn_constructor_args=("model.safetensors",),
+                            fn_constructor_kwargs={"column": "x", "output_column": "y"},
+                            concurrency=8, batch_size=256)
+
+Each actor of the pool loads the model once (from a path readable on every node, or a Model pickled as
+the engine's own file bytes) and runs with the CPUs Ray assigned it (its ``num_cpus``). Needs ``pip install "lstm_engine[ray]"``; this module
+itself imports nothing from Ray, so a Predictor also works in plain Python.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from . import _kernels
+from ._scale import score_sequences, worker_model
+
+__all__ = ["Predictor"]
+
+
+def _assigned_threads(threads: int | None) -> int | None:
+    """``threads`` if given, else the CPUs Ray assigned to the running task or actor (at most the process's
+    cores), else None (outside Ray: the engine's default). Ray also sets OMP_NUM_THREADS from num_cpus, but a
+    task can run in a worker process started for another task's num_cpus, so its environment may be stale."""
+    if threads is not None or "ray" not in sys.modules:  # never import Ray just to ask
+        return threads
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return max(1, min(int(cpus), _kernels.cpu_count())) if cpus else None
+
+
+class Predictor:
+    """Adds ``output_column`` to each batch: the model's output for the sequences in ``column``.
+
+    ``column`` holds (n, T, F) floats or (n, T) token ids, or one sequence per row of its own length
+    ((T_i, F) or (T_i,)); ``lengths_column`` (optional, dense input only) gives packed-sequence lengths.
+    Outputs are (n, T, out) or (n, out) for dense input, one (T_i, out) or (out,) array per row otherwise.
+    Batches come as dicts of NumPy arrays (Ray's default) or as pandas DataFrames.
+    """
+
+    def __init__(self, model: Any, *, column: str = "x", lengths_column: str | None = None,
+                 output_column: str = "y", threads: int | None = None) -> None:
+        self.model = worker_model(model, _assigned_threads(threads))
+        self.column, self.lengths_column, self.output_column = column, lengths_column, output_column
+
+    def __call__(self, batch: Any) -> Any:
+        if isinstance(batch, dict):
+            columns = batch
+        elif hasattr(batch, "columns"):  # a pandas DataFrame
+            columns = batch
+        else:
+            raise TypeError(f"Predictor: expected a batch as a dict of arrays or a DataFrame, got {type(batch).__name__}")
+        for name in (self.column, self.lengths_column):
+            if name is not None and name not in columns:
+                raise ValueError(f"Predictor: the batch has no column {name!r} (it has {list(columns)})")
+        x = columns[self.column]
+        if not isinstance(batch, dict):
+            x = x.to_numpy()
+            if x.dtype == object and len(x) and isinstance(x[0], np.ndarray) and \
+                    all(np.shape(row) == np.shape(x[0]) for row in x):
+                x = np.stack(list(x))
+        lengths = None if self.lengths_column is None else np.asarray(columns[self.lengths_column])
+        y = score_sequences(self.model, x, lengths)
+        if isinstance(batch, dict):
+            return {**batch, self.output_column: y}
+        out = batch.copy()
+        out[self.output_column] = list(y)
+        return out
+
+
+class _Scorer:
+    """One actor's model, for score_chunks."""
+
+    def __init__(self, model: Any, threads: int | None) -> None:
+        self.model = worker_model(model, _assigned_threads(threads))
+
+    def forward(self, key: Any, x: np.ndarray, lengths: np.ndarray | None) -> tuple:
+        y, state = self.model.forward(x, lengths)
+        return key, y, state
+
+
+def score_chunks(address: str, model: Any, batches: Any, threads: int | None = None) -> Any:
+    """Run ``(key, x, lengths)`` batches on a Ray cluster, yielding ``(key, y, state)`` as they finish.
+
+    ``address`` is ``auto`` (the running cluster), a cluster address (``ray://host:10001`` or
+    ``host:6379``), or ``local:N`` for a Ray instance with N CPUs on this machine, started here and stopped
+    at the end. One actor per ``threads`` CPUs (default 1) of the cluster holds the model, sent once
+    through the object store; batches are read from ``batches`` only as actors free up, two per actor at
+    most. (What ``lstm-engine run --ray`` uses.)
+    """
+    import ray
+    from ray.util import ActorPool
+
+    if ray.is_initialized():
+        started = False
+    elif address.startswith("local:"):
+        n = address[len("local:"):]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--ray {address}: expected local:N with N at least 1 CPU")
+        ray.init(num_cpus=int(n), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        started = True
+    else:
+        ray.init(address=address, log_to_driver=False)
+        started = True
+    try:
+        cpus = threads or 1
+        actors = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+        scorer = ray.remote(num_cpus=cpus)(_Scorer)
+        shipped = ray.put(model)
+        pool = ActorPool([scorer.remote(shipped, threads) for _ in range(actors)])
+        batches = iter(batches)
+        pending = 0
+        for item in batches:
+            pool.submit(lambda actor, item: actor.forward.remote(*item), item)
+            pending += 1
+            if pending >= 2 * actors:
+                break
+        while pending:
+            yield pool.get_next_unordered()
+            pending -= 1
+            item = next(batches, None)
+            if item is not None:
+                pool.submit(lambda actor, item: actor.forward.remote(*item), item)
+                pending += 1
+    finally:
+        if started:
+            ray.shutdown()

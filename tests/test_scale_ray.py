@@ -1,0 +1,172 @@
+"""lstm_engine.ray on a real local Ray instance (2 CPUs): the Predictor in Ray Data, threads from num_cpus,
+streams moved between actors through save_state, and `lstm-engine run --ray`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_scale_dask import (BATCH, assert_like_one_process, batched_forward, ids_model, lstm_model, make_data,
+                             run_on_cluster)
+
+import lstm_engine as le
+from lstm_engine.ray import Predictor
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory, 64, seed=1)
+
+
+# -- the Predictor in plain Python ----------------------------------------------------------------
+
+def test_predictor_on_dict_and_pandas_batches(data):
+    x, lengths, path = data
+    predict = Predictor(path, lengths_column="n", threads=1)
+    out = predict({"x": x[:BATCH], "n": lengths[:BATCH], "id": np.arange(BATCH)})
+    assert np.array_equal(out["y"], lstm_model().forward(x[:BATCH], lengths[:BATCH])[0])
+    assert np.array_equal(out["id"], np.arange(BATCH))
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"tokens": [np.array([3, 4, 5]), np.array([7]), np.array([1, 2])]})
+    scored = Predictor(ids_model(), column="tokens", output_column="h")(frame)
+    want = ids_model().forward(np.array([[3, 4, 5], [7, 0, 0], [1, 2, 0]]), np.array([3, 1, 2]))[0]
+    assert np.array_equal(np.stack(scored["h"]), want)
+
+
+def test_predictor_refuses_what_it_cannot_read(data):
+    x, lengths, path = data
+    predict = Predictor(path)
+    with pytest.raises(ValueError, match="no column 'x'"):
+        predict({"features": x})
+    with pytest.raises(TypeError, match="dict of arrays or a DataFrame"):
+        predict(x)
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = x[0], x[1, :5, :2]
+    with pytest.raises(ValueError, match=r"sequences\[1\]: shape \(5, 2\)"):
+        predict({"x": ragged})
+    with pytest.raises(TypeError, match="Model or a model file path"):
+        Predictor(None)
+
+
+# -- a real Ray instance ---------------------------------------------------------------------------
+
+@pytest.mark.cluster
+def test_cli_run_on_ray(tmp_path, data):
+    # Before the module's own Ray instance starts: the command starts (and stops) one of its own.
+    y, states, printed = run_on_cluster(tmp_path, data, "--ray", "local:2")
+    assert "on Ray local:2" in printed and "64/64 sequences" in printed
+    assert_like_one_process(data, y, states)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ray_serve_example_answers_like_forward():
+    # Its own Ray instance and Serve (about 30 s here), before the module's: run with -m slow.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray.serve")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "ray_serve.py")
+    out = subprocess.run([sys.executable, example, "--port", str(port)], capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "32 requests through the handle: answers match model.forward" in out.stdout
+    assert "HTTP: " in out.stdout
+
+
+@pytest.fixture(scope="module")
+def ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.cluster
+def test_map_batches_is_bit_identical(ray, data):
+    x, lengths, path = data
+    rows = [{"id": i, "x": x[i], "n": lengths[i]} for i in range(64)]
+    # one block per batch, so each batch holds the same rows as the one-process run's
+    ds = ray.data.from_items(rows, override_num_blocks=64 // BATCH)
+    scored = ds.map_batches(Predictor, fn_constructor_args=(path,), fn_constructor_kwargs={"lengths_column": "n"},
+                            compute=ray.data.ActorPoolStrategy(size=2), batch_size=BATCH).take_all()
+    got = np.stack([r["y"] for r in sorted(scored, key=lambda r: r["id"])])
+    assert np.array_equal(got, batched_forward(lstm_model(), x, lengths))
+
+
+@pytest.mark.cluster
+def test_map_batches_with_a_model_and_ragged_sequences(ray, data):
+    x, lengths, _ = data
+    rows = [{"id": i, "x": x[i, :lengths[i]]} for i in range(32)]
+    ds = ray.data.from_items(rows, override_num_blocks=2)
+    scored = ds.map_batches(Predictor, fn_constructor_args=(lstm_model(),), compute=ray.data.ActorPoolStrategy(size=2),
+                            batch_size=16).take_all()
+    model = lstm_model()
+    for r in scored:
+        alone = model.forward(r["x"][None])[0][0]
+        assert r["y"].shape == (lengths[r["id"]], 3)
+        np.testing.assert_allclose(r["y"], alone, rtol=1e-5, atol=1e-6)  # padded with others: same up to rounding
+
+
+@pytest.mark.cluster
+def test_tasks_and_actors_use_the_cpus_ray_gave_them(ray, data):
+    _, _, path = data
+
+    @ray.remote
+    def predictor_threads(path):
+        return Predictor(path).model.threads
+
+    @ray.remote
+    class Holder:
+        def __init__(self, path):
+            self.predict = Predictor(path)
+
+        def threads(self):
+            return self.predict.model.threads
+
+    # A task or actor may run in a worker process Ray started for another num_cpus, whose OMP_NUM_THREADS
+    # is stale: the Predictor asks Ray what it was given.
+    for cpus in (1, 2, 1):
+        assert ray.get(predictor_threads.options(num_cpus=cpus).remote(path), timeout=60) == cpus
+    for cpus in (2, 1):
+        actor = Holder.options(num_cpus=cpus).remote(path)
+        assert ray.get(actor.threads.remote(), timeout=60) == cpus
+        ray.kill(actor)
+
+
+@pytest.mark.cluster
+def test_a_stream_moves_between_actors(ray, data, tmp_path):
+    x, _, _ = data
+    r = np.random.default_rng(4).standard_normal
+    model = le.Model([le.LSTM(r((64, 6)) * 0.3, r((64, 16)) * 0.3, r(64), r(64)),
+                      le.GRU(r((30, 16)) * 0.3, r((30, 10)) * 0.3, r(30), r(30)), le.Dense(r((3, 10)), r(3))])
+    path = str(tmp_path / "streaming.safetensors")
+    le.save(model, path)
+
+    @ray.remote(num_cpus=1)
+    class Streamer:
+        def __init__(self, path):
+            self.session = le.load(path).session(batch_size=4)
+
+        def feed(self, chunk):
+            return self.session.feed(chunk)
+
+        def hand_over(self):
+            return self.session.save_state()
+
+        def take_over(self, blob):
+            self.session.load_state(blob)
+
+    a, b = Streamer.remote(path), Streamer.remote(path)
+    first = ray.get(a.feed.remote(x[:4, :5]), timeout=60)
+    ray.get(b.take_over.remote(ray.get(a.hand_over.remote(), timeout=60)), timeout=60)
+    rest = ray.get(b.feed.remote(x[:4, 5:]), timeout=60)
+
+    stay = model.session(batch_size=4)
+    assert np.array_equal(first, stay.feed(x[:4, :5]))
+    assert np.array_equal(rest, stay.feed(x[:4, 5:]))
+
