@@ -1,10 +1,11 @@
 """Gates: forward(record=True) against the kernels and torch; memory horizon; Jacobian products against autograd."""
 import numpy as np
 import pytest
-import torch
 
 import lstm_engine as le
 from lstm_engine import gates
+
+torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(120)
 

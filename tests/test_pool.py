@@ -6,9 +6,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import lstm_engine as le
+
+torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(60)
 
