@@ -100,6 +100,11 @@ class Model:
 
     @staticmethod
     def _check_chain(layers: Sequence[Layer]) -> list:
+        if isinstance(layers, Layer):
+            raise TypeError(f"Model: expected a list of layers, got one {type(layers).__name__}; "
+                            f"write Model([layer]) for a model of one layer")
+        if not hasattr(layers, "__iter__"):
+            raise TypeError(f"Model: expected a list of layers or a Graph, got {type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise ValueError("Model: expected at least one layer")

@@ -8,6 +8,29 @@ from ..errors import LoadError
 from ..model import Model
 
 
+# Models shipped inside the package, by the name every command and ``load`` accept ("builtin:charlm").
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {"charlm": "charlm.safetensors"}
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """The file a model name stands for: ``builtin:NAME`` is a model shipped in lstm_engine/data/,
+    anything else is a path, returned as given."""
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_MODELS:
+        raise LoadError(f"{path}: no such built-in model; built-in models: "
+                        f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}")
+    from importlib import resources
+
+    ref = resources.files("lstm_engine").joinpath("data", BUILTIN_MODELS[name])
+    if not ref.is_file():
+        raise LoadError(f"{path}: lstm_engine/data/{BUILTIN_MODELS[name]} is missing from this installation")
+    return os.fspath(ref)  # a regular package directory: the data file is a path on disk
+
+
 def _sniff(path: str) -> str:
     """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors' or 'unknown'."""
     try:
@@ -25,7 +48,7 @@ def _sniff(path: str) -> str:
 
 
 def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model:
-    """Load a model file: the engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``,
+    """Load a model file (or ``"builtin:charlm"``, the character model shipped with lstm_engine): the engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``,
     ``.bin``, ``.safetensors``) or a Keras model (``.keras``, ``.h5``).
 
     The format is recognised from the file's content. ``dtype`` picks the weights' float type
@@ -37,7 +60,7 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
     from ._safetensors import read_safetensors
     from .torch import model_from_state_dict
 
-    path = os.fspath(path)
+    path = resolve(path)
     kind = _sniff(path)
     if kind == "safetensors":
         tensors, metadata = read_safetensors(path)
