@@ -170,3 +170,13 @@ def test_verify_sets_the_keras_backend_before_importing_keras(tmp_path):
                           capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "not installed" not in proc.stdout and "ok:" in proc.stdout
+
+
+def test_a_bad_weight_ih_is_blamed_on_weight_ih_in_the_given_shape():
+    rng = np.random.default_rng(16)
+    with pytest.raises(ValueError, match=r"LSTM weight_ih: .*\(512, input_size\) for hidden_size 128 .*got \(384, 64\)"):
+        le.LSTM(rng.standard_normal((384, 64)), rng.standard_normal((512, 128)))
+    with pytest.raises(ValueError, match=r"weight_ih: .*got \(15, 4\)$"):
+        le.GRU(rng.standard_normal((15, 4)), rng.standard_normal((12, 4)))
+    with pytest.raises(ValueError, match=r"RNN weight_hh: expected shape \(1\*hidden_size, hidden_size\), got \(4, 3\)"):
+        le.RNN(rng.standard_normal((4, 2)), rng.standard_normal((4, 3)))
