@@ -43,10 +43,11 @@ if mode_changed:
 extensions = [
     Extension(
         "lstm_engine._kernels",
-        ["src/lstm_engine/_kernels.pyx", "src/lstm_engine/_cpu.c"],
+        ["src/lstm_engine/_kernels.pyx", "src/lstm_engine/_cpu.c", "src/lstm_engine/_gates_general.c"],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["src/lstm_engine/_cpu.h", "src/lstm_engine/_kernels.pxd", MODE_STAMP],
+        depends=["src/lstm_engine/_cpu.h", "src/lstm_engine/_kernels.pxd", "src/lstm_engine/_activations.h",
+                 "src/lstm_engine/_gates_general.h", MODE_STAMP],
         extra_compile_args=compile_args,
         extra_link_args=["-pthread"],
     )

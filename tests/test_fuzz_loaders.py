@@ -501,6 +501,10 @@ def structured_mutation(rng, name, data):
         return zip_member_mutation(rng, data, lambda n: {"config.json": 5, "model.weights.h5": 5}.get(n, 1), member)
     if name.endswith(".h5"):
         return h5_mutation(rng, data)
+    if name.endswith(".onnx"):
+        from test_fuzz_onnx import proto_mutation  # ONNX's sources and mutations live with its fuzz test
+
+        return proto_mutation(rng, data)
     raise ValueError(name)
 
 

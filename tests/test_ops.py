@@ -164,6 +164,10 @@ CASES = [
      [i64(0, 0, 2, 0, 0, 1)], 1, 17),
     ("Pad", {"pads": [1, 2, 0, 1], "mode": "edge"}, [f(2, 3)], {"mode": "edge"}, [i64(1, 2, 0, 1)], 1, 17),
     ("Pad", {"pads": [1, 1], "value": 1.5, "axes": [1]}, [f(2, 3)], {}, [i64(1, 1), np.array(1.5, F), i64(1)], 1, 18),
+    ("ConstantOfShape", {"value": 1.5}, [i64(2, 3)],
+     {"value": helper.make_tensor("v", TensorProto.FLOAT, [1], [1.5])}, [], 1, 17),
+    ("ConstantOfShape", {"dtype": "int64"}, [i64(4)],
+     {"value": helper.make_tensor("v", TensorProto.INT64, [1], [0])}, [], 1, 17),
 ]
 
 

@@ -4,18 +4,25 @@ ctypedef fused floating:
     float
     double
 
-# Activation codes; the Python side maps names to these (see _activations.py).
-cdef enum:
-    ACT_SIGMOID = 0
-    ACT_TANH = 1
-    ACT_RELU = 2
-    ACT_LINEAR = 3
-    ACT_HARD_SIGMOID = 4      # Keras 3: clip(x / 6 + 1/2, 0, 1)
-    ACT_HARD_SIGMOID_V2 = 5   # Keras 2: clip(0.2 x + 1/2, 0, 1)
-    ACT_SOFTSIGN = 6
-    ACT_SOFTPLUS = 7
-    ACT_ELU = 8
-    ACT_EXPONENTIAL = 9
+# Activation codes, defined once in _activations.h (Python reads them via activation_codes()).
+cdef extern from "_activations.h":
+    cdef enum:
+        ACT_SIGMOID
+        ACT_TANH
+        ACT_RELU
+        ACT_LINEAR
+        ACT_HARD_SIGMOID          # clip(alpha x + beta, 0, 1); Keras 3: 1/6, 1/2
+        ACT_HARD_SIGMOID_V2       # Keras 2: 0.2, 1/2
+        ACT_SOFTSIGN
+        ACT_SOFTPLUS
+        ACT_ELU
+        ACT_EXPONENTIAL
+        ACT_AFFINE                # this one and the ones below: the general gate loop only
+        ACT_LEAKY_RELU
+        ACT_THRESHOLDED_RELU
+        ACT_SCALED_TANH
+        ACT_COUNT
+    const char* le_activation_name(int code)
 
 # Cell codes.
 cdef enum:

@@ -34,6 +34,35 @@ cdef extern from "_cpu.h" nogil:
     int le_blas_threads()
     void le_blas_set_threads(int n)
 
+cdef extern from "_gates_general.h" nogil:
+    ctypedef struct le_activation:
+        int code
+        double alpha, beta
+    ctypedef struct le_gate_options:
+        le_activation gate, act, cell_act
+        double clip
+        int input_forget
+        const void* peephole
+    void le_lstm_general_f32(const le_gate_options* o, int H, const float* q, const float* bias, float* c,
+                             float* h)
+    void le_lstm_general_f64(const le_gate_options* o, int H, const double* q, const double* bias, double* c,
+                             double* h)
+    void le_gru_general_f32(const le_gate_options* o, int H, const float* xq, const float* hq, const float* bias,
+                            const float* bias_hn, float* h)
+    void le_gru_general_f64(const le_gate_options* o, int H, const double* xq, const double* hq,
+                            const double* bias, const double* bias_hn, double* h)
+    void le_gru_before_gates_f32(const le_gate_options* o, int H, const float* xq, float* hq, const float* bias,
+                                 const float* h, float* rh)
+    void le_gru_before_gates_f64(const le_gate_options* o, int H, const double* xq, double* hq,
+                                 const double* bias, const double* h, double* rh)
+    void le_gru_before_output_f32(const le_gate_options* o, int H, const float* xq, const float* hq,
+                                  const float* bias, float* h)
+    void le_gru_before_output_f64(const le_gate_options* o, int H, const double* xq, const double* hq,
+                                  const double* bias, double* h)
+    void le_rnn_general_f32(const le_gate_options* o, int H, const float* q, const float* bias, float* h)
+    void le_rnn_general_f64(const le_gate_options* o, int H, const double* q, const double* bias, double* h)
+    double le_activate_f64(const le_activation* a, double x)
+
 # SciPy's BLAS, bound at the first call that needs it rather than cimported: importing
 # scipy.linalg (which its cython_blas lives in) takes 0.2-0.45 s here, most of the
 # import budget, and float32 LSTM/GRU streaming never calls BLAS.
@@ -164,6 +193,7 @@ cdef struct Dims:
     int cell, D, In, H, P, G, B, T  # 'I' would clash with complex.h's macro
     int act, gate_act
     bint zero_masked, go_backwards
+    const le_gate_options* general  # per direction, or NULL: the fused loops below
 
 
 cdef inline void masked_output(floating* y, Py_ssize_t row_stride, int s, int step_back,
@@ -173,6 +203,30 @@ cdef inline void masked_output(floating* y, Py_ssize_t row_stride, int s, int st
         memset(y, 0, P * sizeof(floating))
     else:
         memcpy(y, y + step_back * row_stride, P * sizeof(floating))
+
+
+cdef inline void general_row(const le_gate_options* o, int cell, int H, floating* q, floating* hq,
+                             floating* bias, floating* bias_hn, floating* c, floating* h,
+                             floating* rh) noexcept nogil:
+    """One row's gates through _gates_general.c (peepholes, clip, input_forget, parameterised activations)."""
+    if floating is float:
+        if cell == CELL_LSTM:
+            le_lstm_general_f32(o, H, q, bias, c, h)
+        elif cell == CELL_RNN:
+            le_rnn_general_f32(o, H, q, bias, h)
+        elif cell == CELL_GRU:
+            le_gru_general_f32(o, H, q, hq, bias, bias_hn, h)
+        else:
+            le_gru_before_gates_f32(o, H, q, hq, bias, h, rh)
+    else:
+        if cell == CELL_LSTM:
+            le_lstm_general_f64(o, H, q, bias, c, h)
+        elif cell == CELL_RNN:
+            le_rnn_general_f64(o, H, q, bias, h)
+        elif cell == CELL_GRU:
+            le_gru_general_f64(o, H, q, hq, bias, bias_hn, h)
+        else:
+            le_gru_before_gates_f64(o, H, q, hq, bias, h, rh)
 
 
 cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h, floating* c,
@@ -198,6 +252,9 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
     cdef int act = d.act, gact = d.gate_act
     cdef bint reverse = (dirn == 1) != d.go_backwards
     cdef bint proj = w_hr != NULL
+    cdef const le_gate_options* general = d.general
+    if general != NULL:
+        general += dirn
 
     # Input projection of every timestep at once: xp[B*T, GH] = x[B*T, In] @ w_ih^T.
     gemm_nt(B * T, GH, In, x, In, w_ih, In, 0, xp, GH)
@@ -222,7 +279,14 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                 continue
             q = pre + b * xp_row
             hb = h + <Py_ssize_t>b * P
-            if d.cell == CELL_LSTM:
+            if general != NULL:
+                cb = c + <Py_ssize_t>b * H if d.cell == CELL_LSTM else hp + <Py_ssize_t>b * GH
+                if d.cell == CELL_LSTM and proj:
+                    hb = tmp + <Py_ssize_t>b * H
+                general_row(general, d.cell, H, q, cb, bias, bias_hn, cb, hb, tmp + <Py_ssize_t>b * H)
+                if d.cell != CELL_GRU_RESET_BEFORE and not proj:
+                    memcpy(yb, hb, P * sizeof(floating))
+            elif d.cell == CELL_LSTM:
                 cb = c + <Py_ssize_t>b * H
                 # Without a projection h is written in place: this step's product already read it.
                 hb = tmp + <Py_ssize_t>b * H if proj else hb
@@ -265,10 +329,16 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                 q = pre + b * xp_row
                 cb = hp + <Py_ssize_t>b * GH
                 hb = h + <Py_ssize_t>b * H
-                for j in range(H):
-                    n = activate(q[2 * H + j] + bias[2 * H + j] + cb[2 * H + j], act)
-                    z = cb[H + j]
-                    hb[j] = (1 - z) * n + z * hb[j]
+                if general != NULL:
+                    if floating is float:
+                        le_gru_before_output_f32(general, H, q, cb, bias, hb)
+                    else:
+                        le_gru_before_output_f64(general, H, q, cb, bias, hb)
+                else:
+                    for j in range(H):
+                        n = activate(q[2 * H + j] + bias[2 * H + j] + cb[2 * H + j], act)
+                        z = cb[H + j]
+                        hb[j] = (1 - z) * n + z * hb[j]
                 memcpy(y + b * y_row + <Py_ssize_t>t * ydim + dirn * P, hb, H * sizeof(floating))
         elif proj:
             gemm_nt(B, P, H, tmp, H, w_hr, H, 0, hnew, P)
@@ -368,6 +438,45 @@ def fast_sigmoid(cnp.ndarray[float, ndim=1, mode="c"] x):
     return out
 
 
+cdef set_activation(le_activation* a, tuple spec):
+    code, alpha, beta = spec
+    if not 0 <= code < ACT_COUNT:
+        raise ValueError(f"RecurrentKernel: activation code {code} is not one of 0..{ACT_COUNT - 1}")
+    a.code = code
+    a.alpha = alpha
+    a.beta = beta
+
+
+cdef set_options(le_gate_options* o, dict spec, object dtype, int H):
+    set_activation(&o.gate, spec["gate"])
+    set_activation(&o.act, spec["act"])
+    set_activation(&o.cell_act, spec["cell_act"])
+    o.clip = spec["clip"]
+    o.input_forget = spec["input_forget"]
+    p = spec["peephole"]
+    if p is not None and (not isinstance(p, cnp.ndarray) or p.dtype != dtype or p.size != 3 * H
+                          or not p.flags.c_contiguous):
+        raise ValueError(f"RecurrentKernel: peephole must be a C-contiguous {dtype} array of 3*{H} values")
+    o.peephole = data_or_null(p)
+
+
+def activation_codes():
+    """{name: code} of every activation the kernels know, from _activations.h (the one list)."""
+    return {le_activation_name(k).decode(): k for k in range(ACT_COUNT)}
+
+
+def general_activation(int code, double alpha, double beta, cnp.ndarray[double, ndim=1, mode="c"] x):
+    """The general gate loop's activation of a 1-D float64 array (a new array); for tests."""
+    cdef le_activation a
+    cdef Py_ssize_t k
+    set_activation(&a, (code, alpha, beta))
+    out = cnp.PyArray_EMPTY(1, x.shape, cnp.NPY_FLOAT64, 0)
+    cdef double[::1] o = out
+    for k in range(x.shape[0]):
+        o[k] = le_activate_f64(&a, x[k])
+    return out
+
+
 cdef class RecurrentKernel:
     """One recurrent layer (every direction) in one dtype, bound to its re-laid-out weights.
 
@@ -376,8 +485,10 @@ cdef class RecurrentKernel:
     bias_hn[d] (H) (GRU only: the recurrent n bias, which stays inside the reset product).
     All C-contiguous, of one dtype; the Python layer builds them once. go_backwards runs the
     single direction from the last step to the first (Keras), writing each output at its own step.
-    ``threads`` is how many threads a run may use (default: every core of the process); a run
-    also takes its own.
+    ``options``: None, or per direction a dict for the general gate loop (_gates_general.c):
+    ``gate``, ``act``, ``cell_act`` as (code, alpha, beta), ``clip`` (0: none), ``input_forget``,
+    ``peephole`` ((3, H) rows i, f, o, or None). ``threads`` is how many threads a run may use
+    (default: every core of the process); a run also takes its own.
     """
     cdef readonly int cell, num_directions, input_size, hidden_size, output_size, num_gates
     cdef readonly int act, gate_act
@@ -392,9 +503,11 @@ cdef class RecurrentKernel:
     cdef void* w_hr[2]
     cdef void* bias[2]
     cdef void* bias_hn[2]
+    cdef le_gate_options general[2]
+    cdef readonly bint is_general  # runs the general gate loop (options given)
 
     def __init__(self, int cell, int act, int gate_act, list w_ih, list w_hh, list w_hr,
-                 list bias, list bias_hn, bint go_backwards=False):
+                 list bias, list bias_hn, bint go_backwards=False, list options=None):
         cdef int d
         self.cell = cell
         self.go_backwards = go_backwards
@@ -409,14 +522,20 @@ cdef class RecurrentKernel:
         self.typenum = self.dtype.num
         self.is_double = self.dtype.itemsize == 8
         self.threads = le_cpu_count()
-        self._keep = (w_ih, w_hh, w_hr, bias, bias_hn)
+        self._keep = (w_ih, w_hh, w_hr, bias, bias_hn, options)
+        self.is_general = options is not None
+        if self.is_general:
+            if len(options) != self.num_directions:
+                raise ValueError("RecurrentKernel: options must have one entry per direction")
+            for d in range(self.num_directions):
+                set_options(&self.general[d], options[d], self.dtype, self.hidden_size)
         for d in range(self.num_directions):
             self.w_ih[d] = data_or_null(w_ih[d])
             self.w_hh[d] = data_or_null(w_hh[d])
             self.w_hr[d] = data_or_null(w_hr[d])
             self.bias[d] = data_or_null(bias[d])
             self.bias_hn[d] = data_or_null(bias_hn[d])
-        self.fast = (not self.is_double and act == ACT_TANH and gate_act == ACT_SIGMOID
+        self.fast = (not self.is_general and not self.is_double and act == ACT_TANH and gate_act == ACT_SIGMOID
                        and ((cell == CELL_LSTM and w_hr[0] is None) or cell == CELL_GRU))
 
     cdef inline Py_ssize_t _work_size(self, Py_ssize_t batch, Py_ssize_t steps):
@@ -460,6 +579,7 @@ cdef class RecurrentKernel:
         dims.gate_act = self.gate_act
         dims.zero_masked = zero_masked
         dims.go_backwards = self.go_backwards
+        dims.general = &self.general[0] if self.is_general else NULL
         # Cheap guards against a caller bug turning into an out-of-bounds write (C-level checks:
         # this runs once per streamed step).
         if cnp.PyArray_NDIM(x) != 3 or x.shape[2] != dims.In or cnp.PyArray_TYPE(x) != tn:

@@ -28,7 +28,14 @@ def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
 
 
 class RecurrentLayer(Layer):
-    """Base of LSTM, GRU and RNN. Subclasses set the gate count and how the biases are pre-summed."""
+    """Base of LSTM, GRU and RNN. Subclasses set the gate count and how the biases are pre-summed.
+
+    Activations (``activation``, ``recurrent_activation``, LSTM's ``cell_activation``) are names from
+    ``activations.CODES``, or dicts ``{"name": "leaky_relu", "alpha": 0.1}`` for those that take
+    parameters (``activations.PARAMS``); a list gives one per direction. ``clip`` bounds every gate's
+    pre-activation to [-clip, clip] before its function (ONNX). Layers using these options, or
+    LSTM's peepholes and input_forget, run a general gate loop; the others keep the fused ones.
+    """
 
     is_recurrent = True
     num_gates: int
@@ -49,6 +56,10 @@ class RecurrentLayer(Layer):
         return_sequences: bool = True,
         merge_mode: str = "concat",
         zero_output_for_mask: bool = False,
+        cell_activation: Any = None,
+        clip: float | None = None,
+        input_forget: bool = False,
+        peephole: Any = None,
         dtype: Any = np.float32,
     ) -> None:
         self.dtypes = as_dtypes(dtype)
@@ -110,14 +121,39 @@ class RecurrentLayer(Layer):
             raise ValueError(f"{name}: go_backwards applies to a single direction, not a bidirectional layer")
         if merge_mode not in MERGE_MODES:
             raise ValueError(f"{name}: merge_mode must be one of {MERGE_MODES}, got {merge_mode!r}")
+        lstm_only = {"cell_activation": cell_activation is not None, "input_forget": bool(input_forget),
+                     "peephole": peephole is not None}
+        if G != 4 and any(lstm_only.values()):
+            raise ValueError(f"{name}: {', '.join(k for k, v in lstm_only.items() if v)} exist only for LSTM")
+        if clip is not None:
+            if isinstance(clip, bool) or not isinstance(clip, (int, float, np.integer, np.floating)) \
+                    or not clip > 0 or not np.isfinite(clip):
+                raise ValueError(f"{name}: clip must be a positive finite number (the gates' pre-activation "
+                                 f"bound) or None, got {clip!r}")
+            clip = float(clip)
+        if peephole is not None:
+            peephole = self._directions(as_weight(peephole, f"{name} peephole", (1, 2), wide), 1)
+            if peephole.shape != (D, 3 * H):
+                raise ValueError(f"{name} peephole: expected shape ({3 * H},) (3*hidden_size: rows i, f, o) for "
+                                 f"each of {D} direction(s), got {peephole.shape}")
+        self._specs = {
+            "recurrent_activation": self._activation_specs(recurrent_activation, "recurrent_activation", D),
+            "activation": self._activation_specs(activation, "activation", D),
+            "cell_activation": self._activation_specs(
+                activation if cell_activation is None else cell_activation, "cell_activation", D),
+        }
+        self.clip = clip
+        self.input_forget = bool(input_forget)
 
         self.input_size = I
         self.hidden_size = H
         self.proj_size = P if hr is not None else 0
         self.bidirectional = D == 2
         self.num_directions = D
-        self.activation = activations.canonical(activation)
-        self.recurrent_activation = activations.canonical(recurrent_activation, "recurrent_activation")
+        # Names for the common case (one plain function for every direction), else as the constructor takes them.
+        self.activation = self._describe("activation")
+        self.recurrent_activation = self._describe("recurrent_activation")
+        self.cell_activation = self._describe("cell_activation")
         self.go_backwards = bool(go_backwards)
         self.return_sequences = bool(return_sequences)
         self.merge_mode = merge_mode
@@ -128,8 +164,60 @@ class RecurrentLayer(Layer):
         # (NumPy's large arrays start 16 bytes into a page; measured 10-20% on the batch GEMMs).
         w_ih, hh = _aligned(w_ih), _aligned(hh)
         self._weights = {"weight_ih": w_ih, "weight_hh": hh, "bias_ih": biases[0],
-                         "bias_hh": biases[1], "weight_hr": hr}
+                         "bias_hh": biases[1], "weight_hr": hr, "peephole": peephole}
+        self.uses_options = self._uses_options()
         self._kernels = {dt: self._build_kernel(dt) for dt in self.dtypes}
+
+    @staticmethod
+    def _activation_specs(value: Any, what: str, D: int) -> list[tuple[str, float, float]]:
+        """One activation spec per direction, from one for all or a list of D."""
+        if isinstance(value, list):
+            if len(value) != D:
+                raise ValueError(f"{what}: a list gives one activation per direction; expected {D}, "
+                                 f"got {len(value)}")
+            return [activations.spec(v, what) for v in value]
+        return [activations.spec(value, what)] * D
+
+    def _describe(self, key: str) -> Any:
+        specs = [activations.describe(s) for s in self._specs[key]]
+        return specs[0] if all(s == specs[0] for s in specs) else specs
+
+    def _uses_options(self) -> bool:
+        """Whether the general gate loop must run: an option the fused loops do not have is in use."""
+        if self.clip is not None or self.input_forget or self._weights["peephole"] is not None:
+            return True
+        if self.num_gates == 4 and self._specs["cell_activation"] != self._specs["activation"]:
+            return True
+        for key in ("activation", "recurrent_activation"):
+            specs = self._specs[key]
+            if any(s != specs[0] for s in specs):
+                return True
+            # The fused loops know the codes below FIRST_GENERAL_CODE with their default parameters only.
+            if isinstance(activations.describe(specs[0]), dict) \
+                    or activations.CODES[specs[0][0]] >= activations.FIRST_GENERAL_CODE:
+                return True
+        return False
+
+    def _kernel_options(self, dtype: np.dtype) -> list[dict] | None:
+        """Per direction, the general gate loop's options (see RecurrentKernel), or None for the fused loops."""
+        if not self.uses_options:
+            return None
+        peephole = self._weights["peephole"]
+        out = []
+        for d in range(self.num_directions):
+            def coded(key: str) -> tuple[int, float, float]:
+                name, alpha, beta = self._specs[key][d]
+                return activations.CODES[name], alpha, beta
+
+            out.append({
+                "gate": coded("recurrent_activation"),
+                "act": coded("activation"),
+                "cell_act": coded("cell_activation"),
+                "clip": self.clip or 0.0,
+                "input_forget": self.input_forget,
+                "peephole": None if peephole is None else np.ascontiguousarray(peephole[d], dtype),
+            })
+        return out
 
     @staticmethod
     def _directions(arr: np.ndarray, per_direction_ndim: int) -> np.ndarray:
@@ -159,14 +247,15 @@ class RecurrentLayer(Layer):
             bias_hn.append(None if bhn is None else np.ascontiguousarray(bhn, dtype))
         return RecurrentKernel(
             self._cell_code(),
-            activations.code(self.activation),
-            activations.code(self.recurrent_activation),
+            activations.CODES[self._specs["activation"][0][0]],
+            activations.CODES[self._specs["recurrent_activation"][0][0]],
             list(w["weight_ih"]),
             list(w["weight_hh"]),
             [None] * D if w["weight_hr"] is None else list(w["weight_hr"]),
             bias,
             bias_hn,
             self.go_backwards,
+            self._kernel_options(dtype),
         )
 
     # -- describing ---------------------------------------------------------------------------
@@ -176,7 +265,7 @@ class RecurrentLayer(Layer):
         return ((self.num_directions, self._state_out),)
 
     def config(self) -> dict:
-        return {
+        cfg = {
             "activation": self.activation,
             "recurrent_activation": self.recurrent_activation,
             "go_backwards": self.go_backwards,
@@ -184,6 +273,14 @@ class RecurrentLayer(Layer):
             "merge_mode": self.merge_mode,
             "zero_output_for_mask": self.zero_output_for_mask,
         }
+        # The general-loop options only when set: configs of plain layers stay as they were.
+        if self.num_gates == 4 and self.cell_activation != self.activation:
+            cfg["cell_activation"] = self.cell_activation
+        if self.clip is not None:
+            cfg["clip"] = self.clip
+        if self.input_forget:
+            cfg["input_forget"] = True
+        return cfg
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: v for k, v in self._weights.items() if v is not None}

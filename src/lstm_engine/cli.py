@@ -4,6 +4,7 @@
     lstm-engine inspect model.safetensors       # layers, sizes, parameters, where it came from
     lstm-engine run model.pt x.npy -o y.npy     # batched inference over a file of sequences
     lstm-engine verify model.safetensors --source model.pt   # against the framework it came from
+    lstm-engine verify model.onnx                            # an ONNX model against onnxruntime
     lstm-engine bench model.safetensors         # step latency and throughput here
     lstm-engine gates model.safetensors x.npy -o gates.png   # the gates at work, memory, gradient flow
     lstm-engine serve model.safetensors --state-dir states    # streams over HTTP and WebSocket
@@ -497,7 +498,9 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
         description="Run random inputs (and, for PyTorch state_dicts, random lengths) through MODEL and "
                     "through the ORIGINAL it was exported from — a PyTorch state_dict (.pt/.pth/.bin/"
                     ".safetensors) with torch installed, or a Keras model (.keras/.h5) with keras installed — "
-                    "and print the max abs/rel error of every output and state. A graph model (read from a "
+                    "and print the max abs/rel error of every output and state. An ONNX file (MODEL itself, or "
+                    "--source) is run by onnxruntime on the same inputs, compared output by output. "
+                    "A graph model (read from a "
                     "module's forward or an ONNX file) is compared with that module or file only, never with "
                     "a model rebuilt from weights. Without --source, or when the source cannot be run here, "
                     "verify checks lstm_engine against itself (save/load round trip, kernels against a "
@@ -512,6 +515,8 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=4, metavar="B", help="random sequences (default 4)")
     p.add_argument("--steps", type=int, default=12, metavar="T", help="steps per sequence (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--fill", action="append", default=[], metavar="NAME=NUMBER",
+                   help="ONNX: fill input NAME with NUMBER instead of random values (e.g. sr=16000); repeatable")
     p.set_defaults(func=run_verify)
 
 
@@ -671,6 +676,7 @@ class Source:
     detect: Callable[[str], bool]
     reference: Callable[..., Reference]
     model_is_source: bool = False
+    makes_inputs: bool = False  # reference() makes the inputs itself (x is None): verify makes none
 
 
 # Where verify finds the truth: the first Source whose detect accepts the file runs. Loaders of other
@@ -742,6 +748,59 @@ def _torch_state_dict_source(model, path: str, x, rng, args) -> Reference:
     return Reference(f"torch {torch.__version__}", [y], states, lengths=lengths, note=note)
 
 
+def _is_onnx(path: str) -> bool:
+    from .formats import _sniff
+
+    return _sniff(path) == "onnx" or path.lower().endswith(".onnx")
+
+
+def _onnx_source(model, path: str, x, rng, args) -> Reference:
+    """onnxruntime running the ONNX file on random floats (integers 0, --fill as given), by input name."""
+    import numpy as np
+
+    try:
+        import onnxruntime
+    except ImportError:
+        raise NotChecked(f"{path} is an ONNX model and onnxruntime, the reference, is not installed "
+                         "(pip install onnxruntime)") from None
+    try:
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # its failures come back as exceptions, reported as NOT CHECKED
+        sess = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own kinds
+        raise NotChecked(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:300]}") from None
+    inputs = sess.get_inputs()
+    fills = {}
+    for item in args.fill:
+        name, _, number = item.partition("=")
+        try:
+            fills[name] = float(number)
+        except ValueError:
+            raise UserError(f"--fill {item!r}: expected NAME=NUMBER") from None
+        if name not in {i.name for i in inputs}:
+            raise UserError(f"--fill {name}: {path} has no such input; its inputs: {[i.name for i in inputs]}")
+    feeds = {}
+    for info in inputs:
+        sizes = iter([args.batch] + [args.steps] * 8)  # open sizes: the first is the batch, the others steps
+        shape = [d if isinstance(d, int) else next(sizes) for d in info.shape]
+        dtype = (np.float64 if "double" in info.type else np.float32 if "float" in info.type else
+                 np.bool_ if "bool" in info.type else np.int32 if "int32" in info.type else np.int64)
+        if info.name in fills:
+            feeds[info.name] = np.full(shape, fills[info.name], dtype)
+        elif dtype in (np.float32, np.float64):
+            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[info.name] = np.zeros(shape, dtype)
+    shown = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feeds.items())
+    try:
+        want = sess.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own kinds
+        raise NotChecked(f"onnxruntime cannot run {path} on inputs {shown}: {str(exc).splitlines()[0][:300]} "
+                         "(set sizes with --batch/--steps, values with --fill)") from None
+    return Reference(f"onnxruntime {onnxruntime.__version__}", {o.name: w for o, w in zip(sess.get_outputs(), want)},
+                     inputs=feeds, note=f"inputs {shown} (random floats, integers 0, --fill as given)")
+
+
 def _is_torch_module_source(path: str) -> bool:
     """A script that defines the module, or a program saved with torch.export.save."""
     if path.endswith(".py"):
@@ -783,6 +842,7 @@ def _torch_module_source(model, path: str, x, rng, args) -> Reference:
 
 SOURCES += [Source("torch module (.py defining `model`, or a torch.export.save .pt2)", _is_torch_module_source,
                    _torch_module_source),
+            Source("onnx", _is_onnx, _onnx_source, model_is_source=True, makes_inputs=True),
             Source("keras", _is_keras, _keras_source),
             Source("torch state_dict", _is_torch_state_dict, _torch_state_dict_source)]
 
@@ -860,7 +920,8 @@ def run_verify(args: argparse.Namespace) -> int:
         source = next((args.model for src in SOURCES if src.model_is_source and src.detect(args.model)), None)
     elif not os.path.exists(source):
         raise UserError(f"{source}: no such file")
-    x = _random_input(model, B, T, rng)
+    found = None if source is None else next((src for src in SOURCES if src.detect(source)), None)
+    x = None if found is not None and found.makes_inputs else _random_input(model, B, T, rng)
     lines: list[str] = []
     errs: list[float] = []
     why = ""
@@ -874,7 +935,6 @@ def run_verify(args: argparse.Namespace) -> int:
                   + ("" if lengths is None else f", lengths {lengths.tolist()}") + f", {model.dtype}")
         why = "no --source given (the checks above are lstm_engine against itself)"
     else:
-        found = next((src for src in SOURCES if src.detect(source)), None)
         if found is None:
             raise UserError(f"{source}: not a source verify knows ({', '.join(src.kind for src in SOURCES)})")
         try:

@@ -118,6 +118,9 @@ def run_layer(layer: Any, x: np.ndarray, mask: np.ndarray | None, state: tuple[n
     Same contract as the kernel: state arrays are updated in place, outputs sit at their own
     timestep, a masked step carries the state and outputs 0 (zero_masked) or the previous output.
     """
+    if layer.uses_options:
+        raise ValueError(f"record=True: {layer!r} uses options this NumPy twin does not model (peepholes, clip, "
+                         "input_forget or parameterised activations); run it without record")
     kind = _kind(layer)
     B, T, _ = x.shape
     D, H, G = layer.num_directions, layer.hidden_size, layer.num_gates

@@ -14,7 +14,10 @@ class LSTM(RecurrentLayer):
     weight_ih (4H, I), weight_hh (4H, P), bias_ih and bias_hh (4H,), weight_hr (P, H) when projected
     (P = proj_size, else P = H); rows in gate order i, f, g, o. For a bidirectional layer stack
     (forward, reverse) on a leading axis of 2. State: (h (D, B, P), c (D, B, H)).
-    ``activation`` is g's and the cell output's function, ``recurrent_activation`` the gates' (Keras names).
+    ``activation`` is g's and the cell output's function, ``recurrent_activation`` the gates' (Keras names);
+    ``cell_activation`` gives the cell output its own function (ONNX's h).
+    ONNX's options: ``peephole`` (3H,) per direction, rows i, f, o: i and f add P * c_prev, o adds
+    P * c_new; ``input_forget=True`` couples the gates, f = 1 - i; ``clip`` (see RecurrentLayer).
     """
 
     num_gates = 4

@@ -555,6 +555,17 @@ def shape(x: np.ndarray, start: int, end: int | None) -> np.ndarray:
     return np.array(x.shape[slice(start, end)], np.int64)
 
 
+@op("ConstantOfShape", 1, value=(_float, 0.0), dtype=(_dtype_name, "float"))
+def constant_of_shape(shape: np.ndarray, value: float, dtype: str, *,
+                      _float: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """A tensor of ``shape`` (a 1-D int tensor known only at run time) filled with value."""
+    if shape.dtype.kind not in "iu" or shape.ndim != 1 or (shape < 0).any():
+        raise ValueError(f"ConstantOfShape: the shape must be a 1-D tensor of sizes, got {shape}")
+    if np.prod(shape, dtype=np.float64) > 1 << 31:
+        raise ValueError(f"ConstantOfShape: shape {shape.tolist()} is over 2**31 elements")
+    return np.full(shape, value, _float if dtype == "float" else DTYPES[dtype])
+
+
 # -- reductions -------------------------------------------------------------------------------------
 
 def _reduction(name: str, fn: Callable) -> None:

@@ -32,12 +32,15 @@ def resolve(path: str | os.PathLike) -> str:
 
 
 def _sniff(path: str) -> str:
-    """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors' or 'unknown'."""
+    """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors', 'onnx' or 'unknown'."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as exc:
         raise LoadError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    if head.startswith(b"\x08") and len(head) > 2 and head[1] < 0x80 and head[2] in (0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42):
+        # An ONNX ModelProto: ir_version (field 1, a small varint), then producer, domain, graph or opset.
+        return "onnx"
     if head.startswith(b"PK"):
         return "zip"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
@@ -48,8 +51,10 @@ def _sniff(path: str) -> str:
 
 
 def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model:
-    """Load a model file (or ``"builtin:charlm"``, the character model shipped with lstm_engine): the engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``,
-    ``.bin``, ``.safetensors``) or a Keras model (``.keras``, ``.h5``).
+    """Load a model file, or ``"builtin:charlm"`` (the character model shipped with lstm_engine): the
+    engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``, ``.bin``, ``.safetensors``), a
+    Keras model (``.keras``, ``.h5``) or an ONNX model (``.onnx``, needs the onnx package:
+    ``pip install ".[onnx]"`` from a checkout).
 
     The format is recognised from the file's content. ``dtype`` picks the weights' float type
     (default: as saved for the engine's own files, float32 otherwise). Other keyword options go to the
@@ -86,9 +91,15 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
         from ._torch_pickle import read_torch_zip
 
         return model_from_state_dict(read_torch_zip(path), source=path, dtype=dtype, **options)
+    if kind == "onnx" or (kind == "unknown" and path.lower().endswith(".onnx")):
+        if options:
+            raise TypeError(f"load: options {sorted(options)} do not apply to an ONNX file")
+        from .onnx import load_onnx
+
+        return load_onnx(path, dtype=dtype)
     if kind == "hdf5":
         from .keras import load_keras
 
         return load_keras(path, dtype=dtype, **options)
     raise LoadError(f"{path}: not a model file lstm_engine knows (expected an lstm_engine or PyTorch "
-                    "safetensors file, a torch.save zip, a .keras archive or a Keras .h5 file)")
+                    "safetensors file, a torch.save zip, a .keras archive, a Keras .h5 file or an ONNX model)")
