@@ -361,7 +361,7 @@ cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, fl
 
     Its own GEMM and GEMV on the weights as laid out (no per-call packing, which OpenBLAS does
     for the weights at every step), the vectorised gate loop fused per unit slice, and the units
-    split across the engine's threads. No BLAS call at all: on this shared 2-core machine OpenBLAS's
+    split across the engine's threads. No BLAS call at all: on a 2-core Xeon shared with other jobs, OpenBLAS's
     input projection (2 threads, whose workers then spin next to ours) cost 2.6x the engine's own
     on the sequence workload and 1.1x on batch (benches/RESULTS.md).
     """

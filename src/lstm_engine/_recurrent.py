@@ -39,7 +39,6 @@ class RecurrentLayer(Layer):
 
     is_recurrent = True
     num_gates: int
-    gate_names: str
 
     def __init__(
         self,

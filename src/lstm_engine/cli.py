@@ -61,7 +61,6 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from . import load
     from .generate import check_sampling
 
     # Argument errors first, before the model is read; named as the options are.

@@ -9,13 +9,13 @@ import numpy as np
 from . import _kernels
 from ._base import FLOAT_DTYPES, Layer, as_real_array
 from .graph import Graph, Node, ValueInfo, build_structure
-from .plan import Call, Plan, State, check_lengths, check_state
+from .plan import Call, Plan, check_lengths, check_state
 
 if TYPE_CHECKING:  # imported by the methods that make them
     from .pool import StreamPool
     from .session import Session
 
-__all__ = ["Model", "State", "chain_graph"]
+__all__ = ["Model", "chain_graph"]
 
 
 def chain_graph(layers: list) -> Graph:

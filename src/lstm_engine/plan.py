@@ -7,7 +7,7 @@ made per call), the sessions' output buffers and Keras-mask bookkeeping, and rec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -15,9 +15,6 @@ import numpy as np
 from . import activations, ops as _ops
 from .graph import Graph, Node
 from .layers import Dense, Dropout
-
-State = list  # one tuple per Recurrent node: (h, c) for LSTM, (h,) for GRU and RNN
-
 
 def check_state(value: Any, layers: list, batch: int, what: str, check_dtype: Callable[[np.ndarray, str], None],
                 allow_missing: bool = False) -> list[tuple[np.ndarray, ...] | None]:

@@ -33,7 +33,7 @@ from ..gru import GRU
 from ..lstm import LSTM
 from ..model import Model
 from ..rnn import RNN
-from ._safetensors import read_safetensors, write_safetensors
+from ._safetensors import write_safetensors
 
 FORMAT = "lstm_engine"
 FORMAT_VERSION = 2
@@ -252,11 +252,3 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
         raise LoadError(f"{path}: {exc}") from exc
     except (TypeError, ValueError, MemoryError) as exc:
         raise LoadError(f"{path}: {exc}") from exc
-
-
-def load_native(path: str | os.PathLike, dtype: Any = None) -> Model:
-    """Read a file written by ``save``."""
-    tensors, metadata = read_safetensors(path)
-    if not is_native(metadata):
-        raise LoadError(f"{os.fspath(path)}: not an lstm_engine model file (no 'format' metadata)")
-    return model_from_safetensors(os.fspath(path), tensors, metadata, dtype)
