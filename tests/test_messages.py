@@ -180,3 +180,32 @@ def test_a_bad_weight_ih_is_blamed_on_weight_ih_in_the_given_shape():
         le.GRU(rng.standard_normal((15, 4)), rng.standard_normal((12, 4)))
     with pytest.raises(ValueError, match=r"RNN weight_hh: expected shape \(1\*hidden_size, hidden_size\), got \(4, 3\)"):
         le.RNN(rng.standard_normal((4, 2)), rng.standard_normal((4, 3)))
+
+
+def test_one_dtype_rule_for_arrays_tensors_and_lists():
+    torch = pytest.importorskip("torch")
+    model = le.Model([le.LSTM(np.zeros((8, 3)), np.zeros((8, 2)))])
+    x64 = np.zeros((1, 2, 3))
+    for given in (x64, torch.from_numpy(x64)):  # a dtype of its own: it must match, or cast=True
+        with pytest.raises(TypeError, match="dtype float64, but this model runs float32; pass cast=True"):
+            model.forward(given)
+        assert model.forward(given, cast=True)[0].dtype == np.float32
+    assert model.forward(x64.tolist())[0].dtype == np.float32  # a list has none: the model's
+    session = model.session()
+    with pytest.raises(TypeError, match="dtype float64, but this session runs float32"):
+        session.step(torch.zeros((1, 3), dtype=torch.float64))
+    assert session.step([[0.0, 0.0, 0.0]]).dtype == np.float32
+
+
+def test_stepping_matches_forward_within_the_readme_bound():
+    """The README's bound, on the shipped model over 500 steps: outputs relative to each step's largest |y|."""
+    model = le.load("builtin:charlm")
+    ids = np.random.default_rng(16).integers(0, len(model.metadata["vocab"]), (2, 500))
+    y, ((h, c),) = model.forward(ids)
+    session = model.session(batch_size=2)
+    stepped = np.stack([session.step(ids[:, t]) for t in range(ids.shape[1])], axis=1)
+    scale = np.abs(y).max(axis=-1, keepdims=True)
+    assert (np.abs(stepped - y) <= 1e-5 * scale).all()
+    (h_s, c_s), = session.state
+    np.testing.assert_allclose(h_s, h, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(c_s, c, rtol=0, atol=1e-5)
