@@ -86,6 +86,13 @@ def test_inspect_torch_files(files, capsys):
     assert "Embedding" in proc.stdout and "vocab 20" in proc.stdout and "GRU" in proc.stdout
 
 
+def test_inspect_legacy_torch_file(tmp_path, capsys):
+    torch.save(torch.nn.GRU(3, 4, num_layers=2).state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    proc = run_main(capsys, "inspect", tmp_path / "old.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert "legacy torch.save stream" in proc.stdout and proc.stdout.count("GRU") == 2
+
+
 def test_inspect_keras(tmp_path, capsys):
     os.environ.setdefault("KERAS_BACKEND", "torch")
     keras = pytest.importorskip("keras")

@@ -1,7 +1,7 @@
 """Fuzzing every loader through ``le.load``: mutated and truncated real files, and random bytes.
 
-The real files are made during the run: torch.save and safetensors state_dicts, le.save models, Keras 3 ``.keras``
-archives and legacy ``.h5`` files. Each case is a seeded mutation of one of them — bit flips, overwritten integers,
+The real files are made during the run: torch.save (zip and legacy) and safetensors state_dicts, a pickle of NumPy
+arrays, le.save models, Keras 3 ``.keras`` archives and legacy ``.h5`` files. Each case is a seeded mutation of one of them — bit flips, overwritten integers,
 truncation, cut or repeated chunks, and format-aware edits that keep the container valid so the damage reaches the
 parser behind it (pickle opcodes of ``data.pkl``, JSON of safetensors headers, Keras configs and the engine's
 architecture metadata, HDF5 datasets and attributes) — or random bytes, with and without a format's magic number.
@@ -177,6 +177,11 @@ def sources(tmp_path_factory):
                      dtype=(np.float32, np.float64))
     le.save(le.Model([le.Masking(), gru, bn, dense]), root / "native_float.safetensors")
     le.save(_graph_model(rng), root / "native_graph.safetensors")
+    # A legacy (pre-zip) torch.save stream, and a pickle of NumPy arrays (as packages ship their weights).
+    torch.save(_seeded(torch.nn.LSTM(3, 4, bidirectional=True)).state_dict(), root / "legacy.pth",
+               _use_new_zipfile_serialization=False)
+    with open(root / "gru_numpy.pkl", "wb") as f:
+        pickle.dump({k: v.numpy() for k, v in _seeded(torch.nn.GRU(3, 4)).state_dict().items()}, f, protocol=2)
     seq, functional = _keras_models()
     seq.save(root / "keras_seq.keras")
     functional.save(root / "keras_ids.keras")
@@ -292,7 +297,9 @@ GLOBALS = ["torch FloatStorage", "torch HalfStorage", "torch BFloat16Storage", "
            "torch BoolStorage", "torch ComplexFloatStorage", "torch UntypedStorage", "torch float8_e4m3fn",
            "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_tensor_v3", "torch._utils _rebuild_parameter",
            "collections OrderedDict", "builtins set", "_codecs encode", "torch Size", "builtins eval",
-           "os system", "torch.nn.modules.rnn LSTM", "__torch__.M forward", "torch.storage _load_from_bytes"]
+           "os system", "torch.nn.modules.rnn LSTM", "__torch__.M forward", "torch.storage _load_from_bytes",
+           "numpy.core.multiarray _reconstruct", "numpy dtype", "numpy ndarray", "numpy.core.multiarray scalar",
+           "copy_reg _reconstructor", "__builtin__ object", "madmom.ml.nn.layers LSTMLayer"]
 STRINGS = ["", "0", "1", "storage", "cpu", "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "weight_hr_l0",
            "weight_ih_l0_reverse", "weight_ih_l7", "x" * 5000, "../data/0", "a/b", "\u00e9\u4e2d"]
 
@@ -484,8 +491,27 @@ def h5_mutation(rng, data):
 # -- per format ----------------------------------------------------------------------------------------------
 
 
+def legacy_mutation(rng, data):
+    """A mutation of one of a legacy torch.save stream's pickles (mostly the object's), or of its storage data."""
+    stream = io.BytesIO(data)
+    bounds = []
+    for _ in range(5):
+        start = stream.tell()
+        for _ in pickletools.genops(stream):
+            pass
+        bounds.append((start, stream.tell()))
+    if rng.random() < 0.2:
+        return byte_mutation(rng, data)
+    a, b = rng.choice(bounds[1:] + [bounds[3]] * 3)
+    return data[:a] + pickle_mutation(rng, data[a:b]) + data[b:]
+
+
 def structured_mutation(rng, name, data):
     """A format-aware mutation of the source file ``name``."""
+    if name.endswith(".pth"):
+        return legacy_mutation(rng, data)
+    if name.endswith(".pkl"):
+        return pickle_mutation(rng, data)
     if name.endswith(".pt"):
         return zip_member_mutation(rng, data, lambda n: 20 if n.endswith("data.pkl") else 1,
                                    lambda r, n, c: pickle_mutation(r, c) if n.endswith("data.pkl")

@@ -417,6 +417,64 @@ def test_legacy_weights_only_h5_with_config(tmp_path, tf2_model):
     _assert_matches(spec, tf2_model)
 
 
+def _renamed(groups, names):
+    """The same weight groups under other layer names (what a file saved from another session of Keras 2 holds)."""
+    out = []
+    for (old, tensors), new in zip(groups, names):
+        out.append((new, [(n.replace(old, new, 1), v) for n, v in tensors]))
+    return out
+
+
+def test_legacy_weights_paired_by_order_when_names_differ(tmp_path, tf2_model):
+    # Keras 2.2 numbered layers per session: a file may say lstm_3 where the config says lstm.
+    groups = _renamed(_tf2_groups(tf2_model, "keras22"), ["lstm_3", "bidirectional_7", "dense_2"])
+    _write_legacy_h5(tmp_path / "w.h5", None, [("input_4", [])] + groups)
+    with pytest.warns(UserWarning, match=r"w\.h5: .*paired by order.*lstm <- lstm_3, bidirectional <- bidirectional_7, "
+                      r"dense <- dense_2"):
+        spec = read_keras(tmp_path / "w.h5", config=_tf2_sequential_config())
+    _assert_matches(spec, tf2_model)
+
+
+def test_legacy_weights_paired_by_order_must_agree_in_shape(tmp_path, tf2_model):
+    groups = _renamed(_tf2_groups(tf2_model, "keras22"), ["lstm_3", "bidirectional_7", "dense_2"])
+    name, kernel = groups[0][1][0]
+    groups[0][1][0] = (name, kernel[:, :12])  # another model's LSTM in first place
+    _write_legacy_h5(tmp_path / "w.h5", None, groups)
+    with pytest.warns(UserWarning, match="paired by order"), pytest.raises(
+        LoadError, match=r"w\.h5: layer 'lstm' tensor 'kernel': expected shape \(3, 16\), found \(3, 12\)"
+    ):
+        read_keras(tmp_path / "w.h5", config=_tf2_sequential_config())
+
+
+def test_legacy_weights_with_another_count_are_not_paired(tmp_path, tf2_model):
+    groups = _renamed(_tf2_groups(tf2_model, "keras22"), ["lstm_3", "bidirectional_7", "dense_2"])
+    _write_legacy_h5(tmp_path / "w.h5", None, groups[:2])
+    with pytest.raises(LoadError, match=r"w\.h5: layer 'lstm': the file has no weights group for it"):
+        read_keras(tmp_path / "w.h5", config=_tf2_sequential_config())
+
+
+def test_cudnn_lstm_weights_refused(tmp_path, tf2_model):
+    # Keras 2's CuDNNLSTM stores two biases per gate (8 * units values).
+    groups = _tf2_groups(tf2_model, "keras22")
+    name, bias = groups[0][1][2]
+    groups[0][1][2] = (name, np.concatenate([bias, bias]))
+    _write_legacy_h5(tmp_path / "cudnn.h5", _tf2_sequential_config(), groups)
+    with pytest.raises(LoadError, match=r"cudnn\.h5: layer 'lstm' tensor 'bias': 32 values, two per gate and unit: "
+                                        r"weights of a Keras 2 CuDNNLSTM layer"):
+        read_keras(tmp_path / "cudnn.h5")
+
+
+def test_unknown_layers_named_before_the_graph_shape(tmp_path):
+    inp = keras.Input((6, 3))
+    a = L.LSTM(4, return_sequences=True, name="a")(inp)
+    b = L.LSTM(4, return_sequences=True, name="b")(a)
+    model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling1D(name="pool")(L.Add(name="sum")([a, b]))))
+    model.save(tmp_path / "branch.keras")
+    with pytest.raises(LoadError, match=r"branch\.keras: layer 'sum' \(Add\), layer 'pool' \(GlobalAveragePooling1D\): "
+                                        r"Keras layer classes not supported, and the model is not a chain .*'a' branches"):
+        read_keras(tmp_path / "branch.keras")
+
+
 def test_tf_keras_2_functional_with_tf_op_lambda_mask(tmp_path, tf2_model):
     lstm_weights = _tf2_groups(tf2_model, "tf2")[0][1]
     lstm = _rnn_config("LSTM", "lstm", 4, return_sequences=True)
@@ -671,7 +729,7 @@ def test_npz_weights_with_pickled_variables_are_refused(tmp_path):
 
     model = _sequential(keras.Input((4, 3)), L.LSTM(2))
     saving_lib.save_model(model, tmp_path / "n.keras", weights_format="npz")
-    with pytest.raises(UnsafeModelError, match=r"n\.keras: model\.weights\.npz refers to keras"):
+    with pytest.raises(UnsafeModelError, match=r"n\.keras: model\.weights\.npz: entry .*refusing pickle global 'keras"):
         read_keras(tmp_path / "n.keras")
 
 

@@ -1,4 +1,4 @@
-"""read_torch_zip against files written by torch itself, and against hand-made hostile or broken files.
+"""read_torch_file against files written by torch itself, and against hand-made hostile or broken files.
 
 Every file is built in tmp_path during the run. Valid files are compared exactly with the tensors torch saved;
 hostile ones must raise UnsafeModelError/LoadError without running anything or allocating much.
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lstm_engine.errors import LoadError, UnsafeModelError
-from lstm_engine.formats._torch_pickle import read_torch_zip
+from lstm_engine.formats._torch_pickle import read_torch_file
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -142,21 +142,21 @@ MODELS = {
 def test_state_dicts_read_exactly(tmp_path, name):
     torch.manual_seed(0)
     state = MODELS[name]().state_dict()
-    arrays = read_torch_zip(_save(tmp_path, state))
+    arrays = read_torch_file(_save(tmp_path, state))
     _assert_same(arrays, state)
 
 
 def test_agrees_with_torch_load(tmp_path):
     torch.manual_seed(1)
     path = _save(tmp_path, nn.LSTM(3, 4, num_layers=2, bidirectional=True).state_dict())
-    _assert_same(read_torch_zip(path), torch.load(path, weights_only=True))
+    _assert_same(read_torch_file(path), torch.load(path, weights_only=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int8, torch.bool])
 def test_dtypes(tmp_path, dtype):
     torch.manual_seed(2)
     state = {k: v.to(dtype) for k, v in nn.GRU(3, 4).state_dict().items()}
-    arrays = read_torch_zip(_save(tmp_path, state))
+    arrays = read_torch_file(_save(tmp_path, state))
     _assert_same(arrays, state)
     wide = np.float64 if dtype == torch.float64 else np.float32
     if dtype.is_floating_point:
@@ -174,7 +174,7 @@ def test_rebuild_tensor_v3_dtypes(tmp_path):
     with zipfile.ZipFile(path) as zf:
         pkl = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
     assert b"_rebuild_tensor_v3" in pkl
-    arrays = read_torch_zip(path)
+    arrays = read_torch_file(path)
     for key, t in state.items():
         np.testing.assert_array_equal(arrays[key], t.to(torch.int64).numpy(), err_msg=key)
         assert arrays[key].dtype == np.dtype(str(t.dtype).removeprefix("torch."))
@@ -193,7 +193,7 @@ def test_views_sharing_storage_and_strides(tmp_path):
         "scalar": torch.tensor(2.5),
         "empty": torch.zeros(0, 3),
     }
-    arrays = read_torch_zip(_save(tmp_path, state))
+    arrays = read_torch_file(_save(tmp_path, state))
     _assert_same(arrays, state)
     # Views come back as independent copies, not aliases of one buffer.
     arrays["a"][...] = -1
@@ -211,7 +211,7 @@ def test_parameters_and_nested_dicts(tmp_path):
         # shaped like an optimizer state_dict: state keyed by int parameter index, groups in a list
         "optimizer": {"state": {0: {"exp_avg": exp_avg}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
     }
-    arrays = read_torch_zip(_save(tmp_path, checkpoint))
+    arrays = read_torch_file(_save(tmp_path, checkpoint))
     expected = {f"state_dict.{k}": p for k, p in model.state_dict().items()}
     _assert_same(arrays, {**expected, "optimizer.state.0.exp_avg": exp_avg})
 
@@ -240,7 +240,7 @@ def test_big_endian_file(tmp_path):
     # torch itself reads the rewritten file back to the same tensors: the rewrite is a faithful big-endian file.
     for key, t in torch.load(big, weights_only=True).items():
         assert torch.equal(t, state[key]), key
-    arrays = read_torch_zip(big)
+    arrays = read_torch_file(big)
     _assert_same(arrays, state)
     assert all(a.dtype.isnative for a in arrays.values())
 
@@ -252,7 +252,7 @@ def test_missing_byteorder_means_little(tmp_path):
         for info in zin.infolist():
             if not info.filename.endswith("/byteorder"):
                 zout.writestr(info.filename, zin.read(info))
-    _assert_same(read_torch_zip(path), state)
+    _assert_same(read_torch_file(path), state)
 
 
 def test_hand_made_valid_file_matches_torch(tmp_path):
@@ -261,7 +261,128 @@ def test_hand_made_valid_file_matches_torch(tmp_path):
     state = collections.OrderedDict(w=_v2(storage, 2, (2, 3), (4, 1)), v=_v2(storage, 0, (12,), (1,)))
     path = _crafted(tmp_path, state)
     expected = torch.load(path, weights_only=True)
-    _assert_same(read_torch_zip(path), expected)
+    _assert_same(read_torch_file(path), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Legacy (pre-zip) files: five pickles, then each storage as int64 numel + raw bytes
+
+
+class _LegacyPickler(pickle.Pickler):
+    """Writes storages as the persistent ids of legacy files; ``view`` = (offset, size) makes a storage view."""
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            view = getattr(obj, "view", None)
+            meta = None if view is None else (obj.key + "_view", *view)
+            return ("storage", obj.storage_type, obj.key, "cpu", obj.numel, meta)
+        return None
+
+
+def _legacy_file(path, obj, records: dict[str, bytes], *, protocol=1001, little=True, keys=None) -> str:
+    """A legacy torch.save stream of ``obj`` whose storages hold ``records`` (int64 numel from the data length)."""
+    out = io.BytesIO()
+    for head in (0x1950A86A20F9469CFC6C, protocol, {"protocol_version": protocol, "little_endian": little,
+                                                    "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(head, out, protocol=2)
+    _LegacyPickler(out, protocol=2).dump(obj)
+    pickle.dump(sorted(records) if keys is None else keys, out, protocol=2)
+    for key in sorted(records):
+        out.write(np.int64(len(records[key]) // 4).tobytes() + records[key])
+    Path(path).write_bytes(out.getvalue())
+    return str(path)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_legacy_state_dicts_read_exactly(tmp_path, name):
+    torch.manual_seed(5)
+    state = MODELS[name]().state_dict()
+    path = _save(tmp_path, state, _use_new_zipfile_serialization=False)
+    with open(path, "rb") as f:
+        assert not zipfile.is_zipfile(f)
+    _assert_same(read_torch_file(path), torch.load(path, weights_only=True))
+    _assert_same(read_torch_file(path), state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool])
+def test_legacy_dtypes(tmp_path, dtype):
+    torch.manual_seed(6)
+    state = {k: v.to(dtype) for k, v in nn.GRU(3, 4).state_dict().items()}
+    _assert_same(read_torch_file(_save(tmp_path, state, _use_new_zipfile_serialization=False)), state)
+
+
+def test_legacy_views_parameters_and_nested_dicts(tmp_path):
+    torch.manual_seed(7)
+    t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    model = nn.LSTM(3, 4)
+    checkpoint = {
+        "step": 10,
+        "model_state": model.state_dict(keep_vars=True),
+        "views": {"b": t[1:, ::2], "c": t.t(), "expanded": torch.tensor([1.0, 2.0]).expand(3, 2)},
+        "optimizer_state": {"state": {140234: {"exp_avg": torch.randn(16, 3)}}, "param_groups": [{"lr": 0.1}]},
+    }
+    path = _save(tmp_path, checkpoint, _use_new_zipfile_serialization=False)
+    expected = {f"model_state.{k}": v for k, v in model.state_dict().items()}
+    expected.update({f"views.{k}": v for k, v in checkpoint["views"].items()})
+    expected["optimizer_state.state.140234.exp_avg"] = checkpoint["optimizer_state"]["state"][140234]["exp_avg"]
+    _assert_same(read_torch_file(path), expected)
+
+
+def test_legacy_storage_views(tmp_path):
+    # Old torch wrote storage views as ('storage', type, root, location, numel, (view_key, offset, size)).
+    root = _Storage("0", 12)
+    view = _Storage("0", 12)
+    view.view = (4, 6)
+    state = collections.OrderedDict(w=_v2(root, 0, (12,), (1,)), v=_v2(view, 1, (2, 2), (2, 1)))
+    path = _legacy_file(tmp_path / "views.pt", state, {"0": np.arange(12, dtype="<f4").tobytes()})
+    arrays = read_torch_file(path)
+    np.testing.assert_array_equal(arrays["w"], np.arange(12, dtype=np.float32))
+    np.testing.assert_array_equal(arrays["v"], np.array([[5, 6], [7, 8]], dtype=np.float32))
+
+
+def test_hand_made_legacy_file_matches_torch(tmp_path):
+    state = collections.OrderedDict(w=_v2(_Storage("0", 12), 2, (2, 3), (4, 1)))
+    path = _legacy_file(tmp_path / "l.pt", state, {"0": np.arange(12, dtype="<f4").tobytes()})
+    _assert_same(read_torch_file(path), torch.load(path, weights_only=True))
+
+
+def _legacy_case(tmp_path, **kwargs) -> str:
+    state = collections.OrderedDict(w=_v2(_Storage("0", 12), 0, (12,), (1,)))
+    records = kwargs.pop("records", {"0": np.arange(12, dtype="<f4").tobytes()})
+    return _legacy_file(tmp_path / "bad.pt", kwargs.pop("obj", state), records, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        (dict(protocol=1000), LoadError, "protocol version 1000, expected 1001"),
+        (dict(little=False), LoadError, "big-endian"),
+        (dict(records={"0": np.arange(11, dtype="<f4").tobytes()}), LoadError, r"storage '0' should hold 12"),
+        (dict(keys=["0", "1"]), LoadError, r"key list names '1', a storage no tensor uses"),
+        (dict(keys=[]), LoadError, r"storage '0' is used by a tensor but missing from the storage key list"),
+        (dict(obj={"w": _Reduce(os.system, "echo hacked")}), UnsafeModelError, "refusing pickle global 'posix.system"),
+        (dict(obj=_Reduce(collections.OrderedDict), records={}), LoadError, "no tensors"),
+    ],
+)
+def test_legacy_bad_files_refused(tmp_path, case, error, message):
+    with pytest.raises(error, match=message) as info:
+        read_torch_file(_legacy_case(tmp_path, **case))
+    assert str(tmp_path) in str(info.value)
+
+
+def test_legacy_whole_module_refused(tmp_path):
+    path = _save(tmp_path, nn.LSTM(3, 4), _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeModelError, match=r"torch\.nn\.modules\.rnn\.LSTM.*state_dict\(\)"):
+        read_torch_file(path)
+
+
+@pytest.mark.parametrize("cut", [20, 200, -1])
+def test_legacy_truncated_file_refused(tmp_path, cut):
+    path = _save(tmp_path, nn.GRU(3, 4).state_dict(), _use_new_zipfile_serialization=False)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:cut])
+    with pytest.raises(LoadError, match=path):
+        read_torch_file(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,14 +392,7 @@ def test_hand_made_valid_file_matches_torch(tmp_path):
 def test_whole_module_refused_with_state_dict_hint(tmp_path):
     path = _save(tmp_path, nn.LSTM(3, 4))
     with pytest.raises(UnsafeModelError, match=r"torch\.nn\.modules\.rnn\.LSTM.*state_dict\(\)") as info:
-        read_torch_zip(path)
-    assert path in str(info.value)
-
-
-def test_legacy_file_refused(tmp_path):
-    path = _save(tmp_path, {"w": torch.ones(2)}, _use_new_zipfile_serialization=False)
-    with pytest.raises(LoadError, match="re-save") as info:
-        read_torch_zip(path)
+        read_torch_file(path)
     assert path in str(info.value)
 
 
@@ -292,14 +406,14 @@ def test_legacy_file_refused(tmp_path):
 )
 def test_not_a_dict_of_tensors(tmp_path, obj, message):
     with pytest.raises(LoadError, match=message):
-        read_torch_zip(_save(tmp_path, obj))
+        read_torch_file(_save(tmp_path, obj))
 
 
 def test_compressed_records_refused(tmp_path):
     path = str(tmp_path / "deflated.pt")
     _rezip(_save(tmp_path, {"w": torch.ones(100)}), path, {}, compression=zipfile.ZIP_DEFLATED)
     with pytest.raises(LoadError, match="compressed"):
-        read_torch_zip(path)
+        read_torch_file(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +435,7 @@ def test_code_running_globals_refused(tmp_path, make_payload, global_name):
     payload = {"w": _v2(_Storage("0", 12), 0, (12,), (1,)), "x": make_payload(marker)}
     path = _crafted(tmp_path, payload)
     with pytest.raises(UnsafeModelError) as info:
-        read_torch_zip(path)
+        read_torch_file(path)
     assert f"'{global_name}'" in str(info.value) and path in str(info.value)
     assert not marker.exists()
 
@@ -339,7 +453,7 @@ def test_os_system_by_its_os_name_refused(tmp_path):
     pickle_bytes = b"\x80\x02cos\nsystem\nX" + len(command).to_bytes(4, "little") + command + b"\x85R."
     path = _write_zip(tmp_path / "os.pt", pickle_bytes)
     with pytest.raises(UnsafeModelError, match=r"'os\.system'"):
-        read_torch_zip(path)
+        read_torch_file(path)
     assert not marker.exists()
 
 
@@ -356,10 +470,10 @@ def test_os_system_by_its_os_name_refused(tmp_path):
 )
 def test_allowed_globals_cannot_be_modified(tmp_path, pickle_bytes):
     with pytest.raises(LoadError):
-        read_torch_zip(_write_zip(tmp_path / "build.pt", pickle_bytes))
+        read_torch_file(_write_zip(tmp_path / "build.pt", pickle_bytes))
     # Later loads are unaffected.
     state = {"w": torch.randn(2, 2)}
-    _assert_same(read_torch_zip(_save(tmp_path, state)), state)
+    _assert_same(read_torch_file(_save(tmp_path, state)), state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,7 +486,7 @@ def test_truncated_zip(tmp_path):
         path = tmp_path / f"cut{cut}.pt"
         path.write_bytes(data[:cut])
         with pytest.raises(LoadError) as info:
-            read_torch_zip(path)
+            read_torch_file(path)
         assert str(path) in str(info.value)
 
 
@@ -384,7 +498,7 @@ def test_corrupted_data_record(tmp_path):
     path = tmp_path / "corrupt.pt"
     path.write_bytes(bytes(data))
     with pytest.raises(LoadError, match=r"tensor 'lstm\.weight_ih_l0'.*CRC"):
-        read_torch_zip(path)
+        read_torch_file(path)
 
 
 def test_corrupted_pickle(tmp_path):
@@ -393,13 +507,13 @@ def test_corrupted_pickle(tmp_path):
     path = tmp_path / "corrupt.pt"
     path.write_bytes(bytes(data))
     with pytest.raises(LoadError, match="data.pkl.*CRC"):
-        read_torch_zip(path)
+        read_torch_file(path)
 
 
 def test_missing_storage_record(tmp_path):
     path = _crafted(tmp_path, {"w": _v2(_Storage("7", 12), 0, (12,), (1,))})
     with pytest.raises(LoadError, match=r"tensor 'w'.*archive/data/7.*missing"):
-        read_torch_zip(path)
+        read_torch_file(path)
 
 
 def test_storage_record_shorter_than_claimed(tmp_path):
@@ -407,7 +521,7 @@ def test_storage_record_shorter_than_claimed(tmp_path):
     tracemalloc.start()
     try:
         with pytest.raises(LoadError, match=r"tensor 'w'.*holds 48 bytes.*1099511627776 float32"):
-            read_torch_zip(path)
+            read_torch_file(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -436,7 +550,7 @@ def test_out_of_range_views(tmp_path, offset, size, stride, message):
     tracemalloc.start()
     try:
         with pytest.raises(LoadError, match=r"tensor 'lstm\.w'.*" + message):
-            read_torch_zip(path)
+            read_torch_file(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -449,7 +563,7 @@ def test_out_of_range_view_v3(tmp_path):
     v3 = _Reduce(torch._utils._rebuild_tensor_v3, storage, 1, (3,), (1,), False, collections.OrderedDict(), torch.int32)
     path = _crafted(tmp_path, {"w": v3}, {"0": np.arange(3, dtype="<i4").tobytes()})
     with pytest.raises(LoadError, match=r"tensor 'w'.*holds 3 int32 elements.*needs 4"):
-        read_torch_zip(path)
+        read_torch_file(path)
 
 
 @pytest.mark.parametrize(
@@ -463,7 +577,7 @@ def test_out_of_range_view_v3(tmp_path):
 )
 def test_bad_storages(tmp_path, pid_obj):
     with pytest.raises(LoadError):
-        read_torch_zip(_crafted(tmp_path, {"w": _v2(pid_obj, 0, (1,), (1,))}))
+        read_torch_file(_crafted(tmp_path, {"w": _v2(pid_obj, 0, (1,), (1,))}))
 
 
 def test_several_data_pkl_refused(tmp_path):
@@ -472,7 +586,7 @@ def test_several_data_pkl_refused(tmp_path):
         zf.writestr("a/data.pkl", _dumps({}))
         zf.writestr("b/data.pkl", _dumps({}))
     with pytest.raises(LoadError, match="data.pkl"):
-        read_torch_zip(path)
+        read_torch_file(path)
 
 
 @pytest.mark.parametrize(
@@ -505,7 +619,7 @@ def test_malformed_pickles(tmp_path, pickle_bytes):
     tracemalloc.start()
     try:
         with pytest.raises(LoadError) as info:
-            read_torch_zip(path)
+            read_torch_file(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -519,13 +633,13 @@ def test_shared_dicts_fanning_out(tmp_path):
     for _ in range(30):
         nested = {"a": nested, "b": nested}
     with pytest.raises(LoadError, match="more than 250000 entries"):
-        read_torch_zip(_crafted(tmp_path, nested))
+        read_torch_file(_crafted(tmp_path, nested))
     # the same with an empty tensor at every leaf: refused by the output budget
     level = {"t": _v2(_Storage("0", 12), 0, (0,), (1,))}
     for depth in range(4):
         level = {f"{depth}.{i}".ljust(1000, "x"): level for i in range(15)}
     with pytest.raises(LoadError, match="take more than"):
-        read_torch_zip(_crafted(tmp_path, level))
+        read_torch_file(_crafted(tmp_path, level))
 
 
 def test_random_bytes(tmp_path):
@@ -535,7 +649,7 @@ def test_random_bytes(tmp_path):
         for prefix in (b"", b"PK\x03\x04", b"\x80\x02"):
             path.write_bytes(prefix + rng.randbytes(n))
             with pytest.raises(LoadError):
-                read_torch_zip(path)
+                read_torch_file(path)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -543,7 +657,7 @@ def test_random_bytes(tmp_path):
 def test_random_pickles_in_valid_zip(tmp_path, payload):
     path = _write_zip(tmp_path / "fuzz.pt", b"\x80\x02" + payload, {"0": bytes(48)})
     try:
-        read_torch_zip(path)
+        read_torch_file(path)
     except LoadError:
         pass
 
@@ -566,7 +680,7 @@ def test_mutated_files(tmp_path, edits):
     path = tmp_path / "mutated_file.pt"
     path.write_bytes(bytes(data))
     try:
-        arrays = read_torch_zip(path)
+        arrays = read_torch_file(path)
     except LoadError:
         return
     assert all(isinstance(a, np.ndarray) for a in arrays.values())
@@ -590,7 +704,7 @@ def test_mutated_pickles(tmp_path, edits):
         data[position] = value
     path = _write_zip(tmp_path / "mutated.pt", bytes(data), {"0": np.arange(12, dtype="<f4").tobytes()})
     try:
-        arrays = read_torch_zip(path)
+        arrays = read_torch_file(path)
     except LoadError:
         return
     assert all(isinstance(a, np.ndarray) for a in arrays.values())

@@ -7,7 +7,7 @@
 """
 from . import activations
 from .errors import LoadError, UnsafeModelError, UnsupportedOpError
-from .formats import load
+from .formats import load, load_state_dict
 from .formats.keras import from_keras
 from .formats.native import save
 from .formats.torch import from_torch
@@ -46,5 +46,6 @@ __all__ = [
     "from_keras",
     "from_torch",
     "load",
+    "load_state_dict",
     "save",
 ]

@@ -238,6 +238,10 @@ def _file_format(path: str) -> str:
             return "Keras .keras archive" if "config.json" in zf.namelist() else "torch.save zip (state_dict)"
     if kind == "hdf5":
         return "Keras HDF5"
+    if kind == "torch-legacy":
+        return "legacy torch.save stream (state_dict)"
+    if kind == "pickle":
+        return "pickle (madmom network, or NumPy arrays)"
     return "unknown"
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from ..errors import LoadError
 from ..model import Model
+
+# Compressed .npz members may inflate this much and no more (weights barely compress).
+_MAX_INFLATION = 1000
+_INFLATION_FLOOR = 64 << 20
 
 
 # Models shipped inside the package, by the name every command and ``load`` accept ("builtin:charlm").
@@ -32,10 +38,14 @@ def resolve(path: str | os.PathLike) -> str:
 
 
 def _sniff(path: str) -> str:
-    """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors', 'onnx' or 'unknown'."""
+    """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors', 'onnx', 'torch-legacy',
+    'pickle' or 'unknown'."""
+    from ._torch_pickle import _LEGACY_HEAD
+
     try:
         with open(path, "rb") as f:
             head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise LoadError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     if head.startswith(b"\x08") and len(head) > 2 and head[1] < 0x80 and head[2] in (0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42):
@@ -45,21 +55,96 @@ def _sniff(path: str) -> str:
         return "zip"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "hdf5"
-    if len(head) >= 9 and head[8:9] == b"{":
+    # A safetensors header length (8 bytes, little-endian) that fits the file, then its JSON.
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
         return "safetensors"
+    if head.startswith(_LEGACY_HEAD):
+        return "torch-legacy"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head.startswith((b"ccopy_reg\n", b"(dp", b"(lp")):  # protocol 0, as Python 2 wrote by default
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"  # a cut file: its reader says what is wrong
     return "unknown"
+
+
+def _zip_names(path: str) -> list[str]:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    # A damaged directory also raises ValueError (names that are not UTF-8), NotImplementedError (a
+    # version field) or EOFError.
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
+        raise LoadError(f"{path}: not a readable zip archive: {exc}") from exc
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``np.savez`` file (no pickled objects: ``allow_pickle=False``)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.file_size > _INFLATION_FLOOR and info.file_size > _MAX_INFLATION * max(info.compress_size, 1):
+                raise LoadError(f"{path}: member {info.filename!r} claims {info.file_size} bytes "
+                                f"from {info.compress_size}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise LoadError(f"{path}: not a readable .npz of plain arrays: {exc}") from exc
+    if not arrays:
+        raise LoadError(f"{path}: the .npz holds no arrays")
+    return arrays
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The named arrays of a weights file, read without torch and without running code from the file.
+
+    Reads ``torch.save`` files (zip archives and legacy pre-1.6 streams), safetensors, NumPy ``.npz`` and
+    pickles of NumPy arrays (a dict of arrays, such as ``pickle.dump(state_dict_as_numpy)``). Nested dicts are
+    flattened to dotted keys (``{"model_state": {"lstm.weight_ih_l0": ...}}`` -> ``"model_state.lstm.weight_ih_l0"``);
+    values that are not arrays (step counts, names) are left out. Build a model from the arrays with the layer
+    classes (``le.LSTM(...)``, ``le.Dense(...)``) or ``le.from_torch(state_dict)``.
+    """
+    from . import numpy_pickle
+    from ._safetensors import read_safetensors
+    from ._torch_pickle import read_torch_file
+
+    path = os.fspath(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return read_safetensors(path)[0]
+    if kind == "torch-legacy":
+        return read_torch_file(path)
+    if kind == "pickle":
+        return numpy_pickle.arrays(numpy_pickle.read_pickle(path), path)
+    if kind == "zip":
+        names = _zip_names(path)
+        if "config.json" in names:
+            raise LoadError(f"{path}: a .keras model archive, not a weights file; load it with le.load")
+        if names and all(n.endswith(".npy") for n in names):
+            return _read_npz(path)
+        return read_torch_file(path)
+    if kind == "hdf5":
+        raise LoadError(f"{path}: a Keras HDF5 file; load it with le.load (config= for weights-only files)")
+    raise LoadError(f"{path}: not a weights file lstm_engine knows (expected a torch.save file, safetensors, "
+                    ".npz, or a pickle of NumPy arrays)")
 
 
 def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model:
     """Load a model file, or ``"builtin:charlm"`` (the character model shipped with lstm_engine): the
-    engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``, ``.bin``, ``.safetensors``), a
-    Keras model (``.keras``, ``.h5``) or an ONNX model (``.onnx``, needs the onnx package:
-    ``pip install ".[onnx]"`` from a checkout).
+    engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``, ``.bin``, ``.safetensors``, legacy
+    pre-1.6 ``torch.save`` files too), a Keras model (``.keras``, ``.h5``), an ONNX model (``.onnx``, needs the
+    onnx package: ``pip install ".[onnx]"`` from a checkout) or a madmom model (its pickled networks).
 
     The format is recognised from the file's content. ``dtype`` picks the weights' float type
     (default: as saved for the engine's own files, float32 otherwise). Other keyword options go to the
     format's loader (e.g. ``nonlinearity='relu'`` for an RNN state_dict, ``config=`` for Keras weights).
-    Raises LoadError (naming the file) for anything it cannot load.
+    Raises LoadError (naming the file) for anything it cannot load. For weights files of whole networks
+    (a checkpoint dict, a pickle of NumPy arrays), read the arrays with ``le.load_state_dict`` and build the model.
     """
     from . import native
     from ._safetensors import read_safetensors
@@ -74,23 +159,21 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
                 raise TypeError(f"load: options {sorted(options)} do not apply to an lstm_engine file")
             return native.model_from_safetensors(path, tensors, metadata, dtype)
         return model_from_state_dict(tensors, source=path, dtype=dtype, **options)
-    if kind == "zip":
-        import zipfile
+    if kind == "zip" and "config.json" in _zip_names(path):
+        from .keras import load_keras
 
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        # A damaged directory also raises ValueError (names that are not UTF-8), NotImplementedError (a
-        # version field) or EOFError.
-        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
-            raise LoadError(f"{path}: not a readable zip archive: {exc}") from exc
-        if "config.json" in names:
-            from .keras import load_keras
+        return load_keras(path, dtype=dtype, **options)
+    if kind == "pickle":
+        from . import madmom, numpy_pickle
 
-            return load_keras(path, dtype=dtype, **options)
-        from ._torch_pickle import read_torch_zip
-
-        return model_from_state_dict(read_torch_zip(path), source=path, dtype=dtype, **options)
+        value = madmom.read_madmom(path)  # madmom's classes read as inert records, never run
+        if madmom.is_madmom(value):
+            if options:
+                raise TypeError(f"load: options {sorted(options)} do not apply to a madmom model")
+            return madmom.model_from_madmom(value, path, dtype)
+        return model_from_state_dict(numpy_pickle.arrays(value, path), source=path, dtype=dtype, **options)
+    if kind in ("zip", "torch-legacy"):
+        return model_from_state_dict(load_state_dict(path), source=path, dtype=dtype, **options)
     if kind == "onnx" or (kind == "unknown" and path.lower().endswith(".onnx")):
         if options:
             raise TypeError(f"load: options {sorted(options)} do not apply to an ONNX file")
@@ -102,4 +185,4 @@ def load(path: str | os.PathLike, *, dtype: Any = None, **options: Any) -> Model
 
         return load_keras(path, dtype=dtype, **options)
     raise LoadError(f"{path}: not a model file lstm_engine knows (expected an lstm_engine or PyTorch "
-                    "safetensors file, a torch.save zip, a .keras archive, a Keras .h5 file or an ONNX model)")
+                    "safetensors file, a torch.save file, a .keras archive, a Keras .h5 file or an ONNX model)")

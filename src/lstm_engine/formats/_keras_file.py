@@ -23,8 +23,8 @@ import io
 import json
 import mmap
 import os
-import pickle
 import re
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import numpy.lib.format as npy_format
 
-from ..errors import LoadError, UnsafeModelError
+from ..errors import LoadError
+from . import numpy_pickle
 
 __all__ = ["KerasLayerSpec", "KerasMask", "KerasModelSpec", "read_keras"]
 
@@ -73,16 +74,6 @@ _TF_OP_LAYERS = frozenset({"TFOpLambda", "SlicingOpLambda"})
 _KERAS3_MASK_OPS = frozenset({"NotEqual", "Any"})
 _NOT_EQUAL_FUNCTIONS = frozenset({"math.not_equal", "not_equal"})
 _REDUCE_ANY_FUNCTIONS = frozenset({"math.reduce_any", "reduce_any"})
-
-# Only what numpy needs to rebuild the dict-of-arrays objects that Keras's NpzIOStore pickles.
-_NPZ_PICKLE_GLOBALS = frozenset(
-    {
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -848,19 +839,6 @@ class _NpzVarStore:
         return sorted({k[len(prefix) :].split("/")[0] for k in self.contents if k.startswith(prefix)})
 
 
-class _NpzUnpickler(pickle.Unpickler):
-    """Unpickler that rebuilds numpy arrays and dicts and refuses every other global."""
-
-    def find_class(self, module: str, name: str):
-        """Allow only numpy's array-rebuilding callables."""
-        if (module, name) in _NPZ_PICKLE_GLOBALS:
-            return super().find_class(module, name)
-        raise UnsafeModelError(
-            f"model.weights.npz refers to {module}.{name}: only pickled numpy arrays are read, since other "
-            "pickled objects run code when loaded; re-save the model with the default HDF5 weights"
-        )
-
-
 def _read_keras_npz(raw: bytes, path: str) -> dict[str, dict[str, np.ndarray]]:
     """Parse Keras's npz weights (each member a pickled dict of arrays) with a restricted unpickler."""
     where = f"{path}: model.weights.npz"
@@ -887,12 +865,8 @@ def _read_keras_npz(raw: bytes, path: str) -> dict[str, dict[str, np.ndarray]]:
                 raise LoadError(f"{where}: entry {key!r}: bad .npy header: {e}") from e
             if dtype != np.dtype(object) or shape != ():
                 raise LoadError(f"{where}: entry {key!r}: expected a pickled dict of arrays, found {dtype} {shape}")
-            try:
-                value = _NpzUnpickler(stream).load()
-            except UnsafeModelError as e:
-                raise UnsafeModelError(f"{path}: {e}") from e
-            except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged entry
-                raise LoadError(f"{where}: entry {key!r} cannot be decoded: {e}") from e
+            # Keras pickles each variable dict; only arrays and containers are read from it.
+            value = numpy_pickle.loads(stream.read(), f"{where}: entry {key!r}")
             item = value.item() if isinstance(value, np.ndarray) and value.shape == () else value
             if not isinstance(item, dict) or not all(
                 isinstance(k, str) and isinstance(v, np.ndarray) for k, v in item.items()
@@ -1090,6 +1064,12 @@ def _check_recurrent(class_name, cfg, weights, prefix, in_dim, path, layer) -> i
             shape = (2, width) if cfg["reset_after"] else (width,)
         else:
             shape = (width,)
+        if weights[prefix + "bias"].shape == (2 * width,) and shape == (width,):
+            # Keras 2's CuDNNLSTM/CuDNNGRU keep input and recurrent biases apart and lay their kernels out for cuDNN.
+            raise LoadError(
+                f"{path}: layer '{layer}' tensor '{prefix}bias': {2 * width} values, two per gate and unit: weights "
+                f"of a Keras 2 CuDNN{class_name} layer, which are not supported (expected shape ({width},))"
+            )
         _expect(weights, prefix + "bias", shape, path, layer)
     return units
 
@@ -1184,20 +1164,34 @@ def _build_spec(path, model_config, store, keras_version, backend, source_format
             raise LoadError(f"{path}: Sequential config contains op '{sorted(op_names)[0]}', which is not a layer")
         ordered, masks = layer_entries, {}
     else:
-        ordered, masks = _functional_chain(path, body, raw_entries, op_names)
+        try:
+            ordered, masks = _functional_chain(path, body, raw_entries, op_names)
+        except LoadError as exc:
+            # A layer class nobody here knows (a custom attention layer, say) is the reason to name first.
+            unknown = [e for e in layer_entries if e["class_name"] not in _KNOWN_LAYERS]
+            if not unknown:
+                raise
+            named = ", ".join(f"layer '{_entry_name(e, path)}' ({e['class_name']})" for e in unknown)
+            raise LoadError(
+                f"{path}: {named}: Keras layer class{'es' if len(unknown) > 1 else ''} not supported, and the model "
+                f"is not a chain of supported layers ({exc})"
+            ) from exc
 
     input_shape, input_dtype = _input_info(model_class, body, ordered)
     features = input_shape[-1] if input_shape else None
     claimed: set[str] = set()
     layers: list[KerasLayerSpec] = []
-    for entry in ordered:
+    names = [_entry_name(entry, path) for entry in ordered]
+    configs = [_normalise_config(e["class_name"], e["config"], path, n) for e, n in zip(ordered, names)]
+    plans = [_tensor_plan(e["class_name"], cfg) for e, cfg in zip(ordered, configs)]
+    if isinstance(store, _LegacyStore):
+        file_group = _legacy_groups(store, names, plans, path)
+    for entry, name, cfg, plan in zip(ordered, names, configs, plans):
         class_name = entry["class_name"]
-        name = _entry_name(entry, path)
-        cfg = _normalise_config(class_name, entry["config"], path, name)
-        plan = _tensor_plan(class_name, cfg)
         if isinstance(store, _LegacyStore):
-            claimed.add(name)
-            weights = _legacy_layer_weights(store, name, class_name, plan, path)
+            group = file_group.get(name, name)
+            claimed.add(group)
+            weights = _legacy_layer_weights(store, group, class_name, plan, path)
         else:
             claimed.add(group_of[name])
             weights = _v3_layer_weights(store, store.layer_path(group_of[name]), name, class_name, plan, path)
@@ -1222,6 +1216,30 @@ def _build_spec(path, model_config, store, keras_version, backend, source_format
         layers=layers,
         input_dtype=input_dtype,
     )
+
+
+def _legacy_groups(store: _LegacyStore, names: list[str], plans: list, path: str) -> dict[str, str]:
+    """The weights group of a legacy file that holds each config layer's tensors, when it is not the layer's name.
+
+    Keras's ``load_weights`` on an HDF5 file pairs the model's layers that have weights with the file's groups that
+    have weights, in order, whatever their names: files saved years ago say ``lstm_3`` where a config written today
+    says ``lstm_1``. Names are used when they all match; otherwise the layers are paired by order when the counts
+    agree (shapes are checked afterwards, as Keras does), with a warning naming each pair; by name otherwise.
+    """
+    wanted = [n for n, plan in zip(names, plans) if plan]
+    if all(store.weight_names(n) is not None for n in wanted) or any(plan is None for plan in plans):
+        return {}
+    stored = [n for n in store.layer_names if store.weight_names(n)]
+    if len(stored) != len(wanted):
+        return {}  # not the same model: the name lookup names the first layer the file lacks
+    pairs = dict(zip(wanted, stored))
+    warnings.warn(
+        f"{path}: the file's layer names differ from the config's; layers paired by order, as Keras's load_weights "
+        f"does: {', '.join(f'{c} <- {f}' for c, f in pairs.items())}",
+        UserWarning,
+        stacklevel=5,
+    )
+    return pairs
 
 
 def _check_unclaimed(store, claimed: set[str], path: str) -> None:

@@ -1,7 +1,11 @@
-"""Read ``torch.save(state_dict)`` zip archives into NumPy arrays without importing torch.
+"""Read ``torch.save(state_dict)`` files into NumPy arrays without importing torch.
 
-A torch zip holds ``<prefix>/data.pkl`` (a pickle that rebuilds tensors from storages), ``<prefix>/byteorder`` and
-one raw record ``<prefix>/data/<key>`` per storage. The pickle is untrusted, so it is read in three guarded steps:
+Two layouts exist. A zip archive (torch >= 1.6) holds ``<prefix>/data.pkl`` (a pickle that rebuilds tensors from
+storages), ``<prefix>/byteorder`` and one raw record ``<prefix>/data/<key>`` per storage. A legacy stream (what
+older torch wrote, and ``_use_new_zipfile_serialization=False`` still writes) is five pickles back to back — magic
+number, protocol version 1001, system info, the object, the sorted list of storage keys — then, for each key in that
+list, the storage's element count as an int64 and its raw bytes. The pickles are untrusted, so either layout is read
+in three guarded steps:
 
 1. its opcodes are walked without running them, so no length or memo index it claims reaches an allocation;
 2. an unpickler runs it that resolves only the globals a state_dict needs, each to an immutable stand-in defined
@@ -33,8 +37,9 @@ import numpy as np
 from lstm_engine.errors import LoadError, UnsafeModelError
 
 # A legacy (pre-1.6) torch.save stream opens with pickle protocol 2 and LONG1 of this 10-byte magic number.
-_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-_LEGACY_HINT = "re-save it with a current torch (torch.load it, then torch.save it: torch >= 1.6 writes zip archives)"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little")
+_LEGACY_PROTOCOL = 1001
 
 # A state_dict pickle is ~100 bytes per tensor; this is far above any real one and keeps a hostile one cheap.
 _MAX_PICKLE_BYTES = 256 << 20
@@ -147,11 +152,13 @@ class _StorageType(NamedTuple):
 
 
 class _StorageRef(NamedTuple):
-    """Persistent id ``('storage', type, key, location, numel)``: ``numel`` elements of ``dtype`` in ``data/<key>``."""
+    """``numel`` elements of ``dtype`` from element ``start`` of storage record ``key`` (``start`` > 0 only for the
+    views a legacy file declares in its persistent ids)."""
 
     key: str
     dtype: _DType
     numel: int
+    start: int = 0
 
 
 class _TensorRef(NamedTuple):
@@ -172,6 +179,11 @@ class _SafeCall(NamedTuple):
 
     def __call__(self, *args: Any) -> Any:
         return self.fn(*args)
+
+
+def _rebuild_tensor(storage, offset, size, stride) -> _TensorRef:
+    """Stand-in for ``torch._utils._rebuild_tensor``, which legacy files from torch < 0.4 call."""
+    return _TensorRef(storage, offset, size, stride, None)
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None) -> _TensorRef:
@@ -205,6 +217,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     """The allow-list: (module, name) -> safe stand-in."""
     allowed: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor"): _SafeCall("torch._utils._rebuild_tensor", _rebuild_tensor),
         ("torch._utils", "_rebuild_tensor_v2"): _SafeCall("torch._utils._rebuild_tensor_v2", _rebuild_tensor_v2),
         ("torch._utils", "_rebuild_tensor_v3"): _SafeCall("torch._utils._rebuild_tensor_v3", _rebuild_tensor_v3),
         ("torch._utils", "_rebuild_parameter"): _SafeCall("torch._utils._rebuild_parameter", _rebuild_parameter),
@@ -256,11 +269,17 @@ def _refusal(module: str, name: str, path: str) -> LoadError:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allow-listed globals and maps persistent ids to storage records."""
+    """Unpickler that resolves only allow-listed globals and maps persistent ids to storage records.
 
-    def __init__(self, data: bytes, path: str) -> None:
+    ``legacy`` selects the persistent ids of legacy files, ``('storage', type, root_key, location, numel,
+    view_metadata)``; every root storage they declare is kept in ``roots`` for the data section that follows.
+    """
+
+    def __init__(self, data: bytes, path: str, legacy: bool = False) -> None:
         super().__init__(io.BytesIO(data))
         self._path = path
+        self._legacy = legacy
+        self.roots: dict[str, _StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         """Return the stand-in for an allowed global; refuse every other one by name."""
@@ -270,33 +289,77 @@ class _SafeUnpickler(pickle.Unpickler):
         return stand_in
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        """Map ``('storage', storage_type, key, location, numel)`` to a reference to ``data/<key>``."""
-        if not (isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[0], str) and pid[0] == "storage"):
-            raise LoadError(
-                f"{self._path}: data.pkl has persistent id {_describe(pid)}, "
-                "expected ('storage', storage_type, key, location, numel)"
+        """Map a storage's persistent id to a reference to its record."""
+        where = "the pickle" if self._legacy else "data.pkl"
+        if isinstance(pid, tuple) and pid and pid[0] in ("module", b"module"):
+            raise UnsafeModelError(
+                f"{self._path}: {where} holds a whole pickled module (torch.save(model)) with its source code; "
+                "save model.state_dict() instead"
             )
-        _, storage_type, key, _location, numel = pid
+        fields = 6 if self._legacy else 5
+        if not (isinstance(pid, tuple) and len(pid) == fields and pid[0] in ("storage", b"storage")):
+            shape = "key, location, numel, view_metadata" if self._legacy else "key, location, numel"
+            raise LoadError(
+                f"{self._path}: {where} has persistent id {_describe(pid)}, expected ('storage', storage_type, {shape})"
+            )
+        storage_type, key, numel = pid[1], pid[2], pid[4]
+        if isinstance(key, bytes):  # Python 2 pickles spell str as bytes
+            key = key.decode("ascii", "replace")
         if not isinstance(storage_type, _StorageType):
             raise LoadError(f"{self._path}: storage persistent id names {_describe(storage_type)}, not a storage type")
         if not isinstance(key, str) or not key or "/" in key or len(key) > 256:
             raise LoadError(f"{self._path}: storage key {_describe(key)} is not a record name")
         if type(numel) is not int or not 0 <= numel <= _MAX_INDEX:
             raise LoadError(f"{self._path}: storage '{key}' claims {_describe(numel)} elements")
-        return _StorageRef(key, storage_type.dtype, numel)
+        root = _StorageRef(key, storage_type.dtype, numel)
+        if not self._legacy:
+            return root
+        if self.roots.setdefault(key, root) != root:
+            raise LoadError(f"{self._path}: storage '{key}' is declared twice with different types or sizes")
+        view = pid[5]
+        if view is None:
+            return root
+        if not (isinstance(view, tuple) and len(view) == 3):
+            raise LoadError(
+                f"{self._path}: storage '{key}' has view metadata {_describe(view)}, expected (view_key, offset, size)"
+            )
+        _, offset, size = view
+        if type(offset) is not int or type(size) is not int or not 0 <= offset <= offset + size <= numel:
+            raise LoadError(
+                f"{self._path}: storage '{key}' has a view of {_describe(size)} elements at {_describe(offset)}, "
+                f"outside its {numel} elements"
+            )
+        return _StorageRef(key, storage_type.dtype, size, offset)
 
 
-class _Archive:
+class _Budget:
+    """Output accounting: views may repeat a storage, so the bytes a file expands to are bounded by its size."""
+
+    def __init__(self, path: str, file_size: int) -> None:
+        self.path = path
+        self.file_size = file_size
+        self._budget = _OUTPUT_FACTOR * file_size + _OUTPUT_SLACK
+
+    def spend(self, nbytes: int, key: str) -> None:
+        """Charge ``nbytes`` of output to the budget, refusing files whose tensors expand without bound."""
+        if nbytes > self._budget:
+            limit = _OUTPUT_FACTOR * self.file_size + _OUTPUT_SLACK
+            raise LoadError(
+                f"{self.path}: tensor '{key}': the tensors would take more than {limit} bytes from a "
+                f"{self.file_size}-byte file (storages repeated by views or zero strides, or dicts shared by memo)"
+            )
+        self._budget -= nbytes
+
+
+class _Archive(_Budget):
     """A torch zip opened for reading: record lookup with size checks, storage cache, output budget."""
 
     def __init__(self, zf: zipfile.ZipFile, path: str, file_size: int) -> None:
+        super().__init__(path, file_size)
         self.zf = zf
-        self.path = path
-        self.file_size = file_size
         self.prefix = self._find_prefix()
         self.byteorder = self._read_byteorder()
         self._storages: dict[str, bytes] = {}
-        self._budget = _OUTPUT_FACTOR * file_size + _OUTPUT_SLACK
 
     def _find_prefix(self) -> str:
         """The folder holding data.pkl, with its trailing slash."""
@@ -360,25 +423,23 @@ class _Archive:
             self._storages[name] = self.read(name, limit=info.file_size, what=what)
         return self._storages[name]
 
-    def spend(self, nbytes: int, key: str) -> None:
-        """Charge ``nbytes`` of output to the budget, refusing files whose tensors expand without bound."""
-        if nbytes > self._budget:
-            limit = _OUTPUT_FACTOR * self.file_size + _OUTPUT_SLACK
-            raise LoadError(
-                f"{self.path}: tensor '{key}': the tensors would take more than {limit} bytes from a "
-                f"{self.file_size}-byte file (storages repeated by views or zero strides, or dicts shared by memo)"
-            )
-        self._budget -= nbytes
 
-
-def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read the tensors of a ``torch.save`` zip archive: {dotted key: C-contiguous array}, fp16/bf16 as float32."""
+def read_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read the tensors of a ``torch.save`` file, zip archive or legacy stream: {dotted key: C-contiguous array},
+    fp16/bf16 as float32."""
     path_str = os.fspath(path)
     # Opening errors (missing file, no permission) are the caller's to see unchanged.
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         head = f.read(len(_LEGACY_HEAD))
         f.seek(0)
+        if head == _LEGACY_HEAD:
+            try:
+                return _read_legacy(f.read(), path_str, file_size)
+            except LoadError:
+                raise
+            except (RecursionError, MemoryError) as exc:
+                raise LoadError(f"{path_str}: cannot read legacy torch file: {type(exc).__name__}") from exc
         try:
             zf = zipfile.ZipFile(f)
         except _ZIP_ERRORS as exc:
@@ -386,7 +447,7 @@ def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with zf:
             try:
                 archive = _Archive(zf, path_str, file_size)
-                top = _unpickle(archive.read(archive.prefix + "data.pkl", _MAX_PICKLE_BYTES), path_str)
+                top = _unpickle(archive.read(archive.prefix + "data.pkl", _MAX_PICKLE_BYTES), path_str)[0]
                 return _read_tensors(archive, top)
             except LoadError:
                 raise
@@ -395,39 +456,124 @@ def read_torch_zip(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _not_a_zip(path: str, head: bytes, exc: BaseException) -> LoadError:
-    """The error for a file zipfile cannot open, telling legacy torch files and cut archives apart."""
-    if head.startswith(_LEGACY_HEAD):
-        return LoadError(f"{path}: legacy (pre-1.6, non-zip) torch.save file; {_LEGACY_HINT}")
+    """The error for a file that is neither a legacy torch file nor a readable zip, telling cut archives apart."""
     if head.startswith(b"PK"):
         return LoadError(f"{path}: truncated or corrupt zip archive: {exc}")
-    return LoadError(f"{path}: not a torch.save zip archive; if an old torch (< 1.6) wrote it, {_LEGACY_HINT}")
+    return LoadError(f"{path}: not a torch.save file (neither a zip archive nor a legacy torch.save stream)")
 
 
-def _unpickle(data: bytes, path: str) -> Any:
-    """Run ``data.pkl`` through the safe unpickler after checking its opcodes are well-formed."""
-    _check_opcodes(data, path)
+class _LegacyStorages(_Budget):
+    """The data section of a legacy file: each storage's bytes found at its offset, output budget."""
+
+    byteorder = "little"
+
+    def __init__(self, data: bytes, path: str, file_size: int, offsets: dict[str, int]) -> None:
+        super().__init__(path, file_size)
+        self._data = memoryview(data)
+        self._offsets = offsets
+
+    def storage_bytes(self, storage: _StorageRef, key: str) -> memoryview:
+        """The ``numel`` elements of ``storage`` (a whole storage or a view into one), without a copy."""
+        size = np.dtype(storage.dtype.raw).itemsize
+        begin = self._offsets[storage.key] + storage.start * size
+        return self._data[begin:begin + storage.numel * size]
+
+
+def _read_legacy(data: bytes, path: str, file_size: int) -> dict[str, np.ndarray]:
+    """Read a legacy (non-zip) torch.save stream: five pickles, then each storage as int64 numel + raw bytes."""
+    protocol, at = _unpickle(data, path, _unpickle(data, path, 0, what="the magic number")[1], what="the protocol")[:2]
+    if protocol != _LEGACY_PROTOCOL:
+        raise LoadError(f"{path}: legacy torch.save protocol version {_describe(protocol)}, "
+                        f"expected {_LEGACY_PROTOCOL}")
+    info, at = _unpickle(data, path, at, what="the system info")[:2]
+    little = info.get("little_endian") if isinstance(info, dict) else None
+    if little is not True:
+        # torch < 1.x wrote storages in the writing machine's byte order and marked it here.
+        raise LoadError(f"{path}: legacy torch.save file from a big-endian machine (little_endian={little!r}); "
+                        "only little-endian files are supported")
+    top, at, roots = _unpickle(data, path, at, legacy=True, what="the pickle")
+    keys, at = _unpickle(data, path, at, what="the storage key list")[:2]
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise LoadError(f"{path}: the storage key list is {_describe(keys)}, expected a list of str")
+    offsets: dict[str, int] = {}
+    for key in keys:
+        root = roots.get(key)
+        if root is None or key in offsets:
+            why = "twice" if key in offsets else "a storage no tensor uses"
+            raise LoadError(f"{path}: the storage key list names {_describe(key)}, {why}")
+        numel = int.from_bytes(data[at:at + 8], "little", signed=True)
+        nbytes = root.numel * np.dtype(root.dtype.raw).itemsize
+        if len(data) < at + 8 + nbytes or numel != root.numel:
+            raise LoadError(f"{path}: storage '{key}' should hold {root.numel} {root.dtype.name} elements at "
+                            f"byte {at}; the file has {_describe(numel)} elements there, in {len(data) - at} bytes")
+        offsets[key] = at + 8
+        at += 8 + nbytes
+    missing = [k for k in roots if k not in offsets]
+    if missing:
+        raise LoadError(f"{path}: storage '{missing[0]}' is used by a tensor but missing from the storage key list")
+    return _read_tensors(_LegacyStorages(data, path, file_size, offsets), top)
+
+
+def _unpickle(data: bytes, path: str, start: int = 0, *, legacy: bool = False,
+              what: str = "data.pkl") -> tuple[Any, int, dict[str, _StorageRef]]:
+    """Run the pickle at ``data[start:]`` through the safe unpickler after checking its opcodes are well-formed.
+
+    Returns the value, the offset just past the pickle, and the root storages a legacy pickle declared.
+    """
+    end = _check_opcodes(data, path, start, what)
+    if end - start > _MAX_PICKLE_BYTES:
+        raise LoadError(f"{path}: {what} takes {end - start} bytes, limit {_MAX_PICKLE_BYTES}")
+    unpickler = _SafeUnpickler(data[start:end], path, legacy)
     try:
-        return _SafeUnpickler(data, path).load()
+        return unpickler.load(), end, unpickler.roots
     except LoadError:
         raise
     except Exception as exc:  # the pickle drives calls into the stand-ins: any failure means malformed data
         message = str(exc)[:200]
-        raise LoadError(f"{path}: malformed data.pkl: {type(exc).__name__}: {message}") from exc
+        raise LoadError(f"{path}: malformed {what}: {type(exc).__name__}: {message}") from exc
 
 
-def _check_opcodes(data: bytes, path: str) -> None:
-    """Walk the pickle's opcodes without running them, refusing what would make the C unpickler over-allocate."""
+def _genops(stream: io.BytesIO) -> Iterator[tuple[Any, Any, int]]:
+    """``pickletools.genops``, except that protocol-0 STRING arguments stay undecoded bytes: Python 2 pickles keep
+    binary data there (NumPy arrays), which genops fails to decode as ASCII."""
+    while True:
+        position = stream.tell()
+        code = stream.read(1)
+        opcode = pickletools.code2op.get(code.decode("latin-1"))
+        if opcode is None:
+            raise ValueError(f"unknown opcode {code!r} at byte {position}" if code else "pickle exhausted before STOP")
+        if opcode.arg is None:
+            arg = None
+        elif opcode.arg is pickletools.stringnl:
+            arg = stream.readline()
+            if not arg.endswith(b"\n"):
+                raise ValueError(f"no newline after the STRING argument at byte {position}")
+        else:
+            arg = opcode.arg.reader(stream)
+        yield opcode, arg, position
+        if opcode.name == "STOP":
+            return
+
+
+def _check_opcodes(data: bytes, path: str, start: int, what: str) -> int:
+    """Walk the pickle's opcodes without running them, refusing what would make the C unpickler over-allocate.
+
+    Returns the offset just past its STOP opcode.
+    """
     # The C unpickler allocates some claimed lengths (BINBYTES8) before reading them, and grows its memo table to
     # twice any PUT index it meets (a 9-byte pickle can ask for gigabytes). The pure-Python walk reads each argument
     # from the buffer, so a length the data does not hold fails here; memo indices must come in sequence, as every
     # pickler writes them.
+    # (Python 2's pickler numbered its memo from 1, hence one entry of slack.)
     memo_len = 0
+    stream = io.BytesIO(data)
+    stream.seek(start)
     try:
-        for opcode, arg, position in pickletools.genops(data):
+        for opcode, arg, position in _genops(stream):
             if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                if arg > memo_len:
+                if arg > memo_len + 1:
                     raise LoadError(
-                        f"{path}: data.pkl stores memo entry {arg} at byte {position} after only {memo_len} entries"
+                        f"{path}: {what} stores memo entry {arg} at byte {position} after only {memo_len} entries"
                     )
                 memo_len += 1
             elif opcode.name == "MEMOIZE":
@@ -435,7 +581,8 @@ def _check_opcodes(data: bytes, path: str) -> None:
     except LoadError:
         raise
     except (ValueError, EOFError, OverflowError, MemoryError, struct.error) as exc:
-        raise LoadError(f"{path}: data.pkl is not a valid pickle: {exc}") from exc
+        raise LoadError(f"{path}: {what} is not a valid pickle: {exc}") from exc
+    return stream.tell()
 
 
 def _read_tensors(archive: _Archive, top: Any) -> dict[str, np.ndarray]:
@@ -444,7 +591,7 @@ def _read_tensors(archive: _Archive, top: Any) -> dict[str, np.ndarray]:
         what = "a single tensor" if isinstance(top, _TensorRef) else _describe(top)
         raise LoadError(f"{archive.path}: data.pkl holds {what}, expected a dict of tensors (a state_dict)")
     arrays: dict[str, np.ndarray] = {}
-    for key, ref in _iter_tensors(top, archive.path):
+    for key, ref in iter_leaves(top, archive.path, _TensorRef):
         if key in arrays:
             raise LoadError(f"{archive.path}: tensor key '{key}' occurs twice after flattening nested dicts")
         arrays[key] = _materialize(archive, key, ref)
@@ -453,8 +600,8 @@ def _read_tensors(archive: _Archive, top: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _iter_tensors(top: dict, path: str) -> Iterator[tuple[str, _TensorRef]]:
-    """(dotted key, tensor record) for every tensor in nested dicts, in pickle order."""
+def iter_leaves(top: dict, path: str, leaf: type) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every value of type ``leaf`` (a tensor record) in nested dicts, in pickle order."""
     # Memo references let one pickled dict appear under many keys, so a walk can fan out exponentially with depth:
     # bound the entries visited, not just the depth.
     stack = [("", iter(top.items()))]
@@ -469,7 +616,7 @@ def _iter_tensors(top: dict, path: str) -> Iterator[tuple[str, _TensorRef]]:
         if visited > _MAX_ENTRIES:
             raise LoadError(f"{path}: the state_dict's nested dicts hold more than {_MAX_ENTRIES} entries")
         raw_key, value = entry
-        if not isinstance(value, (_TensorRef, dict)):
+        if not isinstance(value, (leaf, dict)):
             continue
         if isinstance(raw_key, str):
             key = prefix + raw_key
@@ -479,7 +626,7 @@ def _iter_tensors(top: dict, path: str) -> Iterator[tuple[str, _TensorRef]]:
             raise LoadError(f"{path}: a tensor or dict under {_describe(prefix)} has key {_describe(raw_key)}")
         if len(key) > _MAX_KEY_CHARS:
             raise LoadError(f"{path}: tensor key {_describe(key)} is longer than {_MAX_KEY_CHARS} characters")
-        if isinstance(value, _TensorRef):
+        if isinstance(value, leaf):
             yield key, value
         elif len(stack) > _MAX_NESTING:
             raise LoadError(f"{path}: dicts nested deeper than {_MAX_NESTING} levels under {_describe(key)}")
