@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import lstm_engine as le
+from conftest import run_threads as _run_threads
 
 torch = pytest.importorskip("torch")
 
@@ -42,25 +43,7 @@ def _recurrent(dtype=np.float32):
 
 
 def run_threads(target, n=THREADS, timeout=150):
-    """Run target(i) in n threads started together; re-raise the first error; fail on a thread still alive."""
-    errors = []
-    start = threading.Barrier(n)
-
-    def wrap(i):
-        try:
-            start.wait()
-            target(i)
-        except BaseException as exc:  # reported in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrap, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a thread is still running: deadlock or livelock"
-    if errors:
-        raise errors[0]
+    _run_threads(target, n, timeout)
 
 
 def _inputs(model, rng, steps, batch=1):
