@@ -43,3 +43,25 @@ def allocates_less_than(limit):
     finally:
         tracemalloc.stop()
     assert peak < limit, f"peak allocation {peak} bytes, expected under {limit}"
+
+
+def run_cli(*args, cwd=None, env=None, timeout=240):
+    """``python -m lstm_engine.cli ARGS`` in a subprocess (it inherits PYTHONPATH and KERAS_BACKEND)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "lstm_engine.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def run_main(capsys, *args):
+    """The same command in this process (no interpreter start-up), as a CompletedProcess: for the many small cases."""
+    import subprocess
+
+    from lstm_engine.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)

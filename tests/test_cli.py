@@ -1,35 +1,17 @@
 """The lstm-engine command end to end: subprocesses on real files made here."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import lstm_engine as le
-from lstm_engine.cli import main
+from conftest import run_cli as cli, run_main
 
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(300)
 
 COMMANDS = ["generate", "inspect", "run", "verify", "bench", "gates", "serve"]
-
-
-def cli(*args, cwd=None):
-    env = dict(os.environ, KERAS_BACKEND="torch")
-    return subprocess.run([sys.executable, "-m", "lstm_engine.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=240)
-
-
-def run_main(capsys, *args):
-    """The same command in this process (no interpreter start-up): for the many small cases."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's usage errors and --help
-        code = exc.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def assert_user_error(proc, *words):

@@ -9,18 +9,10 @@ import pytest
 
 import lstm_engine as le
 from lstm_engine import cli as cli_mod
+from conftest import run_main
 from lstm_engine.errors import is_user_error
 
 SRC = pathlib.Path(le.__file__).parent
-
-
-def run_main(capsys, *args):
-    try:
-        code = cli_mod.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def one_line(proc, *words):
