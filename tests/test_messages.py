@@ -201,3 +201,10 @@ def test_stepping_matches_forward_within_the_readme_bound():
     (h_s, c_s), = session.state
     np.testing.assert_allclose(h_s, h, rtol=0, atol=1e-5)
     np.testing.assert_allclose(c_s, c, rtol=0, atol=1e-5)
+
+
+def test_a_mismatched_source_names_what_differs(lstm_file, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 3)).state_dict(), tmp_path / "linear.pt")
+    one_line(run_main(capsys, "verify", lstm_file, "--source", tmp_path / "linear.pt"),
+             "linear.pt", "0.{weight, bias}", "non-recurrent", "layer 0 of the model is a LSTM")

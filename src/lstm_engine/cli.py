@@ -569,7 +569,13 @@ def _torch_reference(model, path: str, x, lengths):
             raise UserError(f"{path}: has more weights ({prefix!r}) than {model!r} holds")
         layer = layers[pos]
         kind = type(layer).__name__
-        if "weight_ih_l0" in params:
+        recurrent_weights = "weight_ih_l0" in params
+        if recurrent_weights != bool(layer.is_recurrent):
+            number = next(i for i, known in enumerate(model.layers) if known is layer)
+            raise UserError(f"{path}: its tensors {prefix or '(top level)'}.{{{', '.join(params)}}} are "
+                            f"{'a recurrent' if recurrent_weights else 'a non-recurrent'} module's, but layer "
+                            f"{number} of the model is a {kind}: not the network this model was made from")
+        if recurrent_weights:
             stack = []
             while pos < len(layers) and layers[pos].is_recurrent and f"weight_ih_l{len(stack)}" in params:
                 stack.append(layers[pos])
