@@ -166,10 +166,12 @@ def test_verify_sets_the_keras_backend_before_importing_keras(tmp_path):
 
 def test_a_bad_weight_ih_is_blamed_on_weight_ih_in_the_given_shape():
     rng = np.random.default_rng(16)
-    with pytest.raises(ValueError, match=r"LSTM weight_ih: .*\(512, input_size\) for hidden_size 128 .*got \(384, 64\)"):
+    with pytest.raises(ValueError, match=r"LSTM weight_ih \(384, 64\) and weight_hh \(512, 128\) disagree: "
+                                         r"weight_ih's 384 rows \(4\*hidden_size\) give hidden_size 96, "
+                                         r"weight_hh's columns 128"):
         le.LSTM(rng.standard_normal((384, 64)), rng.standard_normal((512, 128)))
-    with pytest.raises(ValueError, match=r"weight_ih: .*got \(15, 4\)$"):
-        le.GRU(rng.standard_normal((15, 4)), rng.standard_normal((12, 4)))
+    with pytest.raises(ValueError, match=r"GRU weight_ih: .*got \(16, 4\)$"):  # not 3 gates of any size
+        le.GRU(rng.standard_normal((16, 4)), rng.standard_normal((12, 4)))
     with pytest.raises(ValueError, match=r"RNN weight_hh: expected shape \(1\*hidden_size, hidden_size\), got \(4, 3\)"):
         le.RNN(rng.standard_normal((4, 2)), rng.standard_normal((4, 3)))
 
@@ -208,3 +210,22 @@ def test_a_mismatched_source_names_what_differs(lstm_file, tmp_path, capsys):
     torch.save(torch.nn.Sequential(torch.nn.Linear(4, 3)).state_dict(), tmp_path / "linear.pt")
     one_line(run_main(capsys, "verify", lstm_file, "--source", tmp_path / "linear.pt"),
              "linear.pt", "0.{weight, bias}", "non-recurrent", "layer 0 of the model is a LSTM")
+
+
+try:  # a module class at module level, so that torch.save can pickle it by reference
+    import torch as _torch
+except ImportError:
+    _torch = None
+else:
+    class _Tagger(_torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = _torch.nn.LSTM(4, 3, batch_first=True)
+
+
+def test_verify_source_pickling_a_custom_module_says_so_plainly(lstm_file, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    torch.save(_Tagger(), tmp_path / "whole.pt")
+    line = one_line(run_main(capsys, "verify", lstm_file, "--source", tmp_path / "whole.pt"),
+                    "whole.pt", "pickled Python objects", "state_dict()")
+    assert line.rstrip().endswith("builds the module")  # the whole message, not torch's first line

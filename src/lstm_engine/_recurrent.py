@@ -103,9 +103,10 @@ class RecurrentLayer(Layer):
             want = f"({G}*hidden_size, {width})" + (f" = {(G * H, P)}" if hr is not None else "")
             raise ValueError(f"{name} weight_hh: expected shape {want}{per_dir}, got {hh_given}")
         if GH != G * H:
-            raise ValueError(f"{name} weight_ih: expected shape ({G}*hidden_size, input_size) = ({G * H}, "
-                             f"input_size){per_dir} for hidden_size {H} (from weight_"
-                             f"{'hr' if hr is not None else 'hh'}), got {ih_given}")
+            src = "weight_hr" if hr is not None else "weight_hh"
+            raise ValueError(f"{name} weight_ih {ih_given} and {src} {hr_given if hr is not None else hh_given} "
+                             f"disagree: weight_ih's {GH} rows ({G}*hidden_size) give hidden_size {GH // G}, "
+                             f"{src}'s columns {H}")
         biases = []
         for arg, bname in ((bias_ih, "bias_ih"), (bias_hh, "bias_hh")):
             if arg is None:

@@ -551,7 +551,12 @@ def _torch_reference(model, path: str, x, lengths):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds for a file it cannot read
-            raise UserError(f"{path}: torch cannot read it as a state_dict: {str(exc).splitlines()[0]}") from None
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                # torch's own text runs to a page with terminal colour codes: say what it means instead.
+                raise UserError(f"{path}: holds pickled Python objects (a whole module or a class of your own), "
+                                "not only tensors, and is never unpickled here; save net.state_dict() and pass "
+                                "that file, or pass the .py file that builds the module") from None
+            raise UserError(f"{path}: torch cannot read it as a state_dict: {type(exc).__name__}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
