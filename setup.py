@@ -20,7 +20,7 @@ directives = {
     "embedsignature": True,
 }
 # -O3 but never -march=native: wheels must run on any x86-64 (SIGILL otherwise). The AVX2/FMA
-# variants in _cpu.c carry their own target attributes and are picked by a run-time CPU check.
+# and AVX-512 variants in cpu_products.c carry their own target attributes and are picked by a run-time CPU check.
 # -fno-trapping-math lets GCC turn the activations' clamps into vector blends (results are the
 # same: nothing here enables FP traps); without it the gate loops stay scalar.
 compile_args = (["-O0", "-g"] if DEBUG else ["-O3", "-fno-trapping-math"]) + ["-pthread"]
@@ -40,14 +40,18 @@ if mode_changed:
     with open(MODE_STAMP, "w") as f:
         f.write(mode)
 
+# The C kernels, one file per concern (_cpu.h lists them).
+C_PARTS = ("detect", "products", "steps", "pool", "blas")
+
 extensions = [
     Extension(
         "lstm_engine._kernels",
-        ["src/lstm_engine/_kernels.pyx", "src/lstm_engine/_cpu.c", "src/lstm_engine/_gates_general.c"],
+        ["src/lstm_engine/_kernels.pyx", "src/lstm_engine/_gates_general.c"]
+        + [f"src/lstm_engine/cpu_{part}.c" for part in C_PARTS],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["src/lstm_engine/_cpu.h", "src/lstm_engine/_kernels.pxd", "src/lstm_engine/_activations.h",
-                 "src/lstm_engine/_gates_general.h", MODE_STAMP],
+        depends=["src/lstm_engine/_cpu.h", "src/lstm_engine/_cpu_impl.h", "src/lstm_engine/_kernels.pxd",
+                 "src/lstm_engine/_activations.h", "src/lstm_engine/_gates_general.h", MODE_STAMP],
         extra_compile_args=compile_args,
         extra_link_args=["-pthread"],
     )

@@ -10,6 +10,8 @@ import threading  # noqa: E402
 import tracemalloc  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
+import pytest  # noqa: E402
+
 
 def run_threads(target, n, timeout=150):
     """Run target(i) in n threads started together; re-raise the first error; fail on a thread still alive."""
@@ -65,3 +67,17 @@ def run_main(capsys, *args):
         code = exc.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def kernel_variant(request):
+    """Run the test with each float32 kernel variant forced; skipped, naming what is missing, where
+    this CPU cannot run it."""
+    from lstm_engine import _kernels
+
+    supported, why = _kernels.variant_supported(request.param)
+    if not supported:
+        pytest.skip(f"{request.param} kernels cannot run here: {why}")
+    _kernels.set_simd_level(request.param)
+    yield request.param
+    _kernels.set_simd_level(None)

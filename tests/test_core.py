@@ -57,7 +57,7 @@ def torch_state_to_engine(model, tensors):
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_matches_pytorch(cell, num_layers, bidirectional, bias, batch, T):
+def test_matches_pytorch(cell, num_layers, bidirectional, bias, batch, T, kernel_variant):
     cls, kwargs = CELLS[cell]
     # A fixed seed per case: zlib.crc32 is the same in every process (hash() of a str is not).
     seed = zlib.crc32(repr((cell, num_layers, bidirectional, bias, batch, T)).encode())
@@ -156,7 +156,7 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("D,go_backwards", [(1, False), (1, True), (2, False)])
 @pytest.mark.parametrize("cls,options", KERNEL_CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernel_matches_reference(cls, options, D, go_backwards, zero_masked, dtype):
+def test_kernel_matches_reference(cls, options, D, go_backwards, zero_masked, dtype, kernel_variant):
     rng = np.random.default_rng(len(options) * 7 + D)
     options = dict(options)
     proj = options.pop("proj", 0)

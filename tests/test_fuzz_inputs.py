@@ -114,12 +114,10 @@ def _cases():
 CASES = _cases()
 
 
-@pytest.fixture(params=[-1, 0], ids=["simd", "portable"])
-def simd(request):
-    """Run on the CPU-dispatched float32 kernels, then on the portable ones."""
-    _kernels.set_simd_level(request.param)
-    yield request.param
-    _kernels.set_simd_level(-1)
+@pytest.fixture
+def simd(kernel_variant):
+    """Every float32 kernel variant this CPU runs, forced in turn (conftest)."""
+    return kernel_variant
 
 
 def assert_close(got, want, dtype, what):

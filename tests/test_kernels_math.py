@@ -1,4 +1,4 @@
-"""The float32 kernels' own maths: rational tanh and sigmoid against libm, saturation, NaN, both CPU variants,
+"""The float32 kernels' own maths: rational tanh and sigmoid against libm, saturation, NaN, every CPU variant,
 and the batch-1 direct path (threads, T=1 fused and T>1) against the general BLAS path and PyTorch."""
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ import pytest
 import lstm_engine as le
 from lstm_engine import _kernels
 
-# The portable variant (0) always runs; the AVX2+FMA one (1) where the CPU has it.
-LEVELS = [0] + ([1] if _kernels.simd_level() == 1 else [])
-
-
-@pytest.fixture(params=LEVELS, ids=lambda lv: ["portable", "avx2"][lv])
-def simd_level(request):
-    _kernels.set_simd_level(request.param)
-    yield request.param
-    _kernels.set_simd_level(-1)
+@pytest.fixture
+def simd_level(kernel_variant):
+    """Every variant this CPU runs (conftest's kernel_variant), forced in turn."""
+    return kernel_variant
 
 
 def dense_grid() -> np.ndarray:
@@ -175,3 +170,76 @@ def test_threads_option_is_checked():
         le.Model([layer], threads=1.5)
     model = le.Model([layer], threads=None)
     assert model.threads == _kernels.cpu_count()
+
+
+def test_cpu_info_names_the_variant_and_why():
+    info = le.cpu_info()
+    assert info["variant"] == _kernels.VARIANTS[_kernels.simd_level()]
+    assert info["variants"]["portable"]["supported"]
+    assert set(info["variants"]) == {"portable", "avx2", "avx512"}
+    for name, v in info["variants"].items():
+        assert v["reason"], name
+    assert info["threads"] == _kernels.cpu_count() >= 1
+
+
+def test_forcing_a_variant_and_the_errors():
+    best = _kernels.simd_level()
+    try:
+        _kernels.set_simd_level("portable")
+        assert _kernels.simd_level() == 0
+        assert le.cpu_info()["reason"].startswith("forced")
+        with pytest.raises(ValueError, match="unknown kernel variant 'sse'"):
+            _kernels.set_simd_level("sse")
+        with pytest.raises(ValueError, match="-1 or 0..2"):
+            _kernels.set_simd_level(7)
+        for name in _kernels.VARIANTS:
+            supported, why = _kernels.variant_supported(name)
+            if not supported:
+                with pytest.raises(ValueError, match=f"'{name}' cannot run here: .*lacks"):
+                    _kernels.set_simd_level(name)
+    finally:
+        _kernels.set_simd_level(None)
+    assert _kernels.simd_level() == best
+
+
+def _in_child(code, **env):
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    return out.returncode, out.stdout.strip(), out.stderr.strip()
+
+
+def test_environment_forces_a_variant_or_names_the_problem():
+    code = "import lstm_engine as le; print(le.cpu_info()['variant'])"
+    assert _in_child(code, LSTM_ENGINE_KERNELS="portable")[1] == "portable"
+    rc, _, err = _in_child(code, LSTM_ENGINE_KERNELS="sse9")
+    assert rc != 0 and "LSTM_ENGINE_KERNELS='sse9': unknown kernel variant" in err
+
+
+def test_default_threads_follow_affinity_and_omp_num_threads():
+    code = "import lstm_engine as le; i = le.cpu_info(); print(i['threads'], '|', i['threads_reason'])"
+    assert _in_child(code, OMP_NUM_THREADS="1")[1] == "1 | OMP_NUM_THREADS=1"
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " + code)
+    assert _in_child(code, OMP_NUM_THREADS="")[1] == "1 | 1 core(s) in the process's affinity mask"
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (10000, 512), (33, 37)])
+def test_dense_row_matches_numpy(N, K, kernel_variant):
+    rng = np.random.default_rng(N * K)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = rng.standard_normal(K).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    want = w.astype(np.float64) @ x + b
+    got = _kernels.dense_row(w, x, b, np.empty(N, np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    np.testing.assert_allclose(_kernels.dense_row(w, x, None, np.empty(N, np.float32)), want - b,
+                               rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    # A batch-1 Dense layer takes this path; more rows go through BLAS: both agree.
+    layer = le.Dense(w, b)
+    one, _ = layer.forward(x[None, None], None)
+    many, _ = layer.forward(np.stack([x, x])[None], None)
+    np.testing.assert_allclose(one[0, 0], many[0, 0], rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        _kernels.dense_row(w, x[:-1] if K > 1 else np.zeros(2, np.float32), b, np.empty(N, np.float32))

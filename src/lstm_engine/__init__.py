@@ -6,6 +6,7 @@
     model = le.from_torch(net, example_x)  # any nn.Module: its forward, read with torch.export
 """
 from . import activations
+from ._kernels import cpu_info
 from .errors import LoadError, UnsafeModelError, UnsupportedOpError
 from .formats import load, load_state_dict
 from .formats.keras import from_keras
@@ -43,6 +44,7 @@ __all__ = [
     "UnsafeModelError",
     "UnsupportedOpError",
     "ValueInfo",
+    "cpu_info",
     "from_keras",
     "from_torch",
     "load",

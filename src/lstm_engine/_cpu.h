@@ -1,26 +1,51 @@
 /* CPU-specific float32 kernels: fast activations, and LSTM/GRU layers run on the engine's own
- * GEMM/GEMV and fused gate loops over a small worker pool. Compiled for baseline x86-64 with
- * AVX2/FMA variants chosen at run time (never -march=native: a wheel must run on any x86-64).
- * Float64 never comes here: it keeps libm.
+ * packed-weight GEMM/GEMV with the gates applied to each block while it is in registers, over a
+ * small worker pool. Compiled for baseline x86-64 with AVX2/FMA and AVX-512 variants chosen at run
+ * time (never -march=native: a wheel must run on any x86-64). Float64 never comes here: it keeps
+ * libm and BLAS.
+ *
+ * The C files, one per concern: cpu_detect.c (which variant runs, how many cores we may use),
+ * cpu_products.c (activations, micro-kernels and gate epilogues, once per variant), cpu_steps.c
+ * (weight packing and a layer's steps over the threads), cpu_pool.c (the worker pool),
+ * cpu_blas.c (OpenBLAS thread counts). _cpu_impl.h holds what they share inside.
  */
 #ifndef LSTM_ENGINE_CPU_H
 #define LSTM_ENGINE_CPU_H
 
 #include <stddef.h>
 
-/* 1 when the AVX2+FMA variants run on this CPU, else 0 (the portable C variants). */
-int le_simd_level(void);
-/* Force the portable variants (level 0) or let dispatch choose (level -1); for tests. */
-void le_set_simd_level(int level);
+/* Kernel variants, best last. The one source of these codes: _kernels.pyx reads them from here. */
+enum { LE_PORTABLE = 0, LE_AVX2 = 1, LE_AVX512 = 2, LE_NUM_VARIANTS = 3 };
 
-/* Elementwise, y may equal x. Max abs error vs libm: see _cpu.c. */
+/* Hidden units per packed panel (every variant uses the same layout; see cpu_steps.c). */
+enum { LE_PANEL = 16 };
+
+/* The variant in use: the best the CPU supports, unless forced. */
+int le_simd_level(void);
+/* The best variant this CPU and OS support. */
+int le_simd_detected(void);
+/* The forced variant, or -1 when dispatch chooses. */
+int le_simd_forced(void);
+/* Force a variant (0..2; must be supported) or let dispatch choose (-1). Returns 0, or -1 when the
+ * CPU lacks the variant's instructions (nothing changes then). */
+int le_set_simd_level(int level);
+/* Why a variant can or cannot run here: a short sentence (static storage). */
+const char *le_simd_reason(int level);
+const char *le_simd_name(int level);
+
+/* Elementwise, y may equal x. Max abs error vs libm: see cpu_products.c. */
 void le_tanh_f32(const float *x, float *y, ptrdiff_t n);
 void le_sigmoid_f32(const float *x, float *y, ptrdiff_t n);
 
-/* One direction of an LSTM (cell 0) or a GRU with reset after (cell 1) over B rows and T steps,
- * the hidden units split across threads. Each thread projects the inputs of its own units and
- * keeps the same rows of the weights every step, so its share stays in its own cache (DeepCPU's
- * weight-centric split); the threads meet once per step. */
+/* Packed layouts, built once at load. Weights W (G*H, K) in gate blocks (PyTorch's row layout) become
+ * ceil(H/16) panels of K rows of G*16 floats: panel p, row k holds W[g*H + 16p + u, k] for each gate g
+ * and unit u (zeros past H). le_packed_size gives the floats needed. */
+ptrdiff_t le_packed_size(int G, int H, int K);
+void le_pack_f32(const float *W, int G, int H, int K, float *out);
+/* A (G*H) vector in the same gate-by-panel order, zero padded: G*Hp floats (Hp = H rounded up to 16). */
+void le_pack_bias_f32(const float *b, int G, int H, float *out);
+
+/* One direction of an LSTM (cell 0) or a GRU with reset after (cell 1) over B rows and T steps. */
 typedef struct {
     int cell, B, In, H, T, reverse, zero_masked;
     const float *x;               /* (B, T, In) */
@@ -28,20 +53,30 @@ typedef struct {
     float *y;                     /* output of (b, t) at y + b * y_row + t * y_step */
     ptrdiff_t y_row, y_step;
     float *h, *c;                 /* state (B, H), read and written; c unused for GRU */
-    const float *w_ih, *w_hh, *bias, *bias_hn;
-    float *work;                  /* B*T*G*H + B*G*H + 2*B*H floats */
+    const float *w_ih, *w_hh;     /* packed (le_pack_f32), 64-byte aligned */
+    const float *bias;            /* packed (le_pack_bias_f32): b_ih + b_hh, GRU's n gate b_in only */
+    const float *bias_hn;         /* GRU: b_hn zero padded to Hp, else NULL */
+    float *work;                  /* le_steps_work_size floats */
 } le_steps_args;
+
+ptrdiff_t le_steps_work_size(int cell, int B, int H, int T);
 
 /* Runs on up to nthreads threads (the caller and pool workers); returns the number used. */
 int le_run_steps_f32(le_steps_args *args, int nthreads);
 
-/* The pool: workers are started on first use and reused; cpu count for the default. */
+/* Cores this process may use: its affinity mask, a cgroup CPU quota and OMP_NUM_THREADS, the
+ * smallest; le_cpu_count_reason says which set it. */
 int le_cpu_count(void);
+const char *le_cpu_count_reason(void);
 
 /* OpenBLAS thread counts (process-wide): bind once after the BLAS libraries are loaded; 0 when none
  * was found (another BLAS, or a platform without dl_iterate_phdr). */
 int le_blas_bind(void);
 int le_blas_threads(void);
 void le_blas_set_threads(int n);
+
+/* y[N] = W[N, K] . x[K] + b (row-major W, b may be NULL) on one thread with the best variant: the Dense
+ * head of a one-row step, which a 2-thread BLAS call makes slower on a busy machine. */
+void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y);
 
 #endif

@@ -1,6 +1,6 @@
 /* The general gate loops: per-direction activations with alpha/beta, gate clipping, LSTM peepholes
  * and coupled input/forget gates (the ONNX LSTM/GRU/RNN attributes). A layer that uses none of
- * these never comes here: its kernels keep their own fused loops (_kernels.pyx, _cpu.c).
+ * these never comes here: its kernels keep their own fused loops (_kernels.pyx, cpu_products.c).
  *
  * One call computes one batch row of one step, after the recurrent products; the caller (the
  * per-direction loop in _kernels.pyx) owns the products, masks and outputs. Gate blocks are in the

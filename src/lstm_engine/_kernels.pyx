@@ -11,10 +11,23 @@ from libc.string cimport memcpy, memset
 cnp.import_array()
 
 cdef extern from "_cpu.h" nogil:
+    enum:
+        LE_PORTABLE
+        LE_AVX2
+        LE_AVX512
+        LE_NUM_VARIANTS
+        LE_PANEL
     int le_simd_level()
-    void le_set_simd_level(int level)
+    int le_simd_detected()
+    int le_simd_forced()
+    int le_set_simd_level(int level)
+    const char* le_simd_name(int level)
+    const char* le_simd_reason(int level)
     void le_tanh_f32(const float* x, float* y, Py_ssize_t n)
     void le_sigmoid_f32(const float* x, float* y, Py_ssize_t n)
+    Py_ssize_t le_packed_size(int G, int H, int K)
+    void le_pack_f32(const float* W, int G, int H, int K, float* out)
+    void le_pack_bias_f32(const float* b, int G, int H, float* out)
     ctypedef struct le_steps_args:
         int cell, B, In, H, T, reverse, zero_masked
         const float* x
@@ -28,11 +41,14 @@ cdef extern from "_cpu.h" nogil:
         const float* bias
         const float* bias_hn
         float* work
+    Py_ssize_t le_steps_work_size(int cell, int B, int H, int T)
     int le_run_steps_f32(le_steps_args* args, int nthreads)
     int le_cpu_count()
+    const char* le_cpu_count_reason()
     int le_blas_bind()
     int le_blas_threads()
     void le_blas_set_threads(int n)
+    void le_gemv_f32(int N, int K, const float* W, Py_ssize_t ldw, const float* x, const float* b, float* y)
 
 cdef extern from "_gates_general.h" nogil:
     ctypedef struct le_activation:
@@ -101,7 +117,7 @@ cdef int load_blas() except -1:
 le_blas_bind()  # NumPy's OpenBLAS, which the Dense heads use
 
 # Below this many bytes of weights read per step (times the batch) a run stays on one thread:
-# waking a second core and meeting it at a barrier every step costs more than it saves (measured,
+# waking a second core and waiting for it at the end of every step costs more than it saves (measured,
 # see benches/RESULTS.md).
 cdef Py_ssize_t parallel_min_bytes = 256 * 1024
 
@@ -354,16 +370,28 @@ cdef inline void* data_or_null(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef inline int panels(int H):
+    return (H + LE_PANEL - 1) // LE_PANEL
+
+
+cdef cnp.ndarray aligned_floats(Py_ssize_t n):
+    """An uninitialised float32 array of n elements starting on a 64-byte boundary (a cache line)."""
+    cdef cnp.npy_intp size = n + 16
+    cdef cnp.ndarray buf = cnp.PyArray_EMPTY(1, &size, cnp.NPY_FLOAT32, 0)
+    cdef Py_ssize_t skip = ((64 - <size_t>cnp.PyArray_DATA(buf) % 64) % 64) // 4
+    return buf[skip:skip + n]
+
+
 cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, float* c,
                              const unsigned char* mask, float* w_ih, float* w_hh, float* bias,
                              float* bias_hn, float* work, int threads) noexcept nogil:
-    """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in _cpu.c.
+    """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in the C kernels (cpu_steps.c).
 
-    Its own GEMM and GEMV on the weights as laid out (no per-call packing, which OpenBLAS does
-    for the weights at every step), the vectorised gate loop fused per unit slice, and the units
-    split across the engine's threads. No BLAS call at all: on a 2-core Xeon shared with other jobs, OpenBLAS's
-    input projection (2 threads, whose workers then spin next to ours) cost 2.6x the engine's own
-    on the sequence workload and 1.1x on batch (benches/RESULTS.md).
+    Its own GEMM and GEMV on the weights packed once at load (OpenBLAS repacks the weights at every
+    step), the gates applied to each tile of sums while it is in registers, and the units split
+    across the engine's threads. No BLAS call at all: on a 2-core Xeon shared with other jobs, OpenBLAS's
+    input projection (2 threads, whose workers then spin next to ours) cost 2.6x the engine's own on the
+    sequence workload and 1.1x on batch (benches/RESULTS.md).
     """
     cdef le_steps_args a
     cdef Py_ssize_t step_bytes = <Py_ssize_t>d.G * d.H * d.H * sizeof(float) * d.B
@@ -389,14 +417,81 @@ cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, fl
     le_run_steps_f32(&a, threads if step_bytes >= parallel_min_bytes else 1)
 
 
+VARIANTS = tuple(le_simd_name(level).decode() for level in range(LE_NUM_VARIANTS))
+
+
 def simd_level():
-    """1 when the AVX2+FMA kernels run on this CPU, 0 for the portable ones."""
+    """The float32 kernel variant in use: 0 portable, 1 AVX2+FMA, 2 AVX-512 (names in VARIANTS)."""
     return le_simd_level()
 
 
-def set_simd_level(int level):
-    """Force the portable kernels (0), or let the CPU check choose (-1); for tests and benchmarks."""
-    le_set_simd_level(level)
+def set_simd_level(level):
+    """Force a kernel variant by number or name (see VARIANTS), or let the CPU check choose (-1 or None).
+
+    For tests and benchmarks. Raises ValueError for a variant this CPU cannot run, naming what it lacks."""
+    if level is None:
+        level = -1
+    if isinstance(level, str):
+        if level not in VARIANTS:
+            raise ValueError(f"unknown kernel variant {level!r}; expected one of {VARIANTS}")
+        level = VARIANTS.index(level)
+    if not -1 <= level < LE_NUM_VARIANTS:
+        raise ValueError(f"kernel variant must be -1 or 0..{LE_NUM_VARIANTS - 1}, got {level}")
+    if le_set_simd_level(level) != 0:
+        raise ValueError(f"kernel variant {VARIANTS[level]!r} cannot run here: "
+                         f"{le_simd_reason(level).decode()}")
+
+
+def variant_supported(level):
+    """(True, why) when this CPU runs the variant (number or name), else (False, what it lacks)."""
+    if isinstance(level, str):
+        level = VARIANTS.index(level)
+    return level <= le_simd_detected(), le_simd_reason(level).decode()
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
+def cpu_info():
+    """Which float32 kernel variant runs and why, what each variant needs, and the default threads.
+
+    A dict: cpu (model name), variant, reason, variants {name: {supported, reason}}, threads,
+    threads_reason. LSTM_ENGINE_KERNELS=portable|avx2|avx512 in the environment forces a variant."""
+    level = le_simd_level()
+    forced = le_simd_forced() >= 0
+    return {
+        "cpu": _cpu_model(),
+        "variant": VARIANTS[level],
+        "reason": ("forced (LSTM_ENGINE_KERNELS or set_simd_level); " if forced else "the best this CPU runs: ")
+                  + le_simd_reason(level).decode(),
+        "variants": {VARIANTS[v]: {"supported": v <= le_simd_detected(),
+                                   "reason": le_simd_reason(v).decode()} for v in range(LE_NUM_VARIANTS)},
+        "threads": le_cpu_count(),
+        "threads_reason": le_cpu_count_reason().decode(),
+    }
+
+
+def _force_from_environment():
+    import os
+
+    name = os.environ.get("LSTM_ENGINE_KERNELS", "").strip()
+    if name:
+        try:
+            set_simd_level(name)
+        except ValueError as e:
+            raise ValueError(f"LSTM_ENGINE_KERNELS={name!r}: {e}") from None
+
+
+_force_from_environment()
 
 
 def cpu_count():
@@ -422,6 +517,33 @@ def set_parallel_min_bytes(Py_ssize_t n):
     old, parallel_min_bytes = parallel_min_bytes, n
     return old
 
+
+
+def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out):
+    """out = weight @ x (+ bias) for one float32 row, on this thread with the engine's own GEMV.
+
+    weight (N, K), x (K,), bias (N,) or None, out (N,): float32, C-contiguous (the caller checks;
+    a mismatch raises ValueError here rather than reading out of bounds). A batch-1 Dense head
+    (10000 x 512) through a 2-thread BLAS call is slower on a busy machine: its second thread
+    waits for a core (benches/RESULTS.md)."""
+    cdef int N, K
+    cdef const float* b = NULL
+    if (cnp.PyArray_NDIM(weight) != 2 or cnp.PyArray_TYPE(weight) != cnp.NPY_FLOAT32
+            or not cnp.PyArray_IS_C_CONTIGUOUS(weight)):
+        raise ValueError("dense_row: weight must be a C-contiguous float32 (N, K) array")
+    N = weight.shape[0]
+    K = weight.shape[1]
+    for a, n in ((x, K), (out, N)) + (() if bias is None else ((bias, N),)):
+        if (cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32 or cnp.PyArray_SIZE(<cnp.ndarray>a) != n
+                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)):
+            raise ValueError(f"dense_row: expected C-contiguous float32 arrays of {K} (x) and {N} (bias, out) "
+                             "elements")
+    if bias is not None:
+        b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    with nogil:
+        le_gemv_f32(N, K, <const float*>cnp.PyArray_DATA(weight), K, <const float*>cnp.PyArray_DATA(x), b,
+                    <float*>cnp.PyArray_DATA(out))
+    return out
 
 
 def fast_tanh(cnp.ndarray[float, ndim=1, mode="c"] x):
@@ -496,8 +618,9 @@ cdef class RecurrentKernel:
     cdef readonly object dtype
     cdef public int threads
     cdef int typenum
-    cdef bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: _cpu.c
+    cdef bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: the C kernels
     cdef tuple _keep
+    cdef tuple _packed  # the fast path's panels, which w_ih etc. point into then
     cdef void* w_ih[2]
     cdef void* w_hh[2]
     cdef void* w_hr[2]
@@ -537,10 +660,49 @@ cdef class RecurrentKernel:
             self.bias_hn[d] = data_or_null(bias_hn[d])
         self.fast = (not self.is_general and not self.is_double and act == ACT_TANH and gate_act == ACT_SIGMOID
                        and ((cell == CELL_LSTM and w_hr[0] is None) or cell == CELL_GRU))
+        if self.fast:
+            self._pack(w_ih, w_hh, bias, bias_hn)
+
+    def _pack(self, list w_ih, list w_hh, list bias, list bias_hn):
+        """Lay the float32 weights out once in the C kernels' panels (cpu_steps.c: one layout for every variant)."""
+        cdef int d, G = self.num_gates, H = self.hidden_size, In = self.input_size
+        cdef cnp.ndarray src, out
+        packed = []
+        for d in range(self.num_directions):
+            p_ih = aligned_floats(le_packed_size(G, H, In))
+            p_hh = aligned_floats(le_packed_size(G, H, H))
+            p_bias = aligned_floats(G * panels(H) * LE_PANEL)
+            for src, out, K in ((w_ih[d], p_ih, In), (w_hh[d], p_hh, H)):
+                le_pack_f32(<float*>cnp.PyArray_DATA(src), G, H, K, <float*>cnp.PyArray_DATA(out))
+            src = bias[d]
+            le_pack_bias_f32(<float*>cnp.PyArray_DATA(src), G, H, <float*>cnp.PyArray_DATA(p_bias))
+            p_bhn = None
+            if bias_hn[d] is not None:
+                p_bhn = aligned_floats(panels(H) * LE_PANEL)
+                p_bhn[:] = 0
+                p_bhn[:H] = bias_hn[d]
+            self.w_ih[d] = cnp.PyArray_DATA(p_ih)
+            self.w_hh[d] = cnp.PyArray_DATA(p_hh)
+            self.bias[d] = cnp.PyArray_DATA(p_bias)
+            self.bias_hn[d] = data_or_null(p_bhn)
+            packed.append((p_ih, p_hh, p_bias, p_bhn))
+        self._packed = tuple(packed)
+        self._keep = ()  # the fast path reads only the packed copies
+
+    @property
+    def packed(self):
+        """Per direction (w_ih, w_hh) in the C kernels' panels, float32 (P, K, G, 16), or None off the fast path."""
+        if not self.fast:
+            return None
+        P = panels(self.hidden_size)
+        return tuple((p[0].reshape(P, self.input_size, self.num_gates, LE_PANEL),
+                      p[1].reshape(P, self.hidden_size, self.num_gates, LE_PANEL)) for p in self._packed)
 
     cdef inline Py_ssize_t _work_size(self, Py_ssize_t batch, Py_ssize_t steps):
         cdef Py_ssize_t GH = <Py_ssize_t>self.num_gates * self.hidden_size
-        # The projections and per-step buffers; _cpu.c's path needs no more (P = H there).
+        if self.fast:
+            return le_steps_work_size(0 if self.cell == CELL_LSTM else 1, batch, self.hidden_size, steps)
+        # The projections and per-step buffers.
         return batch * steps * GH + batch * GH + batch * self.hidden_size + batch * self.output_size
 
     def work_size(self, int batch, int steps):

@@ -14,6 +14,7 @@ from ._base import Layer, as_dtypes, as_weight
 from ._kernels import RecurrentKernel
 
 MERGE_MODES = ("concat", "sum", "ave", "mul")
+_SPARE_WORK_BYTES = 64 << 20
 
 
 def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
@@ -167,6 +168,16 @@ class RecurrentLayer(Layer):
                          "bias_hh": biases[1], "weight_hr": hr, "peephole": peephole}
         self.uses_options = self._uses_options()
         self._kernels = {dt: self._build_kernel(dt) for dt in self.dtypes}
+        kernel = self._kernels[self.dtypes[0]]
+        self._packed_only = len(self.dtypes) == 1 and kernel.packed is not None
+        if self._packed_only:
+            # The float32 kernels run on their packed copies alone: keeping PyTorch's layout as well
+            # would hold every recurrent weight twice. weights() lays it out again when asked.
+            self._weights["weight_ih"] = self._weights["weight_hh"] = None
+        # Work buffers lent to one call at a time (list.pop/append are atomic under the GIL, so
+        # concurrent calls each get their own): a fresh 32 MB buffer per call cost the batch
+        # workload 16% of its time in the kernel's page zeroing (perf).
+        self._spare_work: list[np.ndarray] = []
 
     @staticmethod
     def _activation_specs(value: Any, what: str, D: int) -> list[tuple[str, float, float]]:
@@ -283,7 +294,15 @@ class RecurrentLayer(Layer):
         return cfg
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in self._weights.items() if v is not None}
+        w = dict(self._weights)
+        if self._packed_only:
+            H = self.hidden_size
+            for key, index in (("weight_ih", 0), ("weight_hh", 1)):
+                # Panels (P, K, G, 16) back to gate blocks (G*H, K), one direction after the other.
+                mats = [p[index].transpose(2, 0, 3, 1).reshape(self.num_gates, -1, p[index].shape[1])[:, :H]
+                        .reshape(self.num_gates * H, -1) for p in self._kernels[self.dtypes[0]].packed]
+                w[key] = np.stack(mats)
+        return {k: v for k, v in w.items() if v is not None}
 
     def __repr__(self) -> str:
         extra = f", proj_size={self.proj_size}" if self.proj_size else ""
@@ -312,12 +331,33 @@ class RecurrentLayer(Layer):
         B, T = x.shape[:2]
         if out is None:
             out = np.empty((B, T, self.num_directions * self._state_out), x.dtype)
-        if work is None:
-            work = np.empty(kernel.work_size(B, T), x.dtype)
         h = state[0]
         c = state[1] if len(state) > 1 else h
-        kernel.run(x, out, h, c, mask, work, zero_masked)
+        if work is not None:
+            kernel.run(x, out, h, c, mask, work, zero_masked)
+            return out
+        work = self.take_work(kernel, B, T)
+        try:
+            kernel.run(x, out, h, c, mask, work, zero_masked)
+        finally:
+            self.give_work(work)
         return out
+
+    def take_work(self, kernel: Any, B: int, T: int) -> np.ndarray:
+        """A work buffer for one run of kernel over (B, T): the layer's spare one when it fits (give it back)."""
+        need = kernel.work_size(B, T)
+        try:
+            work = self._spare_work.pop()
+        except IndexError:
+            work = None
+        if work is None or work.dtype != kernel.dtype or work.size < need:
+            work = np.empty(need, kernel.dtype)
+        return work
+
+    def give_work(self, work: np.ndarray) -> None:
+        """Keep a buffer from take_work for the next call, unless huge (a one-off giant batch should not pin it)."""
+        if not self._spare_work and work.nbytes <= _SPARE_WORK_BYTES:
+            self._spare_work.append(work)
 
     def forward_with_state(
         self, x: np.ndarray, mask: np.ndarray | None, state: tuple[np.ndarray, ...], zero_masked: bool

@@ -21,26 +21,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import _kernels
+from ._base import one_blas_thread
 from .activations import apply
 
 GATES = {"LSTM": ("i", "f", "g", "o", "c", "h"), "GRU": ("r", "z", "n", "h"), "RNN": ("h",)}
 # The gate whose running product is what survives of the state: LSTM's forget gate, GRU's update gate.
 KEEP_GATE = {"LSTM": "f", "GRU": "z"}
-
-
-class one_blas_thread:
-    """Hold BLAS to one thread: the products here are small (one step, or one unit-by-unit Jacobian),
-    where a second thread only adds hand-overs (measured: a 256x256 SVD 20 ms on one thread, 0.4 s on two
-    busy cores)."""
-
-    def __enter__(self) -> None:
-        self.before = _kernels.blas_threads()
-        if self.before > 1:
-            _kernels.set_blas_threads(1)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.before > 1:
-            _kernels.set_blas_threads(self.before)
 
 
 def _kind(layer: Any) -> str:

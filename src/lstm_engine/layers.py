@@ -5,12 +5,13 @@ transposes once at load.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
-from . import activations
-from ._base import Layer, as_dtypes, as_weight
+from . import _kernels, activations
+from ._base import SMALL_PRODUCT_FLOPS, Layer, one_blas_thread, as_dtypes, as_weight
 
 
 class _Weighted(Layer):
@@ -89,9 +90,14 @@ class Dense(_Weighted):
 
     def forward(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         w = self._by_dtype[x.dtype]
-        y = x @ w["weight"].T
-        if w["bias"] is not None:
-            y += w["bias"]
+        if x.dtype == np.float32 and x.size == x.shape[-1] and x.flags.c_contiguous:
+            # One row (a batch-1 step): the engine's GEMV on this thread, not a BLAS call's threads.
+            y = _kernels.dense_row(w["weight"], x, w["bias"], np.empty(x.shape[:-1] + (self.output_size,), x.dtype))
+        else:
+            with one_blas_thread() if 2 * x.size * self.output_size < SMALL_PRODUCT_FLOPS else nullcontext():
+                y = x @ w["weight"].T
+            if w["bias"] is not None:
+                y += w["bias"]
         return activations.apply(self.activation, y), mask
 
     def config(self) -> dict:

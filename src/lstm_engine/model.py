@@ -322,7 +322,7 @@ class Model:
     def _execute(self, inputs: list, dtype: np.dtype, call: Call) -> list:
         plan = self.plan(dtype)
         if call.record is not None:
-            from .gates import one_blas_thread
+            from ._base import one_blas_thread
 
             with one_blas_thread():
                 return plan.run(inputs, call)

@@ -616,18 +616,34 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
                          f"dilations={dilations} group={group} do not fit x {x.shape} and W {w.shape}")
     if b is not None and b.shape != (M,):
         raise ValueError(f"Conv: B must have shape ({M},), got {b.shape}")
-    xp = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[1])))
     span = dilation * (k - 1) + 1
-    L_out = (xp.shape[2] - span) // stride + 1
+    Lp = L + pad[0] + pad[1]
+    L_out = (Lp - span) // stride + 1
     if L_out < 1:
         raise ValueError(f"Conv: the input of length {L} is shorter than the kernel's span {span}")
-    # (N, C, L_out, k) windows as a view; one GEMM per group.
-    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=2)[:, :, ::stride][:, :, :L_out, ::dilation]
-    out = np.empty((N, M, L_out), np.result_type(x, w))
+    if pad[0] or pad[1] or not x.flags.c_contiguous:
+        xp = np.zeros((N, C, Lp), x.dtype)
+        xp[:, :, pad[0]:pad[0] + L] = x
+    else:
+        xp = x
+    # im2col: the (N, C, k, L_out) windows are a strided view of the contiguous padded input (built directly, as
+    # sliding_window_view costs more than the copy on small inputs), copied once into columns so that each group is
+    # one GEMM (M/group, C/group * k) @ (C/group * k, L_out) written straight into the output.
+    item = xp.itemsize
+    win = np.ndarray((N, C, k, L_out), xp.dtype, xp, 0, (C * Lp * item, Lp * item, dilation * item, stride * item))
+    dtype = np.result_type(x, w)
+    cols = np.empty((N, C, k, L_out), dtype)
+    cols[...] = win
+    cols = cols.reshape(N, group, Cg * k, L_out)
     Mg = M // group
-    for g in range(group):
-        xs = win[:, g * Cg:(g + 1) * Cg]  # (N, Cg, L_out, k)
-        out[:, g * Mg:(g + 1) * Mg] = np.einsum("nclk,mck->nml", xs, w[g * Mg:(g + 1) * Mg], optimize=True)
+    wg = w.reshape(group, Mg, Cg * k)
+    out = np.empty((N, M, L_out), dtype)
+    if group == 1:
+        np.matmul(wg[0], cols[:, 0], out=out)
+    else:
+        out_g = out.reshape(N, group, Mg, L_out)
+        for g in range(group):
+            np.matmul(wg[g], cols[:, g], out=out_g[:, g])
     if b is not None:
         out += b[:, None]
     return out
@@ -654,4 +670,15 @@ def pad(x: np.ndarray, pads: list[int], mode: str, value: float, axes: list[int]
     for (lo, hi), n in zip(widths, x.shape):
         if (lo or hi) and (n == 0 or (mode == "reflect" and max(lo, hi) >= n)):
             raise ValueError(f"Pad: {mode} padding of {max(lo, hi)} does not fit an axis of size {n}")
+    padded = [a for a, (lo, hi) in enumerate(widths) if lo or hi]
+    if mode == "reflect" and len(padded) == 1:
+        # One axis reflected (an STFT's framing, per streamed chunk): three slice copies cost far less than np.pad.
+        a = padded[0]
+        (lo, hi), n = widths[a], x.shape[a]
+        out = np.empty(x.shape[:a] + (n + lo + hi,) + x.shape[a + 1:], x.dtype)
+        pre = (slice(None),) * a
+        out[pre + (slice(lo, lo + n),)] = x
+        out[pre + (slice(0, lo),)] = x[pre + (slice(lo, 0, -1),)]
+        out[pre + (slice(lo + n, None),)] = x[pre + (slice(n - 2, n - 2 - hi if hi < n - 1 else None, -1),)]
+        return out
     return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")

@@ -1,0 +1,435 @@
+/* The float32 arithmetic, once per variant: activations, the packed-panel micro-kernels with the
+ * gates applied to each tile of sums while it is in registers, and a row-major GEMV. Each hot loop
+ * is an always-inline body compiled for baseline x86-64 (SSE2), for AVX2+FMA and for AVX-512 by
+ * target attributes; cpu_detect.c picks the table at run time.
+ */
+#define _GNU_SOURCE
+#include "_cpu_impl.h"
+
+#include <string.h>
+
+#ifdef LE_X86
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+/* prefer-vector-width=512: GCC's generic tuning would auto-vectorise the gate loops at 256 bits. */
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#endif
+
+/* -- activations --------------------------------------------------------------------------- */
+
+/* tanh(x) ~ x P(x^2) / Q(x^2) on |x| < 9, +-1 beyond (tanh(9) = 1 - 3.0e-8). Coefficients are our own
+ * fit (benches/fit_tanh.py: Lawson-weighted least squares, minimax error 1.9e-8 in float64).
+ * Max abs error of these kernels against float64 tanh, measured over 3M float32 inputs (every one
+ * near 0, and [-20, 20] evenly; tests/test_kernels_math.py checks <= 1e-6): tanh 3.2e-7 portable,
+ * 2.7e-7 AVX2+FMA; sigmoid(x) = tanh(x/2)/2 + 1/2: 1.8e-7 both. */
+#define TANH_CLAMP 9.0f
+#define P0 0.9999998807907104f
+#define P1 0.13373185694217682f
+#define P2 0.0034865671768784523f
+#define P3 2.0471552488743328e-05f
+#define P4 1.318379094783495e-08f
+#define Q1 0.46706482768058777f
+#define Q2 0.02584192529320717f
+#define Q3 0.0003271359601058066f
+#define Q4 7.702495281591837e-07f
+
+INLINE float tanh_fast(float x)
+{
+    /* Comparisons written so that a NaN falls through every test and propagates. */
+    float xc = x < -TANH_CLAMP ? -TANH_CLAMP : (x > TANH_CLAMP ? TANH_CLAMP : x);
+    float s = xc * xc;
+    float p = (((P4 * s + P3) * s + P2) * s + P1) * s + P0;
+    float q = (((Q4 * s + Q3) * s + Q2) * s + Q1) * s + 1.0f;
+    float r = xc * p / q;
+    r = r > 1.0f ? 1.0f : (r < -1.0f ? -1.0f : r);
+    /* Saturated inputs give exactly +-1, so sigmoid gates are exactly 0 or 1 there. */
+    return x >= TANH_CLAMP ? 1.0f : (x <= -TANH_CLAMP ? -1.0f : r);
+}
+
+INLINE float sigmoid_fast(float x)
+{
+    return 0.5f * tanh_fast(0.5f * x) + 0.5f;
+}
+
+INLINE void tanh_body(const float *x, float *y, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = tanh_fast(x[i]);
+}
+
+INLINE void sigmoid_body(const float *x, float *y, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = sigmoid_fast(x[i]);
+}
+
+/* n units of one panel; gate g of unit j at [g * LE_PANEL + j] in pre and add. */
+INLINE void lstm_gates_body(int n, const float *restrict pre, const float *restrict add, float *restrict c,
+                            float *restrict h)
+{
+    for (int j = 0; j < n; j++) {
+        float i = sigmoid_fast(pre[j] + add[j]);
+        float f = sigmoid_fast(pre[LE_PANEL + j] + add[LE_PANEL + j]);
+        float g = tanh_fast(pre[2 * LE_PANEL + j] + add[2 * LE_PANEL + j]);
+        float o = sigmoid_fast(pre[3 * LE_PANEL + j] + add[3 * LE_PANEL + j]);
+        float cc = f * c[j] + i * g;
+        c[j] = cc;
+        h[j] = o * tanh_fast(cc);
+    }
+}
+
+/* xq: the input part with the biases (b_in only for n), hq: the recurrent products. */
+INLINE void gru_gates_body(int n, const float *restrict xq, const float *restrict hq, const float *restrict bias_hn,
+                           const float *h_in, float *h_out)
+{
+    for (int j = 0; j < n; j++) {
+        float r = sigmoid_fast(xq[j] + hq[j]);
+        float z = sigmoid_fast(xq[LE_PANEL + j] + hq[LE_PANEL + j]);
+        float nn = tanh_fast(xq[2 * LE_PANEL + j] + r * (hq[2 * LE_PANEL + j] + bias_hn[j]));
+        h_out[j] = (1.0f - z) * nn + z * h_in[j];
+    }
+}
+
+/* -- what a tile of sums becomes ------------------------------------------------------------ */
+
+/* Row r's tile (G * 16 sums of panel p) is stored, or turned into the new state and output. */
+INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const float *add)
+{
+    int G16 = j->G * LE_PANEL, u0 = p * LE_PANEL;
+    if (j->mode == MODE_PROJECT) {
+        ptrdiff_t row = j->steps > 0 ? (ptrdiff_t)(r % j->steps) * j->rows + r / j->steps : r;
+        float *o = j->out + row * j->ldo + (ptrdiff_t)p * G16;
+        for (int i = 0; i < G16; i++)
+            o[i] = tile[i] + add[i];
+        return;
+    }
+    int n = j->H - u0 < LE_PANEL ? j->H - u0 : LE_PANEL;
+    const float *hin = j->h_in + (ptrdiff_t)r * j->H + u0;
+    float *hout = j->h_out + (ptrdiff_t)r * j->H + u0;
+    float *y = j->y + r * j->y_row + u0;
+    if (j->mask && !j->mask[r * j->mask_row]) {
+        /* Masked: the state carries over; the output is 0 or the previous one (Keras). */
+        memcpy(hout, hin, n * sizeof(float));
+        if (j->zero_masked || j->first)
+            memset(y, 0, n * sizeof(float));
+        else
+            memcpy(y, y + j->y_back, n * sizeof(float));
+        return;
+    }
+    if (j->mode == MODE_LSTM)
+        lstm_gates_body(n, tile, add, j->c + (ptrdiff_t)r * j->H + u0, hout);
+    else
+        gru_gates_body(n, add, tile, j->bias_hn + u0, hin, hout);
+    memcpy(y, hout, n * sizeof(float));
+}
+
+#define TILE 64 /* floats per tile row: up to 4 gates x 16 units */
+/* Row chunks and panel depth. A chunk's tiles (MC rows) stay in L1/L2 while a KC-deep slice of a
+ * panel (KC * G * 16 floats: 32 KB for LSTM) stays in L1 for every MR rows of the chunk: without
+ * the K split each MR rows read the whole panel (128 KB at K = 512) from L2 again, and the weight
+ * loads were the hot spots of the loop (perf). */
+#define MC 96
+#define KC 128
+
+/* The loop over a block, shared by every variant: chunks of MC rows, panels, KC-deep slices of
+ * the panel, then MR rows at a time. MK(mr, G, K, A, lda, W, tile, accumulate) is the variant's
+ * micro-kernel. Each sum runs over k in the same order whatever the rows or the split between
+ * threads, so results never depend on the thread count. */
+#define BLOCK_BODY(MK, MR4, MR3)                                                                        \
+    {                                                                                                   \
+        int G = j->G, G16 = G * LE_PANEL, MR = G == 4 ? MR4 : MR3, K = j->K;                           \
+        float tiles[MC * TILE] __attribute__((aligned(64)));                                           \
+        float xtile[TILE] __attribute__((aligned(64)));                                                \
+        for (int rc = r0; rc < r1; rc += MC) {                                                          \
+            int rend = rc + MC < r1 ? rc + MC : r1;                                                     \
+            for (int p = p0; p < p1; p++) {                                                             \
+                const float *W = j->W + (ptrdiff_t)p * K * G16;                                         \
+                for (int k0 = 0; k0 < K || k0 == 0; k0 += KC) {                                         \
+                    int kc = K - k0 < KC ? K - k0 : KC;                                                 \
+                    for (int r = rc; r < rend; r += MR) {                                               \
+                        int mr = rend - r < MR ? rend - r : MR;                                         \
+                        MK(mr, G, kc, j->A + r * j->lda + k0, j->lda, W + (ptrdiff_t)k0 * G16,          \
+                           tiles + (r - rc) * TILE, k0 > 0);                                            \
+                    }                                                                                   \
+                }                                                                                       \
+                for (int r = rc; r < rend; r++) {                                                       \
+                    float *tile = tiles + (r - rc) * TILE;                                              \
+                    const float *add = j->add + (ptrdiff_t)p * G16 + r * j->ld_add;                     \
+                    if (j->A2) {                                                                        \
+                        /* One row, one step: the input product joins here. */                          \
+                        const float *W2 = j->W2 + (ptrdiff_t)p * j->K2 * G16;                           \
+                        if (j->mode == MODE_GRU) {                                                      \
+                            MK(1, G, j->K2, j->A2, 0, W2, xtile, 0);                                    \
+                            for (int i = 0; i < G16; i++)                                               \
+                                xtile[i] += j->bias[(ptrdiff_t)p * G16 + i];                            \
+                            add = xtile;                                                                \
+                        } else {                                                                        \
+                            MK(1, G, j->K2, j->A2, 0, W2, tile, 1);                                     \
+                        }                                                                               \
+                    }                                                                                   \
+                    epilogue(j, r, tile, p, add);                                                       \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+/* -- portable ------------------------------------------------------------------------------ */
+
+INLINE void mk_c_body(const int MR, const int G, int K, const float *A, ptrdiff_t lda, const float *W,
+                      float *tile, int accumulate)
+{
+    int G16 = G * LE_PANEL;
+    float acc[8][TILE];
+    for (int s = 0; s < MR; s++)
+        for (int i = 0; i < G16; i++)
+            acc[s][i] = accumulate ? tile[s * TILE + i] : 0.0f;
+    for (int k = 0; k < K; k++) {
+        const float *w = W + (ptrdiff_t)k * G16;
+        for (int s = 0; s < MR; s++) {
+            float a = A[s * lda + k];
+            for (int i = 0; i < G16; i++)
+                acc[s][i] += a * w[i];
+        }
+    }
+    for (int s = 0; s < MR; s++)
+        memcpy(tile + s * TILE, acc[s], G16 * sizeof(float));
+}
+
+static void mk_c(int mr, int G, int K, const float *A, ptrdiff_t lda, const float *W, float *tile, int accumulate)
+{
+    switch (mr * 8 + G) {
+    case 1 * 8 + 4: mk_c_body(1, 4, K, A, lda, W, tile, accumulate); break;
+    case 2 * 8 + 4: mk_c_body(2, 4, K, A, lda, W, tile, accumulate); break;
+    case 3 * 8 + 4: mk_c_body(3, 4, K, A, lda, W, tile, accumulate); break;
+    case 4 * 8 + 4: mk_c_body(4, 4, K, A, lda, W, tile, accumulate); break;
+    case 1 * 8 + 3: mk_c_body(1, 3, K, A, lda, W, tile, accumulate); break;
+    case 2 * 8 + 3: mk_c_body(2, 3, K, A, lda, W, tile, accumulate); break;
+    case 3 * 8 + 3: mk_c_body(3, 3, K, A, lda, W, tile, accumulate); break;
+    default: mk_c_body(4, 3, K, A, lda, W, tile, accumulate); break;
+    }
+}
+
+static void block_c(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_c, 4, 4)
+
+/* Portable row-major GEMV: eight partial sums per row, which the compiler keeps in vector registers. */
+INLINE float dot_c(const float *w, const float *v, int K)
+{
+    float acc[8] = {0};
+    int k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += w[k + l] * v[k + l];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; k < K; k++)
+        s += w[k] * v[k];
+    return s;
+}
+
+static void gemv_c(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
+{
+    for (int r = 0; r < N; r++) {
+        float s = dot_c(W + r * ldw, x, K);
+        y[r] = b ? b[r] + s : s;
+    }
+}
+
+static void tanh_c(const float *x, float *y, ptrdiff_t n) { tanh_body(x, y, n); }
+static void sigmoid_c(const float *x, float *y, ptrdiff_t n) { sigmoid_body(x, y, n); }
+
+const le_variant le_variant_portable = {tanh_c, sigmoid_c, block_c, gemv_c};
+
+#ifdef LE_X86
+/* -- AVX2 + FMA ---------------------------------------------------------------------------- */
+
+/* MR rows x G gates x 8 units in ymm accumulators (12 of the 16 registers), one half-panel of 8
+ * units after the other: one weight load feeds MR FMAs, one broadcast of A feeds G. */
+AVX2 INLINE void mk_avx2_body(const int MR, const int G, int K, const float *A, ptrdiff_t lda, const float *W,
+                              float *tile, int accumulate)
+{
+    const ptrdiff_t ldw = G * LE_PANEL;
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[4][4];
+        for (int s = 0; s < MR; s++)
+            for (int g = 0; g < G; g++)
+                acc[s][g] = accumulate ? _mm256_loadu_ps(tile + s * TILE + g * LE_PANEL + half * 8)
+                                       : _mm256_setzero_ps();
+        const float *w = W + half * 8;
+        for (int k = 0; k < K; k++, w += ldw) {
+            __m256 a[4];
+            for (int s = 0; s < MR; s++)
+                a[s] = _mm256_broadcast_ss(A + s * lda + k);
+            for (int g = 0; g < G; g++) {
+                __m256 wg = _mm256_load_ps(w + g * LE_PANEL);
+                for (int s = 0; s < MR; s++)
+                    acc[s][g] = _mm256_fmadd_ps(wg, a[s], acc[s][g]);
+            }
+        }
+        for (int s = 0; s < MR; s++)
+            for (int g = 0; g < G; g++)
+                _mm256_storeu_ps(tile + s * TILE + g * LE_PANEL + half * 8, acc[s][g]);
+    }
+}
+
+AVX2 static void mk_avx2(int mr, int G, int K, const float *A, ptrdiff_t lda, const float *W, float *tile,
+                         int accumulate)
+{
+    switch (mr * 8 + G) {
+    case 1 * 8 + 4: mk_avx2_body(1, 4, K, A, lda, W, tile, accumulate); break;
+    case 2 * 8 + 4: mk_avx2_body(2, 4, K, A, lda, W, tile, accumulate); break;
+    case 3 * 8 + 4: mk_avx2_body(3, 4, K, A, lda, W, tile, accumulate); break;
+    case 1 * 8 + 3: mk_avx2_body(1, 3, K, A, lda, W, tile, accumulate); break;
+    case 2 * 8 + 3: mk_avx2_body(2, 3, K, A, lda, W, tile, accumulate); break;
+    case 3 * 8 + 3: mk_avx2_body(3, 3, K, A, lda, W, tile, accumulate); break;
+    default: mk_avx2_body(4, 3, K, A, lda, W, tile, accumulate); break;
+    }
+}
+
+AVX2 static void block_avx2(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_avx2, 3, 4)
+
+/* Row-major GEMV, eight rows at a time: one load of x feeds eight FMAs, and the eight sums come out
+ * of one horizontal-add tree as a single vector. */
+AVX2 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3,
+                                __m256 a4, __m256 a5, __m256 a6, __m256 a7)
+{
+    __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
+    __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+AVX2 static inline float hsum1(__m256 a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static const int tail_ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+AVX2 static void gemv_avx2(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
+{
+    int r = 0;
+    __m256i m = _mm256_loadu_si256((const __m256i *)(tail_ones + 8 - (K & 7)));
+    for (; r + 8 <= N; r += 8) {
+        const float *w = W + r * ldw;
+        __m256 a[8];
+        for (int l = 0; l < 8; l++)
+            a[l] = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256 v = _mm256_loadu_ps(x + k);
+            for (int l = 0; l < 8; l++)
+                a[l] = _mm256_fmadd_ps(_mm256_loadu_ps(w + l * ldw + k), v, a[l]);
+        }
+        if (k < K) {
+            /* The last K % 8 columns through a mask: no scalar tail and no read past a row. */
+            __m256 v = _mm256_maskload_ps(x + k, m);
+            for (int l = 0; l < 8; l++)
+                a[l] = _mm256_fmadd_ps(_mm256_maskload_ps(w + l * ldw + k, m), v, a[l]);
+        }
+        __m256 s = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+        if (b)
+            s = _mm256_add_ps(s, _mm256_loadu_ps(b + r));
+        _mm256_storeu_ps(y + r, s);
+    }
+    for (; r < N; r++) {
+        const float *w = W + r * ldw;
+        __m256 a = _mm256_setzero_ps();
+        int k = 0;
+        for (; k + 8 <= K; k += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
+        if (k < K)
+            a = _mm256_fmadd_ps(_mm256_maskload_ps(w + k, m), _mm256_maskload_ps(x + k, m), a);
+        float s = hsum1(a);
+        y[r] = b ? b[r] + s : s;
+    }
+}
+
+AVX2 static void tanh_avx2(const float *x, float *y, ptrdiff_t n) { tanh_body(x, y, n); }
+AVX2 static void sigmoid_avx2(const float *x, float *y, ptrdiff_t n) { sigmoid_body(x, y, n); }
+
+const le_variant le_variant_avx2 = {tanh_avx2, sigmoid_avx2, block_avx2, gemv_avx2};
+
+/* -- AVX-512 ------------------------------------------------------------------------------- */
+
+/* MR rows x G gates x 16 units in zmm accumulators (24 of the 32 registers: MR = 6 for LSTM, 8 for
+ * GRU): per k, G aligned loads of the panel row and MR broadcasts feed MR * G FMAs. One row (a
+ * GEMV, bound by reading the weights) keeps two sets of sums over even and odd k, so that 2G
+ * independent FMA chains hide the FMA latency. */
+AVX512 INLINE void mk_avx512_body(const int MR, const int G, int K, const float *A, ptrdiff_t lda,
+                                  const float *W, float *tile, int accumulate)
+{
+    const ptrdiff_t ldw = G * LE_PANEL;
+    __m512 acc[8][4];
+    for (int s = 0; s < MR; s++)
+        for (int g = 0; g < G; g++)
+            acc[s][g] = accumulate ? _mm512_loadu_ps(tile + s * TILE + g * LE_PANEL) : _mm512_setzero_ps();
+    const float *w = W;
+    int k = 0;
+    if (MR == 1) {
+        __m512 odd[4];
+        for (int g = 0; g < G; g++)
+            odd[g] = _mm512_setzero_ps();
+        for (; k + 2 <= K; k += 2, w += 2 * ldw) {
+            __m512 a0 = _mm512_set1_ps(A[k]), a1 = _mm512_set1_ps(A[k + 1]);
+            for (int g = 0; g < G; g++) {
+                acc[0][g] = _mm512_fmadd_ps(_mm512_load_ps(w + g * LE_PANEL), a0, acc[0][g]);
+                odd[g] = _mm512_fmadd_ps(_mm512_load_ps(w + ldw + g * LE_PANEL), a1, odd[g]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            acc[0][g] = _mm512_add_ps(acc[0][g], odd[g]);
+    }
+    for (; k < K; k++, w += ldw) {
+        __m512 wg[4];
+        for (int g = 0; g < G; g++)
+            wg[g] = _mm512_load_ps(w + g * LE_PANEL);
+        for (int s = 0; s < MR; s++) {
+            __m512 a = _mm512_set1_ps(A[s * lda + k]);
+            for (int g = 0; g < G; g++)
+                acc[s][g] = _mm512_fmadd_ps(wg[g], a, acc[s][g]);
+        }
+    }
+    for (int s = 0; s < MR; s++)
+        for (int g = 0; g < G; g++)
+            _mm512_storeu_ps(tile + s * TILE + g * LE_PANEL, acc[s][g]);
+}
+
+AVX512 static void mk_avx512(int mr, int G, int K, const float *A, ptrdiff_t lda, const float *W, float *tile,
+                             int accumulate)
+{
+    switch (mr * 8 + G) {
+    case 1 * 8 + 4: mk_avx512_body(1, 4, K, A, lda, W, tile, accumulate); break;
+    case 2 * 8 + 4: mk_avx512_body(2, 4, K, A, lda, W, tile, accumulate); break;
+    case 3 * 8 + 4: mk_avx512_body(3, 4, K, A, lda, W, tile, accumulate); break;
+    case 4 * 8 + 4: mk_avx512_body(4, 4, K, A, lda, W, tile, accumulate); break;
+    case 5 * 8 + 4: mk_avx512_body(5, 4, K, A, lda, W, tile, accumulate); break;
+    case 6 * 8 + 4: mk_avx512_body(6, 4, K, A, lda, W, tile, accumulate); break;
+    case 1 * 8 + 3: mk_avx512_body(1, 3, K, A, lda, W, tile, accumulate); break;
+    case 2 * 8 + 3: mk_avx512_body(2, 3, K, A, lda, W, tile, accumulate); break;
+    case 3 * 8 + 3: mk_avx512_body(3, 3, K, A, lda, W, tile, accumulate); break;
+    case 4 * 8 + 3: mk_avx512_body(4, 3, K, A, lda, W, tile, accumulate); break;
+    case 5 * 8 + 3: mk_avx512_body(5, 3, K, A, lda, W, tile, accumulate); break;
+    case 6 * 8 + 3: mk_avx512_body(6, 3, K, A, lda, W, tile, accumulate); break;
+    case 7 * 8 + 3: mk_avx512_body(7, 3, K, A, lda, W, tile, accumulate); break;
+    default: mk_avx512_body(8, 3, K, A, lda, W, tile, accumulate); break;
+    }
+}
+
+AVX512 static void block_avx512(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_avx512, 6, 8)
+
+AVX512 static void tanh_avx512(const float *x, float *y, ptrdiff_t n) { tanh_body(x, y, n); }
+AVX512 static void sigmoid_avx512(const float *x, float *y, ptrdiff_t n) { sigmoid_body(x, y, n); }
+
+/* The GEMV is bound by reading the weights: the AVX2 one already keeps up with the caches. */
+const le_variant le_variant_avx512 = {tanh_avx512, sigmoid_avx512, block_avx512, gemv_avx2};
+#endif
+
+void le_tanh_f32(const float *x, float *y, ptrdiff_t n) { le_variant_in_use()->tanh(x, y, n); }
+void le_sigmoid_f32(const float *x, float *y, ptrdiff_t n) { le_variant_in_use()->sigmoid(x, y, n); }
+
+void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
+{
+    le_variant_in_use()->gemv(N, K, W, ldw, x, b, y);
+}
