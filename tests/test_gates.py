@@ -1,10 +1,11 @@
 """Gates: forward(record=True) against the kernels and torch; memory horizon; Jacobian products against autograd."""
 import numpy as np
 import pytest
-import torch
 
 import lstm_engine as le
 from lstm_engine import gates
+
+torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,9 +80,17 @@ def test_initial_state_not_modified_and_normal_path_unchanged():
     model = le.Model(_layers("lstm_proj_bi", np.float32, rng))
     x = rng.standard_normal((2, 5, 5)).astype(np.float32)
     init = [tuple(np.ones(a.shape, np.float32) for a in model.recurrent_layers[0].zero_state(2, np.float32))]
-    out = model.forward(x, initial_state=init, record=True)
-    assert len(out) == 3 and all((a == 1).all() for a in init[0])
-    assert len(model.forward(x)) == 2
+    y_rec, state_rec, recorded = model.forward(x, initial_state=init, record=True)
+    assert all((a == 1).all() for a in init[0])
+    y, state = model.forward(x, initial_state=init)
+    np.testing.assert_allclose(y_rec, y, rtol=0, atol=1e-6)
+    for a, b in zip(state_rec[0], state[0]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # The recorded h at the last step of each direction is the output at that step.
+    h = recorded[0]["h"]  # (D, B, T, P)
+    P = h.shape[-1]
+    np.testing.assert_allclose(h[0, :, -1], y[:, -1, :P], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(h[1, :, 0], y[:, 0, P:], rtol=0, atol=1e-6)
 
 
 def _torch_lstm_gates(net, x):

@@ -7,10 +7,12 @@ from importlib import resources
 
 import numpy as np
 import pytest
-import torch
 
 import lstm_engine as le
+from conftest import run_cli as cli
 from lstm_engine.generate import check_sampling, sample
+
+torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,11 +164,6 @@ def test_generate_checks_the_model_and_prompt():
 
 
 # -- the command -------------------------------------------------------------------------------------
-
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "lstm_engine.cli", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
-
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):

@@ -1,10 +1,11 @@
 """Graphs built by hand: validation, the runner (forward and run(feeds)), Recurrent nodes against torch."""
 import numpy as np
 import pytest
-import torch
 
 import lstm_engine as le
 from lstm_engine.graph import Graph, Node, ValueInfo
+
+torch = pytest.importorskip("torch")
 
 torch.manual_seed(0)
 RNG = np.random.default_rng(3)

@@ -720,7 +720,7 @@ def test_unsupported_layer_with_weights_is_refused(tmp_path):
 def test_missing_h5py_is_reported(saved, monkeypatch):
     monkeypatch.setitem(sys.modules, "h5py", None)
     for fmt in (".keras", "h5"):
-        with pytest.raises(LoadError, match=r"needs h5py: pip install 'lstm_engine\[keras\]'"):
+        with pytest.raises(LoadError, match=r"needs h5py: pip install h5py \(from an lstm_engine checkout: pip install '\.\[keras\]'\)"):
             read_keras(saved["simple_rnn"][1][fmt][0])
 
 

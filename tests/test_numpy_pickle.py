@@ -274,7 +274,7 @@ def test_madmom_networks_and_their_refusals(fake_madmom, tmp_path):
          r"layers\[0\]: 'weights' is ndarray, expected a 2-D float array"),
         ((m["RecurrentLayer"](weights=np.ones((3, 4), np.float32), bias=np.zeros(4, np.float32),
                               recurrent_weights=np.ones((5, 5), np.float32), activation_fn=m["tanh"]),),
-         r"layers\[0\] \(RecurrentLayer\): RNN weight_hh"),
+         r"layers\[0\] \(RecurrentLayer\): RNN weight_ih \(4, 3\) and weight_hh \(5, 5\) disagree"),
         ((m["LSTMLayer"](input_gate=None, forget_gate=None, cell=None, output_gate=None, activation_fn=m["tanh"]),),
          r"layers\[0\]\.input_gate is not a madmom object with a state"),
         (("not a layer",), r"layers\[0\]: madmom str is not supported"),

@@ -6,9 +6,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 import lstm_engine as le
+from conftest import run_threads
+
+torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,25 +31,6 @@ def float_model(dtype=np.float32, seed=0):
     rnn = torch.nn.GRU(6, 20, batch_first=True)
     head = torch.nn.Linear(20, 3)
     return le.Model([*le.from_torch(rnn, dtype=dtype).layers, le.Dense(head.weight, head.bias, dtype=dtype)])
-
-
-def run_threads(fn, n):
-    errors = []
-
-    def wrap(i):
-        try:
-            fn(i)
-        except BaseException as exc:  # reported in the test thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads), "a stream thread hung"
-    if errors:
-        raise errors[0]
 
 
 @pytest.mark.parametrize("make", [lm, float_model])

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import random
-import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import allocates_less_than
 from lstm_engine.errors import LoadError
 from lstm_engine.formats._safetensors import read_safetensors, write_safetensors
 
@@ -31,15 +31,9 @@ def _raw_file(path, header, data: bytes = b"", header_len: int | None = None) ->
 
 def _raises_quickly(path: str, pattern: str) -> None:
     """read_safetensors(path) raises LoadError matching ``pattern`` and naming the file, allocating < 1 MB."""
-    tracemalloc.start()
-    try:
-        with pytest.raises(LoadError, match=pattern) as info:
-            read_safetensors(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    with allocates_less_than(1 << 20), pytest.raises(LoadError, match=pattern) as info:
+        read_safetensors(path)
     assert path in str(info.value)
-    assert peak < 1 << 20
 
 
 def _numpy_tensors() -> dict[str, np.ndarray]:

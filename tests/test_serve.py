@@ -559,7 +559,7 @@ def test_core_does_not_import_the_server_stack(files):
             "sys.exit(lstm_engine.cli.main(['serve', sys.argv[1]]))\n")
     p = subprocess.run([sys.executable, "-c", code, files["float"]], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr
-    assert "lstm_engine[serve]" in p.stderr and "starlette" in p.stderr and "Traceback" not in p.stderr
+    assert "pip install '.[serve]'" in p.stderr and "starlette" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkeypatch):

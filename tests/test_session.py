@@ -3,12 +3,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lstm_engine as le
 from lstm_engine import stream as stream_mod
+
+torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(120)
 

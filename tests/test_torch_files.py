@@ -11,7 +11,6 @@ import io
 import os
 import pickle
 import random
-import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import allocates_less_than
 from lstm_engine.errors import LoadError, UnsafeModelError
 from lstm_engine.formats._torch_pickle import read_torch_file
 
@@ -518,14 +518,9 @@ def test_missing_storage_record(tmp_path):
 
 def test_storage_record_shorter_than_claimed(tmp_path):
     path = _crafted(tmp_path, {"w": _v2(_Storage("0", 1 << 40), 0, (4,), (1,))})
-    tracemalloc.start()
-    try:
-        with pytest.raises(LoadError, match=r"tensor 'w'.*holds 48 bytes.*1099511627776 float32"):
-            read_torch_file(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20
+    with allocates_less_than(1 << 20), \
+            pytest.raises(LoadError, match=r"tensor 'w'.*holds 48 bytes.*1099511627776 float32"):
+        read_torch_file(path)
 
 
 @pytest.mark.parametrize(
@@ -547,14 +542,8 @@ def test_storage_record_shorter_than_claimed(tmp_path):
 )
 def test_out_of_range_views(tmp_path, offset, size, stride, message):
     path = _crafted(tmp_path, {"lstm.w": _v2(_Storage("0", 12), offset, size, stride)})
-    tracemalloc.start()
-    try:
-        with pytest.raises(LoadError, match=r"tensor 'lstm\.w'.*" + message):
-            read_torch_file(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 << 20
+    with allocates_less_than(1 << 20), pytest.raises(LoadError, match=r"tensor 'lstm\.w'.*" + message):
+        read_torch_file(path)
 
 
 def test_out_of_range_view_v3(tmp_path):
@@ -616,15 +605,9 @@ def test_several_data_pkl_refused(tmp_path):
 )
 def test_malformed_pickles(tmp_path, pickle_bytes):
     path = _write_zip(tmp_path / "malformed.pt", pickle_bytes)
-    tracemalloc.start()
-    try:
-        with pytest.raises(LoadError) as info:
-            read_torch_file(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    with allocates_less_than(4 << 20), pytest.raises(LoadError) as info:
+        read_torch_file(path)
     assert path in str(info.value)
-    assert peak < 4 << 20
 
 
 def test_shared_dicts_fanning_out(tmp_path):

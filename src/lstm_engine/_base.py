@@ -42,8 +42,11 @@ def as_weight(value: Any, name: str, ndims: tuple[int, ...], dtype: np.dtype) ->
 
 
 def as_real_array(x: Any, dtype: np.dtype, name: str = "x") -> np.ndarray:
-    """A list (which has no dtype of its own) of real numbers as an array of dtype; TypeError for anything else.
+    """A non-NumPy input of real numbers as an array; TypeError for anything else.
 
+    One rule: an input that carries a dtype (a NumPy array, a torch tensor, anything with ``dtype``)
+    keeps it, so a float64 tensor is refused by a float32 model exactly as a float64 NumPy array is
+    (unless cast=True); a list or a Python number has no dtype of its own and takes the model's.
     np.asarray(x, dtype) would parse strings and drop imaginary parts.
     """
     try:
@@ -52,6 +55,8 @@ def as_real_array(x: Any, dtype: np.dtype, name: str = "x") -> np.ndarray:
         raise TypeError(f"{name}: expected an array of floats, got {type(x).__name__}") from exc
     if given.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected an array of floats, got {type(x).__name__} of {given.dtype}")
+    if hasattr(x, "dtype"):
+        return given
     return given.astype(dtype)
 
 

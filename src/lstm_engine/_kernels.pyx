@@ -389,8 +389,8 @@ cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, fl
 
     Its own GEMM and GEMV on the weights packed once at load (OpenBLAS repacks the weights at every
     step), the gates applied to each tile of sums while it is in registers, and the units split
-    across the engine's threads. No BLAS call at all: on a shared 2-core machine OpenBLAS's input
-    projection (2 threads, whose workers then spin next to ours) cost 2.6x the engine's own on the
+    across the engine's threads. No BLAS call at all: on a 2-core Xeon shared with other jobs, OpenBLAS's
+    input projection (2 threads, whose workers then spin next to ours) cost 2.6x the engine's own on the
     sequence workload and 1.1x on batch (benches/RESULTS.md).
     """
     cdef le_steps_args a

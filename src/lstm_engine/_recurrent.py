@@ -40,7 +40,6 @@ class RecurrentLayer(Layer):
 
     is_recurrent = True
     num_gates: int
-    gate_names: str
 
     def __init__(
         self,
@@ -66,37 +65,49 @@ class RecurrentLayer(Layer):
         self.dtypes = as_dtypes(dtype)
         wide = max(self.dtypes, key=lambda d: d.itemsize)
         name = type(self).__name__
+        # hidden_size comes from weight_hh's columns (weight_hr's with a projection), so that each weight
+        # is blamed for its own shape, in the shape the caller gave.
         w_ih = as_weight(weight_ih, f"{name} weight_ih", (2, 3), wide)
-        if w_ih.ndim == 2:
-            w_ih = w_ih[None]
+        ih_given = w_ih.shape
+        w_ih = self._directions(w_ih, 2)
         D, GH, I = w_ih.shape
         G = self.num_gates
         if D not in (1, 2) or GH == 0 or GH % G or I == 0:
             raise ValueError(
                 f"{name} weight_ih: expected shape ({G}*hidden_size, input_size), or "
-                f"(2, {G}*hidden_size, input_size) when bidirectional, got {w_ih.shape[-3:]}"
+                f"(2, {G}*hidden_size, input_size) when bidirectional, got {ih_given}"
             )
         if bidirectional is not None and bool(bidirectional) != (D == 2):
             raise ValueError(
                 f"{name}: bidirectional={bidirectional} but weight_ih has {D} direction(s); give "
                 "bidirectional weights stacked on a leading axis of 2 (forward, reverse)"
             )
-        H = GH // G
+        per_dir = "" if D == 1 else " for each of the 2 directions"
         hr = None
-        P = H
+        hh = as_weight(weight_hh, f"{name} weight_hh", (2, 3), wide)
+        hh_given = hh.shape
+        hh = self._directions(hh, 2)
         if weight_hr is not None:
             if G != 4:
                 raise ValueError(f"{name}: weight_hr (a projection) exists only for LSTM")
-            hr = self._directions(as_weight(weight_hr, f"{name} weight_hr", (2, 3), wide), 2)
-            P = hr.shape[1]
-            if hr.shape != (D, P, H) or P == 0:
-                raise ValueError(f"{name} weight_hr: expected shape (proj_size, {H}) for each of {D} "
-                                 f"direction(s), got {hr.shape}")
-        hh = self._directions(as_weight(weight_hh, f"{name} weight_hh", (2, 3), wide), 2)
-        if hh.shape != (D, GH, P):
+            hr = as_weight(weight_hr, f"{name} weight_hr", (2, 3), wide)
+            hr_given = hr.shape
+            hr = self._directions(hr, 2)
+            P, H = hr.shape[1:]
+            if hr.shape[0] != D or P == 0 or H == 0:
+                raise ValueError(f"{name} weight_hr: expected shape (proj_size, hidden_size){per_dir}, "
+                                 f"got {hr_given}")
+        else:
+            H = P = hh.shape[2]
+        if hh.shape != (D, G * H, P) or H == 0:
             width = "proj_size" if hr is not None else "hidden_size"
-            raise ValueError(f"{name} weight_hh: expected shape {(GH, P)} ({G}*hidden_size, {width}) "
-                             f"for each of {D} direction(s), got {hh.shape}")
+            want = f"({G}*hidden_size, {width})" + (f" = {(G * H, P)}" if hr is not None else "")
+            raise ValueError(f"{name} weight_hh: expected shape {want}{per_dir}, got {hh_given}")
+        if GH != G * H:
+            src = "weight_hr" if hr is not None else "weight_hh"
+            raise ValueError(f"{name} weight_ih {ih_given} and {src} {hr_given if hr is not None else hh_given} "
+                             f"disagree: weight_ih's {GH} rows ({G}*hidden_size) give hidden_size {GH // G}, "
+                             f"{src}'s columns {H}")
         biases = []
         for arg, bname in ((bias_ih, "bias_ih"), (bias_hh, "bias_hh")):
             if arg is None:

@@ -9,8 +9,9 @@
     lstm-engine gates model.safetensors x.npy -o gates.png   # the gates at work, memory, gradient flow
     lstm-engine serve model.safetensors --state-dir states    # streams over HTTP and WebSocket
 
-A user mistake (a bad argument, a missing or broken file) is one line on stderr and exit status 1
-(2 for usage errors); never a traceback.
+A user mistake (a bad argument, a missing or broken file, an input the engine refuses) is one line on
+stderr and exit status 1 (2 for usage errors). Anything else is a bug and keeps its traceback; ``--debug``
+(or LSTM_ENGINE_DEBUG=1 in the environment) shows the traceback of user mistakes too.
 """
 from __future__ import annotations
 
@@ -18,13 +19,11 @@ import argparse
 import importlib
 import os
 import sys
-from contextlib import ExitStack
-from importlib import resources
 from dataclasses import dataclass
 from typing import Any, Callable
 
 PROG = "lstm-engine"
-SHIPPED_MODEL = "charlm.safetensors"
+SHIPPED_MODEL = "builtin:charlm"  # lstm_engine/data/charlm.safetensors, see formats.BUILTIN_MODELS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,30 +57,21 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    help="sample among the likeliest characters whose probabilities sum to P")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed, for reproducible text")
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="a model saved with lstm_engine.save whose metadata has 'vocab'")
+                   help=f"a model saved with lstm_engine.save whose metadata has 'vocab' (default {SHIPPED_MODEL})")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from . import load
     from .generate import check_sampling
 
     # Argument errors first, before the model is read; named as the options are.
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as exc:
+        # "expected None or ..." is the Python API's wording; an option that is given is never None.
         name, _, rest = str(exc).partition(":")
-        raise UserError(f"--{name.replace('_', '-')}:{rest}") from None
-    with ExitStack() as stack:
-        if args.model is None:
-            ref = resources.files("lstm_engine").joinpath("data", SHIPPED_MODEL)
-            if not ref.is_file():
-                raise UserError(f"the shipped model data/{SHIPPED_MODEL} is missing from this installation; "
-                                "pass --model PATH")
-            path = stack.enter_context(resources.as_file(ref))
-        else:
-            path = args.model
-        model = load(path)
+        raise UserError(f"--{name.replace('_', '-')}:{rest.replace('expected None or ', 'expected ')}") from None
+    model = _load_model(args.model or SHIPPED_MODEL)
     vocab = model.metadata.get("vocab")
     if not isinstance(vocab, str) or not model.takes_ids:
         raise UserError(f"{args.model or SHIPPED_MODEL}: not a character-level language model "
@@ -110,8 +100,11 @@ def run_generate(args: argparse.Namespace) -> int:
 # -- shared by the model commands -----------------------------------------------------------------
 
 def _load_model(path: str, threads: int | None = None):
+    """A model file or a built-in model's name (builtin:charlm), loaded."""
     from . import load
+    from .formats import resolve
 
+    path = resolve(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
     model = load(path)
@@ -132,9 +125,13 @@ def _load_array(path: str, what: str, mmap: bool = False):
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{path}: not a readable .npy array for {what} ({exc})") from None
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        # NumPy's own message for a non-.npy file talks of pickles, which would be the wrong advice.
+        raise UserError(f"{path}: not a .npy array for {what} (expected a file written by numpy.save)") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise UserError(f"{path}: an .npz archive, not a .npy array for {what} (save one array with numpy.save)")
+    return array
 
 
 def _check_input(model, x, path: str):
@@ -250,12 +247,14 @@ def _file_format(path: str) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from .formats import resolve
+
     model = _load_model(args.model)
     if model.is_chain:
         _inspect_chain(model)
     else:
         _inspect_graph(model)
-    print(f"file: {_file_format(args.model)}")
+    print(f"file: {_file_format(resolve(args.model))}")
     meta = model.metadata
     source = meta.get("source", "unknown")
     version = meta.get("framework_version") or meta.get("keras_version")
@@ -404,11 +403,13 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--dask", metavar="SCHEDULER",
                          help="score the chunks on a Dask cluster: a scheduler address (tcp://host:8786), or "
-                              "local:N for N worker processes on this machine (needs lstm_engine[dask]); "
+                              "local:N for N worker processes on this machine (needs the dask extra: pip install '.[dask]' "
+                              "from a checkout); "
                               "--threads is then per task")
     cluster.add_argument("--ray", metavar="ADDRESS",
                          help="score the chunks on a Ray cluster: auto (the running one), an address, or local:N "
-                              "for N CPUs on this machine (needs lstm_engine[ray]); --threads is then per actor")
+                              "for N CPUs on this machine (needs the ray extra: pip install '.[ray]' from a checkout); "
+                              "--threads is then per actor")
     p.set_defaults(func=run_run)
 
 
@@ -515,7 +516,7 @@ def _score_chunks(args: argparse.Namespace, model, x, lengths, chunks: range, ro
         try:
             cluster = importlib.import_module(f"lstm_engine.{engine}")
         except ImportError as exc:
-            raise UserError(f"--{engine} needs {engine.capitalize()}: pip install \"lstm_engine[{engine}]\" "
+            raise UserError(f"--{engine} needs {engine.capitalize()}: pip install \".[{engine}]\" from a checkout "
                             f"({exc})") from None
         yield from cluster.score_chunks(args.dask or args.ray, model, batches(), args.threads)
         return
@@ -586,7 +587,12 @@ def _torch_reference(model, path: str, x, lengths):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds for a file it cannot read
-            raise UserError(f"{path}: torch cannot read it as a state_dict: {str(exc).splitlines()[0]}") from None
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                # torch's own text runs to a page with terminal colour codes: say what it means instead.
+                raise UserError(f"{path}: holds pickled Python objects (a whole module or a class of your own), "
+                                "not only tensors, and is never unpickled here; save net.state_dict() and pass "
+                                "that file, or pass the .py file that builds the module") from None
+            raise UserError(f"{path}: torch cannot read it as a state_dict: {type(exc).__name__}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -604,7 +610,13 @@ def _torch_reference(model, path: str, x, lengths):
             raise UserError(f"{path}: has more weights ({prefix!r}) than {model!r} holds")
         layer = layers[pos]
         kind = type(layer).__name__
-        if "weight_ih_l0" in params:
+        recurrent_weights = "weight_ih_l0" in params
+        if recurrent_weights != bool(layer.is_recurrent):
+            number = next(i for i, known in enumerate(model.layers) if known is layer)
+            raise UserError(f"{path}: its tensors {prefix or '(top level)'}.{{{', '.join(params)}}} are "
+                            f"{'a recurrent' if recurrent_weights else 'a non-recurrent'} module's, but layer "
+                            f"{number} of the model is a {kind}: not the network this model was made from")
+        if recurrent_weights:
             stack = []
             while pos < len(layers) and layers[pos].is_recurrent and f"weight_ih_l{len(stack)}" in params:
                 stack.append(layers[pos])
@@ -755,10 +767,13 @@ def _is_torch_state_dict(path: str) -> bool:
 
 
 def _keras_source(model, path: str, x, rng, args) -> Reference:
+    # Keras 3 picks its backend at import, and without TensorFlow the default one fails to import.
+    os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
         import keras
-    except ImportError:
-        raise NotChecked("--source is a Keras model but keras is not installed") from None
+    except ImportError as exc:
+        raise NotChecked(f"--source is a Keras model but keras cannot be imported ({exc}); install keras "
+                         "and a backend (torch: KERAS_BACKEND=torch)") from None
     if not model.is_chain:
         raise NotChecked("a graph model is not compared with a Keras file (the Keras loader builds chains)")
     return Reference(f"keras {keras.__version__}", [_keras_reference(path, x)],
@@ -914,9 +929,12 @@ def _compare(model, outputs, state, ref_outputs, ref_state):
         return
     if len(ref_state) != len(state):
         raise UserError(f"the reference has {len(ref_state)} recurrent layers, the model {len(state)}")
+    # Numbered as inspect and gates number them: the layer's row in model.layers.
+    numbers = [next((i for i, known in enumerate(model.layers) if known is layer), k)
+               for k, layer in enumerate(model.recurrent_layers)]
     for k, (mine, theirs) in enumerate(zip(state, ref_state)):
         for name, got, want in zip("hc", mine, theirs):
-            yield f"layer {k} {name}", got, want
+            yield f"layer {numbers[k]} {name}", got, want
 
 
 def _self_checks(model, x, lengths, lines: list, errs: list) -> None:
@@ -1084,7 +1102,7 @@ def add_gates(sub: argparse._SubParsersAction) -> None:
         "gates", help="draw the gates at work and measure how far back the model remembers",
         description="Run MODEL over one sequence of INPUT.npy recording every gate, draw the gates of each "
                     "recurrent layer as heatmaps over time into -o (needs matplotlib: pip install "
-                    '"lstm_engine[plot]"), and print per layer the memory horizon (steps until the running '
+                    'matplotlib, or pip install ".[plot]" from a checkout), and print per layer the memory horizon (steps until the running '
                     "product of the forget gate, GRU: update gate, falls below 1/e, averaged over units) and "
                     "the gradient flow ||dc_T/dc_t|| and ||dh_T/dh_t|| (spectral norms of exact Jacobian "
                     "products of the loaded weights) for t going back from the last step T.",
@@ -1116,7 +1134,8 @@ def run_gates(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise UserError('drawing needs matplotlib: pip install "lstm_engine[plot]" (or leave out -o)') from None
+            raise UserError('drawing needs matplotlib: pip install matplotlib (from an lstm_engine checkout: '
+                            'pip install ".[plot]"), or leave out -o') from None
     x = x[args.row:args.row + 1]
     if not model.takes_ids:
         x = x.astype(model.dtype, copy=False)
@@ -1257,6 +1276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog=PROG, description="Run LSTM, GRU and RNN models exported from PyTorch or Keras.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of every error (also LSTM_ENGINE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for add in COMMANDS:
@@ -1266,19 +1287,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import LoadError
+    from .errors import is_user_error
 
+    debug = args.debug or os.environ.get("LSTM_ENGINE_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (UserError, LoadError, ValueError, TypeError, OSError) as exc:
-        if isinstance(exc, BrokenPipeError):
-            return _broken_pipe()
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        return _broken_pipe()
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug or not (isinstance(exc, (UserError, OSError)) or is_user_error(exc)):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 def _broken_pipe() -> int:

@@ -9,8 +9,8 @@
 
 The model goes to the workers as a path (each worker process loads it once and keeps it) or as a Model
 (pickled once into the graph as the engine's own file bytes). Each task runs one chunk with the worker's
-share of the cores (see lstm_engine._threads); ``threads=`` overrides it. Needs ``pip install
-"lstm_engine[dask]"``.
+share of the cores (see lstm_engine._threads); ``threads=`` overrides it. Needs the dask extra
+(``pip install ".[dask]"`` from a checkout).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ try:
     import dask
     import dask.array as da
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError('lstm_engine.dask needs Dask: pip install "lstm_engine[dask]"') from exc
+    raise ImportError('lstm_engine.dask needs Dask: pip install ".[dask]" from a checkout (dask[array,dataframe] and distributed)') from exc
 
 from ._scale import score_sequences, worker_model
 from .model import Model

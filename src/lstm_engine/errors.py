@@ -28,3 +28,31 @@ class UnsupportedOpError(LoadError):
 
     def __reduce__(self):  # exceptions are pickled across processes (pool workers, multiprocessing)
         return type(self), (self.op, self.source, self.supported)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a message for the user rather than a bug: a LoadError, or a ValueError/TypeError
+    that one of lstm_engine's own ``raise`` statements threw while validating an input.
+
+    The engine validates every input in Python and raises ValueError/TypeError there (the brief's rule),
+    so the statement that raised tells the two apart: the same exception types raised by NumPy, by
+    Python itself (a wrong call, ``'X' object is not iterable``) or by a dependency are bugs and keep
+    their traceback.
+    """
+    import linecache
+    import os
+
+    if isinstance(exc, LoadError):
+        return True
+    if not isinstance(exc, (ValueError, TypeError)):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    package = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.abspath(filename).startswith(package + os.sep):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")

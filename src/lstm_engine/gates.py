@@ -11,7 +11,7 @@ gates come out as a by-product. Gates of each recurrent layer, a dict name -> (D
 indexed by input timestep (a reverse direction's step t is input t, whatever order it ran in), in the
 input's dtype, NaN where a row skips the step (lengths, masks). ``analyse`` adds per layer the memory
 horizon and the gradient flow ||ds_T/ds_t|| from exact Jacobian products; ``plot`` draws it all
-(matplotlib, ``pip install "lstm_engine[plot]"``).
+(matplotlib: ``pip install matplotlib``, or ``pip install ".[plot]"`` from a checkout).
 """
 from __future__ import annotations
 
@@ -344,7 +344,8 @@ def plot(reports: list[LayerReport], path: str, *, row: int = 0, labels: list[st
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ImportError('drawing the gates needs matplotlib: pip install "lstm_engine[plot]"') from exc
+        raise ImportError("drawing the gates needs matplotlib: pip install matplotlib "
+                          '(from an lstm_engine checkout: pip install ".[plot]")') from exc
     panels = [(rep, name) for rep in reports for name in PLOT_GATES[rep.kind]]
     n = len(panels) + len(reports)
     fig, axes = plt.subplots(n, 1, figsize=(11, 2.2 * n + 0.6), squeeze=False)

@@ -18,7 +18,6 @@ class GRU(RecurrentLayer):
     """
 
     num_gates = 3
-    gate_names = "rzn"
 
     def __init__(self, weight_ih: Any, weight_hh: Any, bias_ih: Any = None, bias_hh: Any = None,
                  *, reset_after: bool = True, **options: Any) -> None:

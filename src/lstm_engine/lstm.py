@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ._recurrent import RecurrentLayer
 
 
@@ -21,7 +19,6 @@ class LSTM(RecurrentLayer):
     """
 
     num_gates = 4
-    gate_names = "ifgo"
 
     def __init__(self, weight_ih: Any, weight_hh: Any, bias_ih: Any = None, bias_hh: Any = None,
                  weight_hr: Any = None, **options: Any) -> None:

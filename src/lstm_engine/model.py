@@ -10,13 +10,13 @@ from . import _kernels
 from ._base import FLOAT_DTYPES, Layer, as_real_array
 from ._threads import default_threads
 from .graph import Graph, Node, ValueInfo, build_structure
-from .plan import Call, Plan, State, check_lengths, check_state
+from .plan import Call, Plan, check_lengths, check_state
 
 if TYPE_CHECKING:  # imported by the methods that make them
     from .pool import StreamPool
     from .session import Session
 
-__all__ = ["Model", "State", "chain_graph"]
+__all__ = ["Model", "chain_graph"]
 
 
 def chain_graph(layers: list) -> Graph:
@@ -101,6 +101,11 @@ class Model:
 
     @staticmethod
     def _check_chain(layers: Sequence[Layer]) -> list:
+        if isinstance(layers, Layer):
+            raise TypeError(f"Model: expected a list of layers, got one {type(layers).__name__}; "
+                            f"write Model([layer]) for a model of one layer")
+        if not hasattr(layers, "__iter__"):
+            raise TypeError(f"Model: expected a list of layers or a Graph, got {type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise ValueError("Model: expected at least one layer")

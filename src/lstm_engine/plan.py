@@ -8,7 +8,7 @@ made per call), the sessions' output buffers and Keras-mask bookkeeping, and rec
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -17,9 +17,6 @@ from . import _kernels, activations, ops as _ops
 from ._base import SMALL_PRODUCT_FLOPS, one_blas_thread
 from .graph import Graph, Node
 from .layers import Dense, Dropout
-
-State = list  # one tuple per Recurrent node: (h, c) for LSTM, (h,) for GRU and RNN
-
 
 def check_state(value: Any, layers: list, batch: int, what: str, check_dtype: Callable[[np.ndarray, str], None],
                 allow_missing: bool = False) -> list[tuple[np.ndarray, ...] | None]:

@@ -15,7 +15,6 @@ class RNN(RecurrentLayer):
     """
 
     num_gates = 1
-    gate_names = "h"
 
     def __init__(self, weight_ih: Any, weight_hh: Any, bias_ih: Any = None, bias_hh: Any = None,
                  *, nonlinearity: str = "tanh", **options: Any) -> None:

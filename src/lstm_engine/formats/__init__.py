@@ -14,6 +14,29 @@ _MAX_INFLATION = 1000
 _INFLATION_FLOOR = 64 << 20
 
 
+# Models shipped inside the package, by the name every command and ``load`` accept ("builtin:charlm").
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {"charlm": "charlm.safetensors"}
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """The file a model name stands for: ``builtin:NAME`` is a model shipped in lstm_engine/data/,
+    anything else is a path, returned as given."""
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_MODELS:
+        raise LoadError(f"{path}: no such built-in model; built-in models: "
+                        f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}")
+    from importlib import resources
+
+    ref = resources.files("lstm_engine").joinpath("data", BUILTIN_MODELS[name])
+    if not ref.is_file():
+        raise LoadError(f"{path}: lstm_engine/data/{BUILTIN_MODELS[name]} is missing from this installation")
+    return os.fspath(ref)  # a regular package directory: the data file is a path on disk
+
+
 def _sniff(path: str) -> str:
     """The container kind of a file from its first bytes: 'zip', 'hdf5', 'safetensors', 'onnx', 'torch-legacy',
     'pickle' or 'unknown'."""
@@ -112,9 +135,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load(path: str | os.PathLike | BinaryIO, *, dtype: Any = None, **options: Any) -> Model:
-    """Load a model file: the engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``,
-    ``.bin``, ``.safetensors``, legacy pre-1.6 ``torch.save`` files too), a Keras model (``.keras``, ``.h5``), an
-    ONNX model (``.onnx``, needs ``pip install "lstm_engine[onnx]"``) or a madmom model (its pickled networks).
+    """Load a model file, or ``"builtin:charlm"`` (the character model shipped with lstm_engine): the
+    engine's own ``.safetensors``, a PyTorch state_dict (``.pt``, ``.pth``, ``.bin``, ``.safetensors``, legacy
+    pre-1.6 ``torch.save`` files too), a Keras model (``.keras``, ``.h5``), an ONNX model (``.onnx``, needs the
+    onnx package: ``pip install ".[onnx]"`` from a checkout) or a madmom model (its pickled networks).
 
     ``path`` may also be a binary file object (e.g. ``io.BytesIO(data)``) holding a safetensors file:
     the engine's own, as ``save`` writes it, or a PyTorch state_dict.
@@ -137,7 +161,7 @@ def load(path: str | os.PathLike | BinaryIO, *, dtype: Any = None, **options: An
             raise LoadError(f"{path}: from a file object, load reads safetensors files only (the engine's own "
                             "or a PyTorch state_dict); save other formats to a file and load its path")
     else:
-        source = path = os.fspath(path)
+        source = path = resolve(path)
         kind = _sniff(path)
     if kind == "safetensors":
         tensors, metadata = read_safetensors(source)

@@ -38,7 +38,8 @@ from . import numpy_pickle
 
 __all__ = ["KerasLayerSpec", "KerasMask", "KerasModelSpec", "read_keras"]
 
-_H5PY_MISSING = "reading Keras files needs h5py: pip install 'lstm_engine[keras]'"
+_H5PY_MISSING = ("reading Keras files needs h5py: pip install h5py "
+                 "(from an lstm_engine checkout: pip install '.[keras]')")
 
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "SimpleRNN": 1}
 

@@ -34,7 +34,7 @@ from ..gru import GRU
 from ..lstm import LSTM
 from ..model import Model
 from ..rnn import RNN
-from ._safetensors import read_safetensors, write_safetensors
+from ._safetensors import write_safetensors
 
 FORMAT = "lstm_engine"
 FORMAT_VERSION = 2

@@ -1,7 +1,7 @@
 """ONNX models: a ``.onnx`` file's graph as the engine's graph (``le.load("model.onnx")``).
 
-The ``onnx`` package (``pip install "lstm_engine[onnx]"``) parses the protobuf and infers shapes; the
-model then runs on the engine's own ops and kernels. ``LSTM``, ``GRU`` and ``RNN`` become ``Recurrent``
+The ``onnx`` package (``pip install onnx``, or ``pip install ".[onnx]"`` from a checkout) parses the
+protobuf and infers shapes; the model then runs on the engine's own ops and kernels. ``LSTM``, ``GRU`` and ``RNN`` become ``Recurrent``
 nodes over engine layers (every attribute of the ONNX spec), with the Transpose/Reshape nodes that give
 ONNX's layouts; the other operators map one to one onto ``lstm_engine.ops``. Everything computable
 from the file alone — initializers assembled by Slice/Concat, ``Constant`` nodes, shapes known at
@@ -63,7 +63,7 @@ def read_model(path: str) -> Any:
         import onnx
     except ImportError as exc:
         raise LoadError(f"{path}: an ONNX file; reading it needs the onnx package: "
-                        "pip install \"lstm_engine[onnx]\"") from exc
+                        "pip install onnx (from an lstm_engine checkout: pip install \".[onnx]\")") from exc
     try:
         size = os.path.getsize(path)
         if size > MAX_FILE_BYTES:

@@ -31,13 +31,14 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def recurrent_layers_from_state_dict(state_dict: dict, prefix: str = "", *, nonlinearity: str = "tanh",
+def recurrent_layers_from_state_dict(state_dict: dict, prefix: str = "", *, nonlinearity: str | None = None,
                                      dtype: Any = np.float32, source: str = "state_dict") -> list:
     """The layers of one nn.LSTM / nn.GRU / nn.RNN (or *Cell) whose parameters sit under ``prefix``.
 
     The cell type comes from the gate count (rows of weight_ih over the hidden size), the number of
     layers from the ``_l{k}`` suffixes, bidirectionality from ``_reverse`` keys, the projection from
-    ``weight_hr``.
+    ``weight_hr``. An nn.RNN's tensors do not say whether it used tanh or relu, so ``nonlinearity`` is
+    required for one.
     """
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     suffixes = sorted({(int(m["layer"]) if m["layer"] else -1) for k in sd if (m := _RNN_KEY.match(k))
@@ -78,6 +79,9 @@ def recurrent_layers_from_state_dict(state_dict: dict, prefix: str = "", *, nonl
         cls = _CELLS[gates]
         options: dict[str, Any] = {"dtype": dtype}
         if cls is RNN:
+            if nonlinearity is None:
+                raise ValueError(f"{source}: {prefix}weight_ih{tag} is an nn.RNN's, and its tensors do not say "
+                                 "whether it used tanh or relu: pass nonlinearity='tanh' or nonlinearity='relu'")
             options["nonlinearity"] = nonlinearity
         args = (w_ih, w_hh, b_ih, b_hh) + ((w_hr,) if cls is LSTM else ())
         if cls is not LSTM and w_hr is not None:
@@ -87,7 +91,7 @@ def recurrent_layers_from_state_dict(state_dict: dict, prefix: str = "", *, nonl
 
 
 def model_from_state_dict(state_dict: dict, *, source: str = "state_dict", dtype: Any = None,
-                          nonlinearity: str = "tanh") -> Model:
+                          nonlinearity: str | None = None) -> Model:
     """A Model from a bare nn.LSTM / nn.GRU / nn.RNN state_dict read from a file (LoadError if it is not one)."""
     known = {k for k in state_dict if (m := _PARAM_KEY.match(k)) and not m["prefix"]}
     other = [k for k in state_dict if k not in known]
@@ -224,7 +228,7 @@ def from_torch(obj: Any, example_input: Any = None, *, nonlinearity: str | None 
                          "its forward says what it computes; pass an example input, le.from_torch(module, "
                          "example_input), and lstm_engine reads the forward with torch.export")
     elif isinstance(obj, dict):
-        layers = recurrent_layers_from_state_dict(obj, nonlinearity=nonlinearity or "tanh", dtype=dtype)
+        layers = recurrent_layers_from_state_dict(obj, nonlinearity=nonlinearity, dtype=dtype)
     else:
         raise TypeError(f"from_torch: expected an nn.Module or a state_dict, got {type(obj).__name__}")
     return Model(layers, metadata=metadata)

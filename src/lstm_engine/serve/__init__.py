@@ -15,7 +15,8 @@ try:
     import uvicorn  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(f"lstm_engine.serve needs the 'serve' extra ({exc.name} is missing): "
-                      "pip install 'lstm_engine[serve]'") from exc
+                      "pip install starlette uvicorn prometheus-client (from an lstm_engine checkout: "
+                      "pip install '.[serve]')") from exc
 
 import asyncio
 import socket
