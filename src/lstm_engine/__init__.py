@@ -16,6 +16,7 @@ from .layers import Activation, BatchNorm, Dense, Dropout, Embedding, LayerNorm,
 from .lstm import LSTM
 from .model import Model
 from .pool import Stream, StreamPool
+from .quantize import quantize
 from .rnn import RNN
 from .session import Session
 
@@ -42,5 +43,6 @@ __all__ = [
     "from_keras",
     "from_torch",
     "load",
+    "quantize",
     "save",
 ]

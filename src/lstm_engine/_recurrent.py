@@ -50,6 +50,7 @@ class RecurrentLayer(Layer):
         merge_mode: str = "concat",
         zero_output_for_mask: bool = False,
         dtype: Any = np.float32,
+        quantization: Any = None,
     ) -> None:
         self.dtypes = as_dtypes(dtype)
         wide = max(self.dtypes, key=lambda d: d.itemsize)
@@ -118,7 +119,14 @@ class RecurrentLayer(Layer):
         w_ih, hh = _aligned(w_ih), _aligned(hh)
         self._weights = {"weight_ih": w_ih, "weight_hh": hh, "bias_ih": biases[0],
                          "bias_hh": biases[1], "weight_hr": hr}
+        self.quantization = quantization
+        if quantization is not None and self.dtypes != (np.dtype(np.float32),):
+            raise ValueError(f"{name}: a quantized layer runs float32 only, got dtype={dtype!r}")
         self._kernels = {dt: self._build_kernel(dt) for dt in self.dtypes}
+        if quantization is not None:
+            # Kept once, as stored: weights() widens them when asked.
+            for k in quantization.stored:
+                self._weights[k] = None
         # Work buffers lent to one call at a time (list.pop/append are atomic under the GIL, so
         # concurrent calls each get their own): a fresh 32 MB buffer per call cost the batch
         # workload 16% of its time in the kernel's page zeroing (perf).
@@ -140,6 +148,11 @@ class RecurrentLayer(Layer):
     # -- built once ---------------------------------------------------------------------------
     def _build_kernel(self, dtype: np.dtype) -> RecurrentKernel:
         w = {k: (None if v is None else v.astype(dtype, copy=False)) for k, v in self._weights.items()}
+        quant = None
+        if self.quantization is not None:
+            quant = self.quantization.recurrent_directions(self)
+            # The kernel reads only the shapes of float weights it does not multiply by.
+            w.update({k: np.broadcast_to(np.zeros((), dtype), w[k].shape) for k in self.quantization.stored})
         D, GH = self.num_directions, self.num_gates * self.hidden_size
         zeros = np.zeros((D, GH), dtype)
         bias, bias_hn = [], []
@@ -160,6 +173,7 @@ class RecurrentLayer(Layer):
             bias,
             bias_hn,
             self.go_backwards,
+            quant,
         )
 
     # -- describing ---------------------------------------------------------------------------
@@ -179,7 +193,8 @@ class RecurrentLayer(Layer):
         }
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in self._weights.items() if v is not None}
+        w = {k: v for k, v in self._weights.items() if v is not None}
+        return w if self.quantization is None else {**w, **self.quantization.dequantized()}
 
     def __repr__(self) -> str:
         extra = f", proj_size={self.proj_size}" if self.proj_size else ""

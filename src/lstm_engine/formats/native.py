@@ -3,6 +3,9 @@
 Tensors are named ``layers.<index>.<argument>`` after the layer constructors' weight arguments; the
 metadata holds ``format`` = "lstm_engine", ``format_version``, ``architecture`` (JSON: one
 ``{"class", "config"}`` per layer) and ``metadata`` (JSON: the model's own metadata, e.g. a vocabulary).
+A quantized layer (lstm_engine.quantize) adds ``"quantization": {"format", "per_channel"}`` to its entry
+and stores those weights as I8 with F32 ``<name>_scale`` row scales, F16, or bfloat16 bits as U16;
+such files are version 2, which engines before quantization refuse by their version check.
 Loading builds only the layer classes listed here, with arguments checked by their constructors.
 """
 from __future__ import annotations
@@ -20,10 +23,13 @@ from ..gru import GRU
 from ..lstm import LSTM
 from ..model import Model
 from ..rnn import RNN
+from .. import quantize
 from ._safetensors import read_safetensors, write_safetensors
 
 FORMAT = "lstm_engine"
 FORMAT_VERSION = 1
+QUANTIZED_FORMAT_VERSION = 2  # files with quantized layers; float models stay version 1 for older engines
+READ_VERSIONS = (str(FORMAT_VERSION), str(QUANTIZED_FORMAT_VERSION))
 
 LAYER_CLASSES = {cls.__name__: cls for cls in (
     LSTM, GRU, RNN, _layers.Embedding, _layers.Dense, _layers.LayerNorm, _layers.BatchNorm,
@@ -40,8 +46,13 @@ def save(model: Model, path: str | os.PathLike) -> None:
         name = type(layer).__name__
         if LAYER_CLASSES.get(name) is not type(layer):
             raise TypeError(f"save: layer {i} is a {name}, which the file format does not describe")
-        architecture.append({"class": name, "config": layer.config()})
-        for arg, value in layer.weights().items():
+        entry = {"class": name, "config": layer.config()}
+        stored = layer.weights()
+        if layer.quantization is not None:
+            entry["quantization"] = layer.quantization.config()
+            stored = quantize.layer_tensors(layer)
+        architecture.append(entry)
+        for arg, value in stored.items():
             tensors[f"layers.{i}.{arg}"] = value
     try:
         meta_json = json.dumps(model.metadata)
@@ -49,7 +60,8 @@ def save(model: Model, path: str | os.PathLike) -> None:
         raise TypeError(f"save: model.metadata must be JSON-serialisable: {exc}") from exc
     write_safetensors(path, tensors, {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(QUANTIZED_FORMAT_VERSION if any(layer.quantization is not None
+                                                              for layer in model.layers) else FORMAT_VERSION),
         "architecture": json.dumps(architecture),
         "metadata": meta_json,
         "dtypes": json.dumps([str(dt) for dt in model.dtypes]),
@@ -65,9 +77,9 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
                            dtype: Any = None) -> Model:
     """Rebuild a Model from the tensors and metadata of a native file (already read and validated)."""
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READ_VERSIONS:
         raise LoadError(f"{path}: lstm_engine format version {version!r} is not supported "
-                        f"(this lstm_engine reads version {FORMAT_VERSION}); upgrade lstm_engine")
+                        f"(this lstm_engine reads versions {', '.join(READ_VERSIONS)}); upgrade lstm_engine")
     try:
         architecture = json.loads(metadata["architecture"])
         model_meta = json.loads(metadata.get("metadata", "{}"))
@@ -92,6 +104,12 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
         kwargs = dict(entry.get("config", {}))
         if "dtype" in inspect.signature(cls).parameters or weights:
             kwargs["dtype"] = tuple(dtypes) if isinstance(dtypes, list) else dtypes
+        if "quantization" in entry:
+            if version != str(QUANTIZED_FORMAT_VERSION):
+                raise LoadError(f"{path}: layer {i} is quantized in a version {version} file")
+            weights, kwargs["quantization"] = quantize.from_file(cls, weights, entry["quantization"],
+                                                                 f"{path}: layer {i} ({cls.__name__})")
+            kwargs["dtype"] = np.float32
         try:
             built.append(cls(**weights, **kwargs))
         except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: float(10**400) in a config
