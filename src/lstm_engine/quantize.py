@@ -49,7 +49,8 @@ def _quantize_array(w: np.ndarray, fmt: str, per_channel: bool, where: str) -> t
         q = np.clip(np.rint(w / safe[..., None]), -127, 127).astype(np.int8)
         return q, np.ascontiguousarray(scale)
     if fmt == "float16":
-        h = w.astype(np.float16)
+        with np.errstate(over="ignore"):  # values past 65504 become inf, refused just below
+            h = w.astype(np.float16)
         if not np.all(np.isfinite(h)):
             raise ValueError(f"quantize: {where} has values beyond float16's range (65504); use bfloat16 or int8")
         return h, None
@@ -252,7 +253,8 @@ def from_file(cls: type, tensors: dict[str, np.ndarray], info: Any, where: str) 
                 raise LoadError(f"{where}: {name} has -128; symmetric int8 weights lie in [-127, 127]")
             scales[name] = s
         elif fmt == "float16":
-            h = a.astype(np.float16)
+            with np.errstate(over="ignore"):
+                h = a.astype(np.float16)
             if not np.all(np.isfinite(h)):
                 raise LoadError(f"{where}: {name} has non-finite float16 values")
             a = h

@@ -81,8 +81,8 @@ class _Chain:
             elif isinstance(layer, Embedding):
                 self.masked |= layer.mask_zero
                 width = layer.embedding_dim
-                self.stages.append((_EMBED, layer._by_dtype[dtype]["weight"], layer.mask_zero))
-            elif isinstance(layer, Dense):
+                self.stages.append((_EMBED, layer._by_dtype[dtype]["weight"], layer.mask_zero, layer))
+            elif isinstance(layer, Dense) and layer.quantization is None:  # a quantized head runs its forward
                 w = layer._by_dtype[dtype]
                 width = layer.output_size
                 # weight.T is a view: BLAS reads the (out, in) weight transposed, nothing is copied.
@@ -156,7 +156,10 @@ class _Chain:
                         y += st[2]
                 activations.apply(st[3], y)
             elif kind == _EMBED:
-                np.take(st[1], x, axis=0, out=dst.reshape(n, T, -1))
+                if st[1] is None:  # quantized: widened row by row
+                    dst.reshape(n, T, -1)[...] = st[3].embed(x, self.dtype)
+                else:
+                    np.take(st[1], x, axis=0, out=dst.reshape(n, T, -1))
                 if st[2]:
                     np.not_equal(x, 0, out=mask_bool)
                     mask = mask_u8
