@@ -17,17 +17,6 @@ FORMATS = ("int8", "float16", "bfloat16")
 TOLERANCE = {"int8": 3e-2, "float16": 2e-3, "bfloat16": 2e-2}
 
 
-@pytest.fixture(params=list(_kernels.QUANT_VARIANTS))
-def quant_variant(request):
-    """Each int8/float16/bfloat16 product variant this CPU runs, forced; skipped naming what is missing."""
-    ok, why = _kernels.quant_variant_supported(request.param)
-    if not ok:
-        pytest.skip(f"{request.param} products cannot run here: {why}")
-    _kernels.set_quant_variant(request.param)
-    yield request.param
-    _kernels.set_quant_variant(None)
-
-
 def _int8(w, rng=None):
     scale = (np.abs(w).max(1) / 127).astype(np.float32)
     return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
@@ -318,3 +307,36 @@ def test_hostile_half_files(tmp_path):
         t["layers.0.weight_ih"] = t["layers.0.weight_ih"].astype(np.int8)
     with pytest.raises(le.LoadError, match="U16"):
         le.load(_hostile(tmp_path, wrong, "bfloat16"))
+
+
+# -- the command line --------------------------------------------------------------------------
+
+def test_cli_quantize_inspect_and_verify(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lstm_engine.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=240)
+
+    src = tmp_path / "float.safetensors"
+    out = tmp_path / "int8.safetensors"
+    le.save(MODELS["lstm-dense"], src)
+    r = cli("quantize", src, out, "--dtype", "int8", "--keep-float", "Dense")
+    assert r.returncode == 0, r.stderr
+    assert "layers.0 LSTM: int8" in r.stdout and "layers.1 Dense: float32" in r.stdout
+    assert os.path.getsize(out) < os.path.getsize(src)
+    back = le.load(out)
+    assert back.layers[0].quantization.format == "int8" and back.layers[1].quantization is None
+    r = cli("inspect", out)
+    assert r.returncode == 0 and "int8 per-channel" in r.stdout and "format version 2" in r.stdout
+    r = cli("verify", out, "--source", src, "--atol", "0.05")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "against" in r.stdout and "mean abs" in r.stdout
+    r = cli("verify", out, "--source", src)  # default --atol 1e-4: the quantization error shows
+    assert r.returncode == 1 and "FAILED" in r.stdout
+    r = cli("verify", out)  # round trip only, exact
+    assert r.returncode == 0 and "compare with the float model" in r.stdout
+    r = cli("quantize", src, out, "--dtype", "int8", "--keep-float", "Conv")
+    assert r.returncode == 1 and "names no layer" in r.stderr

@@ -205,6 +205,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     for i, layer in enumerate(model.layers):
         params = sum(int(np.prod(w.shape)) for w in layer.weights().values())
         nbytes = params * sum(dt.itemsize for dt in layer.dtypes)
+        q = layer.quantization
+        if q is not None:  # the stored weights (and int8 scales), and the float32 rest
+            stored = sum(a.size for a in q.stored.values())
+            nbytes = q.nbytes + (params - stored) * 4
         total_params += params
         total_bytes += nbytes
         name = type(layer).__name__
@@ -230,7 +234,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         size = lambda v: "-" if v is None else str(v)  # noqa: E731
         rows.append((str(i), name, "ids" if getattr(layer, "accepts_ids", False) else size(layer.input_size),
                      size(layer.output_size), hidden, proj, dirs, f"{params:,}",
-                     "/".join(str(dt) for dt in layer.dtypes), _bytes(nbytes) if params else "-"))
+                     "/".join(str(dt) for dt in layer.dtypes) if q is None else
+                     f"{q.format}{'' if q.format != 'int8' else ' per-channel' if q.per_channel else ' per-tensor'}",
+                     _bytes(nbytes) if params else "-"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     left = {1, 8}
     for r in rows:
@@ -540,11 +546,17 @@ def run_verify(args: argparse.Namespace) -> int:
             copy = os.path.join(tmp, "model.safetensors")
             save(model, copy)
             y2, state2 = load(copy).forward(x, lengths)
-        y3, state3, _ = model.forward(x, lengths, record=True)
+        checks = [("save/load round trip", (y2, state2))]
+        quantized = sorted({layer.quantization.format for layer in model.layers if layer.quantization})
+        if quantized:
+            # The NumPy equations run float activations: their difference is the quantization's, not a bug.
+            lines.append(f" ({'/'.join(quantized)} weights: compare with the float model by --source FLOAT)")
+        else:
+            y3, state3, _ = model.forward(x, lengths, record=True)
+            checks.append(("kernels vs step-by-step NumPy", (y3, state3)))
         header = (f"verify {args.model}: {B} random sequences of {T} steps, lengths {lengths.tolist()}, "
                   f"{model.dtype}")
-        for title, (ry, rs) in (("save/load round trip", (y2, state2)),
-                                ("kernels vs step-by-step NumPy", (y3, state3))):
+        for title, (ry, rs) in checks:
             lines.append(f" {title}:")
             for name, got, want in _pairs(model, y, state, ry, rs):
                 line, err = _errors(name, got, want)
@@ -554,7 +566,21 @@ def run_verify(args: argparse.Namespace) -> int:
         if not os.path.exists(args.source):
             raise UserError(f"{args.source}: no such file")
         framework = _framework_of(args.source)
-        if framework == "keras":
+        if framework == "engine":
+            # Another lstm_engine model, typically the float model MODEL was quantized from.
+            source = _load_model(args.source)
+            lengths = rng.integers(1, T + 1, B)
+            lengths[0] = T
+            y, state = model.forward(x, lengths)
+            ry, rs = source.forward(x, lengths)
+            for name, got, want in _pairs(model, y, state, ry, rs):
+                line, err = _errors(name, got, want)
+                lines.append(line)
+                errs.append(err)
+            mean = float(np.mean(np.abs(np.asarray(y, np.float64) - ry)))
+            lines.append(f"  {'output':<14} mean abs {mean:9.2e}")
+            version = "lstm_engine"
+        elif framework == "keras":
             try:
                 import keras  # noqa: F401
             except ImportError:
@@ -604,7 +630,10 @@ def _framework_of(path: str) -> str:
         with zipfile.ZipFile(path) as zf:
             return "keras" if "config.json" in zf.namelist() else "torch"
     if kind == "safetensors":
-        return "torch"
+        from .formats._safetensors import read_safetensors
+        from .formats.native import is_native
+
+        return "engine" if is_native(read_safetensors(path)[1]) else "torch"
     raise UserError(f"{path}: not a PyTorch state_dict or a Keras model file")
 
 
@@ -767,8 +796,42 @@ def run_gates(args: argparse.Namespace) -> int:
 # -- the command ---------------------------------------------------------------------------------
 
 # Subcommands, in the order --help lists them.
+# -- quantize ------------------------------------------------------------------------------------
+
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="store a model's weights as int8, float16 or bfloat16",
+        description="Load MODEL (any format lstm_engine reads), store the weights of its LSTM/GRU/RNN, Dense "
+                    "and Embedding layers as --dtype (int8: dynamic quantization, one scale per output row; "
+                    "float16/bfloat16: 16-bit storage) and save the result as an lstm_engine file OUT. Check "
+                    f"it with: {PROG} verify OUT --source MODEL.",
+        epilog=f"example: {PROG} quantize model.safetensors model-int8.safetensors --dtype int8 --keep-float Dense",
+    )
+    p.add_argument("model", metavar="MODEL", help="the float model file")
+    p.add_argument("output", metavar="OUT", help="where to write the quantized model (.safetensors)")
+    p.add_argument("--dtype", required=True, choices=("int8", "float16", "bfloat16"), help="how to store the weights")
+    p.add_argument("--keep-float", nargs="+", default=[], metavar="NAME",
+                   help="layers left float32: a class name (Dense, Embedding, LSTM...), layers.N or N")
+    p.add_argument("--per-tensor", action="store_true", help="int8: one scale per matrix instead of per row")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from . import quantize, save
+
+    model = _load_model(args.model)
+    keep = [int(k) if k.lstrip("-").isdigit() else k for k in args.keep_float]
+    q = quantize(model, args.dtype, keep_float=keep, per_channel=not args.per_tensor)
+    save(q, args.output)
+    before, after = os.path.getsize(args.model), os.path.getsize(args.output)
+    kinds = ", ".join(f"layers.{i} {type(layer).__name__}: {layer.quantization.format if layer.quantization else 'float32'}"
+                      for i, layer in enumerate(q.layers) if layer.weights())
+    print(f"{args.output}: {_bytes(after)} (from {_bytes(before)}, {after / before:.0%}); {kinds}")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_generate, add_inspect, add_run, add_verify, add_bench, add_gates,
+    add_generate, add_inspect, add_run, add_verify, add_bench, add_gates, add_quantize,
 ]
 
 
