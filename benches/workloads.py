@@ -46,6 +46,8 @@ WORKLOADS = [
     Workload("batch", "lstm", 512, 512, 1, 64, 64, False),
     Workload("batch-large", "lstm", 1024, 1024, 1, 128, 32, False),
     Workload("token-lm", "lstm", 128, 512, 2, 1, 1, True, vocab=10000),
+    # The pool's ceiling: one step of 32 streams at once (what StreamPool runs per batch).
+    Workload("pool-step", "lstm", 256, 256, 2, 32, 1, True),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
 

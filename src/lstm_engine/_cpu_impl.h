@@ -69,21 +69,14 @@ const le_variant *le_variant_in_use(void);
 
 typedef void (*job_fn)(void *arg, int tid, int nth);
 
-typedef struct {
-    atomic_int count;
-    atomic_int sense;
-    atomic_int solo;  /* set at a barrier after a stall: thread 0 finishes the job alone */
-    int n;
-} barrier_t;
-
 long le_now_ns(void);
 /* The number of threads a job may use, up to nth; above 1 the workers are this caller's until
  * le_pool_run. patient: a long job, worth waking sleeping workers for. */
 int le_pool_acquire(int nth, int patient);
-/* Run fn on nth threads as le_pool_acquire granted them; the caller is tid 0. */
+/* Run fn(arg, 0, nth) on the caller at once; up to nth - 1 workers join as tids 1.. when they get
+ * a core, or never: fn must finish the whole job on whichever tids come (cpu_steps.c claims units). */
 void le_pool_run(job_fn fn, void *arg, int nth);
-void le_barrier_init(barrier_t *b, int n);
-/* work_ns: how long this thread worked since the last barrier. */
-void le_barrier_wait(barrier_t *b, int *local_sense, long work_ns);
+/* Spin until cond(arg), yielding the core once the wait is long. */
+void le_wait_until(int (*cond)(void *), void *arg);
 
 #endif

@@ -637,6 +637,16 @@ cdef class RecurrentKernel:
             self.bias_hn[d] = data_or_null(p_bhn)
             packed.append((p_ih, p_hh, p_bias, p_bhn))
         self._packed = tuple(packed)
+        self._keep = ()  # the fast path reads only the packed copies
+
+    @property
+    def packed(self):
+        """Per direction (w_ih, w_hh) in _cpu.c's panels, float32 (P, K, G, 16), or None off the fast path."""
+        if not self.fast:
+            return None
+        P = panels(self.hidden_size)
+        return tuple((p[0].reshape(P, self.input_size, self.num_gates, LE_PANEL),
+                      p[1].reshape(P, self.hidden_size, self.num_gates, LE_PANEL)) for p in self._packed)
 
     cdef inline Py_ssize_t _work_size(self, Py_ssize_t batch, Py_ssize_t steps):
         cdef Py_ssize_t GH = <Py_ssize_t>self.num_gates * self.hidden_size

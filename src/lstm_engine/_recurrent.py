@@ -123,6 +123,12 @@ class RecurrentLayer(Layer):
         if quantization is not None and self.dtypes != (np.dtype(np.float32),):
             raise ValueError(f"{name}: a quantized layer runs float32 only, got dtype={dtype!r}")
         self._kernels = {dt: self._build_kernel(dt) for dt in self.dtypes}
+        kernel = self._kernels[self.dtypes[0]]
+        self._packed_only = len(self.dtypes) == 1 and kernel.packed is not None
+        if self._packed_only:
+            # The float32 kernels run on their packed copies alone: keeping PyTorch's layout as well
+            # would hold every recurrent weight twice. weights() lays it out again when asked.
+            self._weights["weight_ih"] = self._weights["weight_hh"] = None
         if quantization is not None:
             # Kept once, as stored: weights() widens them when asked.
             for k in quantization.stored:
@@ -193,8 +199,17 @@ class RecurrentLayer(Layer):
         }
 
     def weights(self) -> dict[str, np.ndarray]:
-        w = {k: v for k, v in self._weights.items() if v is not None}
-        return w if self.quantization is None else {**w, **self.quantization.dequantized()}
+        w = dict(self._weights)
+        if self._packed_only:
+            H = self.hidden_size
+            for key, index in (("weight_ih", 0), ("weight_hh", 1)):
+                # Panels (P, K, G, 16) back to gate blocks (G*H, K), one direction after the other.
+                mats = [p[index].transpose(2, 0, 3, 1).reshape(self.num_gates, -1, p[index].shape[1])[:, :H]
+                        .reshape(self.num_gates * H, -1) for p in self._kernels[self.dtypes[0]].packed]
+                w[key] = np.stack(mats)
+        if self.quantization is not None:
+            w.update(self.quantization.dequantized())
+        return {k: v for k, v in w.items() if v is not None}
 
     def __repr__(self) -> str:
         extra = f", proj_size={self.proj_size}" if self.proj_size else ""

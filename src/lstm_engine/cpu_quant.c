@@ -502,6 +502,8 @@ typedef struct {
     const float *A, *bias;
     ptrdiff_t lda, ldc;
     float *C;
+    int units, per_unit; /* blocks of panels, claimed by whichever threads come (the pool's contract) */
+    atomic_int next;
 } qjob;
 
 /* Rows whose u8 activations fit the stack buffer: a chunk is quantized once for all its panels. */
@@ -520,59 +522,71 @@ static void store_row(const qjob *jb, int r, int p, const float *v)
     }
 }
 
-static void qgemm_run(void *arg, int tid, int nth)
+/* Rows [r0, r1) of A (quantized in abuf with scales sa for int8) by panels [p0, p1). */
+static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const uint8_t *abuf, const float *sa)
 {
-    const qjob *jb = arg;
     const le_qmat *m = jb->m;
     const qvariant *v = jb->v;
-    int P = panels(m->N), chunk = (P + nth - 1) / nth;
-    int p0 = tid * chunk < P ? tid * chunk : P, p1 = p0 + chunk < P ? p0 + chunk : P;
-    if (p0 >= p1)
-        return;
     float vals[QP];
     if (m->kind == LE_W_INT8) {
-        int Kp = round4(m->K), rc = QBUF / Kp;
-        rc = rc > RC_MAX ? RC_MAX : (rc < 1 ? 1 : rc);
-        uint8_t abuf[QBUF] __attribute__((aligned(64)));
-        float sa[RC_MAX];
+        int Kp = round4(m->K);
         int32_t tile[8 * QP] __attribute__((aligned(64)));
-        const int8_t *W = m->w;
-        for (int r0 = 0; r0 < jb->M; r0 += rc) {
-            int r1 = r0 + rc < jb->M ? r0 + rc : jb->M;
-            for (int r = r0; r < r1; r++)
-                sa[r - r0] = le_quantize_row(jb->A + r * jb->lda, m->K, Kp, abuf + (ptrdiff_t)(r - r0) * Kp);
-            for (int p = p0; p < p1; p++) {
-                const int8_t *Wp = W + (ptrdiff_t)p * Kp * QP;
-                const float *sc = m->scale + p * QP;
-                const int32_t *comp = m->comp + p * QP;
-                for (int r = r0; r < r1; r += v->mr_i8) {
-                    int mr = r1 - r < v->mr_i8 ? r1 - r : v->mr_i8;
-                    v->mk_i8(mr, Kp / 4, abuf + (ptrdiff_t)(r - r0) * Kp, Kp, Wp, tile);
-                    for (int s = 0; s < mr; s++) {
-                        float rs = sa[r - r0 + s];
-                        for (int u = 0; u < QP; u++)
-                            vals[u] = (float)(tile[s * QP + u] - comp[u]) * (rs * sc[u]);
-                        store_row(jb, r + s, p, vals);
-                    }
+        for (int p = p0; p < p1; p++) {
+            const int8_t *Wp = (const int8_t *)m->w + (ptrdiff_t)p * Kp * QP;
+            const float *sc = m->scale + p * QP;
+            const int32_t *comp = m->comp + p * QP;
+            for (int r = r0; r < r1; r += v->mr_i8) {
+                int mr = r1 - r < v->mr_i8 ? r1 - r : v->mr_i8;
+                v->mk_i8(mr, Kp / 4, abuf + (ptrdiff_t)(r - r0) * Kp, Kp, Wp, tile);
+                for (int s = 0; s < mr; s++) {
+                    float rs = sa[r - r0 + s];
+                    for (int u = 0; u < QP; u++)
+                        vals[u] = (float)(tile[s * QP + u] - comp[u]) * (rs * sc[u]);
+                    store_row(jb, r + s, p, vals);
                 }
             }
         }
         return;
     }
     int bf16 = m->kind == LE_W_BFLOAT16;
-    const uint16_t *W = m->w;
     float tile[8 * QP] __attribute__((aligned(64)));
-    /* Row chunks so that the panels of a thread are read from L2 once per chunk, not per MR rows. */
-    for (int r0 = 0; r0 < jb->M; r0 += RC_MAX) {
-        int r1 = r0 + RC_MAX < jb->M ? r0 + RC_MAX : jb->M;
-        for (int p = p0; p < p1; p++) {
-            const uint16_t *Wp = W + (ptrdiff_t)p * m->K * QP;
-            for (int r = r0; r < r1; r += v->mr_half) {
-                int mr = r1 - r < v->mr_half ? r1 - r : v->mr_half;
-                v->mk_half(bf16, mr, m->K, jb->A + r * jb->lda, jb->lda, Wp, tile);
-                for (int s = 0; s < mr; s++)
-                    store_row(jb, r + s, p, tile + s * QP);
+    for (int p = p0; p < p1; p++) {
+        const uint16_t *Wp = (const uint16_t *)m->w + (ptrdiff_t)p * m->K * QP;
+        for (int r = r0; r < r1; r += v->mr_half) {
+            int mr = r1 - r < v->mr_half ? r1 - r : v->mr_half;
+            v->mk_half(bf16, mr, m->K, jb->A + r * jb->lda, jb->lda, Wp, tile);
+            for (int s = 0; s < mr; s++)
+                store_row(jb, r + s, p, tile + s * QP);
+        }
+    }
+}
+
+static void qgemm_run(void *arg, int tid, int nth)
+{
+    qjob *jb = arg;
+    const le_qmat *m = jb->m;
+    int P = panels(m->N), int8 = m->kind == LE_W_INT8, Kp = round4(m->K);
+    /* Row chunks: int8's u8 rows fit the stack buffer; the panels of a unit are read from L2 once per chunk. */
+    int rc = int8 ? QBUF / Kp : RC_MAX;
+    rc = rc > RC_MAX ? RC_MAX : (rc < 1 ? 1 : rc);
+    uint8_t abuf[QBUF] __attribute__((aligned(64)));
+    float sa[RC_MAX];
+    int have = -1; /* the row chunk quantized in abuf */
+    (void)tid;
+    (void)nth;
+    for (;;) {
+        int u = atomic_fetch_add_explicit(&jb->next, 1, memory_order_relaxed);
+        if (u >= jb->units)
+            return;
+        int p0 = u * jb->per_unit, p1 = p0 + jb->per_unit < P ? p0 + jb->per_unit : P;
+        for (int r0 = 0; r0 < jb->M; r0 += rc) {
+            int r1 = r0 + rc < jb->M ? r0 + rc : jb->M;
+            if (int8 && have != r0) {
+                for (int r = r0; r < r1; r++)
+                    sa[r - r0] = le_quantize_row(jb->A + r * jb->lda, m->K, Kp, abuf + (ptrdiff_t)(r - r0) * Kp);
+                have = r0;
             }
+            qgemm_block(jb, r0, r1, p0, p1, abuf, sa);
         }
     }
 }
@@ -584,7 +598,7 @@ static void qgemm_run(void *arg, int tid, int nth)
 int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, ptrdiff_t ldc, int accumulate,
              const float *bias, int nthreads)
 {
-    qjob jb = {m, q_in_use(), M, accumulate, A, bias, lda, ldc, C};
+    qjob jb = {m, q_in_use(), M, accumulate, A, bias, lda, ldc, C, 0, 0, 0};
     if (M <= 0)
         return 0;
     double bytes = (double)le_qmat_size(m->kind, m->N, m->K) * M;
@@ -593,6 +607,11 @@ int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, p
     if (nthreads > panels(m->N))
         nthreads = panels(m->N);
     int used = le_pool_acquire(nthreads, bytes * 8 > 2e7);
+    /* A few units per thread: one that joins late, or never, leaves little for the others. */
+    int P = panels(m->N), want = used > 1 ? 4 * used : 1;
+    jb.per_unit = (P + want - 1) / want;
+    jb.units = (P + jb.per_unit - 1) / jb.per_unit;
+    atomic_init(&jb.next, 0);
     le_pool_run(qgemm_run, &jb, used);
     return used;
 }

@@ -49,121 +49,201 @@ ptrdiff_t le_steps_work_size(int cell, int B, int H, int T)
     return (ptrdiff_t)B * T * G * panels_of(H) * LE_PANEL + 2 * (ptrdiff_t)B * H;
 }
 
+/* The work of one call, in phases: the input projection of every step (phase 0; none for one row
+ * and one step, which fuses both products), then each step (phase s + 1). A phase is cut into units
+ * and each thread has its own range of them: a step's units are its panels, so each thread keeps
+ * the same slice of the weights every step, in its own L2 (DeepCPU's weight-centric split). A
+ * thread that has finished its range takes units from the others' ranges, so a thread that lost
+ * its core (or a worker that never came: cpu_pool.c) holds nobody up beyond the unit it is in.
+ * Each unit is computed the same way whoever runs it, so results never depend on the threads. */
+#define MAX_PARTS 64
+#define PROJECT_ROWS 48 /* rows of a projection unit: whole micro-kernel tiles for 3, 4, 6 and 8 rows */
+
 typedef struct {
     le_steps_args *a;
     const le_variant *v;
-    barrier_t barrier;
+    int nth, P, fused;
+    int chunks, groups, U0;     /* projection units: chunks of rows x groups of panels */
+    float *xp, *hbuf[2];
+    ptrdiff_t GHp, xp_row;
+    atomic_int next[MAX_PARTS]; /* claims made in range r so far, over every phase */
+    atomic_int done;            /* units finished, over every phase */
+    atomic_int phase;           /* the latest phase begun: where a late worker starts */
 } steps_job;
 
-/* Thread tid's panels. The hidden units are split, never the batch rows: each thread keeps the same
- * slice of the weights every step, in its own L2 (DeepCPU's weight-centric split), and each sum is
- * formed the same way whatever the split, so results never depend on the thread count. */
-static void panels_of_thread(int P, int tid, int nth, int *p0, int *p1)
+static int range_start(int U, int r, int nth) { return (int)((long)U * r / nth); }
+
+static int units_in(const steps_job *job, int phase) { return phase == 0 ? job->U0 : job->P; }
+
+/* Units of every phase before this one, and range r's claims before it. */
+static long units_before(const steps_job *job, int phase)
 {
-    int chunk = (P + nth - 1) / nth;
-    *p0 = tid * chunk < P ? tid * chunk : P;
-    *p1 = *p0 + chunk < P ? *p0 + chunk : P;
+    return phase == 0 ? 0 : job->U0 + (long)(phase - 1) * job->P;
+}
+
+static int claims_before(const steps_job *job, int r, int phase)
+{
+    int proj = range_start(job->U0, r + 1, job->nth) - range_start(job->U0, r, job->nth);
+    int step = range_start(job->P, r + 1, job->nth) - range_start(job->P, r, job->nth);
+    return phase == 0 ? 0 : proj + (phase - 1) * step;
+}
+
+/* The next unclaimed unit of range r in this phase, or -1. */
+static int claim(steps_job *job, int r, int phase)
+{
+    int U = units_in(job, phase), first = range_start(U, r, job->nth);
+    int base = claims_before(job, r, phase), end = base + range_start(U, r + 1, job->nth) - first;
+    int v = atomic_load_explicit(&job->next[r], memory_order_relaxed);
+    while (v < end)
+        if (atomic_compare_exchange_weak_explicit(&job->next[r], &v, v + 1, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return first + v - base;
+    return -1;
+}
+
+typedef struct {
+    steps_job *job;
+    long target;
+} done_wait;
+
+static int reached(void *p)
+{
+    done_wait *w = p;
+    return atomic_load_explicit(&w->job->done, memory_order_acquire) >= w->target;
+}
+
+static void run_unit(steps_job *job, le_block *blk, int phase, int u)
+{
+    le_steps_args *a = job->a;
+    if (phase == 0) {
+        int chunk = u / job->groups, group = u % job->groups;
+        int r0 = chunk * PROJECT_ROWS, rows = a->B * a->T;
+        int r1 = r0 + PROJECT_ROWS < rows ? r0 + PROJECT_ROWS : rows;
+        job->v->block(blk, r0, r1, range_start(job->P, group, job->groups),
+                      range_start(job->P, group + 1, job->groups));
+    } else {
+        job->v->block(blk, 0, a->B, u, u + 1);
+    }
+}
+
+/* The block of a phase: the projection, or step phase - 1. */
+static void phase_block(steps_job *job, le_block *blk, int phase)
+{
+    le_steps_args *a = job->a;
+    int H = a->H, In = a->In, T = a->T;
+    memset(blk, 0, sizeof *blk);
+    blk->G = a->cell == 0 ? 4 : 3;
+    blk->H = H;
+    if (phase == 0) {
+        blk->mode = MODE_PROJECT;
+        blk->A = a->x;
+        blk->lda = In;
+        blk->K = In;
+        blk->W = a->w_ih;
+        blk->add = a->bias;
+        blk->out = job->xp;
+        blk->ldo = job->GHp;
+        return;
+    }
+    int s = phase - 1, t = a->reverse ? T - 1 - s : s;
+    blk->mode = a->cell == 0 ? MODE_LSTM : MODE_GRU;
+    blk->A = blk->h_in = job->hbuf[s & 1];
+    blk->h_out = job->hbuf[(s + 1) & 1];
+    blk->lda = H;
+    blk->K = H;
+    blk->W = a->w_hh;
+    blk->bias_hn = a->bias_hn;
+    blk->c = a->c;
+    blk->y = a->y + (ptrdiff_t)t * a->y_step;
+    blk->y_row = a->y_row;
+    blk->y_back = (a->reverse ? 1 : -1) * a->y_step;
+    blk->mask = a->mask ? a->mask + t : NULL;
+    blk->mask_row = T;
+    blk->zero_masked = a->zero_masked;
+    blk->first = s == 0;
+    if (job->fused) {
+        blk->A2 = a->x;
+        blk->W2 = a->w_ih;
+        blk->K2 = In;
+        blk->bias = a->bias;
+        blk->add = a->bias;
+    } else {
+        blk->add = job->xp + (ptrdiff_t)t * job->GHp;
+        blk->ld_add = job->xp_row;
+    }
 }
 
 static void steps_run(void *arg, int tid, int nth)
 {
     steps_job *job = arg;
-    le_steps_args *a = job->a;
-    const le_variant *v = job->v;
-    int B = a->B, H = a->H, In = a->In, T = a->T, G = a->cell == 0 ? 4 : 3, P = panels_of(H);
-    ptrdiff_t GHp = (ptrdiff_t)G * P * LE_PANEL, xp_row = (ptrdiff_t)T * GHp;
-    int p0, p1;
-    panels_of_thread(P, tid, nth, &p0, &p1);
-    float *xp = a->work;
-    float *hbuf[2] = {xp + (ptrdiff_t)B * xp_row, xp + (ptrdiff_t)B * xp_row + (ptrdiff_t)B * H};
-    /* One row, one step: both products in one pass over the panels, nothing projected ahead. */
-    int fused = B == 1 && T == 1;
-    int sense = 0;
-    long started = nth > 1 ? le_now_ns() : 0;
+    int T = job->a->T;
+    int phase = atomic_load_explicit(&job->phase, memory_order_relaxed);
+    if (phase < (job->fused ? 1 : 0))
+        phase = job->fused ? 1 : 0;
     le_block blk;
-    memset(&blk, 0, sizeof blk);
-    blk.G = G;
-    blk.H = H;
-    if (!fused && p1 > p0) {
-        /* Each thread projects its own panels' columns: no barrier needed before step 0. */
-        blk.mode = MODE_PROJECT;
-        blk.A = a->x;
-        blk.lda = In;
-        blk.K = In;
-        blk.W = a->w_ih;
-        blk.add = a->bias;
-        blk.out = xp;
-        blk.ldo = GHp;
-        v->block(&blk, 0, B * T, p0, p1);
-    }
-    blk.mode = a->cell == 0 ? MODE_LSTM : MODE_GRU;
-    blk.lda = H;
-    blk.K = H;
-    blk.W = a->w_hh;
-    blk.out = NULL;
-    blk.bias_hn = a->bias_hn;
-    blk.c = a->c;
-    blk.y_row = a->y_row;
-    blk.y_back = (a->reverse ? 1 : -1) * a->y_step;
-    blk.mask_row = T;
-    blk.zero_masked = a->zero_masked;
-    if (fused) {
-        blk.A2 = a->x;
-        blk.W2 = a->w_ih;
-        blk.K2 = In;
-        blk.bias = a->bias;
-        blk.add = a->bias;
-        blk.ld_add = 0;
-    } else {
-        blk.ld_add = xp_row;
-    }
-    for (int s = 0; s < T; s++) {
-        if (nth > 1 && atomic_load_explicit(&job->barrier.solo, memory_order_relaxed)) {
-            /* A thread lost its core mid-call: stop meeting at barriers, thread 0 takes every panel
-             * (every projection is done: each thread finished step 0 before the first barrier). */
-            if (tid != 0)
-                return;
-            nth = 1;
-            p0 = 0;
-            p1 = P;
-        }
-        int t = a->reverse ? T - 1 - s : s;
-        blk.A = blk.h_in = hbuf[s & 1];
-        blk.h_out = hbuf[(s + 1) & 1];
-        blk.y = a->y + (ptrdiff_t)t * a->y_step;
-        blk.mask = a->mask ? a->mask + t : NULL;
-        blk.first = s == 0;
-        if (!fused)
-            blk.add = xp + (ptrdiff_t)t * GHp;
-        if (p1 > p0)
-            v->block(&blk, 0, B, p0, p1);
-        if (nth > 1) {
-            long arrived = le_now_ns();
-            le_barrier_wait(&job->barrier, &sense, arrived - started);
-            started = le_now_ns();
+    for (; phase <= T; phase++) {
+        done_wait w = {job, units_before(job, phase)};
+        le_wait_until(reached, &w);
+        int seen = atomic_load_explicit(&job->phase, memory_order_relaxed);
+        while (seen < phase && !atomic_compare_exchange_weak_explicit(&job->phase, &seen, phase, memory_order_relaxed,
+                                                                      memory_order_relaxed))
+            ;
+        phase_block(job, &blk, phase);
+        /* Own range first, then the others' leftovers. */
+        for (int k = 0; k < nth; k++) {
+            int r = (tid + k) % nth, u;
+            while ((u = claim(job, r, phase)) >= 0) {
+                run_unit(job, &blk, phase, u);
+                atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
+            }
         }
     }
+    /* The caller returns only when every unit is done: the state is then complete. */
+    done_wait w = {job, units_before(job, T + 1)};
+    if (tid == 0)
+        le_wait_until(reached, &w);
 }
 
-/* A long job (over ~1 ms of work) waits for workers that are away: waking them costs it little. */
+/* A long job (over ~1 ms of work) wakes workers that sleep: worth it, and a worker that does not
+ * come in time costs nothing (it joins late or never). */
 #define PATIENT_FLOPS 2e7
 
 int le_run_steps_f32(le_steps_args *a, int nthreads)
 {
     steps_job job;
+    int P = panels_of(a->H);
+    memset(&job, 0, sizeof job);
     job.a = a;
     job.v = le_variant_in_use();
+    job.P = P;
+    job.fused = a->B == 1 && a->T == 1;
+    job.GHp = (ptrdiff_t)(a->cell == 0 ? 4 : 3) * P * LE_PANEL;
+    job.xp_row = (ptrdiff_t)a->T * job.GHp;
+    job.xp = a->work;
     ptrdiff_t BH = (ptrdiff_t)a->B * a->H;
-    ptrdiff_t GHp = (ptrdiff_t)(a->cell == 0 ? 4 : 3) * panels_of(a->H) * LE_PANEL;
-    float *h0 = a->work + (ptrdiff_t)a->B * a->T * GHp;
-    memcpy(h0, a->h, BH * sizeof(float));
+    job.hbuf[0] = a->work + (ptrdiff_t)a->B * job.xp_row;
+    job.hbuf[1] = job.hbuf[0] + BH;
+    memcpy(job.hbuf[0], a->h, BH * sizeof(float));
     /* Each thread needs at least one panel. */
-    if (nthreads > panels_of(a->H))
-        nthreads = panels_of(a->H);
-    double flops = 2.0 * a->B * a->T * GHp * (a->In + a->H);
+    if (nthreads > P)
+        nthreads = P;
+    if (nthreads > MAX_PARTS)
+        nthreads = MAX_PARTS;
+    double flops = 2.0 * a->B * a->T * job.GHp * (a->In + a->H);
     int used = le_pool_acquire(nthreads, flops > PATIENT_FLOPS);
-    le_barrier_init(&job.barrier, used);
+    job.nth = used;
+    if (!job.fused) {
+        /* Enough projection units for every thread to have a few (each an A chunk read once). */
+        job.chunks = (a->B * a->T + PROJECT_ROWS - 1) / PROJECT_ROWS;
+        job.groups = (4 * used + job.chunks - 1) / job.chunks;
+        job.groups = job.groups < 1 ? 1 : (job.groups > P ? P : job.groups);
+        job.U0 = job.chunks * job.groups;
+    }
+    for (int r = 0; r < MAX_PARTS; r++)
+        atomic_init(&job.next[r], 0);
+    atomic_init(&job.done, 0);
+    atomic_init(&job.phase, 0);
     le_pool_run(steps_run, &job, used);
-    memcpy(a->h, h0 + (a->T & 1) * BH, BH * sizeof(float));
+    memcpy(a->h, job.hbuf[a->T & 1], BH * sizeof(float));
     return used;
 }

@@ -21,26 +21,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import _kernels
+from ._base import OneBlasThread
 from .activations import apply
 
 GATES = {"LSTM": ("i", "f", "g", "o", "c", "h"), "GRU": ("r", "z", "n", "h"), "RNN": ("h",)}
 # The gate whose running product is what survives of the state: LSTM's forget gate, GRU's update gate.
 KEEP_GATE = {"LSTM": "f", "GRU": "z"}
-
-
-class _OneBlasThread:
-    """Hold BLAS to one thread: the products here are small (one step, or one unit-by-unit Jacobian),
-    where a second thread only adds hand-overs (measured: a 256x256 SVD 20 ms on one thread, 0.4 s on two
-    busy cores)."""
-
-    def __enter__(self) -> None:
-        self.before = _kernels.blas_threads()
-        if self.before > 1:
-            _kernels.set_blas_threads(1)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.before > 1:
-            _kernels.set_blas_threads(self.before)
 
 
 def _kind(layer: Any) -> str:
@@ -194,7 +180,7 @@ def run_layer(layer: Any, x: np.ndarray, mask: np.ndarray | None, state: tuple[n
 def forward_recorded(model: Any, x: np.ndarray, mask: np.ndarray | None, packed: bool, layers: list,
                      states: list) -> tuple[np.ndarray, list, list[dict[str, np.ndarray]], list[Trace]]:
     """Model.forward's loop with every recurrent layer run by ``run_layer``: (y, states, gates, traces)."""
-    with _OneBlasThread():
+    with OneBlasThread():
         return _forward_recorded(x, mask, packed, layers, states)
 
 
@@ -354,7 +340,7 @@ def analyse(model: Any, x: Any, lengths: Any = None, *, cast: bool = False, flow
     _, _, recorded, traces = forward_recorded(model, *prepared)
     reports = []
     recurrent = [i for i, layer in enumerate(model.layers) if layer.is_recurrent]
-    with _OneBlasThread():
+    with OneBlasThread():
         for index, gates, trace in zip(recurrent, recorded, traces):
             layer = model.layers[index]
             reports.append(LayerReport(index, layer, gates, memory_horizon(layer, trace.gates),

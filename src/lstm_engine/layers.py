@@ -5,12 +5,13 @@ transposes once at load.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from . import _kernels, activations
-from ._base import Layer, as_dtypes, as_weight
+from ._base import SMALL_PRODUCT_FLOPS, Layer, OneBlasThread, as_dtypes, as_weight
 
 
 class _Weighted(Layer):
@@ -118,7 +119,8 @@ class Dense(_Weighted):
             # One row (a batch-1 step): the engine's GEMV on this thread, not a BLAS call's threads.
             y = _kernels.dense_row(w["weight"], x, w["bias"], np.empty(x.shape[:-1] + (self.output_size,), x.dtype))
         else:
-            y = x @ w["weight"].T
+            with OneBlasThread() if 2 * x.size * self.output_size < SMALL_PRODUCT_FLOPS else nullcontext():
+                y = x @ w["weight"].T
             if w["bias"] is not None:
                 y += w["bias"]
         return activations.apply(self.activation, y), mask

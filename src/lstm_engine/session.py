@@ -16,12 +16,13 @@ import struct
 import threading
 import weakref
 import zlib
+from contextlib import nullcontext
 from typing import Any, Iterator
 
 import numpy as np
 
 from . import _kernels, activations
-from ._base import as_real_array
+from ._base import SMALL_PRODUCT_FLOPS, OneBlasThread, as_real_array
 from .layers import Dense, Dropout, Embedding
 from .model import check_state
 
@@ -151,7 +152,8 @@ class _Chain:
                     # One row: the engine's GEMV on this thread (a 2-thread BLAS call waits for a core).
                     _kernels.dense_row(st[4], x.reshape(-1), st[2], y.reshape(-1))
                 else:
-                    np.matmul(x.reshape(n * T, -1), st[1], out=y)
+                    with OneBlasThread() if 2 * y.size * x.shape[-1] < SMALL_PRODUCT_FLOPS else nullcontext():
+                        np.matmul(x.reshape(n * T, -1), st[1], out=y)
                     if st[2] is not None:
                         y += st[2]
                 activations.apply(st[3], y)
