@@ -66,7 +66,8 @@ cdef extern from "_quant.h" nogil:
     Py_ssize_t le_qmat_size(int kind, int N, int K)
     void le_qmat_pack(int kind, const void* src, int N, int K, void* out, int* comp)
     int le_qgemm(const le_qmat* m, int M, const float* A, Py_ssize_t lda, float* C, Py_ssize_t ldc,
-                 int accumulate, const float* bias, int nthreads)
+                 int accumulate, const float* bias, int nthreads, void* scratch)
+    Py_ssize_t le_qgemm_scratch(int M, int K)
     int le_q_level()
     int le_q_detected()
     int le_q_set_level(int level)
@@ -207,14 +208,15 @@ cdef struct QW:
     const le_qmat* hh
     const le_qmat* hn
     const le_qmat* hr
+    void* scratch  # le_qgemm_scratch bytes for the largest product of a run (set per run)
 
 
-cdef inline void product(const le_qmat* m, int M, int N, int K, floating* A, int lda, floating* Bm, int ldb,
-                         floating beta, floating* C, int ldc, int threads) noexcept nogil:
+cdef inline void product(const QW* qw, const le_qmat* m, int M, int N, int K, floating* A, int lda, floating* Bm,
+                         int ldb, floating beta, floating* C, int ldc, int threads) noexcept nogil:
     """gemm_nt, or the packed int8/float16/bfloat16 product when the direction has one (float32 only)."""
     if floating is float:
         if m != NULL:
-            le_qgemm(m, M, A, lda, C, ldc, beta != 0, NULL, threads)
+            le_qgemm(m, M, A, lda, C, ldc, beta != 0, NULL, threads, qw.scratch)
             return
     gemm_nt(M, N, K, A, lda, Bm, ldb, beta, C, ldc)
 
@@ -262,8 +264,9 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
     cdef QW none
     if qw == NULL:
         none.ih = none.hh = none.hn = none.hr = NULL
+        none.scratch = NULL
         qw = &none
-    product(qw.ih, B * T, GH, In, x, In, w_ih, In, 0, xp, GH, threads)
+    product(qw, qw.ih, B * T, GH, In, x, In, w_ih, In, 0, xp, GH, threads)
     step_back = 1 if reverse else -1
 
     for s in range(T):
@@ -272,11 +275,11 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
 
         if d.cell == CELL_LSTM or d.cell == CELL_RNN:
             # Recurrent product accumulated straight into this step's projections.
-            product(qw.hh, B, GH, P, h, P, w_hh, P, 1, pre, <int>xp_row, threads)
+            product(qw, qw.hh, B, GH, P, h, P, w_hh, P, 1, pre, <int>xp_row, threads)
         elif d.cell == CELL_GRU:
-            product(qw.hh, B, GH, P, h, P, w_hh, P, 0, hp, GH, threads)
+            product(qw, qw.hh, B, GH, P, h, P, w_hh, P, 0, hp, GH, threads)
         else:
-            product(qw.hh, B, 2 * H, P, h, P, w_hh, P, 0, hp, GH, threads)
+            product(qw, qw.hh, B, 2 * H, P, h, P, w_hh, P, 0, hp, GH, threads)
 
         for b in range(B):
             yb = y + b * y_row + <Py_ssize_t>t * ydim + dirn * P
@@ -321,7 +324,7 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                     tmp[<Py_ssize_t>b * H + j] = r * hb[j]
 
         if d.cell == CELL_GRU_RESET_BEFORE:
-            product(qw.hn, B, H, H, tmp, H, w_hh + <Py_ssize_t>2 * H * H, H, 0, hp + 2 * H, GH, threads)
+            product(qw, qw.hn, B, H, H, tmp, H, w_hh + <Py_ssize_t>2 * H * H, H, 0, hp + 2 * H, GH, threads)
             for b in range(B):
                 if mask != NULL and not mask[<Py_ssize_t>b * T + t]:
                     continue
@@ -334,7 +337,7 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                     hb[j] = (1 - z) * n + z * hb[j]
                 memcpy(y + b * y_row + <Py_ssize_t>t * ydim + dirn * P, hb, H * sizeof(floating))
         elif proj:
-            product(qw.hr, B, P, H, tmp, H, w_hr, H, 0, hnew, P, threads)
+            product(qw, qw.hr, B, P, H, tmp, H, w_hr, H, 0, hnew, P, threads)
             for b in range(B):
                 if mask != NULL and not mask[<Py_ssize_t>b * T + t]:
                     continue
@@ -652,8 +655,16 @@ cdef class RecurrentKernel:
         cdef Py_ssize_t GH = <Py_ssize_t>self.num_gates * self.hidden_size
         if self.fast:
             return le_steps_work_size(0 if self.cell == CELL_LSTM else 1, batch, self.hidden_size, steps)
-        # The projections and per-step buffers.
-        return batch * steps * GH + batch * GH + batch * self.hidden_size + batch * self.output_size
+        # The projections and per-step buffers, and int8's quantized rows of the largest product.
+        return (batch * steps * GH + batch * GH + batch * self.hidden_size + batch * self.output_size
+                + self._quant_scratch(batch, steps))
+
+    cdef inline Py_ssize_t _quant_scratch(self, Py_ssize_t batch, Py_ssize_t steps):
+        """Elements of work (of this kernel's dtype) for le_qgemm's scratch: 0 unless int8."""
+        if self.weight_format != "int8":
+            return 0
+        cdef int K = max(self.input_size, self.hidden_size, self.output_size)
+        return (le_qgemm_scratch(<int>(batch * steps), K) + 3) // 4
 
     def work_size(self, int batch, int steps):
         """Elements of scratch one run over (batch, steps) needs."""
@@ -719,6 +730,10 @@ cdef class RecurrentKernel:
                 le_blas_set_threads(threads)
             else:
                 blas_saved = 0
+        cdef QW qruns[2]
+        cdef QW* qrun = NULL
+        # int8's scratch: the end of the work buffer
+        cdef Py_ssize_t qoff = (self._work_size(dims.B, dims.T) - self._quant_scratch(dims.B, dims.T)) * 4
         hstride = <Py_ssize_t>dims.B * dims.P * self.dtype.itemsize
         cstride = <Py_ssize_t>dims.B * dims.H * self.dtype.itemsize
         with nogil:
@@ -737,13 +752,17 @@ cdef class RecurrentKernel:
                                        <float*>self.bias[dirn], <float*>self.bias_hn[dirn],
                                        <float*>wd, threads)
                 else:
+                    if self.quantized:
+                        qruns[dirn] = self.q[dirn]
+                        qruns[dirn].scratch = wd + qoff
+                        qrun = &qruns[dirn]
                     run_direction[float](&dims, dirn, <float*>xd, <float*>yd,
                                          <float*>(hd + dirn * hstride),
                                          <float*>(cd + dirn * cstride), m,
                                          <float*>self.w_ih[dirn], <float*>self.w_hh[dirn],
                                          <float*>self.w_hr[dirn], <float*>self.bias[dirn],
                                          <float*>self.bias_hn[dirn], <float*>wd,
-                                         &self.q[dirn] if self.quantized else NULL, threads)
+                                         qrun if self.quantized else NULL, threads)
             if blas_saved:
                 le_blas_set_threads(blas_saved)
 
@@ -860,8 +879,10 @@ def dense_packed(PackedWeight weight, cnp.ndarray x, object bias, cnp.ndarray ou
         b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
     xd = <const float*>cnp.PyArray_DATA(x)
     od = <float*>cnp.PyArray_DATA(out)
+    scratch = aligned_bytes(le_qgemm_scratch(M, K) if weight.kind == "int8" else 0)
+    cdef void* sd = cnp.PyArray_DATA(<cnp.ndarray>scratch)
     with nogil:
-        le_qgemm(&weight.m, M, xd, K, od, N, 0, b, threads)
+        le_qgemm(&weight.m, M, xd, K, od, N, 0, b, threads, sd)
     return out
 
 

@@ -41,9 +41,11 @@ ptrdiff_t le_qmat_size(int kind, int N, int K);
 void le_qmat_pack(int kind, const void *src, int N, int K, void *out, int32_t *comp);
 
 /* C[M, N] = (accumulate ? C : 0) + A[M, K] . W^T (+ bias[N]), on up to nthreads threads (panels
- * split between them); rows of A and C at lda / ldc floats. Returns the threads used. */
+ * split between them); rows of A and C at lda / ldc floats. scratch: le_qgemm_scratch(M, K) bytes
+ * for int8's quantized rows (quantized once, before the threads start). Returns the threads used. */
 int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, ptrdiff_t ldc, int accumulate,
-             const float *bias, int nthreads);
+             const float *bias, int nthreads, void *scratch);
+ptrdiff_t le_qgemm_scratch(int M, int K);
 
 /* Quantize one row of K floats to u8 (see above); returns its scale (NaN when the row is not finite). */
 float le_quantize_row(const float *a, int K, int Kp, uint8_t *out);

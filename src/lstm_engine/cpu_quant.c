@@ -502,12 +502,12 @@ typedef struct {
     const float *A, *bias;
     ptrdiff_t lda, ldc;
     float *C;
+    const uint8_t *au8;  /* int8: the rows of A quantized, Kp bytes each */
+    const float *sa;     /* and their scales */
     int units, per_unit; /* blocks of panels, claimed by whichever threads come (the pool's contract) */
     atomic_int next;
 } qjob;
 
-/* Rows whose u8 activations fit the stack buffer: a chunk is quantized once for all its panels. */
-#define QBUF (64 * 1024)
 #define RC_MAX 64
 
 /* Row r of C, panel p: the dequantized (or float) sums of the tile, plus C and the bias. */
@@ -564,14 +564,7 @@ static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const ui
 static void qgemm_run(void *arg, int tid, int nth)
 {
     qjob *jb = arg;
-    const le_qmat *m = jb->m;
-    int P = panels(m->N), int8 = m->kind == LE_W_INT8, Kp = round4(m->K);
-    /* Row chunks: int8's u8 rows fit the stack buffer; the panels of a unit are read from L2 once per chunk. */
-    int rc = int8 ? QBUF / Kp : RC_MAX;
-    rc = rc > RC_MAX ? RC_MAX : (rc < 1 ? 1 : rc);
-    uint8_t abuf[QBUF] __attribute__((aligned(64)));
-    float sa[RC_MAX];
-    int have = -1; /* the row chunk quantized in abuf */
+    int P = panels(jb->m->N), Kp = round4(jb->m->K);
     (void)tid;
     (void)nth;
     for (;;) {
@@ -579,16 +572,17 @@ static void qgemm_run(void *arg, int tid, int nth)
         if (u >= jb->units)
             return;
         int p0 = u * jb->per_unit, p1 = p0 + jb->per_unit < P ? p0 + jb->per_unit : P;
-        for (int r0 = 0; r0 < jb->M; r0 += rc) {
-            int r1 = r0 + rc < jb->M ? r0 + rc : jb->M;
-            if (int8 && have != r0) {
-                for (int r = r0; r < r1; r++)
-                    sa[r - r0] = le_quantize_row(jb->A + r * jb->lda, m->K, Kp, abuf + (ptrdiff_t)(r - r0) * Kp);
-                have = r0;
-            }
-            qgemm_block(jb, r0, r1, p0, p1, abuf, sa);
+        /* Row chunks: the panels of a unit are read from L2 once per chunk. */
+        for (int r0 = 0; r0 < jb->M; r0 += RC_MAX) {
+            int r1 = r0 + RC_MAX < jb->M ? r0 + RC_MAX : jb->M;
+            qgemm_block(jb, r0, r1, p0, p1, jb->au8 + (ptrdiff_t)r0 * Kp, jb->sa + r0);
         }
     }
+}
+
+ptrdiff_t le_qgemm_scratch(int M, int K)
+{
+    return (ptrdiff_t)M * round4(K) + (ptrdiff_t)M * sizeof(float) + 64;
 }
 
 /* Below this many bytes of weights read per call (times the rows) one thread does it all: a second
@@ -596,11 +590,21 @@ static void qgemm_run(void *arg, int tid, int nth)
 #define Q_PARALLEL_MIN_BYTES (256 * 1024)
 
 int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, ptrdiff_t ldc, int accumulate,
-             const float *bias, int nthreads)
+             const float *bias, int nthreads, void *scratch)
 {
-    qjob jb = {m, q_in_use(), M, accumulate, A, bias, lda, ldc, C, 0, 0, 0};
+    qjob jb = {m, q_in_use(), M, accumulate, A, bias, lda, ldc, C, NULL, NULL, 0, 0, 0};
     if (M <= 0)
         return 0;
+    if (m->kind == LE_W_INT8) {
+        /* Each row once, here: a thread per unit would quantize every row again. */
+        int Kp = round4(m->K);
+        uint8_t *au8 = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+        float *sa = (float *)(au8 + (ptrdiff_t)M * Kp);
+        for (int r = 0; r < M; r++)
+            sa[r] = le_quantize_row(A + r * lda, m->K, Kp, au8 + (ptrdiff_t)r * Kp);
+        jb.au8 = au8;
+        jb.sa = sa;
+    }
     double bytes = (double)le_qmat_size(m->kind, m->N, m->K) * M;
     if (bytes < Q_PARALLEL_MIN_BYTES)
         nthreads = 1;
