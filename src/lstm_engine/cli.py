@@ -6,6 +6,7 @@
     lstm-engine verify model.safetensors --source model.pt   # against the framework it came from
     lstm-engine bench model.safetensors         # step latency and throughput here
     lstm-engine gates model.safetensors x.npy -o gates.png   # the gates at work, memory, gradient flow
+    lstm-engine serve model.safetensors --state-dir states    # streams over HTTP and WebSocket
 
 A user mistake (a bad argument, a missing or broken file) is one line on stderr and exit status 1
 (2 for usage errors); never a traceback.
@@ -830,8 +831,98 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve ---------------------------------------------------------------------------------------
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model's streams over HTTP and WebSocket (needs the [serve] extra)",
+        description="Serve MODEL: one stateful stream per client over HTTP and WebSocket, the concurrent steps "
+                    "of all streams batched by one stream pool. With --state-dir every answered step is on disk "
+                    "before its answer, so a restart resumes every stream; with --token-file every request needs "
+                    "a bearer token and a stream belongs to the token that created it. Binds to loopback unless "
+                    "--host says otherwise.",
+        epilog=f"example: {PROG} serve model.safetensors --state-dir states --token-file tokens.txt",
+    )
+    p.add_argument("model", help="the model file (any format lstm_engine loads)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="most steps run as one batch (default 64)")
+    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds after which an idle stream leaves the pool for its saved state (default 600)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="keep every stream's state here, written after each answered step; a restart resumes "
+                        "every stream")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="bearer tokens, one per line; every request must carry one")
+    p.add_argument("--max-body", type=int, default=16 << 20, metavar="BYTES",
+                   help="largest request body or WebSocket message (default 16 MiB)")
+    p.add_argument("--max-chunk", type=int, default=4096, metavar="STEPS",
+                   help="most steps in one request, and tokens in one generate (default 4096)")
+    p.add_argument("--max-streams-per-token", type=int, default=1000, metavar="N",
+                   help="open streams one token may hold (default 1000)")
+    p.add_argument("--rate-limit", type=float, default=1000.0, metavar="R",
+                   help="requests a second per token, with --token-file (default 1000; 0: no limit)")
+    p.add_argument("--max-queue", type=int, default=1024, metavar="N",
+                   help="step requests waiting at once before new ones get 503 (default 1024)")
+    p.add_argument("--threads", type=int, default=None, help="threads the model may use (default: all cores)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default warning)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    try:
+        from . import serve
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    for name in ("max_batch", "max_body", "max_chunk", "max_streams_per_token", "max_queue"):
+        _positive(getattr(args, name), "--" + name.replace("_", "-"))
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port: expected 0..65535, got {args.port}")
+    if not args.idle_timeout > 0:
+        raise UserError(f"--idle-timeout: expected seconds > 0, got {args.idle_timeout}")
+    if not args.rate_limit >= 0:
+        raise UserError(f"--rate-limit: expected requests a second >= 0, got {args.rate_limit}")
+    tokens = None
+    if args.token_file is not None:
+        if not os.path.isfile(args.token_file):
+            raise UserError(f"{args.token_file}: no such file")
+        tokens = serve.read_tokens(args.token_file)
+    model = _load_model(args.model, args.threads)
+    limits = serve.Limits(max_body=args.max_body, max_chunk=args.max_chunk,
+                          max_streams_per_token=args.max_streams_per_token, rate=args.rate_limit,
+                          max_queue=args.max_queue)
+    try:
+        sock = serve.bind(args.host, args.port)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    try:
+        server = serve.Server(model, max_batch=args.max_batch, idle_timeout=args.idle_timeout,
+                              state_dir=args.state_dir, tokens=tokens, limits=limits)
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        print(f"{PROG} serve: warning: listening on {host}, reachable from other machines"
+              + ("" if tokens else " and open to anyone (no --token-file)"), file=sys.stderr)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def ready() -> None:
+        print(f"{PROG} serve: {len(server.store.entries)} streams, listening on {url}", file=sys.stderr, flush=True)
+
+    serve.run(server, sock, log_level=args.log_level, on_ready=ready)
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_generate, add_inspect, add_run, add_verify, add_bench, add_gates, add_quantize,
+    add_generate, add_inspect, add_run, add_verify, add_bench, add_gates, add_quantize, add_serve,
 ]
 
 

@@ -73,16 +73,33 @@ def sample(scores: np.ndarray, temperature: float, top_k: int | None, top_p: flo
     return np.minimum(ids, last)
 
 
+def check_language_model(model: Any, output_size: int | None) -> bool:
+    """Raise ValueError unless the model maps token ids to scores over those ids; True if the scores are probabilities."""
+    if not model.takes_ids:
+        raise ValueError("generate: the model must start with an Embedding (token ids in) and end in logits")
+    vocab = model.layers[0].num_embeddings
+    if output_size is None or output_size > vocab:
+        raise ValueError(f"generate: the model outputs {output_size} scores per step but its Embedding "
+                         f"takes ids below {vocab}; sampled ids must be valid inputs")
+    # A softmax head gives probabilities, which are sampled through their logarithm.
+    head = [layer for layer in model.layers if not isinstance(layer, Dropout)][-1]
+    return isinstance(head, Dense) and head.activation == "softmax"
+
+
+def sample_next(scores: np.ndarray, log_probs: bool, temperature: float, top_k: int | None,
+                top_p: float | None, rng: np.random.Generator) -> np.ndarray:
+    """One token id per row of a language model's output (B, V): logits, or probabilities if log_probs."""
+    if log_probs:
+        with np.errstate(divide="ignore"):
+            scores = np.log(scores)
+    return sample(scores, temperature, top_k, top_p, rng)
+
+
 def generate_tokens(session: Any, prompt_ids: Any, max_new_tokens: Any, temperature: Any, top_k: Any,
                     top_p: Any, seed: Any) -> Iterator:
     """Validate everything now, then return the lazy iterator of sampled ids (see Session.generate)."""
     model = session.model
-    if not model.takes_ids:
-        raise ValueError("generate: the model must start with an Embedding (token ids in) and end in logits")
-    vocab = model.layers[0].num_embeddings
-    if session.output_size is None or session.output_size > vocab:
-        raise ValueError(f"generate: the model outputs {session.output_size} scores per step but its Embedding "
-                         f"takes ids below {vocab}; sampled ids must be valid inputs")
+    log_probs = check_language_model(model, session.output_size)
     n, temp, k, p, rng = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     B = session.batch_size
     ids = np.asarray(prompt_ids)
@@ -99,9 +116,6 @@ def generate_tokens(session: Any, prompt_ids: Any, max_new_tokens: Any, temperat
         want = "(steps,) or (1, steps)" if B == 1 else f"({B}, steps)"
         raise ValueError(f"prompt_ids: expected shape {want} for a session of batch size {B}, got {ids.shape}")
     model.layers[0].check_ids(ids, "prompt_ids")
-    # A softmax head gives probabilities, which are sampled through their logarithm.
-    head = [layer for layer in model.layers if not isinstance(layer, Dropout)][-1]
-    log_probs = isinstance(head, Dense) and head.activation == "softmax"
     return _tokens(session, ids, n, temp, k, p, rng, log_probs, single)
 
 
@@ -112,10 +126,7 @@ def _tokens(session: Any, ids: np.ndarray, n: int, temperature: float, top_k: in
     scores = session.feed(ids)[:, -1]
     out = np.empty_like(scores)
     for i in range(n):
-        if log_probs:
-            with np.errstate(divide="ignore"):
-                scores = np.log(scores)
-        tok = sample(scores, temperature, top_k, top_p, rng)
+        tok = sample_next(scores, log_probs, temperature, top_k, top_p, rng)
         # Feed the token before handing it out, so that the state always includes what was yielded.
         scores = session.step(tok, out=out)
         yield int(tok[0]) if single else tok

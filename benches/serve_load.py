@@ -1,0 +1,325 @@
+"""Load test of `lstm-engine serve`: many concurrent streams stepping as fast as they can, on loopback.
+
+    pip install ".[serve,bench]"
+    python benches/serve_load.py                       # 200 streams of an LSTM 256 x2, 20 s a phase
+    python benches/serve_load.py --seconds 300         # the 5-minute run (RSS flat?)
+    python benches/serve_load.py --streams 50 --body json
+
+Phases, in one run: the in-process pool ceiling (asyncio tasks stepping their own streams of
+model.pool()), the server over HTTP keep-alive (one connection per stream), the server over
+WebSocket (one connection per stream), the in-process ceiling again. Each prints aggregate steps/s,
+the ratio to the in-process ceiling, and client-side p50/p99 latency per step; the server's RSS is
+sampled through the run. The clients run in --client-procs processes on the same machine (they
+compete with the server for its cores: on a 2-core machine that bounds what the server can show).
+Everything is bounded: the streams (<= 1000), each phase's seconds, and the server is killed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import multiprocessing as mp
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_pool import build  # noqa: E402
+
+import lstm_engine as le  # noqa: E402
+
+WARMUP = 2.0  # seconds before each phase's window opens
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _window(seconds: float) -> tuple[float, float]:
+    t0 = time.perf_counter() + WARMUP
+    return t0, t0 + seconds
+
+
+def _summary(latencies: list, steps: int, seconds: float) -> dict:
+    lat = np.concatenate([np.asarray(x) for x in latencies]) if latencies else np.zeros(1)
+    return {"steps_s": steps / seconds, "p50": float(np.quantile(lat, 0.5)), "p99": float(np.quantile(lat, 0.99))}
+
+
+class _Tally:
+    """Steps and latencies of n streams inside the measured window (after WARMUP, for `seconds`)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.start, self.end = _window(seconds)
+        self.counts, self.lats, self.errors, self.total = [0] * n, [[] for _ in range(n)], 0, 0
+
+    async def drive(self, k: int, step) -> None:
+        """Call ``await step()`` (True when answered with outputs) until the window closes."""
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= self.end:
+                return
+            ok = await step()
+            t1 = time.perf_counter()
+            if not ok:
+                self.errors += 1
+                continue
+            self.total += 1
+            if t0 >= self.start:
+                self.counts[k] += 1
+                self.lats[k].append(t1 - t0)
+
+    def result(self) -> dict:
+        return {"steps": sum(self.counts), "lats": np.concatenate([np.asarray(x) for x in self.lats]),
+                "errors": self.errors, "total": self.total}
+
+
+# -- in-process ------------------------------------------------------------------------------------
+
+def in_process(model: le.Model, streams: int, seconds: float, max_batch: int) -> dict:
+    xs = np.random.default_rng(0).standard_normal((streams, model.input_size)).astype(np.float32)
+
+    async def main() -> dict:
+        tally = _Tally(streams, seconds)
+        with model.pool(max_batch=max_batch) as pool:
+            async def one(k: int) -> None:
+                with pool.open() as s:
+                    async def step() -> bool:
+                        await s.astep(xs[k])
+                        return True
+
+                    await tally.drive(k, step)
+
+            await asyncio.gather(*(one(k) for k in range(streams)))
+        r = tally.result()
+        summary = _summary([r["lats"]], r["steps"], seconds)
+        summary["total"] = r["total"]
+        return summary
+
+    cpu = time.process_time()
+    summary = asyncio.run(main())
+    summary["cpu_us"] = (time.process_time() - cpu) / summary["total"] * 1e6
+    return summary
+
+
+# -- clients (in their own processes) -------------------------------------------------------------
+
+async def _open_streams(client, n: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        async with client.post("/v1/streams") as r:
+            ids.append((await r.json())["id"])
+    return ids
+
+
+async def _http_streams(url: str, n: int, seconds: float, body: str, input_size: int) -> dict:
+    # aiohttp's client, not httpx's: at 100 concurrent requests httpx's pool took 5x the CPU per request here.
+    import aiohttp
+
+    xs = np.random.default_rng(os.getpid()).standard_normal((n, input_size)).astype(np.float32)
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=n)) as client:
+        ids = await _open_streams(client, n)
+        tally = _Tally(n, seconds)
+
+        async def one(k: int) -> None:
+            path = f"/v1/streams/{ids[k]}/step"
+            if body == "npy":
+                kw = {"data": _npy(xs[k]), "headers": {"Content-Type": "application/x-npy"}}
+            else:
+                kw = {"json": {"x": xs[k].tolist()}}
+
+            async def step() -> bool:
+                async with client.post(path, **kw) as r:
+                    await r.read()
+                    return r.status == 200
+
+            await tally.drive(k, step)
+
+        await asyncio.gather(*(one(k) for k in range(n)))
+        for sid in ids:
+            async with client.delete(f"/v1/streams/{sid}"):
+                pass
+    return tally.result()
+
+
+async def _ws_streams(url: str, n: int, seconds: float, body: str, input_size: int) -> dict:
+    import aiohttp
+    from websockets.asyncio.client import connect
+
+    xs = np.random.default_rng(os.getpid()).standard_normal((n, input_size)).astype(np.float32)
+    async with aiohttp.ClientSession(url) as client:
+        ids = await _open_streams(client, n)
+    tally = _Tally(n, seconds)
+    ws_url = url.replace("http://", "ws://")
+
+    async def one(k: int) -> None:
+        message = _npy(xs[k]) if body == "npy" else f'{{"x": {xs[k].tolist()}}}'
+        async with connect(f"{ws_url}/v1/streams/{ids[k]}/ws", max_size=None, compression=None) as ws:
+            async def step() -> bool:
+                await ws.send(message)
+                reply = await ws.recv()
+                return not (isinstance(reply, str) and '"error"' in reply)
+
+            await tally.drive(k, step)
+
+    await asyncio.gather(*(one(k) for k in range(n)))
+    return tally.result()
+
+
+def _client(kind: str, url: str, n: int, seconds: float, body: str, input_size: int, conn) -> None:
+    run = _http_streams if kind == "http" else _ws_streams
+    try:
+        cpu = time.process_time()
+        result = asyncio.run(run(url, n, seconds, body, input_size))
+        result["cpu"] = time.process_time() - cpu
+        conn.send(result)
+    except BaseException as exc:  # report, do not hang the parent
+        conn.send({"failed": f"{type(exc).__name__}: {exc}"})
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, body: str, input_size: int,
+                 server_pid: int) -> dict:
+    server_cpu = _cpu_seconds(server_pid)
+    ctx = mp.get_context("spawn")
+    shares = [streams // procs + (i < streams % procs) for i in range(procs)]
+    pipes, workers = [], []
+    for n in shares:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_client, args=(kind, url, n, seconds, body, input_size, child), daemon=True)
+        p.start()
+        pipes.append(parent)
+        workers.append(p)
+    results = []
+    deadline = time.monotonic() + seconds + WARMUP + 120
+    for parent, p in zip(pipes, workers):
+        if not parent.poll(max(1.0, deadline - time.monotonic())):
+            raise RuntimeError(f"a {kind} client did not finish in time")
+        results.append(parent.recv())
+        p.join(30)
+    for r in results:
+        if "failed" in r:
+            raise RuntimeError(f"{kind} client: {r['failed']}")
+    summary = _summary([r["lats"] for r in results], sum(r["steps"] for r in results), seconds)
+    summary["errors"] = sum(r["errors"] for r in results)
+    total = sum(r["total"] for r in results)
+    summary["cpu_us"] = (_cpu_seconds(server_pid) - server_cpu) / total * 1e6
+    summary["client_cpu_us"] = sum(r["cpu"] for r in results) / total * 1e6
+    return summary
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+class ServerProcess:
+    def __init__(self, model_path: str, max_batch: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--max-batch",
+             str(max_batch), "--max-queue", "4096"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = None
+        ready = threading.Event()
+
+        def drain() -> None:
+            for line in self.proc.stderr:
+                m = re.search(r"listening on (http://\S+)", line)
+                if m:
+                    self.url = m.group(1)
+                    ready.set()
+                elif line.strip():
+                    print("  server:", line.rstrip(), file=sys.stderr)
+            ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ready.wait(120) or self.url is None:
+            self.stop()
+            raise RuntimeError("the server did not start")
+        self.rss: list[tuple[float, float]] = []
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                with open(f"/proc/{self.proc.pid}/status") as f:
+                    kb = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+            except (OSError, AttributeError):
+                return
+            self.rss.append((time.monotonic() - self.t0, kb / 1024))
+
+    def stop(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--streams", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per phase (the issue asks 300)")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--client-procs", type=int, default=2)
+    ap.add_argument("--body", choices=["npy", "json"], default="npy", help="step bodies and messages")
+    ap.add_argument("--model", default="lstm256x2", choices=["lstm256x2", "lstm512"])
+    args = ap.parse_args()
+    if not 1 <= args.streams <= 1000:
+        ap.error("--streams: 1..1000")
+    if not 1 <= args.seconds <= 3600:
+        ap.error("--seconds: 1..3600")
+
+    model = build(args.model)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"# {args.model}, {args.streams} streams, {args.seconds:g} s a phase, max_batch {args.max_batch}, "
+          f"{args.body} bodies, {args.client_procs} client processes")
+    print(f"# CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.safetensors")
+        le.save(model, path)
+        rows.append(("in-process pool (before)", in_process(model, args.streams, args.seconds, args.max_batch)))
+        server = ServerProcess(path, args.max_batch)
+        try:
+            for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
+                rows.append((f"server, {name}", over_network(kind, server.url, args.streams, args.client_procs,
+                                                             args.seconds, args.body, model.input_size,
+                                                             server.proc.pid)))
+        finally:
+            server.stop()
+        rows.append(("in-process pool (after)", in_process(model, args.streams, args.seconds, args.max_batch)))
+    ceiling = (rows[0][1]["steps_s"] + rows[-1][1]["steps_s"]) / 2
+    # CPU time per step is what the machine's load does not change: the pool's process (or the server's), and
+    # the clients'.
+    print(f"{'way':28s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s} "
+          f"{'CPU us/step':>11s} {'clients':>8s}")
+    for name, r in rows:
+        clients = f"{r['client_cpu_us']:8.0f}" if "client_cpu_us" in r else f"{'-':>8s}"
+        print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
+              f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['cpu_us']:11.0f} {clients}")
+    rss = server.rss
+    if rss:
+        marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]
+        print("server RSS (s: MiB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in marks))
+        tail = [m for t, m in rss if t >= rss[-1][0] / 2]
+        print(f"server RSS over the second half of its life: min {min(tail):.0f} MiB, max {max(tail):.0f} MiB")
+    print(f"# load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

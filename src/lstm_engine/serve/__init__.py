@@ -1,0 +1,70 @@
+"""``lstm-engine serve``: a model's streams over HTTP and WebSocket, batched by one StreamPool.
+
+    from lstm_engine.serve import Server, run
+    server = Server(model, state_dir="states", tokens=read_tokens("tokens.txt"))
+    run(server, host="127.0.0.1", port=8000)
+
+Needs the ``serve`` extra (Starlette, uvicorn, prometheus_client); the rest of lstm_engine never
+imports this package.
+"""
+from __future__ import annotations
+
+try:
+    import prometheus_client  # noqa: F401
+    import starlette  # noqa: F401
+    import uvicorn  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(f"lstm_engine.serve needs the 'serve' extra ({exc.name} is missing): "
+                      "pip install 'lstm_engine[serve]'") from exc
+
+import asyncio
+import socket
+import sys
+from typing import Any, Callable
+
+from .app import Limits, Server, read_tokens
+
+__all__ = ["Limits", "Server", "read_tokens", "run", "bind"]
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port (port 0: a free one), IPv4 or IPv6."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(info[4])
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def run(server: Server, sock: socket.socket, *, log_level: str = "warning",
+        on_ready: Callable[[], Any] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM; then finish the requests in flight and stop the pool."""
+    import uvicorn
+
+    limits = server.limits
+    config = uvicorn.Config(server.app, log_level=log_level, access_log=False, lifespan="on",
+                            ws_max_size=limits.max_body, limit_concurrency=limits.max_connections,
+                            timeout_graceful_shutdown=10, server_header=False)
+    uv = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(uv.serve(sockets=[sock]))
+        while not uv.started and not task.done():
+            await asyncio.sleep(0.01)
+        if uv.started and on_ready is not None:
+            on_ready()
+        await task
+
+    # uvicorn's loop choice (uvloop when installed), with our readiness signal on top.
+    factory = config.get_loop_factory()
+    loop = factory() if factory is not None else asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    if not uv.started:
+        sys.exit(1)

@@ -1,0 +1,521 @@
+"""The HTTP and WebSocket application (Starlette) over a StreamStore, and running it under uvicorn.
+
+Routes (all JSON unless said; every error is ``{"error": {"code", "message"}}`` with a 4xx status):
+
+    GET    /healthz                      liveness and counts (no token needed)
+    GET    /metrics                      Prometheus text
+    GET    /v1/model                     what the model takes and gives
+    POST   /v1/streams                   -> 201 {"id", "position": 0}
+    POST   /v1/streams/{id}/step         {"x": step or chunk, "at"?: position} or a .npy body -> outputs
+    GET    /v1/streams/{id}              {"id", "position"}
+    DELETE /v1/streams/{id}              -> 204
+    GET    /v1/streams/{id}/state        the session's versioned state bytes
+    PUT    /v1/streams/{id}/state        restore such bytes
+    POST   /v1/forward                   {"x": (B, T, F) or (B, T) ids, "lengths"?} or .npy -> y (and state)
+    WS     /v1/streams/{id}/ws           step messages and "generate"
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..generate import check_language_model, check_sampling
+from ..session import check_streamable
+from .metrics import Metrics
+from .store import StreamError, StreamStore
+from .wire import NPY, Inputs, array_from_json, check_position, parse_json, parse_npy, to_npy
+
+log = logging.getLogger("lstm_engine.serve")
+
+_GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+
+
+@dataclass
+class Limits:
+    """What one request or one token may ask for."""
+
+    max_body: int = 16 << 20  # bytes of a request body or WebSocket message
+    max_chunk: int = 4096  # steps in one request (and tokens in one generate)
+    max_streams_per_token: int = 1000
+    rate: float = 1000.0  # requests (and messages) per second per token; 0: no limit
+    max_queue: int = 1024  # step requests waiting or running at once; beyond it: 503
+    max_waiting_per_stream: int = 64  # requests queued on one stream; beyond it: 429
+    max_connections: int = 2048
+
+
+def read_tokens(path: str) -> dict[str, str]:
+    """The token file: one token per line ('#' comments, blank lines ignored) -> {sha256: owner id}."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    tokens = [line for line in lines if line and not line.startswith("#")]
+    if not tokens:
+        raise ValueError(f"{path}: no tokens (expected one token per line)")
+    for i, token in enumerate(tokens):
+        if len(token) < 16 or any(ch.isspace() or not ch.isprintable() for ch in token):
+            raise ValueError(f"{path}: token {i + 1} must be at least 16 printable characters without spaces")
+    # Only digests are kept: the owner recorded in a state file is not a usable token.
+    digests = {hashlib.sha256(t.encode()).hexdigest() for t in tokens}
+    return {d: d[:32] for d in digests}
+
+
+def _error(status: int, code: str, message: str, retry_after: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+    if status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="lstm-engine"'}
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+
+
+class _Busy(StreamError):
+    def __init__(self, status: int, code: str, message: str, retry_after: float) -> None:
+        super().__init__(status, code, message)
+        self.retry_after = retry_after
+
+
+class Server:
+    """One model's streams served over HTTP and WebSocket. ``app`` is the ASGI application."""
+
+    def __init__(self, model: Any, *, max_batch: int = 64, idle_timeout: float = 600.0, state_dir: str | None = None,
+                 tokens: dict[str, str] | None = None, limits: Limits | None = None, dtype: Any = None) -> None:
+        self.model = model
+        self.limits = limits or Limits()
+        self.tokens = tokens
+        try:
+            check_streamable(model, "streams")
+        except ValueError as exc:
+            # A bidirectional or backwards model still serves whole sequences.
+            self.pool = self.store = _NoStreams(model, dtype, str(exc))
+            self.metrics = Metrics(self.pool)
+        else:
+            self.pool = model.pool(max_batch=max_batch, dtype=dtype)
+            self.metrics = Metrics(self.pool)
+            try:
+                self.store = StreamStore(model, self.pool, state_dir=state_dir, idle_timeout=idle_timeout,
+                                         max_streams_per_owner=self.limits.max_streams_per_token,
+                                         on_step=self.metrics.observe_step)
+            except BaseException:
+                self.pool.close()
+                raise
+        self.metrics.store = self.store
+        self.inputs = Inputs(model, self.pool.dtype, self.limits.max_chunk)
+        self.buckets: dict[str, list[float]] = {}
+        self.inflight = 0
+        self.forward_limiter = anyio.CapacityLimiter(1)
+        self.forward_waiting = 0
+        self.started = time.time()
+        routes = [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics_text, methods=["GET"]),
+            Route("/v1/model", self.model_info, methods=["GET"]),
+            Route("/v1/streams", self.create, methods=["POST"]),
+            Route("/v1/streams/{id}", self.info, methods=["GET"]),
+            Route("/v1/streams/{id}", self.delete, methods=["DELETE"]),
+            Route("/v1/streams/{id}/step", self.step, methods=["POST"]),
+            Route("/v1/streams/{id}/state", self.get_state, methods=["GET"]),
+            Route("/v1/streams/{id}/state", self.put_state, methods=["PUT"]),
+            Route("/v1/forward", self.forward, methods=["POST"]),
+            WebSocketRoute("/v1/streams/{id}/ws", self.websocket),
+        ]
+        self.app = Starlette(routes=routes, lifespan=self._lifespan,
+                             exception_handlers={HTTPException: self._http_exception, Exception: self._crash})
+
+    # -- life ------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any):
+        task = asyncio.create_task(self._housekeeping())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.close()
+
+    def close(self) -> None:
+        """Stop the writer and the pool (every answered step is already on disk)."""
+        self.store.close()
+        self.pool.close()
+
+    async def _housekeeping(self) -> None:
+        every = max(0.05, min(1.0, self.store.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(every)
+            self.metrics.sample()
+            self.store.evict_idle()
+
+    # -- shared checks ---------------------------------------------------------------------------
+    def _owner(self, headers: Any) -> str:
+        if self.tokens is None:
+            return ""
+        auth = headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise StreamError(401, "missing_token", "this server needs 'Authorization: Bearer <token>'")
+        owner = self.tokens.get(hashlib.sha256(token.strip().encode()).hexdigest())
+        if owner is None:
+            raise StreamError(401, "bad_token", "the bearer token is not one of this server's")
+        self._rate(owner)
+        return owner
+
+    def _rate(self, owner: str) -> None:
+        """A token bucket per owner: ``rate`` requests a second, bursts of one second's worth."""
+        rate = self.limits.rate
+        if not rate:
+            return
+        now = time.monotonic()
+        bucket = self.buckets.get(owner)
+        if bucket is None:
+            bucket = self.buckets[owner] = [rate, now]
+        bucket[0] = min(rate, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if bucket[0] < 1:
+            raise _Busy(429, "rate_limited", f"more than {rate:g} requests a second for this token",
+                        (1 - bucket[0]) / rate)
+        bucket[0] -= 1
+
+    def _admit(self, entry: Any) -> None:
+        if self.inflight >= self.limits.max_queue:
+            raise _Busy(503, "overloaded", f"the server has {self.inflight} step requests queued, its limit; "
+                                           "retry later", 1)
+        if entry.waiting >= self.limits.max_waiting_per_stream:
+            raise _Busy(429, "stream_busy", f"{entry.waiting} requests are already queued on this stream", 1)
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.limits.max_body
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise StreamError(400, "bad_length", f"Content-Length: expected a number of bytes, got {length!r}")
+            if int(length) > limit:
+                raise StreamError(413, "body_too_large", f"the body has {length} bytes; the limit is {limit}")
+        parts, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise StreamError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+                parts.append(chunk)
+        except ClientDisconnect:
+            raise StreamError(400, "incomplete_body", "the client went away before sending the whole body") from None
+        return b"".join(parts)
+
+    @staticmethod
+    def _is_npy(request: Request) -> bool:
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype == NPY:
+            return True
+        if ctype not in ("application/json", ""):
+            raise StreamError(415, "bad_content_type", f"Content-Type {ctype!r}: expected application/json or {NPY}")
+        return False
+
+    def _steps(self, body: bytes, npy: bool, what: str = "x") -> tuple[np.ndarray, bool, int | None]:
+        if npy:
+            steps, single = self.inputs.from_npy(parse_npy(body), what)
+            return steps, single, None
+        obj = parse_json(body)
+        _fields(obj, {"x", "at"})
+        if "x" not in obj:
+            raise StreamError(422, "missing_field", f"x: missing; expected {self.inputs.describe()}")
+        steps, single = self.inputs.from_json(obj["x"], body)
+        return steps, single, check_position(obj.get("at"))
+
+    def _reply(self, y: np.ndarray, single: bool, position: int, npy: bool) -> Response:
+        y = y[0] if single else y
+        if npy:
+            return Response(to_npy(y), media_type=NPY, headers={"X-Stream-Position": str(position)})
+        return JSONResponse({"y": y.tolist(), "position": position})
+
+    async def _answer(self, route: str, request: Request, handler: Any) -> Response:
+        """Run a handler, turning refusals into their JSON errors and counting both."""
+        t0 = time.perf_counter()
+        try:
+            response = await handler(request)
+        except _Busy as exc:
+            response = _error(exc.status, exc.code, exc.message, exc.retry_after)
+        except StreamError as exc:
+            response = _error(exc.status, exc.code, exc.message)
+        self.metrics.observe_request(route, response.status_code,
+                                     time.perf_counter() - t0 if route in ("step",) else None)
+        return response
+
+    # -- endpoints -------------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "streams": len(self.store.entries), "in_pool": self.store.resident,
+                             "requests_in_flight": self.inflight, "uptime_s": round(time.time() - self.started, 3)})
+
+    async def metrics_text(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            self._owner(request.headers)
+            return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+        return await self._answer("metrics", request, handle)
+
+    async def model_info(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            self._owner(request.headers)
+            m = self.model
+            return JSONResponse({
+                "input": "token ids" if m.takes_ids else "floats",
+                "input_size": m.input_size,
+                "vocab_size": self.inputs.vocab if m.takes_ids else None,
+                "output_size": self.store.output_size,
+                "dtype": str(self.pool.dtype),
+                "max_chunk": self.limits.max_chunk,
+                "metadata": {k: v for k, v in m.metadata.items() if isinstance(v, (str, int, float, bool))},
+            })
+
+        return await self._answer("model", request, handle)
+
+    async def create(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            owner = self._owner(request.headers)
+            if await self._body(request):
+                raise StreamError(422, "unexpected_body", "POST /v1/streams takes no body; restore a state with "
+                                                          "PUT /v1/streams/{id}/state")
+            entry = await self.store.create(owner)
+            return JSONResponse({"id": entry.id, "position": 0}, 201)
+
+        return await self._answer("create", request, handle)
+
+    async def info(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            entry = self.store.get(request.path_params["id"], self._owner(request.headers))
+            return JSONResponse({"id": entry.id, "position": entry.position, "in_pool": entry.stream is not None})
+
+        return await self._answer("info", request, handle)
+
+    async def delete(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            entry = self.store.get(request.path_params["id"], self._owner(request.headers))
+            await self.store.locked(entry, self.store.delete)
+            return Response(status_code=204)
+
+        return await self._answer("delete", request, handle)
+
+    async def step(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            entry = self.store.get(request.path_params["id"], self._owner(request.headers))
+            npy = self._is_npy(request)
+            steps, single, at = self._steps(await self._body(request), npy)
+            if npy and "at" in request.query_params:
+                at = check_position(_int(request.query_params["at"], "at"))
+            y, position = await self._queued(entry, self.store.run_steps, steps, at)
+            accept = request.headers.get("accept", "")
+            return self._reply(y, single, position, npy or NPY in accept)
+
+        return await self._answer("step", request, handle)
+
+    async def _queued(self, entry: Any, work: Any, *args: Any) -> Any:
+        self._admit(entry)
+        self.inflight += 1
+        try:
+            return await self.store.locked(entry, work, *args)
+        finally:
+            self.inflight -= 1
+
+    async def get_state(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            entry = self.store.get(request.path_params["id"], self._owner(request.headers))
+            blob = await self.store.locked(entry, self.store.export_state)
+            return Response(blob, media_type="application/octet-stream",
+                            headers={"X-Stream-Position": str(entry.position)})
+
+        return await self._answer("state", request, handle)
+
+    async def put_state(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            entry = self.store.get(request.path_params["id"], self._owner(request.headers))
+            blob = await self._body(request)
+            position = await self._queued(entry, self.store.import_state, blob)
+            return JSONResponse({"id": entry.id, "position": position})
+
+        return await self._answer("state", request, handle)
+
+    async def forward(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
+            self._owner(request.headers)
+            npy = self._is_npy(request)
+            body = await self._body(request)
+            lengths = None
+            if npy:
+                x = parse_npy(body)
+            else:
+                obj = parse_json(body)
+                _fields(obj, {"x", "lengths"})
+                if "x" not in obj:
+                    raise StreamError(422, "missing_field", "x: missing; expected (batch, steps, features) numbers "
+                                                            "or (batch, steps) token ids")
+                x = array_from_json(obj["x"], body, "x")
+                if obj.get("lengths") is not None:
+                    lengths = array_from_json(obj["lengths"], body, "lengths")
+            if x.ndim < 2 or x.shape[0] * x.shape[1] > self.limits.max_chunk * 64 or x.shape[1] > self.limits.max_chunk:
+                raise StreamError(422, "bad_shape", f"x: expected (batch, steps, ...) with steps <= "
+                                                    f"{self.limits.max_chunk} and batch x steps <= "
+                                                    f"{self.limits.max_chunk * 64}, got shape {x.shape}")
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise StreamError(422, "not_finite", "x: every value must be finite (no NaN or infinity)")
+            if self.forward_waiting >= 16:
+                raise _Busy(503, "overloaded", "too many forward requests are waiting; retry later", 1)
+            self.forward_waiting += 1
+            try:
+                y, state = await anyio.to_thread.run_sync(self._run_forward, x, lengths, not npy,
+                                                          limiter=self.forward_limiter)
+            finally:
+                self.forward_waiting -= 1
+            if npy or NPY in request.headers.get("accept", ""):
+                return Response(to_npy(y), media_type=NPY)
+            return JSONResponse({"y": y.tolist(), "state": [[a.tolist() for a in entry] for entry in state]})
+
+        return await self._answer("forward", request, handle)
+
+    def _run_forward(self, x: np.ndarray, lengths: Any, cast: bool) -> tuple:
+        try:
+            return self.model.forward(x, lengths, cast=cast)
+        except (ValueError, TypeError) as exc:
+            raise StreamError(422, "bad_input", str(exc)) from None
+
+    # -- WebSocket -------------------------------------------------------------------------------
+    async def websocket(self, ws: WebSocket) -> None:
+        try:
+            owner = self._owner(ws.headers)
+            entry = self.store.get(ws.path_params["id"], owner)
+        except StreamError as exc:
+            self.metrics.observe_request("ws", exc.status, None)
+            if "websocket.http.response" in ws.scope.get("extensions", {}):
+                await ws.send_denial_response(_error(exc.status, exc.code, exc.message))
+            else:
+                await ws.close(4000 + exc.status, exc.code)
+            return
+        await ws.accept()
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                t0 = time.perf_counter()
+                status = 200
+                try:
+                    if self.limits.rate and self.tokens is not None:
+                        self._rate(owner)
+                    await self._ws_message(ws, entry, message)
+                except StreamError as exc:
+                    status = exc.status
+                    reply: dict = {"error": {"code": exc.code, "message": exc.message}, "status": exc.status}
+                    if isinstance(exc, _Busy):
+                        reply["retry_after"] = exc.retry_after
+                    await ws.send_json(reply)
+                self.metrics.observe_request("ws", status, time.perf_counter() - t0)
+        except WebSocketDisconnect:
+            return
+
+    async def _ws_message(self, ws: WebSocket, entry: Any, message: dict) -> None:
+        data, text = message.get("bytes"), message.get("text")
+        if data is not None:
+            steps, single = self.inputs.from_npy(parse_npy(data))
+            y, position = await self._queued(entry, self.store.run_steps, steps, None)
+            await ws.send_bytes(to_npy(y[0] if single else y))
+            return
+        obj = parse_json(text or "")
+        if "generate" in obj:
+            _fields(obj, {"generate"})
+            await self._generate(ws, entry, obj["generate"])
+            return
+        _fields(obj, {"x", "at"})
+        if "x" not in obj:
+            raise StreamError(422, "missing_field", f"x: missing; expected {self.inputs.describe()} "
+                                                    "(or a 'generate' request)")
+        steps, single = self.inputs.from_json(obj["x"], text)
+        y, position = await self._queued(entry, self.store.run_steps, steps, check_position(obj.get("at")))
+        await ws.send_text(_dumps({"y": (y[0] if single else y).tolist(), "position": position}))
+
+    async def _generate(self, ws: WebSocket, entry: Any, spec: Any) -> None:
+        if not isinstance(spec, dict):
+            raise StreamError(422, "bad_field", "generate: expected an object {prompt, max_new_tokens, temperature, "
+                                                "top_k, top_p, seed}")
+        _fields(spec, _GENERATE_FIELDS, "generate.")
+        try:
+            log_probs = check_language_model(self.model, self.store.output_size)
+            sampling = check_sampling(spec.get("max_new_tokens", 100), spec.get("temperature", 1.0),
+                                      spec.get("top_k"), spec.get("top_p"), spec.get("seed"))
+        except ValueError as exc:
+            raise StreamError(422, "bad_field", f"generate.{exc}") from None
+        if sampling[0] > self.limits.max_chunk:
+            raise StreamError(422, "bad_field", f"generate.max_new_tokens: at most {self.limits.max_chunk}, "
+                                                f"got {sampling[0]}")
+        if "prompt" not in spec:
+            raise StreamError(422, "missing_field", "generate.prompt: missing; expected the token ids to start from")
+        prompt, _ = self.inputs.from_json(spec["prompt"], _dumps(spec["prompt"]), "generate.prompt")
+
+        async def send(token: int, position: int) -> None:
+            await ws.send_text(_dumps({"token": token, "position": position}))
+
+        tokens = await self._queued(entry, self.store.generate, prompt, sampling, log_probs, send)
+        await ws.send_text(_dumps({"done": True, "tokens": tokens, "position": entry.position}))
+
+    # -- errors Starlette raises itself ----------------------------------------------------------
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        codes = {404: "no_such_route", 405: "method_not_allowed"}
+        return _error(exc.status_code, codes.get(exc.status_code, "http_error"),
+                      f"{request.method} {request.url.path}: {exc.detail}")
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return _error(500, "internal_error", f"the server failed on this request: {type(exc).__name__}")
+
+
+class _NoStreams:
+    """The pool and the store of a model that cannot stream: every stream route answers why; forward works."""
+
+    stats = {"steps": 0, "batches": 0}
+    resident = evictions = 0
+    idle_timeout = 600.0
+
+    def __init__(self, model: Any, dtype: Any, reason: str) -> None:
+        self.dtype = model.dtype if dtype is None else np.dtype(dtype)
+        self.output_size = model.output_size
+        self.reason = reason
+        self.entries: dict = {}
+
+    def get(self, *args: Any) -> Any:
+        raise StreamError(422, "not_streamable", f"{self.reason}; this server answers POST /v1/forward only")
+
+    async def create(self, owner: str) -> Any:
+        return self.get()
+
+    def evict_idle(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _fields(obj: dict, allowed: set, prefix: str = "") -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise StreamError(422, "unknown_field", f"{prefix}{unknown[0]}: not a field here; expected "
+                                                f"{', '.join(prefix + a for a in sorted(allowed))}")
+
+
+def _int(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise StreamError(422, "bad_field", f"{what}: expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

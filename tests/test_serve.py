@@ -1,0 +1,657 @@
+"""`lstm-engine serve`, started for real on 127.0.0.1 and driven over HTTP (httpx) and WebSocket (websockets).
+
+Every server here is a subprocess on a free loopback port, bounded in time and killed at the end.
+References are in-process: a lone stream of the same model's pool runs exactly the code the server
+runs for a lone client (so outputs must be identical), and model.session() for generation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lstm_engine as le
+
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the test extra)")
+websockets_sync = pytest.importorskip("websockets.sync.client", reason="the serve tests need websockets")
+for _mod in ("starlette", "uvicorn", "prometheus_client"):
+    pytest.importorskip(_mod, reason="lstm-engine serve needs the [serve] extra")
+
+pytestmark = pytest.mark.timeout(300)
+
+NPY = "application/x-npy"
+TOKEN_A = "token-a-0123456789abcdef"
+TOKEN_B = "token-b-0123456789abcdef"
+
+
+def _u(rng, *shape):
+    return rng.uniform(-0.4, 0.4, shape).astype(np.float32)
+
+
+def float_model() -> le.Model:
+    rng = np.random.default_rng(7)
+    H = 32
+    return le.Model([
+        le.LSTM(_u(rng, 4 * H, 8), _u(rng, 4 * H, H), _u(rng, 4 * H), _u(rng, 4 * H)),
+        le.LSTM(_u(rng, 4 * H, H), _u(rng, 4 * H, H), _u(rng, 4 * H), _u(rng, 4 * H)),
+        le.Dense(_u(rng, 5, H), _u(rng, 5)),
+    ])
+
+
+def token_model() -> le.Model:
+    rng = np.random.default_rng(8)
+    V, E, H = 20, 8, 24
+    return le.Model([
+        le.Embedding(rng.standard_normal((V, E)).astype(np.float32)),
+        le.LSTM(_u(rng, 4 * H, E), _u(rng, 4 * H, H), _u(rng, 4 * H), _u(rng, 4 * H)),
+        le.Dense(rng.standard_normal((V, H)).astype(np.float32), _u(rng, V)),
+    ])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    paths = {"float": str(d / "float.safetensors"), "token": str(d / "token.safetensors")}
+    le.save(float_model(), paths["float"])
+    le.save(token_model(), paths["token"])
+    tokens = d / "tokens.txt"
+    tokens.write_text(f"# two clients\n{TOKEN_A}\n\n{TOKEN_B}\n")
+    paths["tokens"] = str(tokens)
+    paths["dir"] = d
+    return paths
+
+
+class Server:
+    """`lstm-engine serve MODEL --port 0 ...` in a subprocess; url once it listens."""
+
+    def __init__(self, model_path: str, *args: str, timeout: float = 60) -> None:
+        env = dict(os.environ)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--threads", "1", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.url = None
+        ready = threading.Event()
+
+        def drain() -> None:
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r"listening on (http://\S+)", line)
+                if m:
+                    self.url = m.group(1)
+                    ready.set()
+            ready.set()
+
+        self.reader = threading.Thread(target=drain, daemon=True)
+        self.reader.start()
+        if not ready.wait(timeout) or self.url is None:
+            self.stop()
+            raise AssertionError("the server did not start:\n" + "".join(self.lines))
+        self.ws_url = self.url.replace("http://", "ws://")
+
+    def client(self, token: str | None = None) -> "httpx.Client":
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def ws(self, stream_id: str, token: str | None = None):
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        return websockets_sync.connect(f"{self.ws_url}/v1/streams/{stream_id}/ws", additional_headers=headers,
+                                       open_timeout=30, close_timeout=5)
+
+    def signal(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.reader.join(10)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def npy(arr) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def from_npy(data: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def reference(model: le.Model, xs) -> np.ndarray:
+    """Outputs of a lone in-process pool stream: what the server runs for one client at a time."""
+    with model.pool() as pool, pool.open() as s:
+        return np.stack([s.step(x) for x in xs])
+
+
+def step(client, sid, x, **extra):
+    r = client.post(f"/v1/streams/{sid}/step", json={"x": np.asarray(x).tolist(), **extra})
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json()["y"], np.float32), r.json()["position"]
+
+
+# -- outputs -----------------------------------------------------------------------------------------
+
+def test_http_steps_are_identical_to_in_process(files):
+    model = float_model()
+    xs = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    want = reference(model, xs)
+    with Server(files["float"]) as srv, srv.client() as c:
+        info = c.get("/v1/model").json()
+        assert (info["input_size"], info["output_size"], info["dtype"]) == (8, 5, "float32")
+        r = c.post("/v1/streams")
+        assert r.status_code == 201
+        sid = r.json()["id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", sid)
+        got = []
+        y, pos = step(c, sid, xs[0])  # one step as JSON
+        got.append(y)
+        assert pos == 1
+        y, pos = step(c, sid, xs[1:4], at=1)  # a chunk as JSON
+        got.extend(y)
+        assert pos == 4
+        r = c.post(f"/v1/streams/{sid}/step", content=npy(xs[4]), headers={"Content-Type": NPY})  # one step, .npy
+        assert r.status_code == 200 and r.headers["content-type"] == NPY and r.headers["x-stream-position"] == "5"
+        got.append(from_npy(r.content))
+        r = c.post(f"/v1/streams/{sid}/step?at=5", content=npy(xs[5:10]), headers={"Content-Type": NPY})
+        got.extend(from_npy(r.content))
+        r = c.post(f"/v1/streams/{sid}/step", json={"x": xs[10:].tolist()}, headers={"Accept": NPY})
+        got.extend(from_npy(r.content))
+        np.testing.assert_array_equal(np.stack(got), want)
+        assert c.get(f"/v1/streams/{sid}").json()["position"] == 12
+
+        # State out and back in: a second stream continues where the first stands.
+        blob = c.get(f"/v1/streams/{sid}/state")
+        assert blob.status_code == 200 and blob.headers["x-stream-position"] == "12"
+        session = model.session(1)
+        session.load_state(blob.content)  # the session's own versioned bytes
+        sid2 = c.post("/v1/streams").json()["id"]
+        assert c.put(f"/v1/streams/{sid2}/state", content=blob.content).status_code == 200
+        x = np.ones(8, np.float32)
+        y1, _ = step(c, sid, x)
+        y2, _ = step(c, sid2, x)
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_allclose(y1, session.step(x[None])[0], rtol=1e-5, atol=1e-6)
+
+        # Stateless batch forward.
+        xb = np.random.default_rng(1).standard_normal((3, 6, 8)).astype(np.float32)
+        r = c.post("/v1/forward", json={"x": xb.tolist(), "lengths": [6, 2, 4]})
+        assert r.status_code == 200, r.text
+        y_ref, state_ref = model.forward(xb, [6, 2, 4])
+        np.testing.assert_array_equal(np.asarray(r.json()["y"], np.float32), y_ref)
+        np.testing.assert_array_equal(np.asarray(r.json()["state"][1][0], np.float32), state_ref[1][0])
+        r = c.post("/v1/forward", content=npy(xb), headers={"Content-Type": NPY})
+        np.testing.assert_array_equal(from_npy(r.content), model.forward(xb)[0])
+
+        assert c.delete(f"/v1/streams/{sid}").status_code == 204
+        assert c.post(f"/v1/streams/{sid}/step", json={"x": x.tolist()}).status_code == 404
+
+
+def test_concurrent_streams_each_get_their_own_results(files):
+    model = float_model()
+    rng = np.random.default_rng(2)
+    n, T = 12, 10
+    xs = rng.standard_normal((n, T, 8)).astype(np.float32)
+    got = [None] * n
+    with Server(files["float"]) as srv:
+        def client(k: int) -> None:
+            with srv.client() as c:
+                sid = c.post("/v1/streams").json()["id"]
+                got[k] = np.stack([step(c, sid, x)[0] for x in xs[k]])
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        with srv.client() as c:
+            metrics = c.get("/metrics").text
+    for k in range(n):
+        # Batch mates change float32 rounding only.
+        np.testing.assert_allclose(got[k], model.forward(xs[k][None])[0][0], rtol=1e-5, atol=1e-6)
+    for name in ("lstm_engine_pool_steps_total", "lstm_engine_pool_batches_total", "lstm_engine_steps_per_second",
+                 "lstm_engine_step_queue_seconds_bucket", 'lstm_engine_request_latency_seconds{quantile="0.99"}',
+                 'lstm_engine_streams{where="pool"}', 'lstm_engine_requests_total{route="step",status="200"}'):
+        assert name in metrics, name
+    assert re.search(r"^lstm_engine_pool_steps_total (\d+)", metrics, re.M).group(1) == str(n * T)
+
+
+def test_websocket_steps_and_generate(files):
+    model = float_model()
+    xs = np.random.default_rng(3).standard_normal((7, 8)).astype(np.float32)
+    want = reference(model, xs)
+    with Server(files["float"]) as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+        with srv.ws(sid) as ws:
+            ws.send(json.dumps({"x": xs[0].tolist()}))
+            r = json.loads(ws.recv(30))
+            got = [np.asarray(r["y"], np.float32)]
+            assert r["position"] == 1
+            ws.send(json.dumps({"x": xs[1:3].tolist(), "at": 1}))
+            got.extend(np.asarray(json.loads(ws.recv(30))["y"], np.float32))
+            ws.send(npy(xs[3:]))
+            got.extend(from_npy(ws.recv(30)))
+            # A bad message is answered with an error; the connection keeps working.
+            ws.send(json.dumps({"x": [1, 2]}))
+            err = json.loads(ws.recv(30))
+            assert err["status"] == 422 and err["error"]["code"] == "bad_shape"
+            ws.send("not json")
+            assert json.loads(ws.recv(30))["status"] == 400
+            ws.send(json.dumps({"generate": {"prompt": [1]}}))
+            assert "Embedding" in json.loads(ws.recv(30))["error"]["message"]
+        np.testing.assert_array_equal(np.stack(got), want)
+        assert c.get(f"/v1/streams/{sid}").json()["position"] == 7
+
+    lm = token_model()
+    prompt = [3, 1, 4, 1, 5]
+    cases = [dict(temperature=0.0), dict(temperature=0.8, top_k=8, top_p=0.9, seed=11), dict(temperature=1.3, seed=5)]
+    with Server(files["token"]) as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+        session = lm.session(1)
+        with srv.ws(sid) as ws:
+            position = 0
+            for case in cases:
+                want_tokens = list(session.generate(prompt, 12, **case))
+                ws.send(json.dumps({"generate": {"prompt": prompt, "max_new_tokens": 12, **case}}))
+                streamed = []
+                while True:
+                    msg = json.loads(ws.recv(30))
+                    if msg.get("done"):
+                        break
+                    streamed.append(msg["token"])
+                    assert msg["position"] == position + len(prompt) + len(streamed)
+                assert streamed == msg["tokens"] == want_tokens, case
+                position = msg["position"]
+            ws.send(json.dumps({"generate": {"prompt": [1], "top_p": 2}}))
+            err = json.loads(ws.recv(30))
+            assert err["status"] == 422 and "top_p" in err["error"]["message"]
+            ws.send(json.dumps({"x": [25]}))
+            err = json.loads(ws.recv(30))
+            assert err["error"]["code"] == "out_of_range" and "[0, 20)" in err["error"]["message"]
+        # The stream's state is the session's after all of it.
+        y, _ = step(c, sid, 2)
+        np.testing.assert_allclose(y, session.step(np.array([2]))[0], rtol=1e-5, atol=1e-5)
+
+
+# -- durability ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_restart_continues_every_stream_exactly(files, tmp_path, how):
+    model = float_model()
+    rng = np.random.default_rng(4)
+    n, T1, T2 = 4, 6, 5
+    xs = rng.standard_normal((n, T1 + T2, 8)).astype(np.float32)
+    want = [reference(model, xs[k]) for k in range(n)]
+    state_dir = str(tmp_path / "states")
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        ids = [c.post("/v1/streams").json()["id"] for _ in range(n)]
+        first = [np.stack([step(c, sid, x)[0] for x in xs[k, :T1]]) for k, sid in enumerate(ids)]
+        if how == "kill -9":
+            assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
+        else:
+            # uvicorn finishes the requests in flight, runs the shutdown, then dies of the signal it caught.
+            assert srv.signal(signal.SIGTERM) in (0, -signal.SIGTERM)
+            assert not any("Traceback" in line for line in srv.lines)
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        assert "4 streams" in "".join(srv.lines)
+        for k, sid in enumerate(ids):
+            assert c.get(f"/v1/streams/{sid}").json()["position"] == T1
+            second = np.stack([step(c, sid, x)[0] for x in xs[k, T1:]])
+            np.testing.assert_array_equal(np.concatenate([first[k], second]), want[k])
+
+
+def test_kill_during_a_chunk_leaves_it_all_or_nothing(files, tmp_path):
+    model = float_model()
+    rng = np.random.default_rng(5)
+    head = rng.standard_normal((3, 8)).astype(np.float32)
+    chunk = rng.standard_normal((4000, 8)).astype(np.float32)
+    probe = rng.standard_normal(8).astype(np.float32)
+    state_dir = str(tmp_path / "states")
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+        step(c, sid, head)
+
+        def send() -> None:
+            try:
+                with srv.client() as c2:
+                    c2.post(f"/v1/streams/{sid}/step", content=npy(chunk), headers={"Content-Type": NPY})
+            except httpx.HTTPError:
+                pass  # the server dies under it
+
+        t = threading.Thread(target=send)
+        t.start()
+        time.sleep(0.15)
+        srv.signal(signal.SIGKILL)
+        t.join(30)
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        position = c.get(f"/v1/streams/{sid}").json()["position"]
+        assert position in (3, 3 + len(chunk))
+        y, _ = step(c, sid, probe)
+        seen = head if position == 3 else np.concatenate([head, chunk])
+        np.testing.assert_allclose(y, reference(model, np.concatenate([seen, probe[None]]))[-1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("state_dir", [True, False], ids=["state-dir", "memory"])
+def test_idle_streams_are_evicted_and_come_back(files, tmp_path, state_dir):
+    model = float_model()
+    xs = np.random.default_rng(6).standard_normal((6, 8)).astype(np.float32)
+    args = ["--idle-timeout", "0.3"] + (["--state-dir", str(tmp_path / "s")] if state_dir else [])
+    with Server(files["float"], *args) as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+        got = [step(c, sid, x)[0] for x in xs[:3]]
+        deadline = time.monotonic() + 20
+        while c.get("/healthz").json()["in_pool"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get(f"/v1/streams/{sid}").json() == {"id": sid, "position": 3, "in_pool": False}
+        got += [step(c, sid, x)[0] for x in xs[3:]]
+        assert "lstm_engine_evictions_total 1.0" in c.get("/metrics").text
+    np.testing.assert_array_equal(np.stack(got), reference(model, xs))
+
+
+def test_state_dir_of_another_model_is_refused(files, tmp_path):
+    state_dir = str(tmp_path / "states")
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        c.post("/v1/streams")
+        srv.signal(signal.SIGTERM)
+    proc = subprocess.run([sys.executable, "-m", "lstm_engine.cli", "serve", files["token"], "--port", "0",
+                           "--state-dir", state_dir], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "different model" in proc.stderr and ".state" in proc.stderr
+
+
+# -- isolation -------------------------------------------------------------------------------------
+
+def test_tokens_isolate_streams(files):
+    with Server(files["float"], "--token-file", files["tokens"], "--max-streams-per-token", "2") as srv, \
+            srv.client(TOKEN_A) as a, srv.client(TOKEN_B) as b, srv.client() as anon, srv.client("x" * 20) as bad:
+        r = anon.post("/v1/streams")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_token"
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert bad.post("/v1/streams").json()["error"]["code"] == "bad_token"
+        assert anon.get("/healthz").status_code == 200  # liveness needs no token
+        assert anon.get("/metrics").status_code == 401
+        sid = a.post("/v1/streams").json()["id"]
+        y, _ = step(a, sid, np.zeros(8))
+        for method, path, kw in [("POST", f"/v1/streams/{sid}/step", {"json": {"x": [0] * 8}}),
+                                 ("GET", f"/v1/streams/{sid}/state", {}), ("GET", f"/v1/streams/{sid}", {}),
+                                 ("PUT", f"/v1/streams/{sid}/state", {"content": b"x"}),
+                                 ("DELETE", f"/v1/streams/{sid}", {})]:
+            r = b.request(method, path, **kw)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_stream", (method, path)
+        with pytest.raises(Exception) as info:
+            with srv.ws(sid, TOKEN_B) as ws:
+                ws.recv(5)
+        assert "404" in str(info.value)
+        with srv.ws(sid, TOKEN_A) as ws:
+            ws.send(json.dumps({"x": [0] * 8}))
+            assert json.loads(ws.recv(30))["position"] == 2
+        # B's requests changed nothing: A's stream is at its own second step.
+        assert a.get(f"/v1/streams/{sid}").json()["position"] == 2
+        a.post("/v1/streams")
+        r = a.post("/v1/streams")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_streams"
+        assert b.post("/v1/streams").status_code == 201  # B's own quota
+
+
+def test_rate_limit_and_backpressure(files):
+    with Server(files["float"], "--token-file", files["tokens"], "--rate-limit", "20") as srv, \
+            srv.client(TOKEN_A) as a, srv.client(TOKEN_B) as b:
+        codes = [a.get("/v1/model").status_code for _ in range(60)]
+        assert 429 in codes and codes[0] == 200
+        r = a.get("/v1/model")
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "rate_limited"
+        assert b.get("/v1/model").status_code == 200  # B has its own bucket
+
+    chunk = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
+    with Server(files["float"], "--max-queue", "1") as srv, srv.client() as c:
+        ids = [c.post("/v1/streams").json()["id"] for _ in range(2)]
+        results = {}
+
+        def long() -> None:
+            with srv.client() as c2:
+                results["long"] = c2.post(f"/v1/streams/{ids[0]}/step", content=npy(chunk),
+                                          headers={"Content-Type": NPY}).status_code
+
+        t = threading.Thread(target=long)
+        t.start()
+        deadline = time.monotonic() + 20
+        while not c.get("/healthz").json()["requests_in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.002)
+        r = c.post(f"/v1/streams/{ids[1]}/step", json={"x": [0] * 8})
+        t.join(60)
+        assert results["long"] == 200
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+        assert c.post(f"/v1/streams/{ids[1]}/step", json={"x": [0] * 8}).status_code == 200
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+def _object_npy() -> bytes:
+    """A .npy header announcing Python objects (a pickle would follow); np.save needs allow_pickle to write one."""
+    header = "{'descr': '|O', 'fortran_order': False, 'shape': (8,), }"
+    header += " " * (117 - len(header)) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\x80\x04N."
+
+
+def _malformed(sid: str) -> list:
+    step_path = f"/v1/streams/{sid}/step"
+    j = {"Content-Type": "application/json"}
+    n = {"Content-Type": NPY}
+    return [
+        ("bad JSON", "POST", step_path, j, b'{"x": [1, 2', 400, "bad_json"),
+        ("JSON not an object", "POST", step_path, j, b"[1, 2]", 400, "bad_json"),
+        ("JSON nested too deeply", "POST", step_path, j, b'{"x": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400,
+         "bad_json"),
+        ("not UTF-8", "POST", step_path, j, b'{"x": "\xff\xfe"}', 400, "bad_json"),
+        ("huge integer", "POST", step_path, j, b'{"x": [1' + b"0" * 400 + b', 0, 0, 0, 0, 0, 0, 0]}', 422, None),
+        ("NaN", "POST", step_path, j, b'{"x": [NaN, 0, 0, 0, 0, 0, 0, 0]}', 400, "bad_json"),
+        ("missing x", "POST", step_path, j, b'{"at": 0}', 422, "missing_field"),
+        ("unknown field", "POST", step_path, j, b'{"x": [0,0,0,0,0,0,0,0], "X": 1}', 422, "unknown_field"),
+        ("wrong shape", "POST", step_path, j, b'{"x": [1, 2, 3]}', 422, "bad_shape"),
+        ("ragged chunk", "POST", step_path, j, b'{"x": [[1, 2], [3]]}', 422, "bad_shape"),
+        ("3-d chunk", "POST", step_path, j, json.dumps({"x": [[[0] * 8]]}).encode(), 422, "bad_shape"),
+        ("strings", "POST", step_path, j, json.dumps({"x": ["a"] * 8}).encode(), 422, "wrong_dtype"),
+        ("booleans", "POST", step_path, j, json.dumps({"x": [True] * 8}).encode(), 422, "wrong_dtype"),
+        ("null", "POST", step_path, j, b'{"x": null}', 422, "bad_shape"),
+        ("overflow", "POST", step_path, j, b'{"x": [1e999, 0, 0, 0, 0, 0, 0, 0]}', 422, "not_finite"),
+        ("empty chunk", "POST", step_path, j, b'{"x": []}', 422, "bad_shape"),
+        ("chunk too long", "POST", step_path, j, json.dumps({"x": [[0] * 8] * 17}).encode(), 422, "bad_chunk_length"),
+        ("bad at", "POST", step_path, j, b'{"x": [0,0,0,0,0,0,0,0], "at": -1}', 422, "bad_field"),
+        ("wrong position", "POST", step_path, j, b'{"x": [0,0,0,0,0,0,0,0], "at": 99}', 409, "position_mismatch"),
+        ("npy wrong dtype", "POST", step_path, n, npy(np.zeros(8)), 422, "wrong_dtype"),
+        ("npy wrong shape", "POST", step_path, n, npy(np.zeros((2, 3), np.float32)), 422, "bad_shape"),
+        ("npy garbage", "POST", step_path, n, b"\x93NUMPY garbage", 400, "bad_npy"),
+        ("npy of objects", "POST", step_path, n, _object_npy(), 400, "bad_npy"),
+        ("npy lies about size", "POST", step_path, n, npy(np.zeros(8, np.float32))[:-8], 400, "bad_npy"),
+        ("content type", "POST", step_path, {"Content-Type": "text/plain"}, b"1", 415, "bad_content_type"),
+        ("huge body", "POST", step_path, j, b" " * 5000, 413, "body_too_large"),
+        ("unknown id", "POST", "/v1/streams/" + "0" * 32 + "/step", j, b'{"x": [0,0,0,0,0,0,0,0]}', 404,
+         "unknown_stream"),
+        ("bad id", "POST", "/v1/streams/../../etc/step", j, b'{"x": [0,0,0,0,0,0,0,0]}', 404, None),
+        ("id not hex", "GET", "/v1/streams/" + "z" * 32 + "/state", j, b"", 404, "unknown_stream"),
+        ("unknown route", "GET", "/v2/nothing", j, b"", 404, "no_such_route"),
+        ("wrong method", "PATCH", step_path, j, b"", 405, "method_not_allowed"),
+        ("state garbage", "PUT", f"/v1/streams/{sid}/state", {}, b"LESTATE\0junk", 422, "bad_state"),
+        ("create with body", "POST", "/v1/streams", j, b'{"x": 1}', 422, "unexpected_body"),
+        ("forward wrong shape", "POST", "/v1/forward", j, b'{"x": [[1, 2]]}', 422, "bad_input"),
+        ("forward lengths", "POST", "/v1/forward", j, json.dumps({"x": [[[0] * 8] * 2], "lengths": [5]}).encode(),
+         422, "bad_input"),
+        ("forward strings", "POST", "/v1/forward", j, b'{"x": [["a"]]}', 422, "wrong_dtype"),
+    ]
+
+
+def test_every_malformed_request_gets_its_4xx_and_the_server_keeps_serving(files):
+    model = float_model()
+    with Server(files["float"], "--max-body", "4096", "--max-chunk", "16") as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+        for name, method, path, headers, body, status, code in _malformed(sid):
+            r = c.request(method, path, headers=headers, content=body)
+            assert r.status_code == status, (name, r.status_code, r.text)
+            assert r.headers["content-type"] == "application/json", name
+            error = r.json()["error"]
+            assert error["message"], name
+            if code is not None:
+                assert error["code"] == code, (name, error)
+        # A state from another model names the problem.
+        other = token_model().session(1).save_state()
+        r = c.put(f"/v1/streams/{sid}/state", content=other)
+        assert r.status_code == 422 and "different model" in r.json()["error"]["message"]
+        # A body far over the limit, announced or sent chunked.
+        r = c.post(f"/v1/streams/{sid}/step", content=iter([b"x" * 4000] * 4), headers={"Content-Type": NPY})
+        assert r.status_code == 413
+        # Nothing above touched the stream: its first step is still the first.
+        x = np.arange(8, dtype=np.float32) / 8
+        y, pos = step(c, sid, x)
+        assert pos == 1
+        np.testing.assert_array_equal(y, reference(model, x[None])[0])
+        assert srv.alive()
+        assert "status=\"500\"" not in c.get("/metrics").text
+    assert not any("Traceback" in line for line in srv.lines), "".join(srv.lines)
+
+
+def test_server_errors_at_start_are_one_line(files, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lstm_engine.cli", "serve", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    p = run(str(tmp_path / "missing.safetensors"))
+    assert p.returncode == 1 and "no such file" in p.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    p = run(files["float"], "--token-file", str(empty))
+    assert p.returncode == 1 and "no tokens" in p.stderr
+    p = run(files["float"], "--max-batch", "0")
+    assert p.returncode == 1 and "--max-batch" in p.stderr
+    for p in (run(files["float"], "--port", "70000"),):
+        assert p.returncode == 1 and "--port" in p.stderr
+
+
+def test_core_does_not_import_the_server_stack(files):
+    code = ("import sys, lstm_engine, lstm_engine.cli\n"
+            "stack = ('starlette', 'uvicorn', 'prometheus_client', 'lstm_engine.serve')\n"
+            "bad = [m for m in stack if m in sys.modules]\n"
+            "assert not bad, bad\n"
+            "sys.modules['starlette'] = None\n"  # as if the [serve] extra were not installed
+            "sys.exit(lstm_engine.cli.main(['serve', sys.argv[1]]))\n")
+    p = subprocess.run([sys.executable, "-c", code, files["float"]], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "lstm_engine[serve]" in p.stderr and "starlette" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkeypatch):
+    """In process: a chunk whose state cannot be written is refused whole, in memory and on disk."""
+    import asyncio
+
+    from lstm_engine.serve.store import StreamStore
+
+    model = float_model()
+    xs = np.random.default_rng(9).standard_normal((5, 8)).astype(np.float32)
+
+    async def main(state_dir):
+        with model.pool() as pool:
+            store = StreamStore(model, pool, state_dir=state_dir, idle_timeout=60, max_streams_per_owner=4)
+            try:
+                entry = await store.create("")
+                await store.locked(entry, store.run_steps, xs[:2], None)
+                if state_dir is None:
+                    def fail(*args):
+                        raise RuntimeError("the pool was closed before this step ran")
+
+                    calls = []
+                    real = type(entry.stream).astep
+
+                    async def astep(self, x):  # the second step of the chunk fails
+                        calls.append(x)
+                        if len(calls) == 2:
+                            fail()
+                        return await real(self, x)
+
+                    monkeypatch.setattr(type(entry.stream), "astep", astep)
+                else:
+                    def full(*args):
+                        raise OSError(28, "No space left on device")
+
+                    monkeypatch.setattr(store.writer, "_write_one", full)
+                with pytest.raises((RuntimeError, OSError)):
+                    await store.locked(entry, store.run_steps, xs[2:4], None)
+                monkeypatch.undo()
+                assert entry.position == 2
+                y, pos = await store.locked(entry, store.run_steps, xs[2:], None)
+                return y, pos
+            finally:
+                store.close()
+
+    for state_dir in (None, str(tmp_path / "s")):
+        y, pos = asyncio.run(main(state_dir))
+        assert pos == 5
+        np.testing.assert_array_equal(y, reference(model, xs)[2:])
+
+
+def test_a_model_that_cannot_stream_serves_forward_only(tmp_path):
+    rng = np.random.default_rng(10)
+    H = 6
+    lstm = le.LSTM(_u(rng, 2, 4 * H, 3), _u(rng, 2, 4 * H, H), _u(rng, 2, 4 * H), _u(rng, 2, 4 * H),
+                   bidirectional=True)
+    model = le.Model([lstm])
+    path = str(tmp_path / "bi.safetensors")
+    le.save(model, path)
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    with Server(path) as srv, srv.client() as c:
+        r = c.post("/v1/streams")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "not_streamable"
+        assert "bidirectional" in r.json()["error"]["message"]
+        r = c.post("/v1/forward", json={"x": x.tolist()})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(np.asarray(r.json()["y"], np.float32), model.forward(x)[0])
+        assert c.get("/metrics").status_code == 200
+
+
+def test_concurrent_requests_on_one_stream_run_one_at_a_time(files):
+    """Requests racing on one stream each get their own position, and each answer is the step at that position."""
+    model = float_model()
+    rng = np.random.default_rng(11)
+    xs = rng.standard_normal((8, 5, 8)).astype(np.float32)  # 8 clients x 5 requests
+    answers = []
+    with Server(files["float"]) as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+
+        def client(k: int) -> None:
+            with srv.client() as ck:
+                for x in xs[k]:
+                    y, pos = step(ck, sid, x)
+                    answers.append((pos, x, y))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert c.get(f"/v1/streams/{sid}").json()["position"] == xs.shape[0] * xs.shape[1]
+    answers.sort(key=lambda a: a[0])
+    assert [a[0] for a in answers] == list(range(1, len(answers) + 1))
+    want = reference(model, np.stack([a[1] for a in answers]))
+    np.testing.assert_array_equal(np.stack([a[2] for a in answers]), want)
