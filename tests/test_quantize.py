@@ -189,6 +189,24 @@ def test_token_model_with_quantized_embedding():
         assert np.abs(q.forward(ids)[0] - m.forward(ids)[0]).max() <= TOLERANCE[fmt] * 5
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_masked_token_model_and_its_session(fmt):
+    """Embedding(mask_zero) masks steps (Keras): the quantized model keeps the masks, in forward and in a session."""
+    r = np.random.default_rng(7).standard_normal
+    m = le.Model([le.Embedding(r((40, 12)), mask_zero=True),
+                  le.GRU(r((48, 12)) * 0.3, r((48, 16)) * 0.3, r(48), r(48), reset_after=False),
+                  le.Dense(r((40, 16)) * 0.3)])
+    ids = np.random.default_rng(8).integers(0, 40, (3, 10))
+    ids[1, 3:6] = 0
+    q = le.quantize(m, fmt)
+    y, yq = m.forward(ids)[0], q.forward(ids)[0]
+    assert np.abs(yq - y).max() <= TOLERANCE[fmt] * 5
+    assert np.array_equal(yq[1, 3:6], np.broadcast_to(yq[1, 2], (3, 40)))  # masked steps repeat the last output
+    s = q.session(3)
+    steps = np.stack([s.step(ids[:, t]) for t in range(ids.shape[1])], axis=1)
+    assert np.abs(steps - yq).max() <= 1e-6
+
+
 def test_options_keep_float_and_per_tensor():
     m = MODELS["lstm-dense"]
     q = le.quantize(m, "int8", keep_float=["Dense"])
