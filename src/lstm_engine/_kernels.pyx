@@ -68,6 +68,8 @@ cdef extern from "_quant.h" nogil:
     int le_qgemm(const le_qmat* m, int M, const float* A, Py_ssize_t lda, float* C, Py_ssize_t ldc,
                  int accumulate, const float* bias, int nthreads, void* scratch)
     Py_ssize_t le_qgemm_scratch(int M, int K)
+    void le_q_lstm_gates(int H, float* q, const float* bias, float* c, float* h)
+    void le_q_gru_gates(int H, float* q, const float* hq, const float* bias, const float* bias_hn, float* h)
     int le_q_level()
     int le_q_detected()
     int le_q_set_level(int level)
@@ -259,6 +261,8 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
     cdef int act = d.act, gact = d.gate_act
     cdef bint reverse = (dirn == 1) != d.go_backwards
     cdef bint proj = w_hr != NULL
+    # Quantized layers with sigmoid gates and tanh apply them with the float32 kernels' vector activations.
+    cdef bint qgates = qw != NULL and qw.ih != NULL and act == ACT_TANH and gact == ACT_SIGMOID
 
     # Input projection of every timestep at once: xp[B*T, GH] = x[B*T, In] @ w_ih^T.
     cdef QW none
@@ -292,6 +296,12 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                 cb = c + <Py_ssize_t>b * H
                 # Without a projection h is written in place: this step's product already read it.
                 hb = tmp + <Py_ssize_t>b * H if proj else hb
+                if floating is float:
+                    if qgates:
+                        le_q_lstm_gates(H, q, bias, cb, hb)
+                        if not proj:
+                            memcpy(yb, hb, P * sizeof(floating))
+                        continue
                 for j in range(H):
                     ig = activate(q[j] + bias[j], gact)
                     fg = activate(q[H + j] + bias[H + j], gact)
@@ -308,6 +318,11 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                 memcpy(yb, hb, P * sizeof(floating))
             elif d.cell == CELL_GRU:
                 cb = hp + <Py_ssize_t>b * GH
+                if floating is float:
+                    if qgates:
+                        le_q_gru_gates(H, q, cb, bias, bias_hn, hb)
+                        memcpy(yb, hb, P * sizeof(floating))
+                        continue
                 for j in range(H):
                     r = activate(q[j] + cb[j] + bias[j], gact)
                     z = activate(q[H + j] + cb[H + j] + bias[H + j], gact)

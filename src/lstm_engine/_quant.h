@@ -47,6 +47,13 @@ int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, p
              const float *bias, int nthreads, void *scratch);
 ptrdiff_t le_qgemm_scratch(int M, int K);
 
+/* The gates of one row of a quantized layer with sigmoid gates and tanh, on the float32 kernels' vectorised
+ * activations (the general loop's libm tanhf/expf cost more than the int8 products save at large batches).
+ * LSTM: q (4H) the products of i, f, g, o, overwritten; c (H) updated; h (H) written. GRU (reset after): q (3H)
+ * the input products, overwritten, hq (3H) the recurrent ones, h (H) updated in place. */
+void le_q_lstm_gates(int H, float *q, const float *bias, float *c, float *h);
+void le_q_gru_gates(int H, float *q, const float *hq, const float *bias, const float *bias_hn, float *h);
+
 /* Quantize one row of K floats to u8 (see above); returns its scale (NaN when the row is not finite). */
 float le_quantize_row(const float *a, int K, int Kp, uint8_t *out);
 

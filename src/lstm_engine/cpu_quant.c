@@ -92,6 +92,34 @@ float le_quantize_row(const float *a, int K, int Kp, uint8_t *out)
     return mx / 127.0f;
 }
 
+/* -- gates --------------------------------------------------------------------------------- */
+
+void le_q_lstm_gates(int H, float *q, const float *bias, float *c, float *h)
+{
+    for (int j = 0; j < 4 * H; j++)
+        q[j] += bias[j];
+    le_sigmoid_f32(q, q, 2 * H); /* i, f */
+    le_tanh_f32(q + 2 * H, q + 2 * H, H);
+    le_sigmoid_f32(q + 3 * H, q + 3 * H, H);
+    for (int j = 0; j < H; j++)
+        c[j] = q[H + j] * c[j] + q[j] * q[2 * H + j];
+    le_tanh_f32(c, h, H);
+    for (int j = 0; j < H; j++)
+        h[j] *= q[3 * H + j];
+}
+
+void le_q_gru_gates(int H, float *q, const float *hq, const float *bias, const float *bias_hn, float *h)
+{
+    for (int j = 0; j < 2 * H; j++)
+        q[j] = q[j] + hq[j] + bias[j];
+    le_sigmoid_f32(q, q, 2 * H); /* r, z */
+    for (int j = 0; j < H; j++)
+        q[2 * H + j] = q[2 * H + j] + bias[2 * H + j] + q[j] * (hq[2 * H + j] + bias_hn[j]);
+    le_tanh_f32(q + 2 * H, q + 2 * H, H);
+    for (int j = 0; j < H; j++)
+        h[j] = (1.0f - q[H + j]) * q[2 * H + j] + q[H + j] * h[j];
+}
+
 /* -- half floats --------------------------------------------------------------------------- */
 
 static inline float f16_to_f32(uint16_t h)
