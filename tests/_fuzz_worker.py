@@ -10,7 +10,9 @@ chain is reported as the loader having tried it.
 
 Outcomes: "loaded" (the model loaded and ran a forward pass), "load_error" (a LoadError naming the file),
 "unnamed" (a LoadError whose message misses the path), "alloc" (MemoryError behind the error), "forward"
-(a loaded model whose forward pass raised), "other" (any other exception).
+(a loaded model whose forward pass raised), "other" (any other exception), "graph_refused" (a graph
+model whose forward raised ValueError or TypeError naming the node at fault: a graph's value shapes
+are known only once an input arrives, so a mutated attribute may show only then).
 """
 import json
 import resource
@@ -20,6 +22,7 @@ import h5py  # noqa: F401 - imported before the address-space cap
 import numpy as np
 
 import lstm_engine as le
+from lstm_engine.cli import UserError, _random_input
 from lstm_engine.formats import keras as _keras  # noqa: F401 - imported before the address-space cap
 from lstm_engine.formats import _torch_pickle  # noqa: F401
 
@@ -49,7 +52,12 @@ def _memory_error_in_chain(exc: BaseException) -> bool:
 def _forward(model) -> None:
     """Run a loaded model on a small valid input: a model that loads must run."""
     rng = np.random.default_rng(0)
-    if model.takes_ids:
+    if not model.is_chain:
+        try:
+            x = _random_input(model, 2, 3, rng)  # the graph's inputs in their declared shapes
+        except UserError:
+            return  # an integer input that is not a table lookup: no valid input is known here
+    elif model.takes_ids:
         n = model.layers[0].num_embeddings
         if not n:
             return  # an empty vocabulary admits no input at all
@@ -75,6 +83,12 @@ def run_case(path: str) -> tuple[str, str]:
         return "other", f"{type(exc).__name__}: {exc}"[:500]
     try:
         _forward(model)
+    except MemoryError as exc:
+        return "alloc", f"MemoryError: {exc}"[:500]
+    except (ValueError, TypeError) as exc:
+        if not model.is_chain and "node '" in str(exc) and not _memory_error_in_chain(exc):
+            return "graph_refused", f"{type(exc).__name__}: {str(exc)[:300]}"
+        return "forward", f"{type(exc).__name__}: {exc}"[:500]
     except Exception as exc:  # noqa: BLE001
         return "forward", f"{type(exc).__name__}: {exc}"[:500]
     return "loaded", ""

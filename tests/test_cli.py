@@ -157,9 +157,59 @@ def test_verify_against_torch(files, capsys):
 
 def test_verify_without_source(files):
     proc = cli("verify", files / "lm.safetensors", "--batch", 3, "--steps", 5)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The self-checks pass, but nothing was compared with the source: not "ok".
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "save/load round trip" in proc.stdout and "step-by-step NumPy" in proc.stdout
     assert proc.stdout.count("max abs") == 4
+    assert "NOT CHECKED against the model's source: no --source given" in proc.stdout and "ok:" not in proc.stdout
+
+
+def _graph_file(path):
+    rng = np.random.default_rng(4)
+    lstm = le.LSTM(rng.standard_normal((16, 6)), rng.standard_normal((16, 4)))
+    g = le.Graph([le.ValueInfo("x", "float", ["batch", "steps", 6])], ["y"], [
+        le.Node("Recurrent", ["x"], ["out", "h", "c"], {"layer": 0}, "lstm", "net.lstm (net.py:9)"),
+        le.Node("ReduceMean", ["out"], ["pooled"], {"axes": [1], "keepdims": 0}, "mean_over_time"),
+        le.Node("Relu", ["pooled"], ["y"], {}, "relu")], {}, [lstm])
+    le.save(le.Model(g), path)
+    return path
+
+
+def test_graph_model_inspect_run_verify(files, capsys):
+    path = _graph_file(files / "graph.safetensors")
+    proc = run_main(capsys, "inspect", path)
+    assert proc.returncode == 0, proc.stderr
+    ops = [line.split()[2] for line in proc.stdout.splitlines()[1:4]]
+    assert ops == ["Recurrent", "ReduceMean", "Relu"]
+    assert "format version 2" in proc.stdout and "inputs: x float (batch, steps, 6)" in proc.stdout
+    proc = run_main(capsys, "run", path, files / "x.npy", "-o", files / "yg.npy")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(files / "yg.npy"), le.load(path).forward(np.load(files / "x.npy"))[0],
+                               atol=1e-6, rtol=0)
+    # A state_dict is not the forward of a graph model: verify says so instead of comparing with a guess.
+    proc = run_main(capsys, "verify", path, "--source", files / "lstm.pt")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "NOT CHECKED" in proc.stdout and "holds weights, not the forward" in proc.stdout
+    assert "max abs" not in proc.stdout
+    proc = run_main(capsys, "bench", path, "--steps", 4, "--seconds", 0.02)
+    assert "streaming step:  n/a" in proc.stdout and "mean_over_time" in proc.stdout
+
+
+def test_verify_takes_sources_registered_by_other_formats(files, capsys, monkeypatch):
+    from lstm_engine import cli as cli_mod
+
+    path = _graph_file(files / "graph2.safetensors")
+    (files / "truth.npy").write_bytes(b"")
+
+    def reference(model, source, x, rng, args):
+        y, state = model.forward(x)
+        return cli_mod.Reference("fake 1.0", {"y": y + 1e-7}, note="(outputs only)")
+
+    monkeypatch.setattr(cli_mod, "SOURCES", list(cli_mod.SOURCES))
+    cli_mod.register_source(cli_mod.Source("fake", lambda p: str(p).endswith("truth.npy"), reference))
+    proc = run_main(capsys, "verify", path, "--source", files / "truth.npy", "--atol", "1e-6")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(fake 1.0)" in proc.stdout and "ok:" in proc.stdout and "y " in proc.stdout
 
 
 def test_bench(files, capsys):

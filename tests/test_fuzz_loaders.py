@@ -136,6 +136,25 @@ def _keras_models():
     return seq, functional
 
 
+def _graph_model(rng):
+    """A graph model (format version 2): an LSTM read at its last step, glue ops, an If on a run-time flag."""
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    lstm = le.LSTM(r(16, 3), r(16, 4), r(16), r(16))
+    then_g = le.Graph([], ["o"], [le.Node("Mul", ["y", "half"], ["o"], {}, "scale")], {"half": np.array(0.5, "f4")})
+    else_g = le.Graph([], ["o"], [le.Node("Softmax", ["y"], ["o"], {"axis": -1}, "softmax")])
+    nodes = [le.Node("Recurrent", ["x"], ["out", "h", "c"], {"layer": 0}, "lstm"),
+             le.Node("Gather", ["out", "last"], ["lo"], {"axis": 1}, "last"),
+             le.Node("LayerNormalization", ["lo", "g", "b4"], ["n"], {"epsilon": 1e-5}, "norm"),
+             le.Node("Gemm", ["n", "w", "b"], ["y"], {"transB": 1}, "fc"),
+             le.Node("If", ["flag"], ["z"], {"then_branch": then_g, "else_branch": else_g}, "if"),
+             le.Node("Reshape", ["c"], ["cf"], {"shape": [-1, 4]}, "flat"),
+             le.Node("Concat", ["z", "cf"], ["zc"], {"axis": 1}, "cat")]
+    g = le.Graph([le.ValueInfo("x", "float", ["batch", "steps", 3]), le.ValueInfo("flag", "bool", [])],
+                 ["zc", "h"], nodes, {"last": np.array(-1, np.int64), "g": r(4), "b4": r(4), "w": r(2, 4),
+                                      "b": r(2)}, [lstm], output_structure=(0, 1))
+    return le.Model(g)
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """{name: path} of real model files of every format lstm_engine loads."""
@@ -158,6 +177,7 @@ def sources(tmp_path_factory):
     dense = le.Dense(rng.standard_normal((2, 4)), rng.standard_normal(2), activation="tanh",
                      dtype=(np.float32, np.float64))
     le.save(le.Model([le.Masking(), gru, bn, dense]), root / "native_float.safetensors")
+    le.save(_graph_model(rng), root / "native_graph.safetensors")
     seq, functional = _keras_models()
     seq.save(root / "keras_seq.keras")
     functional.save(root / "keras_ids.keras")
@@ -385,7 +405,8 @@ def safetensors_mutation(rng, data):
     meta = header.get("__metadata__", {})
     kind = rng.random()
     if kind < 0.3 and meta.get("architecture"):
-        key = rng.choice(["architecture", "architecture", "metadata", "dtypes"])
+        key = rng.choice(["architecture", "architecture", "metadata", "dtypes"]
+                         + ["graph", "graph", "graph"] * ("graph" in meta))
         try:
             inner = json.loads(meta.get(key, "null"))
         except ValueError:

@@ -251,7 +251,7 @@ def test_file_round_trip_is_identical(tmp_path, fmt):
     path = tmp_path / "q.safetensors"
     le.save(q, path)
     tensors, meta = read_safetensors(path)
-    assert meta["format_version"] == "2"
+    assert meta["format_version"] == "3"  # 1: float chains, 2: float graphs
     assert json.loads(meta["architecture"])[1]["quantization"] == {"format": fmt, "per_channel": True}
     want = {"int8": np.int8, "float16": np.float32, "bfloat16": np.uint16}[fmt]  # F16 reads back widened
     assert tensors["layers.1.weight_ih"].dtype == want
@@ -261,7 +261,7 @@ def test_file_round_trip_is_identical(tmp_path, fmt):
     assert [getattr(layer.quantization, "format", None) for layer in back.layers] == [fmt, fmt, fmt]
 
 
-def test_float_files_stay_version_1(tmp_path):
+def test_float_files_keep_their_version(tmp_path):
     le.save(MODELS["lstm-dense"], tmp_path / "f.safetensors")
     assert read_safetensors(tmp_path / "f.safetensors")[1]["format_version"] == "1"
 
@@ -298,7 +298,8 @@ HOSTILE = {
                                                                                           "per_channel": True})),
                        "quantization"),
     "quantized in version 1": (lambda t, m: m.__setitem__("format_version", "1"), "version 1"),
-    "future version": (lambda t, m: m.__setitem__("format_version", "3"), "upgrade"),
+    "quantized in version 2": (lambda t, m: m.__setitem__("format_version", "2"), "version 2|graph"),
+    "future version": (lambda t, m: m.__setitem__("format_version", "4"), "upgrade"),
 }
 
 
@@ -348,13 +349,13 @@ def test_cli_quantize_inspect_and_verify(tmp_path):
     back = le.load(out)
     assert back.layers[0].quantization.format == "int8" and back.layers[1].quantization is None
     r = cli("inspect", out)
-    assert r.returncode == 0 and "int8 per-channel" in r.stdout and "format version 2" in r.stdout
+    assert r.returncode == 0 and "int8 per-channel" in r.stdout and "format version 3" in r.stdout
     r = cli("verify", out, "--source", src, "--atol", "0.05")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "against" in r.stdout and "mean abs" in r.stdout
     r = cli("verify", out, "--source", src)  # default --atol 1e-4: the quantization error shows
     assert r.returncode == 1 and "FAILED" in r.stdout
-    r = cli("verify", out)  # round trip only, exact
-    assert r.returncode == 0 and "compare with the float model" in r.stdout
+    r = cli("verify", out)  # round trip only (exact); without a source verify says NOT CHECKED, status 2
+    assert r.returncode == 2 and "compare with the float model" in r.stdout and "max abs  0.00e+00" in r.stdout
     r = cli("quantize", src, out, "--dtype", "int8", "--keep-float", "Conv")
     assert r.returncode == 1 and "names no layer" in r.stderr

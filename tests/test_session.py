@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lstm_engine as le
-from lstm_engine import session as session_mod
+from lstm_engine import stream as stream_mod
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,7 +155,7 @@ _HYP_MODEL = torch_model("stack")
 
 
 def test_long_feed_runs_in_slices(monkeypatch):
-    monkeypatch.setattr(session_mod, "_MAX_CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(stream_mod, "MAX_CHUNK_ELEMENTS", 200)
     model = make("lm")
     x = inputs(model, 2, 57, np.random.default_rng(0))
     s = model.session(2)
@@ -534,4 +534,4 @@ def test_sessions_in_parallel_threads_equal_serial_runs():
 def test_sessions_share_the_weights():
     model = make("stack")
     a, b = model.session(1), model.session(1)
-    assert a._chain.kernels[0] is b._chain.kernels[0]
+    assert a._streamer.kernels[0] is b._streamer.kernels[0]

@@ -6,11 +6,12 @@
 """
 from . import activations
 from ._kernels import cpu_info
-from .errors import LoadError, UnsafeModelError
+from .errors import LoadError, UnsafeModelError, UnsupportedOpError
 from .formats import load
 from .formats.keras import from_keras
 from .formats.native import save
 from .formats.torch import from_torch
+from .graph import Graph, Node, ValueInfo
 from .gru import GRU
 from .layers import Activation, BatchNorm, Dense, Dropout, Embedding, LayerNorm, Masking
 from .lstm import LSTM
@@ -29,16 +30,20 @@ __all__ = [
     "Dropout",
     "Embedding",
     "GRU",
+    "Graph",
     "LSTM",
     "LayerNorm",
     "LoadError",
     "Masking",
     "Model",
+    "Node",
     "RNN",
     "Session",
     "Stream",
     "StreamPool",
     "UnsafeModelError",
+    "UnsupportedOpError",
+    "ValueInfo",
     "cpu_info",
     "from_keras",
     "from_torch",

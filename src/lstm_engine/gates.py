@@ -1,7 +1,7 @@
 """A look inside recurrent layers: gate activations over time, memory horizon and gradient flow.
 
-``model.forward(x, record=True)`` runs each recurrent layer here, step by step in NumPy from the
-layer's own weights, instead of through the kernel: the kernel's loop stays as fast as it is and the
+``model.forward(x, record=True)`` runs the model's plan with each recurrent layer run here, step by
+step in NumPy from the layer's own weights, instead of through the kernel: the kernel's loop stays as fast as it is and the
 gates come out as a by-product. Gates of each recurrent layer, a dict name -> (D, B, T, width):
 
     LSTM  i, f, g, o (hidden_size), c (hidden_size), h (proj_size or hidden_size)
@@ -177,30 +177,6 @@ def run_layer(layer: Any, x: np.ndarray, mask: np.ndarray | None, state: tuple[n
     return y.astype(x.dtype), trace
 
 
-def forward_recorded(model: Any, x: np.ndarray, mask: np.ndarray | None, packed: bool, layers: list,
-                     states: list) -> tuple[np.ndarray, list, list[dict[str, np.ndarray]], list[Trace]]:
-    """Model.forward's loop with every recurrent layer run by ``run_layer``: (y, states, gates, traces)."""
-    with OneBlasThread():
-        return _forward_recorded(x, mask, packed, layers, states)
-
-
-def _forward_recorded(x: np.ndarray, mask: np.ndarray | None, packed: bool, layers: list,
-                      states: list) -> tuple[np.ndarray, list, list[dict[str, np.ndarray]], list[Trace]]:
-    recorded, traces = [], []
-    k = 0
-    for layer in layers:
-        if layer.is_recurrent:
-            kmask = None if mask is None else np.ascontiguousarray(mask)
-            raw, trace = run_layer(layer, x, kmask, states[k], packed or layer.zero_output_for_mask)
-            x, mask = layer.arrange(raw, mask)
-            recorded.append({name: v.astype(x.dtype) for name, v in trace.gates.items()})
-            traces.append(trace)
-            k += 1
-        else:
-            x, mask = layer.forward(x, mask)
-    return x, states, recorded, traces
-
-
 # -- memory horizon ---------------------------------------------------------------------------------
 
 def memory_horizon(layer: Any, gates: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -336,13 +312,16 @@ class LayerReport:
 
 def analyse(model: Any, x: Any, lengths: Any = None, *, cast: bool = False, flow: bool = True) -> list[LayerReport]:
     """Gates, memory horizon and (with ``flow``) gradient flow of every recurrent layer for input x."""
-    prepared = model._prepare(x, lengths, None, cast)
-    _, _, recorded, traces = forward_recorded(model, *prepared)
+    from .plan import Call
+
+    inputs, dtype, B = model._inputs(x, lengths, cast)
+    call = Call(model._initial(None, B, dtype, cast), record=[])
+    model._execute(inputs, dtype, call)
     reports = []
-    recurrent = [i for i, layer in enumerate(model.layers) if layer.is_recurrent]
     with OneBlasThread():
-        for index, gates, trace in zip(recurrent, recorded, traces):
-            layer = model.layers[index]
+        for layer, trace in call.record:
+            index = next(i for i, known in enumerate(model.layers) if known is layer)
+            gates = {name: v.astype(dtype) for name, v in trace.gates.items()}
             reports.append(LayerReport(index, layer, gates, memory_horizon(layer, trace.gates),
                                        gradient_flow(layer, trace) if flow else {}))
     return reports

@@ -75,6 +75,9 @@ def sample(scores: np.ndarray, temperature: float, top_k: int | None, top_p: flo
 
 def check_language_model(model: Any, output_size: int | None) -> bool:
     """Raise ValueError unless the model maps token ids to scores over those ids; True if the scores are probabilities."""
+    if not model.is_chain:
+        raise ValueError("generate: the model must be a chain of layers from token ids to scores "
+                         "(Embedding -> recurrent layers -> Dense); feed a graph model with session.step")
     if not model.takes_ids:
         raise ValueError("generate: the model must start with an Embedding (token ids in) and end in logits")
     vocab = model.layers[0].num_embeddings

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ._base import as_real_array
-from .model import check_state
-from .session import _Chain, check_floats, check_streamable
+from .plan import check_state
+from .stream import Streamer, check_floats
 
 
 class _Core:
@@ -32,9 +32,14 @@ class _Core:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.dtype = dtype
-        self.chain = _Chain(model, dtype, max_batch)
+        self.streamer = streamer = Streamer(model, dtype, max_batch, "model.pool()")
         self.takes_ids = model.takes_ids
-        self.output_size = self.chain.output_size
+        self.output_size = model.output_size
+        self.vocab = streamer.vocab()
+        if len(streamer.inputs) != 1 or streamer.inputs[0][1] != 1 or streamer.output_axes != [1] \
+                or (not self.takes_ids and model.input_size is None):
+            raise ValueError("model.pool(): a pool streams models of one input (batch, steps, features) or token "
+                             "ids (batch, steps) and one output (batch, steps, ...); use model.session() for others")
         self.widths = [[w for _, w in layer.state_shapes] for layer in model.recurrent_layers]
         # Plain locks rather than Conditions: a Condition allocates a lock per wait, and these are
         # taken twice per step. `mutex` guards pending, closed, the streams' busy flags and the
@@ -52,7 +57,7 @@ class _Core:
         self.state_lock = threading.Lock()
         self.capacity = 0
         self.slots: list[list[np.ndarray]] = [[np.empty((0, w), dtype) for w in ws] for ws in self.widths]
-        self.started = [np.empty(0, np.bool_) for _ in self.widths] if self.chain.masked else None
+        self.started = [np.empty(0, np.bool_) for _ in self.widths] if streamer.masked else None
         self.free: list[int] = []
         self.dropped: list[int] = []  # slots of streams garbage-collected without close()
         self.open_streams = 0
@@ -210,7 +215,7 @@ class _Core:
             inputs[:, 0] = [s._x for s in batch]
         else:
             np.stack([s._x for s in batch], out=inputs[:, 0])
-        out = np.empty((n, self.output_size), self.dtype)
+        out = None if self.output_size is None else np.empty((n, self.output_size), self.dtype)
         with self.state_lock:
             idx = np.fromiter((s._slot for s in batch), np.intp, n)
             for k, arrays in enumerate(self.slots):
@@ -218,7 +223,12 @@ class _Core:
                     np.take(arr, idx, axis=0, out=g[:n])
                 if started is not None:
                     np.take(self.started[k], idx, out=started[k])
-            self.chain.run(inputs, n, 1, states, started, out)
+            out3 = None if out is None else out[:, None]
+            y = self.streamer.run([inputs] + [None] * (self.streamer.n_inputs - 1), states, started, out3)[0]
+            if out is None:
+                out = np.array(y[:, 0])
+            elif y is not out3:
+                np.copyto(out3, y)
             for k, arrays in enumerate(self.slots):
                 for arr, g in zip(arrays, self.gathered[k]):
                     arr[idx] = g[:n]
@@ -256,7 +266,6 @@ class StreamPool:
         if dt not in model.dtypes:
             kept = ", ".join(str(d) for d in model.dtypes)
             raise TypeError(f"dtype: this model keeps weights in {kept}, not {dt}")
-        check_streamable(model, "model.pool()")
         self.model = model
         self.max_batch = int(max_batch)
         self.dtype = dt
@@ -319,7 +328,7 @@ class Stream:
         self._notify: Any = None
         core = self._core
         self._shape = None if core.takes_ids else (core.model.input_size,)
-        self._vocab = core.model.layers[0].num_embeddings if core.takes_ids else 0
+        self._vocab = core.vocab
 
     def __repr__(self) -> str:
         return f"Stream(slot={self._slot}{', closed' if self._closed else ''})"

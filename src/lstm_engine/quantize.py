@@ -12,6 +12,7 @@ normalisation layers stay float32. A quantized model runs float32 inputs; ``le.s
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Iterable
 
@@ -204,7 +205,11 @@ def quantize(model: Any, dtype: str = "int8", *, keep_float: Iterable[Any] = (),
                                  f"{_kernels.MAX_QUANT_COLUMNS} can be quantized")
         q = Quantization.of(dtype, per_channel, {n: weights[n] for n in names}, f"layers.{i} ({type(layer).__name__})")
         layers.append(_rebuild(layer, {**weights, **q.dequantized()}, quantization=q))
-    return Model(layers, metadata=dict(model.metadata), threads=model.threads)
+    if model.is_chain:
+        return Model(layers, metadata=dict(model.metadata), threads=model.threads)
+    # A graph: the same nodes on the new layers (layers of If branches' own graphs stay as they are).
+    return Model(dataclasses.replace(model.graph, layers=layers), metadata=dict(model.metadata),
+                 threads=model.threads)
 
 
 # -- the engine's file ---------------------------------------------------------------------------

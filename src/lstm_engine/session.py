@@ -21,187 +21,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import _kernels, activations
-from ._base import SMALL_PRODUCT_FLOPS, OneBlasThread, as_real_array
-from .layers import Dense, Dropout, Embedding
-from .model import check_state
+from ._base import as_real_array
+from .graph import build_structure
+from .plan import check_state
+from .stream import Streamer, check_floats, plain_stack
 
-_EMBED, _RECURRENT, _DENSE, _OTHER = range(4)
 _ndarray = np.ndarray
-
-# Chunks longer than this many elements of the widest buffer run in slices, so that one huge feed()
-# does not keep gigabytes of scratch alive for the session's lifetime.
-_MAX_CHUNK_ELEMENTS = 1 << 22
-
-
-def check_floats(arr: np.ndarray, where: str) -> None:
-    """A state array must hold floats; it is copied into the session's own dtype."""
-    if arr.dtype.kind != "f":
-        raise TypeError(f"{where}: expected floats, got dtype {arr.dtype}")
-
-
-def check_streamable(model: Any, what: str = "model.session()") -> None:
-    """Raise ValueError naming the layer that needs a whole sequence before its first output."""
-    layers = model.layers
-    recurrent = [i for i, layer in enumerate(layers) if layer.is_recurrent]
-    for i in recurrent:
-        layer = layers[i]
-        if layer.bidirectional:
-            raise ValueError(f"{what}: layer {i} ({layer!r}) is bidirectional; its reverse direction reads the "
-                             "sequence from its end, so the model cannot stream step by step (use model.forward)")
-        if layer.go_backwards:
-            raise ValueError(f"{what}: layer {i} ({layer!r}) runs backwards (go_backwards=True); it reads the "
-                             "sequence from its end, so the model cannot stream step by step (use model.forward)")
-        if not layer.return_sequences and i != recurrent[-1]:
-            raise ValueError(f"{what}: layer {i} ({layer!r}) has return_sequences=False but feeds the recurrent "
-                             "layers after it, which need every step; the model cannot stream step by step")
-
-
-class _Chain:
-    """A streamable model's layers bound to buffers for up to ``rows`` batch rows.
-
-    ``run`` takes valid input for n <= rows rows and T steps and per-recurrent-layer states of
-    (1, n, width) arrays, updates the states in place and writes the last layer's output into
-    ``out``. Buffers grow to the longest chunk seen (bounded by feed's slicing) and are reused.
-    """
-
-    def __init__(self, model: Any, dtype: np.dtype, rows: int) -> None:
-        self.dtype = dtype
-        self.rows = rows
-        self.stages: list[tuple] = []
-        self.masked = False  # whether any layer can produce a mask (then masked steps need care)
-        widths = []
-        width = model.input_size
-        for layer in model.layers:
-            if isinstance(layer, Dropout):
-                continue
-            if layer.is_recurrent:
-                kernel = layer._kernels[dtype]
-                width = layer.output_size
-                self.stages.append((_RECURRENT, kernel, layer.zero_output_for_mask))
-            elif isinstance(layer, Embedding):
-                self.masked |= layer.mask_zero
-                width = layer.embedding_dim
-                self.stages.append((_EMBED, layer._by_dtype[dtype]["weight"], layer.mask_zero, layer))
-            elif isinstance(layer, Dense) and layer.quantization is None:  # a quantized head runs its forward
-                w = layer._by_dtype[dtype]
-                width = layer.output_size
-                # weight.T is a view: BLAS reads the (out, in) weight transposed, nothing is copied.
-                self.stages.append((_DENSE, w["weight"].T, w["bias"], layer.activation, w["weight"]))
-            else:
-                self.masked |= type(layer).__name__ == "Masking"
-                width = layer.output_size or width
-                self.stages.append((_OTHER, layer))
-            widths.append(width)
-        self.widths = widths
-        self.output_size = widths[-1] if widths else width
-        self.kernels = [st[1] for st in self.stages if st[0] == _RECURRENT]
-        self._steps = 0
-        self._views: dict[tuple[int, int], tuple] = {}
-        self._grow(1)
-
-    def max_steps(self) -> int:
-        """The longest chunk run in one piece for this many rows."""
-        widest = max([self.rows * w for w in self.widths]
-                     + [k.work_size(self.rows, 1) for k in self.kernels] + [1])
-        return max(1, _MAX_CHUNK_ELEMENTS // widest)
-
-    def _grow(self, steps: int) -> None:
-        n = self.rows * steps
-        self._buffers = [np.empty(n * w, self.dtype) for w in self.widths]
-        self._work = np.empty(max([k.work_size(self.rows, steps) for k in self.kernels] + [0]), self.dtype)
-        self._mask = np.empty(n, np.bool_)
-        self._steps = steps
-        self._views.clear()
-
-    def views(self, n: int, T: int) -> tuple:
-        """Per-stage output buffers (n, T, width), the work buffer and the mask buffers for n rows, T steps."""
-        key = (n, T)
-        v = self._views.get(key)
-        if v is None:
-            if T > self._steps:
-                self._grow(T)
-            bufs = [b[: n * T * w].reshape(n, T, w) for b, w in zip(self._buffers, self.widths)]
-            mask = self._mask[: n * T].reshape(n, T)
-            v = (bufs, self._work, mask, mask.view(np.uint8))
-            if len(self._views) > 256:
-                self._views.clear()
-            self._views[key] = v
-        return v
-
-    def run(self, x: np.ndarray, n: int, T: int, states: list, started: list | None, out: np.ndarray) -> None:
-        """Run every layer over valid x: (n, T, F) floats or (n, T) ids; out gets (n, T, out) (any shape of that size)."""
-        bufs, work, mask_bool, mask_u8 = self.views(n, T)
-        stages = self.stages
-        last = len(stages) - 1
-        mask = None  # uint8 (n, T) for the kernels, or None when every step is valid
-        k = 0
-        for i, st in enumerate(stages):
-            kind = st[0]
-            dst = out if i == last else bufs[i]
-            if kind == _RECURRENT:
-                h, c = states[k]
-                if started is None:
-                    st[1].run(x, dst, h, c, mask, work, st[2])
-                else:
-                    self._run_masked(st, x, dst, h, c, mask, work, started[k], n, T)
-                k += 1
-            elif kind == _DENSE:
-                y = dst.reshape(n * T, -1)
-                if n * T == 1 and y.dtype == np.float32:
-                    # One row: the engine's GEMV on this thread (a 2-thread BLAS call waits for a core).
-                    _kernels.dense_row(st[4], x.reshape(-1), st[2], y.reshape(-1))
-                else:
-                    with OneBlasThread() if 2 * y.size * x.shape[-1] < SMALL_PRODUCT_FLOPS else nullcontext():
-                        np.matmul(x.reshape(n * T, -1), st[1], out=y)
-                    if st[2] is not None:
-                        y += st[2]
-                activations.apply(st[3], y)
-            elif kind == _EMBED:
-                if st[1] is None:  # quantized: widened row by row
-                    dst.reshape(n, T, -1)[...] = st[3].embed(x, self.dtype)
-                else:
-                    np.take(st[1], x, axis=0, out=dst.reshape(n, T, -1))
-                if st[2]:
-                    np.not_equal(x, 0, out=mask_bool)
-                    mask = mask_u8
-            else:
-                y, m = st[1].forward(x, None if mask is None else mask.view(np.bool_))
-                if m is not None:
-                    mask = np.ascontiguousarray(m, dtype=np.uint8)
-                if i == last:
-                    out.reshape(y.shape)[...] = y
-                else:
-                    dst = np.ascontiguousarray(y, dtype=self.dtype)
-            x = dst
-
-    @staticmethod
-    def _run_masked(st: tuple, x: np.ndarray, dst: np.ndarray, h: np.ndarray, c: np.ndarray,
-                    mask: np.ndarray | None, work: np.ndarray, started: np.ndarray, n: int, T: int) -> None:
-        """Run a recurrent layer of a model with masks, carrying 'the previous output' across calls.
-
-        Within one call the kernel repeats the previous output at a masked step (Keras), but at a
-        chunk's first steps it writes zeros. The previous output is h (the state is carried through
-        masked steps) once the row has had a valid step since its reset, so those leading steps are
-        patched from h as it was before the call.
-        """
-        if mask is None:
-            st[1].run(x, dst, h, c, None, work, st[2])
-            started[:] = True
-            return
-        valid = mask.view(np.bool_)
-        any_valid = valid.any(axis=1)
-        fix = None
-        if not st[2]:
-            lead = np.where(any_valid, valid.argmax(axis=1), T)
-            fix = np.flatnonzero((lead > 0) & started)
-            saved = h[0, fix].copy() if fix.size else None
-        st[1].run(x, dst, h, c, mask, work, st[2])
-        if fix is not None and fix.size:
-            y = dst.reshape(n, T, -1)
-            for j, b in enumerate(fix):
-                y[b, : lead[b]] = saved[j]
-        started |= any_valid
 
 
 # -- saved states ------------------------------------------------------------------------------
@@ -216,20 +41,36 @@ _digest_lock = threading.Lock()
 
 
 def architecture_fingerprint(model: Any) -> str:
-    """A hash of the layer classes, their configs and weight shapes: what a saved state's layout depends on."""
-    desc = [{"class": type(layer).__name__, "config": layer.config(),
-             "weights": {k: list(v.shape) for k, v in layer.weights().items()}} for layer in model.layers]
+    """A hash of the layer classes, their configs and weight shapes, and of a graph's nodes and constants'
+    shapes: what a saved state's layout and meaning depend on."""
+    desc: Any = [{"class": type(layer).__name__, "config": layer.config(),
+                  "weights": {k: list(v.shape) for k, v in layer.weights().items()}} for layer in model.layers]
+    if not model.is_chain:
+        from .formats.native import describe
+
+        tensors: dict = {}
+        desc = {"layers": desc, "graph": describe(model.graph, list(model.layers), tensors),
+                "constants": {k: [str(v.dtype), list(v.shape)] for k, v in tensors.items()}}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def weights_digest(model: Any) -> str:
-    """A hash of the weights' bytes, computed once per model (a state means nothing under other weights)."""
+    """A hash of the weights' (and a graph's constants') bytes, computed once per model (a state means
+    nothing under other weights)."""
     with _digest_lock:
         digest = _weights_digests.get(model)
         if digest is None:
             h = hashlib.blake2b(digest_size=16)
             for layer in model.layers:
                 for name, value in sorted(layer.weights().items()):
+                    h.update(name.encode())
+                    h.update(np.ascontiguousarray(value).tobytes())
+            if not model.is_chain:
+                from .formats.native import describe
+
+                tensors: dict = {}
+                describe(model.graph, list(model.layers), tensors)
+                for name, value in tensors.items():
                     h.update(name.encode())
                     h.update(np.ascontiguousarray(value).tobytes())
             digest = _weights_digests[model] = h.hexdigest()
@@ -247,9 +88,12 @@ class Session:
 
     Made by ``model.session(batch_size=1)``. ``step(x_t)`` runs one timestep — (B, F) floats, or (B,)
     token ids when the model starts with an Embedding — and returns (B, out); ``feed(x)`` runs a chunk
-    (B, T, F) / (B, T) and returns (B, T, out). ``state`` is the per-recurrent-layer list of (h, c) /
-    (h,) arrays (1, B, width) that ``model.forward`` uses. One session serves one thread at a time;
-    a second thread calling in meanwhile gets RuntimeError. Sessions of one model run in parallel.
+    (B, T, F) / (B, T) and returns (B, T, out). A graph model streams its inputs along their "steps"
+    axis: step takes them without it (a tuple for several), feed with it, and the outputs come in the
+    graph's structure (values without a time axis, such as a final state, as they are after the call).
+    ``state`` is the per-recurrent-layer list of (h, c) / (h,) arrays (1, B, width) that
+    ``model.forward`` uses. One session serves one thread at a time; a second thread calling in
+    meanwhile gets RuntimeError. Sessions of one model run in parallel.
     """
 
     def __init__(self, model: Any, batch_size: int = 1, *, dtype: Any = None) -> None:
@@ -259,17 +103,14 @@ class Session:
         if dt not in model.dtypes:
             kept = ", ".join(str(d) for d in model.dtypes)
             raise TypeError(f"dtype: this model keeps weights in {kept}, not {dt}; build it with dtype= including {dt}")
-        check_streamable(model)
         B = int(batch_size)
+        self._streamer = Streamer(model, dt, B)
         self.model = model
         self.batch_size = B
         self.dtype = dt
-        self._chain = _Chain(model, dt, B)
         layers = model.recurrent_layers
         self._state = [layer.zero_state(B, dt) for layer in layers]
-        # The kernels take (h, c); GRU and RNN have no c, so h stands in for it.
-        self._run_state = [(s[0], s[-1]) for s in self._state]
-        self._started = [np.zeros(B, np.bool_) for _ in layers] if self._chain.masked else None
+        self._started = [np.zeros(B, np.bool_) for _ in layers] if self._streamer.masked else None
         # The thread guard: one token in a list. list.pop and list.append are atomic under the GIL
         # (and locked in free-threaded builds), so popping it is a non-blocking test-and-set that
         # costs a tenth of a threading.Lock round trip (measured); a call that finds no token raises.
@@ -277,10 +118,13 @@ class Session:
         self._take_token, self._give_token = self._token.pop, self._token.append
         self.takes_ids = model.takes_ids
         self.input_size = model.input_size
-        self.output_size = self._chain.output_size
+        # A chain's output is (B, T, output_size): step and feed write it into one array, made or given.
+        self._chain = model.is_chain
+        self.output_size = model.output_size if self._chain else None
         self._out_shape = (B, self.output_size)
         self._out_ok = None  # the last out= buffer that passed the checks
-        self._max_steps = self._chain.max_steps()
+        self._out_steps = (None, None)  # the last step output and its (B, 1, out) view, which the plan writes
+        self._max_steps = self._streamer.max_steps
         self._one_row = B == 1
         fast = self._fast_plan()
         self._fast_head = None if fast is None else fast[:-1]
@@ -290,15 +134,19 @@ class Session:
         """For a stack of recurrent layers and nothing else, what step() calls, bound once.
 
         Each entry is (kernel.run, h, c, work, zero_masked, output buffer (B, 1, width)); the last
-        layer writes into step's own output instead. The buffers stay valid when feed() grows the
-        chain's: the old ones are still large enough for one step.
+        layer writes into step's own output instead. This is the plan's own sequence of kernel calls
+        with its arguments bound ahead: a plain stack runs nothing else (streamer.plain_stack).
         """
-        chain = self._chain
-        if chain.masked or any(st[0] != _RECURRENT for st in chain.stages):
+        streamer = self._streamer
+        if not plain_stack(streamer):
             return None
-        bufs, work, _, _ = chain.views(self.batch_size, 1)
-        return tuple((st[1].run, h, c, work, st[2], buf)
-                     for st, (h, c), buf in zip(chain.stages, self._run_state, bufs))
+        B = self.batch_size
+        kernels = streamer.kernels
+        work = np.empty(max(k.work_size(B, 1) for k in kernels), self.dtype)
+        layers = self.model.recurrent_layers
+        return tuple((kernel.run, state[0], state[-1], work, layer.zero_output_for_mask,
+                      np.empty((B, 1, kernel.num_directions * kernel.output_size), self.dtype))
+                     for kernel, state, layer in zip(kernels, self._state, layers))
 
     def __repr__(self) -> str:
         return f"Session(batch_size={self.batch_size}, dtype={self.dtype}, layers={len(self.model.layers)})"
@@ -321,7 +169,7 @@ class Session:
         self.model.layers[0].check_ids(ids, name)
         return np.ascontiguousarray(ids, dtype=np.intp)
 
-    def _check_floats(self, x: Any, ndim: int, name: str = "x") -> np.ndarray:
+    def _check_floats(self, x: Any, ndim: int, name: str = "x", check_shape: bool = True) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             x = as_real_array(x, self.dtype, name)
         native = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
@@ -329,6 +177,8 @@ class Session:
             raise TypeError(f"{name}: dtype {x.dtype}, but this session runs {self.dtype}; convert with "
                             f".astype(np.{self.dtype}) or open the session with dtype={x.dtype.name!r} if the model "
                             f"keeps it")
+        if not check_shape:
+            return x
         F = self.input_size
         want = (self.batch_size, F) if ndim == 2 else (self.batch_size, "steps", F)
         if x.ndim != ndim or x.shape[0] != self.batch_size or (F is not None and x.shape[-1] != F):
@@ -347,13 +197,15 @@ class Session:
         return out
 
     # -- running ------------------------------------------------------------------------------
-    def step(self, x: Any, out: np.ndarray | None = None) -> np.ndarray:
+    def step(self, x: Any, out: np.ndarray | None = None) -> Any:
         """Run one timestep: x (B, F) floats or (B,) token ids; returns (B, out), written to ``out`` if given."""
         try:
             self._take_token()
         except IndexError:
             raise self._busy() from None
         try:
+            if not self._chain:
+                return self._run_graph(x, out, True)
             if out is None:
                 out = np.empty(self._out_shape, self.dtype)
             elif out is not self._out_ok:
@@ -381,18 +233,30 @@ class Session:
             else:
                 x = self._check_floats(x, 2)
             x = x[None] if self._one_row else x[:, None]
-            self._chain.run(x, self.batch_size, 1, self._run_state, self._started, out)
+            known, out3 = self._out_steps
+            if known is not out:
+                out3 = out[:, None]
+                self._out_steps = (out, out3)
+            self._run_chain(x, out3)
             return out
         finally:
             self._give_token(True)
 
-    def feed(self, x: Any, out: np.ndarray | None = None) -> np.ndarray:
+    def _run_chain(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Run valid input (B, T, F) / (B, T) through the plan; out (B, T, out) gets the output."""
+        y = self._streamer.run([x, None], self._state, self._started, out)[0]
+        if y is not out:
+            np.copyto(out, y.reshape(out.shape))
+
+    def feed(self, x: Any, out: np.ndarray | None = None) -> Any:
         """Run a chunk: x (B, T, F) floats or (B, T) token ids; returns (B, T, out), written to ``out`` if given."""
         try:
             self._take_token()
         except IndexError:
             raise self._busy() from None
         try:
+            if not self._chain:
+                return self._run_graph(x, out, False)
             x = self._check_ids(x, 2) if self.takes_ids else self._check_floats(x, 3)
             B, T = x.shape[:2]
             shape = (B, T, self.output_size)
@@ -400,17 +264,82 @@ class Session:
             piece = self._max_steps
             if T <= piece:
                 if T:
-                    self._chain.run(x, B, T, self._run_state, self._started, out)
+                    self._run_chain(x, out)
                 return out
             buf = np.empty((B, piece, self.output_size), self.dtype)
             for t0 in range(0, T, piece):
                 n = min(piece, T - t0)
                 y = buf[:, :n] if n == piece else np.empty((B, n, self.output_size), self.dtype)
-                self._chain.run(np.ascontiguousarray(x[:, t0:t0 + n]), B, n, self._run_state, self._started, y)
+                self._run_chain(np.ascontiguousarray(x[:, t0:t0 + n]), y)
                 out[:, t0:t0 + n] = y
             return out
         finally:
             self._give_token(True)
+
+    def _graph_inputs(self, x: Any, step: bool) -> tuple[list, int]:
+        """A graph's inputs for the plan (the time axis in place) and the number of steps they hold."""
+        graph = self.model.graph
+        fed = self._streamer.inputs
+        given = list(x) if isinstance(x, tuple) and len(fed) != 1 else [x]
+        if len(given) != len(fed):
+            raise ValueError(f"x: this model takes {len(fed)} inputs "
+                             f"({', '.join(graph.inputs[i].name for i, _ in fed)}), got {len(given)}")
+        inputs: list = [None] * len(graph.inputs)
+        T = None
+        for (i, axis), value in zip(fed, given):
+            info = graph.inputs[i]
+            name = info.name
+            if info.dtype == "float":
+                value = self._check_floats(value, len(info.shape) - step, name, check_shape=False)
+            else:
+                value = np.asarray(value)
+                if (info.dtype == "bool") != (value.dtype == np.bool_) or value.dtype.kind not in "iub":
+                    raise TypeError(f"{name}: expected {info.dtype}, got dtype {value.dtype}")
+            want = [self.batch_size if d == "batch" else d for d in info.shape]
+            shown = tuple(d for j, d in enumerate(want) if not (step and j == axis))
+            if value.ndim != len(shown):
+                raise ValueError(f"{name}: expected shape {shown}, got {value.shape}")
+            if step:
+                value = np.expand_dims(value, axis)
+            if any(isinstance(d, int) and d != n for d, n in zip(want, value.shape)):
+                raise ValueError(f"{name}: expected shape {shown}, got {np.shape(given[fed.index((i, axis))])}")
+            if T is not None and value.shape[axis] != T:
+                raise ValueError(f"{name}: {value.shape[axis]} steps, but the other inputs have {T}")
+            T = value.shape[axis]
+            inputs[i] = np.ascontiguousarray(value)
+        return inputs, T
+
+    def _run_graph(self, x: Any, out: np.ndarray | None, step: bool) -> Any:
+        """step/feed for a graph model: chunks through the plan, outputs in the graph's structure."""
+        inputs, T = self._graph_inputs(x, step)
+        axes = self._streamer.output_axes
+        pieces: list[list] = [[] for _ in axes]
+        piece = self._max_steps
+        for t0 in range(0, T, piece):
+            n = min(piece, T - t0)
+            chunk = list(inputs)
+            if n != T:
+                for i, axis in self._streamer.inputs:
+                    chunk[i] = np.ascontiguousarray(_steps(inputs[i], axis, t0, n))
+            results = self._streamer.run(chunk, self._state, self._started, None)
+            for j, (res, axis) in enumerate(zip(results, axes)):
+                if isinstance(axis, int) and res.shape[axis] != n:
+                    raise ValueError(f"model.session(): output {self.model.graph.outputs[j]!r} has "
+                                     f"{res.shape[axis]} steps for {n} steps in; the graph does not keep one "
+                                     "output per step, so it cannot stream")
+                # Copies: buffers and states are the session's own, and change with the next call.
+                pieces[j] = pieces[j] + [np.array(res)] if isinstance(axis, int) else [np.array(res)]
+        outs = []
+        for parts, axis in zip(pieces, axes):
+            y = np.concatenate(parts, axis=axis) if isinstance(axis, int) and len(parts) > 1 else parts[-1]
+            outs.append(np.take(y, 0, axis=axis) if step and isinstance(axis, int) else y)
+        y = build_structure(self.model.graph.output_structure, outs)
+        if out is None:
+            return y
+        if not isinstance(y, np.ndarray):
+            raise ValueError("out: this model returns several outputs; call without out=")
+        np.copyto(self._check_out(out, y.shape), y)
+        return out
 
     # -- state ---------------------------------------------------------------------------------
     def _check_rows(self, rows: Any) -> Any:
@@ -554,6 +483,13 @@ class Session:
         from .generate import generate_tokens
 
         return generate_tokens(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed)
+
+
+def _steps(x: np.ndarray, axis: int, start: int, n: int) -> np.ndarray:
+    """Steps start..start+n of x along its time axis."""
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, start + n)
+    return x[tuple(index)]
 
 
 class _Release:

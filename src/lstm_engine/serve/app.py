@@ -36,7 +36,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..generate import check_language_model, check_sampling
-from ..session import check_streamable
+from ..stream import check_streamable
 from .metrics import Metrics
 from .store import StreamError, StreamStore
 from .wire import NPY, Inputs, array_from_json, check_position, parse_json, parse_npy, to_npy

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..graph import id_range
 from .store import StreamError
 
 NPY = "application/x-npy"
@@ -122,7 +123,10 @@ class Inputs:
 
     def __init__(self, model: Any, dtype: np.dtype, max_chunk: int) -> None:
         self.takes_ids = model.takes_ids
-        self.vocab = model.layers[0].num_embeddings if self.takes_ids else 0
+        self.vocab = id_range(model.graph, model.graph.inputs[0].name) if self.takes_ids else 0
+        if self.vocab is None:
+            raise ValueError("serve: the model's token ids are not only looked up in tables, so their range "
+                             "cannot be checked on the wire")
         self.input_size = model.input_size
         self.dtype = dtype
         self.max_chunk = max_chunk

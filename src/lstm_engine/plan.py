@@ -1,0 +1,418 @@
+"""One plan, one runner: a Graph compiled once per dtype, run by forward, sessions, the pool and recording.
+
+``Plan(graph, dtype)`` numbers the values, casts float constants once, binds each node to a small
+function and folds nodes whose inputs are all constant. ``plan.run(inputs, call)`` runs the nodes in
+order; ``call`` (a ``Call``) carries what differs between callers: the recurrent states (given, or
+made per call), the sessions' output buffers and Keras-mask bookkeeping, and recording.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import activations, ops as _ops
+from .graph import Graph, Node
+from .layers import Dense, Dropout
+
+State = list  # one tuple per Recurrent node: (h, c) for LSTM, (h,) for GRU and RNN
+
+
+def check_state(value: Any, layers: list, batch: int, what: str, check_dtype: Callable[[np.ndarray, str], None],
+                allow_missing: bool = False) -> list[tuple[np.ndarray, ...] | None]:
+    """Check a state given by a caller: one (h, c) or (h,) per recurrent layer, each (directions, batch, width).
+
+    Returns the arrays (as given, not copied) per layer; an entry given as None stays None when
+    ``allow_missing``. ``check_dtype(array, where)`` raises TypeError for a dtype the caller refuses.
+    ``batch`` None accepts any batch size the entries agree on. Shared by Model.forward(initial_state=),
+    Session.state and the pool's Stream.state.
+    """
+    if not isinstance(value, (list, tuple)) or len(value) != len(layers):
+        raise ValueError(f"{what}: expected a list of {len(layers)} entries, one per recurrent layer")
+    out: list[tuple[np.ndarray, ...] | None] = []
+    for k, (layer, given) in enumerate(zip(layers, value)):
+        if given is None and allow_missing:
+            out.append(None)
+            continue
+        if isinstance(given, np.ndarray):
+            given = (given,)
+        names = ("h", "c")[: len(layer.state_shapes)]
+        if not isinstance(given, (list, tuple)) or len(given) != len(names):
+            raise ValueError(f"{what}[{k}]: expected a tuple ({', '.join(names)}) for {layer!r}")
+        entry = []
+        for name, arr, (D, W) in zip(names, given, layer.state_shapes):
+            arr = np.asarray(arr)
+            check_dtype(arr, f"{what}[{k}] {name}")
+            B = arr.shape[1] if batch is None and arr.ndim == 3 else batch
+            if arr.shape != (D, B, W):
+                raise ValueError(f"{what}[{k}] {name}: expected shape {(D, batch or 'batch', W)} "
+                                 f"(directions, batch, width), got {arr.shape}")
+            entry.append(arr)
+        out.append(tuple(entry))
+    return out
+
+
+@dataclass
+class Call:
+    """What one run of a plan needs besides its inputs.
+
+    states: per Recurrent node a tuple of (D, B, width) arrays the kernels update in place, or None:
+    then the node starts from its h0/c0 inputs (or zeros) and the new arrays are stored here.
+    frame: a list (one entry per buffer position of the plan) that keeps the nodes' output arrays
+    between runs of the same input shapes (sessions, the pool; the caller may put its own output
+    array at the position of the node that makes the first output), or None: fresh arrays.
+    started: per Recurrent node, (B,) bool: whether a row has had a valid step since its reset
+    (streaming with Keras masks), or None. streaming: run chunk by chunk (no Keras arrangement of a
+    recurrent output). record: a list that collects (layer, trace) per Recurrent node, run in NumPy.
+    """
+
+    states: list
+    frame: list | None = None
+    started: list | None = None
+    streaming: bool = False
+    record: list | None = None
+
+    def alloc(self, pos: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """The array a node writes its output at buffer position pos into (the frame's, when it fits)."""
+        frame = self.frame
+        if frame is None:
+            return np.empty(shape, dtype)
+        buf = frame[pos]
+        if buf is None or buf.shape != shape:
+            buf = frame[pos] = np.empty(shape, dtype)
+        return buf
+
+
+class Plan:
+    """A graph bound to one float dtype: value slots, node functions, constants cast once."""
+
+    def __init__(self, graph: Graph, dtype: np.dtype, outer: dict[str, int] | None = None,
+                 outer_env: list | None = None, positions: list | None = None,
+                 recurrent: list | None = None) -> None:
+        self.graph = graph
+        # Buffer positions: two per node (its output, its scratch), numbered across If branches too.
+        self._positions = positions = [0] if positions is None else positions
+        self.dtype = np.dtype(dtype)
+        # An If branch reads the enclosing graph's values by name and puts its own after them in the
+        # same value list, so that the slots of both never collide.
+        slots: dict[str, int] = dict(outer or {})
+        env: list = [] if outer_env is None else outer_env
+
+        def slot(name: str) -> int:
+            if not name:
+                return -1
+            if name not in slots:
+                slots[name] = len(env)
+                env.append(None)
+            return slots[name]
+
+        self.input_slots = [slot(v.name) for v in graph.inputs]
+        for name, value in graph.constants.items():
+            env[slot(name)] = value.astype(self.dtype) if value.dtype.kind == "f" else value
+        # One list for the graph and its If branches: a Recurrent node's index into Call.states is unique.
+        self.recurrent: list[Node] = [] if recurrent is None else recurrent
+        self.layers = graph.layers
+        steps = []
+        self.producer: dict[int, int] = {}  # value slot -> the buffer position of the node that makes it
+        for node in graph.nodes:
+            ins = [slot(n) for n in node.inputs]
+            outs = [slot(n) for n in node.outputs]
+            pos = positions[0]
+            positions[0] += 2
+            for o in outs:
+                self.producer[o] = pos
+            step = self._bind(node, pos, ins, outs, slots, env)
+            if node.op not in ("Recurrent", "Layer", "If") and all(i < 0 or env[i] is not None for i in ins) \
+                    and not any(i in self.input_slots for i in ins):
+                # Inputs all constant: run once now (weights assembled from slices, shapes of constants).
+                args = [env[i] for i in ins if i >= 0]
+                if node.op in _ops.OPS and _ops.result_elements(
+                        node.op, args, _ops.check_attrs(node.op, node.attrs)) > _ops.MAX_ELEMENTS:
+                    raise ValueError(f"{node.where()}: folding its constant inputs would make an array of more "
+                                     f"than {_ops.MAX_ELEMENTS} elements")
+                step(env, None)
+                continue
+            steps.append(step)
+        self.steps = steps
+        self.slots = slots
+        self.env = env
+        self.output_slots = [slot(n) for n in graph.outputs]
+
+    @property
+    def positions(self) -> int:
+        """How many buffer positions a Call.frame for this plan holds."""
+        return self._positions[0]
+
+    # -- binding ------------------------------------------------------------------------------
+    def _bind(self, node: Node, pos: int, ins: list[int], outs: list[int], slots: dict, env: list) -> Callable:
+        if node.op == "Recurrent":
+            k = len(self.recurrent)
+            self.recurrent.append(node)
+            return _recurrent_step(node, self.layers[node.attrs["layer"]], k, pos, ins, outs, self.dtype)
+        if node.op == "Layer":
+            return _layer_step(node, self.layers[node.attrs["layer"]], pos, ins, outs, self.dtype)
+        if node.op == "If":
+            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions, self.recurrent)
+                        for b in ("then_branch", "else_branch")]
+            return _if_step(node, branches, ins, outs)
+        spec = _ops.OPS[node.op]
+        kw = _ops.check_attrs(node.op, node.attrs)
+        if node.op == "Cast":
+            kw["_float"] = self.dtype
+        elif node.op == "Split":
+            kw["_outputs"] = len(outs)
+        fn = spec.fn
+        where = node.where()
+        if spec.inputs[1] < _ops.VARIADIC:
+            ins = ins + [-1] * (spec.inputs[1] - len(ins))  # optional inputs left out at the end
+
+        def step(env: list, call: Call | None) -> None:
+            args = [env[i] if i >= 0 else None for i in ins]
+            try:
+                res = fn(*args, **kw)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+            if len(outs) == 1:
+                env[outs[0]] = res if not isinstance(res, tuple) else res[0]
+            else:
+                for o, r in zip(outs, res):
+                    if o >= 0:
+                        env[o] = r
+        return step
+
+    # -- running ------------------------------------------------------------------------------
+    def run(self, inputs: list, call: Call) -> list:
+        """Run the graph on inputs (one per graph input, None for an optional one left out); its outputs."""
+        env = self.env.copy()
+        for s, x in zip(self.input_slots, inputs):
+            env[s] = x
+        for step in self.steps:
+            step(env, call)
+        return [env[s] for s in self.output_slots]
+
+    def run_branch(self, env: list, call: Call | None) -> list:
+        """Run as a branch of an If: env is the enclosing graph's value list, which holds this one's too."""
+        for step in self.steps:
+            step(env, call)
+        return [env[s] for s in self.output_slots]
+
+
+def _if_step(node: Node, branches: list[Plan], ins: list[int], outs: list[int]) -> Callable:
+    where = node.where()
+
+    def step(env: list, call: Call | None) -> None:
+        cond = env[ins[0]]
+        if cond.size != 1 or cond.dtype.kind not in "biu":
+            raise ValueError(f"{where}: the condition must be one bool, got {cond.dtype} {cond.shape}")
+        branch = branches[0 if bool(cond.reshape(())) else 1]
+        for o, r in zip(outs, branch.run_branch(env, call)):
+            if o >= 0:
+                env[o] = r
+    return step
+
+
+def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int], dtype: np.dtype) -> Callable:
+    """A non-recurrent engine layer of a chain, with its Keras mask in and out."""
+    ix, im = ins[0], (ins[1] if len(ins) > 1 else -1)
+    oy, om = outs[0], (outs[1] if len(outs) > 1 else -1)
+    if isinstance(layer, Dropout):
+        def step(env: list, call: Call) -> None:
+            env[oy] = env[ix]
+            if om >= 0:
+                env[om] = env[im] if im >= 0 else None
+        return step
+    if getattr(layer, "accepts_ids", False):
+        table = layer._by_dtype[dtype]["weight"]  # None when quantized: rows widened as they are looked up
+        width = layer.embedding_dim
+        mask_zero = layer.mask_zero
+
+        def step(env: list, call: Call) -> None:
+            ids = env[ix]
+            frame = call.frame
+            y = None if frame is None else frame[pos]
+            if y is None or y.shape[:-1] != ids.shape:
+                y = call.alloc(pos, ids.shape + (width,), dtype)
+            if table is None:
+                y[...] = layer.embed(ids, dtype)
+            else:
+                table.take(ids, axis=0, out=y)
+            env[oy] = y
+            if om >= 0:
+                mask = env[im] if im >= 0 else None
+                if mask_zero:
+                    valid = call.alloc(pos + 1, ids.shape, np.bool_)
+                    np.not_equal(ids, 0, out=valid)
+                    if mask is not None:
+                        valid &= mask
+                    mask = valid
+                env[om] = mask
+        return step
+    if isinstance(layer, Dense) and layer.quantization is None:  # a quantized head runs its own forward
+        w = layer._by_dtype[dtype]
+        # weight.T is a view: BLAS reads the (out, in) weight transposed, nothing is copied.
+        wT, bias, act = w["weight"].T, w["bias"], layer.activation
+        width = wT.shape[1]
+
+        def step(env: list, call: Call) -> None:
+            x = env[ix]
+            shape = x.shape[:-1] + (width,)
+            frame = call.frame
+            y = None if frame is None else frame[pos]
+            if y is None or y.shape != shape:
+                y = call.alloc(pos, shape, dtype)
+            y2 = y.reshape(-1, width)
+            np.matmul(x.reshape(-1, x.shape[-1]), wT, out=y2)
+            if bias is not None:
+                y2 += bias
+            activations.apply(act, y2)
+            env[oy] = y
+            if om >= 0:
+                env[om] = env[im] if im >= 0 else None
+        return step
+
+    def step(env: list, call: Call) -> None:
+        mask = env[im] if im >= 0 else None
+        y, m = layer.forward(env[ix], mask)
+        env[oy] = y if y.dtype == dtype else y.astype(dtype)
+        if om >= 0:
+            env[om] = m
+    return step
+
+
+def check_lengths(lengths: Any, B: int, T: int, where: str = "lengths", low: int = 1) -> np.ndarray:
+    """Packed-sequence lengths: integers (B,) in low..T."""
+    lengths = np.asarray(lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"{where}: expected integers, got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"{where}: expected shape ({B},), one length per batch row, got {lengths.shape}")
+    bad = np.flatnonzero((lengths < low) | (lengths > T))
+    if bad.size:
+        raise ValueError(f"{where}: every length must be in {low}..{T} (the number of steps); "
+                         f"row {bad[0]} has {lengths[bad[0]]}")
+    return lengths
+
+
+def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], outs: list[int],
+                    dtype: np.dtype) -> Callable:
+    """Run one recurrent layer through its compiled kernel (or, recording, the NumPy twin in gates)."""
+    ins = ins + [-1] * (5 - len(ins))
+    ix, il, ih, ic, im = ins
+    n_states = len(layer.state_shapes)
+    oy, o_states, om = outs[0], outs[1:1 + n_states], (outs[1 + n_states] if len(outs) > 1 + n_states else -1)
+    kernel = layer._kernels.get(dtype)
+    I = layer.input_size
+    width = layer.num_directions * layer._state_out
+    where = node.where()
+    keras = layer.go_backwards or not layer.return_sequences or (layer.bidirectional and layer.merge_mode != "concat")
+    zero_output = layer.zero_output_for_mask
+    init = [i for i in (ih, ic)[:n_states]]
+
+    def initial(env: list, B: int) -> tuple:
+        state = []
+        for i, name, (D, W) in zip(init, ("h0", "c0"), layer.state_shapes):
+            if i < 0:
+                state.append(np.zeros((D, B, W), dtype))
+                continue
+            given = env[i]
+            if given.shape != (D, B, W):
+                raise ValueError(f"{where}: {name} must have shape {(D, B, W)} (directions, batch, width), "
+                                 f"got {given.shape}")
+            state.append(np.array(given, dtype=dtype, order="C"))
+        return tuple(state)
+
+    plain = il < 0 and im < 0 and not keras
+    state_outs = [(o, j) for j, o in enumerate(o_states) if o >= 0]
+
+    def step(env: list, call: Call) -> None:
+        x = env[ix]
+        if x.dtype is not dtype or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, dtype=dtype)
+        shape = x.shape
+        if len(shape) != 3 or shape[2] != I or shape[1] == 0:
+            raise ValueError(f"{where}: x must have shape (batch, steps >= 1, {I}), got {x.shape}")
+        B, T = shape[0], shape[1]
+        state = call.states[k]
+        if state is None:
+            state = call.states[k] = initial(env, B)
+        record = call.record
+        if record is None:
+            frame = call.frame
+            raw = None if frame is None else frame[pos]
+            if raw is None or raw.shape != (B, T, width):
+                raw = call.alloc(pos, (B, T, width), dtype)
+            # A frame serves one set of input shapes, so its scratch, once made, fits.
+            work = None if frame is None else frame[pos + 1]
+            if work is None:
+                work = call.alloc(pos + 1, (kernel.work_size(B, T),), dtype)
+        if plain and record is None and call.started is None:
+            # The common case (chains, sessions): no lengths, no mask, nothing to arrange.
+            kernel.run(x, raw, state[0], state[-1], None, work, zero_output)
+            env[oy] = raw
+            for o, j in state_outs:
+                env[o] = state[j]
+            return
+        lengths = env[il] if il >= 0 else None
+        kmask = None
+        valid = env[im] if im >= 0 else None
+        if lengths is not None:
+            lengths = check_lengths(lengths, B, T, f"{where}: lengths", low=0)
+            packed = np.arange(T) < lengths[:, None]
+            valid = packed if valid is None else valid & packed
+        if valid is not None:
+            kmask = valid.view(np.uint8) if valid.dtype == np.bool_ and valid.flags.c_contiguous else \
+                np.ascontiguousarray(valid, dtype=np.uint8)
+        zero_masked = lengths is not None or zero_output
+        if record is not None:
+            from .gates import run_layer
+
+            raw, trace = run_layer(layer, x, kmask, state, zero_masked)
+            record.append((layer, trace))
+        else:
+            if call.started is not None:
+                _run_masked(kernel, x, raw, state, kmask, work, zero_masked, call.started[k], B, T)
+            else:
+                kernel.run(x, raw, state[0], state[-1], kmask, work, zero_masked)
+        if lengths is not None and not lengths.all():
+            # A row of length 0 (ONNX allows it) ends with zero states, as onnxruntime gives.
+            for s in state:
+                s[:, lengths == 0] = 0
+        if keras and not call.streaming:
+            y, mask = layer.arrange(raw, valid)
+        else:
+            y, mask = raw, valid
+        env[oy] = y
+        for o, j in state_outs:
+            env[o] = state[j]
+        if om >= 0:
+            env[om] = mask
+    return step
+
+
+def _run_masked(kernel: Any, x: np.ndarray, dst: np.ndarray, state: tuple, mask: np.ndarray | None,
+                work: np.ndarray, zero_masked: bool, started: np.ndarray, n: int, T: int) -> None:
+    """Run a recurrent layer of a model with masks, carrying 'the previous output' across calls.
+
+    Within one call the kernel repeats the previous output at a masked step (Keras), but at a
+    chunk's first steps it writes zeros. The previous output is h (the state is carried through
+    masked steps) once the row has had a valid step since its reset, so those leading steps are
+    patched from h as it was before the call.
+    """
+    h, c = state[0], state[-1]
+    if mask is None:
+        kernel.run(x, dst, h, c, None, work, zero_masked)
+        started[:] = True
+        return
+    valid = mask.view(np.bool_)
+    any_valid = valid.any(axis=1)
+    fix = None
+    if not zero_masked:
+        lead = np.where(any_valid, valid.argmax(axis=1), T)
+        fix = np.flatnonzero((lead > 0) & started)
+        saved = h[0, fix].copy() if fix.size else None
+    kernel.run(x, dst, h, c, mask, work, zero_masked)
+    if fix is not None and fix.size:
+        for j, b in enumerate(fix):
+            dst[b, : lead[b]] = saved[j]
+    started |= any_valid
