@@ -359,3 +359,29 @@ def test_cli_quantize_inspect_and_verify(tmp_path):
     assert r.returncode == 2 and "compare with the float model" in r.stdout and "max abs  0.00e+00" in r.stdout
     r = cli("quantize", src, out, "--dtype", "int8", "--keep-float", "Conv")
     assert r.returncode == 1 and "names no layer" in r.stderr
+
+
+# -- graph models ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_graph_model_quantized_runs_saves_and_loads(tmp_path, fmt):
+    """A graph (Recurrent node, Gemm head on the last step): its layers quantized, the glue ops unchanged."""
+    from lstm_engine.graph import Graph, Node, ValueInfo
+
+    r = np.random.default_rng(11).standard_normal
+    layer = le.LSTM(r((32, 5)) * 0.4, r((32, 8)) * 0.4, r(32), r(32))
+    nodes = [Node("Recurrent", ["x", "", "", ""], ["out", "h_n", "c_n"], {"layer": 0}, "lstm"),
+             Node("Gather", ["out", "last"], ["last_out"], {"axis": 1}, "getitem"),
+             Node("Gemm", ["last_out", "w", "b"], ["y"], {"transB": 1}, "fc")]
+    consts = {"last": np.array(-1, np.int64), "w": r((3, 8)).astype(np.float32), "b": r(3).astype(np.float32)}
+    model = le.Model(Graph([ValueInfo("x", "float", ["batch", "steps", 5])], ["y"], nodes, consts, [layer]))
+    q = le.quantize(model, fmt)
+    assert not q.is_chain and q.layers[0].quantization.format == fmt
+    x = np.random.default_rng(12).standard_normal((4, 7, 5)).astype(np.float32)
+    y, yq = model.forward(x)[0], q.forward(x)[0]
+    assert np.abs(yq - y).max() <= TOLERANCE[fmt] * 5 and np.abs(yq - y).max() > 0
+    le.save(q, tmp_path / "g.safetensors")
+    meta = read_safetensors(tmp_path / "g.safetensors")[1]
+    assert meta["format_version"] == "3" and "graph" in meta
+    back = le.load(tmp_path / "g.safetensors")
+    assert np.array_equal(back.forward(x)[0], yq)
