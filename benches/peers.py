@@ -43,6 +43,7 @@ TARGETS = {
 # ... and the fraction of this machine's sgemm (NumPy 2048^3, same threads, same run) the engine must reach.
 SGEMM_TARGETS = {"batch": 0.85, "pool-step": 0.6}
 LABEL = {"torch": "PyTorch", "onnxruntime": "ORT"}
+SETTLE_S = 0.2
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
@@ -244,6 +245,10 @@ def time_interleaved(calls: dict[str, Callable[[], object]], reps: int, budget: 
     for _ in range(reps):
         for k, f in calls.items():
             n = counts[k]
+            # Untimed quiet first: the previous system's threads (PyTorch's OpenMP, ORT's pool) keep
+            # spinning after its calls, and on 2 cores they took the next system's: token-lm measured
+            # 4 ms alone and 32 ms right after ORT's block in one run.
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             for _ in range(n):
                 f()
@@ -363,19 +368,17 @@ def quantized_rows(args, chosen: list) -> None:
 
 # -- main -------------------------------------------------------------------------------------
 def machine() -> str:
-    cpu, flags = "unknown CPU", set()
+    fields: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith(("cpu family", "model\t")):
-                cpu += f", {line.split(':')[0].strip()} {line.split(':', 1)[1].strip()}"
-            if line.strip() == "":
-                break
+            if not line.strip():
+                break  # the first CPU is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
+    cpu = f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+    flags = set(fields.get("flags", "").split())
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
               "avx512_fp16", "amx_tile"]
     have = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
@@ -386,12 +389,14 @@ def with_variant(run: Callable[[np.ndarray], np.ndarray], variant: str) -> Calla
     """run with the engine's kernels forced to `variant` for the call (the bench is single-threaded)."""
     from lstm_engine import _kernels
 
+    level = _kernels.VARIANTS.index(variant)
+
     def forced(x: np.ndarray) -> np.ndarray:
-        _kernels.set_simd_level(variant)
+        _kernels.set_simd_level(level)
         try:
             return run(x)
         finally:
-            _kernels.set_simd_level(None)
+            _kernels.set_simd_level(-1)
 
     return forced
 

@@ -24,6 +24,8 @@ enum { LE_PANEL = 16 };
 int le_simd_level(void);
 /* The best variant this CPU and OS support. */
 int le_simd_detected(void);
+/* The forced variant, or -1 when dispatch chooses. */
+int le_simd_forced(void);
 /* Force a variant (0..2; must be supported) or let dispatch choose (-1). Returns 0, or -1 when the
  * CPU lacks the variant's instructions (nothing changes then). */
 int le_set_simd_level(int level);

@@ -36,6 +36,7 @@ typedef struct {
     ptrdiff_t ld_add;
     float *out;                /* MODE_PROJECT: row r at out + r * ldo, panel p at + p * G * 16 */
     ptrdiff_t ldo;
+    int steps, rows;           /* > 0: A's row b * steps + t goes to out's row t * rows + b (time-major) */
     const float *bias;         /* GRU with A2: the packed bias added to W2's product */
     const float *bias_hn;      /* GRU: padded b_hn */
     float *c;                  /* LSTM cell, row r at c + r * H */
@@ -76,7 +77,9 @@ int le_pool_acquire(int nth, int patient);
 /* Run fn(arg, 0, nth) on the caller at once; up to nth - 1 workers join as tids 1.. when they get
  * a core, or never: fn must finish the whole job on whichever tids come (cpu_steps.c claims units). */
 void le_pool_run(job_fn fn, void *arg, int nth);
-/* Spin until cond(arg), yielding the core once the wait is long. */
-void le_wait_until(int (*cond)(void *), void *arg);
+/* Spin until cond(arg), yielding the core once the wait is long; returns the ns waited (about). */
+long le_wait_until(int (*cond)(void *), void *arg);
+/* A thread of the running job waited long for another: the next calls run on one thread a while. */
+void le_pool_note_stall(void);
 
 #endif

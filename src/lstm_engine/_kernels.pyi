@@ -28,6 +28,9 @@ class RecurrentKernel:
         go_backwards: bool = ...,
         quant: list[dict[str, PackedWeight]] | None = ...,  # per direction "ih", "hh", "hn", "hr" (quantized)
     ) -> None: ...
+    @property
+    def packed(self) -> tuple[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]], ...] | None: ...
+    # per direction (w_ih, w_hh) as (P, K, G, 16) panels on the float32 fast path, else None
     weight_format: str  # "float32", "float64", or "int8" / "float16" / "bfloat16" for quantized products
     def work_size(self, batch: int, steps: int) -> int: ...
     def run(
@@ -42,9 +45,19 @@ class RecurrentKernel:
         threads: int = ...,  # > 0 overrides self.threads for this call
     ) -> None: ...
 
-def simd_level() -> int: ...  # 1: AVX2+FMA kernels, 0: portable ones
-def set_simd_level(level: int) -> None: ...  # 0 forces the portable kernels, -1 restores the CPU check
-def cpu_count() -> int: ...  # cores in this process's affinity mask
+VARIANTS: tuple[str, ...]  # ("portable", "avx2", "avx512"): kernel variant names by level
+
+def simd_level() -> int: ...  # the variant in use: 0 portable, 1 AVX2+FMA, 2 AVX-512
+def set_simd_level(level: int | str | None) -> None: ...  # force a variant (ValueError if unsupported); -1/None: CPU check
+def variant_supported(level: int | str) -> tuple[bool, str]: ...  # (runs here?, why or what is missing)
+def cpu_info() -> dict[str, object]: ...  # cpu, variant, reason, variants, threads, threads_reason
+def dense_row(
+    weight: npt.NDArray[np.float32],  # (N, K)
+    x: npt.NDArray[np.float32],  # (K,)
+    bias: npt.NDArray[np.float32] | None,  # (N,)
+    out: npt.NDArray[np.float32],  # (N,), written and returned
+) -> npt.NDArray[np.float32]: ...
+def cpu_count() -> int: ...  # cores this process may use: affinity mask, cgroup quota, OMP_NUM_THREADS
 def blas_threads() -> int: ...  # OpenBLAS thread count (process-wide), 0 if no OpenBLAS was found
 def set_blas_threads(n: int) -> None: ...
 def set_parallel_min_bytes(n: int) -> int: ...  # returns the previous threshold

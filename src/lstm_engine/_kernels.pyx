@@ -20,6 +20,7 @@ cdef extern from "_cpu.h" nogil:
         LE_PANEL
     int le_simd_level()
     int le_simd_detected()
+    int le_simd_forced()
     int le_set_simd_level(int level)
     const char* le_simd_name(int level)
     const char* le_simd_reason(int level)
@@ -115,7 +116,7 @@ cdef int load_blas() except -1:
 le_blas_bind()  # NumPy's OpenBLAS, which the Dense heads use
 
 # Below this many bytes of weights read per step (times the batch) a run stays on one thread:
-# waking a second core and meeting it at a barrier every step costs more than it saves (measured,
+# waking a second core and waiting for it at the end of every step costs more than it saves (measured,
 # see benches/RESULTS.md).
 cdef Py_ssize_t parallel_min_bytes = 256 * 1024
 
@@ -380,7 +381,7 @@ cdef cnp.ndarray aligned_floats(Py_ssize_t n):
 cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, float* c,
                              const unsigned char* mask, float* w_ih, float* w_hh, float* bias,
                              float* bias_hn, float* work, int threads) noexcept nogil:
-    """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in _cpu.c.
+    """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in the C kernels (cpu_steps.c).
 
     Its own GEMM and GEMV on the weights packed once at load (OpenBLAS repacks the weights at every
     step), the gates applied to each tile of sums while it is in registers, and the units split
@@ -462,7 +463,7 @@ def cpu_info():
     A dict: cpu (model name), variant, reason, variants {name: {supported, reason}}, threads,
     threads_reason. LSTM_ENGINE_KERNELS=portable|avx2|avx512 in the environment forces a variant."""
     level = le_simd_level()
-    forced = level != le_simd_detected()
+    forced = le_simd_forced() >= 0
     return {
         "cpu": _cpu_model(),
         "variant": VARIANTS[level],
@@ -577,7 +578,7 @@ cdef class RecurrentKernel:
     cdef readonly object dtype
     cdef public int threads
     cdef int typenum
-    cdef bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: _cpu.c
+    cdef bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: the C kernels
     cdef readonly str weight_format  # "float32"/"float64", or a quantized format ("int8", ...)
     cdef QW q[2]
     cdef bint quantized
@@ -632,7 +633,7 @@ cdef class RecurrentKernel:
             self._pack(w_ih, w_hh, bias, bias_hn)
 
     def _pack(self, list w_ih, list w_hh, list bias, list bias_hn):
-        """Lay the float32 weights out once in _cpu.c's panels (every variant reads the same layout)."""
+        """Lay the float32 weights out once in the C kernels' panels (cpu_steps.c: one layout for every variant)."""
         cdef int d, G = self.num_gates, H = self.hidden_size, In = self.input_size
         cdef cnp.ndarray src, out
         packed = []
@@ -659,7 +660,7 @@ cdef class RecurrentKernel:
 
     @property
     def packed(self):
-        """Per direction (w_ih, w_hh) in _cpu.c's panels, float32 (P, K, G, 16), or None off the fast path."""
+        """Per direction (w_ih, w_hh) in the C kernels' panels, float32 (P, K, G, 16), or None off the fast path."""
         if not self.fast:
             return None
         P = panels(self.hidden_size)

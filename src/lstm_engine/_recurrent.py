@@ -14,6 +14,7 @@ from ._base import Layer, as_dtypes, as_weight
 from ._kernels import RecurrentKernel
 
 MERGE_MODES = ("concat", "sum", "ave", "mul")
+_SPARE_WORK_BYTES = 64 << 20
 
 
 def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
@@ -253,7 +254,8 @@ class RecurrentLayer(Layer):
         try:
             kernel.run(x, out, h, c, mask, work, zero_masked)
         finally:
-            if not self._spare_work:
+            # Kept for the next call unless huge: a one-off giant batch should not pin its scratch.
+            if not self._spare_work and work.nbytes <= _SPARE_WORK_BYTES:
                 self._spare_work.append(work)
         return out
 

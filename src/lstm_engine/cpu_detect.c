@@ -53,6 +53,11 @@ int le_simd_detected(void)
     return detected;
 }
 
+int le_simd_forced(void)
+{
+    return forced;
+}
+
 int le_simd_level(void)
 {
     return forced >= 0 ? forced : le_simd_detected();

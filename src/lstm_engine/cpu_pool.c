@@ -62,20 +62,35 @@ long le_now_ns(void)
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-void le_wait_until(int (*cond)(void *), void *arg)
+long le_wait_until(int (*cond)(void *), void *arg)
 {
-    long start = 0;
+    long start = 0, t = 0;
     int spins = 0;
     while (!cond(arg)) {
         cpu_relax();
         if ((++spins & 63) == 0) {
-            long t = le_now_ns();
+            t = le_now_ns();
             if (!start)
                 start = t;
             else if (t - start > WAIT_YIELD_NS)
                 sched_yield();
         }
     }
+    return start ? t - start : 0;
+}
+
+/* After a stall (a thread waited long for a unit another thread held: that thread had lost its
+ * core), calls run on one thread for a while, from 1 ms doubling up to 1 s while stalls repeat: on
+ * a machine whose cores are taken, a second thread costs more than it brings. */
+#define SOLO_NS_MIN 1000000L
+#define SOLO_NS_MAX 1000000000L
+static atomic_int stalled;
+static _Atomic long solo_until;
+static _Atomic long solo_backoff = SOLO_NS_MIN;
+
+void le_pool_note_stall(void)
+{
+    atomic_store_explicit(&stalled, 1, memory_order_relaxed);
 }
 
 static unsigned start_generation[MAX_THREADS];
@@ -170,15 +185,17 @@ static void wake_sleepers(void)
     pthread_mutex_unlock(&pool.lock);
 }
 
-/* The number of threads a job may use, up to nth: 1 when the workers are busy with another
- * caller's job (so two sessions stepping at once each keep one core), or, unless the job is
- * patient (long), when no worker is spinning on a core. Above 1 the workers are reserved for
+/* The number of threads a job may use, up to nth: 1 after a stall (above), when the workers are
+ * busy with another caller's job (so two sessions stepping at once each keep one core), or, unless
+ * the job is patient (long), when no worker is spinning on a core. Above 1 the workers are reserved for
  * this caller until le_pool_run. */
 int le_pool_acquire(int nth, int patient)
 {
     if (nth > MAX_THREADS)
         nth = MAX_THREADS;
     if (nth <= 1)
+        return 1;
+    if (le_now_ns() < atomic_load_explicit(&solo_until, memory_order_relaxed))
         return 1;
     if (pthread_mutex_trylock(&pool.busy) != 0)
         return 1;
@@ -227,6 +244,7 @@ void le_pool_run(job_fn fn, void *arg, int nth)
     pool.arg = arg;
     pool.nth = nth;
     atomic_store_explicit(&pool.left, 0, memory_order_relaxed);
+    atomic_store_explicit(&stalled, 0, memory_order_relaxed);
     unsigned gen = atomic_load_explicit(&pool.generation, memory_order_relaxed) + 1;
     atomic_store_explicit(&pool.entry, ((uint64_t)gen << 32) | OPEN, memory_order_release);
     atomic_store_explicit(&pool.generation, gen, memory_order_release);
@@ -236,5 +254,12 @@ void le_pool_run(job_fn fn, void *arg, int nth)
     uint64_t e = atomic_fetch_and_explicit(&pool.entry, ~OPEN, memory_order_acq_rel);
     int joined = (int)(e & JOINED_MASK);
     le_wait_until(joined_left, &joined);
+    if (atomic_load_explicit(&stalled, memory_order_relaxed)) {
+        long backoff = atomic_load_explicit(&solo_backoff, memory_order_relaxed);
+        atomic_store_explicit(&solo_until, le_now_ns() + backoff, memory_order_relaxed);
+        atomic_store_explicit(&solo_backoff, backoff < SOLO_NS_MAX ? 2 * backoff : backoff, memory_order_relaxed);
+    } else {
+        atomic_store_explicit(&solo_backoff, SOLO_NS_MIN, memory_order_relaxed);
+    }
     pthread_mutex_unlock(&pool.busy);
 }

@@ -97,7 +97,8 @@ INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const f
 {
     int G16 = j->G * LE_PANEL, u0 = p * LE_PANEL;
     if (j->mode == MODE_PROJECT) {
-        float *o = j->out + r * j->ldo + (ptrdiff_t)p * G16;
+        ptrdiff_t row = j->steps > 0 ? (ptrdiff_t)(r % j->steps) * j->rows + r / j->steps : r;
+        float *o = j->out + row * j->ldo + (ptrdiff_t)p * G16;
         for (int i = 0; i < G16; i++)
             o[i] = tile[i] + add[i];
         return;

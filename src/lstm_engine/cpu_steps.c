@@ -44,7 +44,7 @@ void le_pack_bias_f32(const float *b, int G, int H, float *out)
 
 ptrdiff_t le_steps_work_size(int cell, int B, int H, int T)
 {
-    /* The projections of every step (B, T, G * Hp), then h twice (this step's, the next). */
+    /* The projections of every step (T, B, G * Hp), then h twice (this step's, the next). */
     ptrdiff_t G = cell == 0 ? 4 : 3;
     return (ptrdiff_t)B * T * G * panels_of(H) * LE_PANEL + 2 * (ptrdiff_t)B * H;
 }
@@ -57,6 +57,7 @@ ptrdiff_t le_steps_work_size(int cell, int B, int H, int T)
  * its core (or a worker that never came: cpu_pool.c) holds nobody up beyond the unit it is in.
  * Each unit is computed the same way whoever runs it, so results never depend on the threads. */
 #define MAX_PARTS 64
+#define STALL_NS 100000L
 #define PROJECT_ROWS 48 /* rows of a projection unit: whole micro-kernel tiles for 3, 4, 6 and 8 rows */
 
 typedef struct {
@@ -65,7 +66,7 @@ typedef struct {
     int nth, P, fused;
     int chunks, groups, U0;     /* projection units: chunks of rows x groups of panels */
     float *xp, *hbuf[2];
-    ptrdiff_t GHp, xp_row;
+    ptrdiff_t GHp;
     atomic_int next[MAX_PARTS]; /* claims made in range r so far, over every phase */
     atomic_int done;            /* units finished, over every phase */
     atomic_int phase;           /* the latest phase begun: where a late worker starts */
@@ -141,8 +142,12 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
         blk->K = In;
         blk->W = a->w_ih;
         blk->add = a->bias;
+        /* Time-major projections: a step's rows are then one contiguous block, not B rows a
+         * whole sequence of projections apart (B pages apart for the batch workload). */
         blk->out = job->xp;
         blk->ldo = job->GHp;
+        blk->steps = T;
+        blk->rows = a->B;
         return;
     }
     int s = phase - 1, t = a->reverse ? T - 1 - s : s;
@@ -168,8 +173,8 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
         blk->bias = a->bias;
         blk->add = a->bias;
     } else {
-        blk->add = job->xp + (ptrdiff_t)t * job->GHp;
-        blk->ld_add = job->xp_row;
+        blk->add = job->xp + (ptrdiff_t)t * a->B * job->GHp;
+        blk->ld_add = job->GHp;
     }
 }
 
@@ -181,9 +186,15 @@ static void steps_run(void *arg, int tid, int nth)
     if (phase < (job->fused ? 1 : 0))
         phase = job->fused ? 1 : 0;
     le_block blk;
+    long worked = 0;
     for (; phase <= T; phase++) {
         done_wait w = {job, units_before(job, phase)};
-        le_wait_until(reached, &w);
+        /* Waiting long, and longer than this thread's own work of the phase, for a unit another
+         * thread holds: that thread lost its core. */
+        long waited = le_wait_until(reached, &w);
+        if (waited > STALL_NS && waited > 2 * worked)
+            le_pool_note_stall();
+        long started = le_now_ns();
         int seen = atomic_load_explicit(&job->phase, memory_order_relaxed);
         while (seen < phase && !atomic_compare_exchange_weak_explicit(&job->phase, &seen, phase, memory_order_relaxed,
                                                                       memory_order_relaxed))
@@ -197,6 +208,7 @@ static void steps_run(void *arg, int tid, int nth)
                 atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
             }
         }
+        worked = le_now_ns() - started;
     }
     /* The caller returns only when every unit is done: the state is then complete. */
     done_wait w = {job, units_before(job, T + 1)};
@@ -218,10 +230,9 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     job.P = P;
     job.fused = a->B == 1 && a->T == 1;
     job.GHp = (ptrdiff_t)(a->cell == 0 ? 4 : 3) * P * LE_PANEL;
-    job.xp_row = (ptrdiff_t)a->T * job.GHp;
-    job.xp = a->work;
+    job.xp = a->work; /* (T, B, G * Hp) */
     ptrdiff_t BH = (ptrdiff_t)a->B * a->H;
-    job.hbuf[0] = a->work + (ptrdiff_t)a->B * job.xp_row;
+    job.hbuf[0] = a->work + (ptrdiff_t)a->T * a->B * job.GHp;
     job.hbuf[1] = job.hbuf[0] + BH;
     memcpy(job.hbuf[0], a->h, BH * sizeof(float));
     /* Each thread needs at least one panel. */
