@@ -48,8 +48,8 @@ def files(tmp_path_factory):
     lstm = torch.nn.LSTM(6, 16, num_layers=2, bidirectional=True, batch_first=True)
     torch.save(lstm.state_dict(), d / "lstm.pt")
     le.save(le.from_torch(lstm), d / "lstm.safetensors")
-    lm = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.GRU(8, 12, batch_first=True),
-                             torch.nn.Linear(12, 20))
+    # An nn.Sequential runs its children in order, so it maps to a chain without an example input.
+    lm = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Linear(8, 8), torch.nn.GRU(8, 12, batch_first=True))
     torch.save(lm.state_dict(), d / "lm.pt")
     le.save(le.from_torch(lm), d / "lm.safetensors")
     rng = np.random.default_rng(0)
@@ -141,7 +141,7 @@ def test_verify_against_torch(files, capsys):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "lengths" in proc.stdout and "ok:" in proc.stdout
     assert "layer 0 h" in proc.stdout and "layer 1 c" in proc.stdout
-    # A container (Embedding -> GRU -> Linear) rebuilt from its state_dict, in this process.
+    # A container (Embedding -> Linear -> GRU) rebuilt from its state_dict, in this process.
     proc = run_main(capsys, "verify", files / "lm.safetensors", "--source", files / "lm.pt", "--atol", "1e-5")
     assert proc.returncode == 0 and "ok:" in proc.stdout and "layer 0 h" in proc.stdout, proc.stdout + proc.stderr
     # Another network's weights in the same shapes: the errors are large and the status says so.
@@ -261,3 +261,51 @@ def test_gates_rnn_next_to_lstm(tmp_path, capsys):
     rnn_h = float(rnn.stdout.split("|dh_T/dh_T-k|")[1].split("\n")[0].split()[-1])
     lstm_c = float(lstm.stdout.split("|dc_T/dc_T-k|")[1].split("\n")[0].split()[-1])
     assert rnn_h < 1e-3 and lstm_c > 0.9
+
+
+SCRIPT = '''
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 5)  # declared before the GRU it follows
+        self.embed = nn.Embedding(20, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True, bidirectional=True)
+
+    def forward(self, ids):
+        out, h_n = self.rnn(self.embed(ids))
+        return torch.log_softmax(self.head(out), dim=-1), h_n
+
+
+torch.manual_seed(SEED)
+model = Tagger().eval()
+'''
+
+
+def test_verify_a_forward_against_its_module(tmp_path, capsys):
+    """A model read from a module's forward is checked against that module (script or .pt2), nothing else."""
+    (tmp_path / "tagger.py").write_text(SCRIPT.replace("SEED", "0"))
+    (tmp_path / "other.py").write_text(SCRIPT.replace("SEED", "1"))
+    import runpy
+
+    module = runpy.run_path(str(tmp_path / "tagger.py"))["model"]
+    ids = torch.randint(0, 20, (2, 6))
+    le.save(le.from_torch(module, ids), tmp_path / "tagger.safetensors")
+    torch.export.save(torch.export.export(module, (ids,)), tmp_path / "tagger.pt2")
+    torch.save(module.state_dict(), tmp_path / "tagger.pt")
+    model = tmp_path / "tagger.safetensors"
+
+    proc = run_main(capsys, "verify", model)
+    assert proc.returncode == 2 and "NOT CHECKED" in proc.stdout and "ok:" not in proc.stdout, proc.stdout
+    outputs = le.load(model).graph.outputs
+    for source in ("tagger.py", "tagger.pt2"):
+        proc = run_main(capsys, "verify", model, "--source", tmp_path / source, "--atol", "1e-5")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert all(name in proc.stdout for name in outputs) and "ok:" in proc.stdout
+    proc = run_main(capsys, "verify", model, "--source", tmp_path / "other.py")
+    assert proc.returncode == 1 and "FAILED" in proc.stdout
+    proc = run_main(capsys, "verify", model, "--source", tmp_path / "tagger.pt")
+    assert proc.returncode == 2 and "holds weights, not the forward" in proc.stdout

@@ -28,9 +28,10 @@ STEPS = 1000
 def _lm(dtype=np.float32):
     """Embedding -> 2-layer LSTM -> Linear: the pool's batched path with every kind of stage."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Embedding(40, 16), torch.nn.LSTM(16, 48, num_layers=2, batch_first=True),
-                              torch.nn.Linear(48, 40))
-    return le.from_torch(net, dtype=dtype)
+    emb, rnn, head = torch.nn.Embedding(40, 16), torch.nn.LSTM(16, 48, num_layers=2, batch_first=True), \
+        torch.nn.Linear(48, 40)
+    return le.Model([le.Embedding(emb.weight, dtype=dtype), *le.from_torch(rnn, dtype=dtype).layers,
+                     le.Dense(head.weight, head.bias, dtype=dtype)])
 
 
 def _recurrent(dtype=np.float32):

@@ -308,7 +308,7 @@ def test_model_checks_layer_sizes():
 def test_from_torch_rejects_other_objects():
     with pytest.raises(TypeError, match="nn.Module or a state_dict"):
         le.from_torch("lstm.pt")
-    with pytest.raises(ValueError, match="Conv1d has no children"):
+    with pytest.raises(ValueError, match="Conv1d is not a bare nn.LSTM/GRU/RNN.*pass an example input"):
         le.from_torch(torch.nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="no recurrent weights"):
         le.from_torch({"foo": np.zeros(3)})

@@ -164,12 +164,14 @@ def sources(tmp_path_factory):
     torch.save(_seeded(torch.nn.GRU(3, 4, bidirectional=True, batch_first=True)).state_dict(), root / "gru.pt")
     safetensors_torch.save_file(_seeded(torch.nn.LSTM(3, 4, proj_size=2)).state_dict(),
                                 str(root / "lstm_proj.safetensors"))
-    net = _seeded(torch.nn.Sequential(torch.nn.Embedding(10, 3), torch.nn.LSTM(3, 4, batch_first=True),
-                                      torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)))
-    le.save(le.from_torch(net), root / "native_ids.safetensors")
+    emb, rnn, norm, head = _seeded(torch.nn.Sequential(torch.nn.Embedding(10, 3), torch.nn.LSTM(3, 4, batch_first=True),
+                                                       torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)))
+    chain = le.Model([le.Embedding(emb.weight), *le.from_torch(rnn).layers,
+                      le.LayerNorm(norm.weight, norm.bias), le.Dense(head.weight, head.bias)])
+    le.save(chain, root / "native_ids.safetensors")
     # Quantized engine files: int8 tensors with their scales, and bfloat16 bits.
-    le.save(le.quantize(le.from_torch(net), "int8"), root / "native_int8.safetensors")
-    le.save(le.quantize(le.from_torch(net), "bfloat16"), root / "native_bf16.safetensors")
+    le.save(le.quantize(chain, "int8"), root / "native_int8.safetensors")
+    le.save(le.quantize(chain, "bfloat16"), root / "native_bf16.safetensors")
     rng = np.random.default_rng(1)
     gru = le.GRU(rng.standard_normal((12, 3)), rng.standard_normal((12, 4)), rng.standard_normal(12),
                  rng.standard_normal(12), dtype=(np.float32, np.float64))

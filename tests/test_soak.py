@@ -75,8 +75,8 @@ def _recurrent_model():
 
 def _lm():
     torch.manual_seed(1)
-    return le.from_torch(torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.GRU(16, 64, batch_first=True),
-                                             torch.nn.Linear(64, 50)))
+    emb, rnn, head = torch.nn.Embedding(50, 16), torch.nn.GRU(16, 64, batch_first=True), torch.nn.Linear(64, 50)
+    return le.Model([le.Embedding(emb.weight), *le.from_torch(rnn).layers, le.Dense(head.weight, head.bias)])
 
 
 def _stream_steps(steps):
@@ -187,8 +187,9 @@ def model_files(tmp_path_factory):
     files = {"pt": str(root / "m.pt"), "native": str(root / "m.safetensors"), "keras": str(root / "m.keras"),
              "h5": str(root / "m.h5")}
     torch.save(torch.nn.LSTM(128, 256).state_dict(), files["pt"])
-    le.save(le.from_torch(torch.nn.Sequential(torch.nn.Embedding(100, 128), torch.nn.LSTM(128, 256, batch_first=True),
-                                              torch.nn.Linear(256, 100))), files["native"])
+    emb, rnn, head = torch.nn.Embedding(100, 128), torch.nn.LSTM(128, 256, batch_first=True), torch.nn.Linear(256, 100)
+    le.save(le.Model([le.Embedding(emb.weight), *le.from_torch(rnn).layers, le.Dense(head.weight, head.bias)]),
+            files["native"])
     k = keras.Sequential([keras.Input((None, 128)), keras.layers.LSTM(256, return_sequences=True),
                           keras.layers.Dense(8)])
     k.save(files["keras"])

@@ -3,6 +3,7 @@
     import lstm_engine as le
     model = le.from_torch(torch_lstm_or_state_dict)
     y, state = model.forward(x)          # x (batch, steps, features)
+    model = le.from_torch(net, example_x)  # any nn.Module: its forward, read with torch.export
 """
 from . import activations
 from ._kernels import cpu_info

@@ -158,8 +158,13 @@ def _check_input(model, x, path: str):
         raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {x.shape}")
 
 
-def _random_input(model, B: int, T: int, rng):
-    """Random valid input: a chain's x, or a graph's inputs (a tuple for several) in their declared shapes."""
+def _random_input(model, B: int, T: int, rng, shapes: list | None = None):
+    """Random valid input: a chain's x, or a graph's inputs (a tuple for several) in their declared shapes.
+
+    A graph's other named axes take the size its source's example input had (metadata "example_shapes"),
+    every named axis kept within the sizes the source allows ("dim_ranges"); ``shapes`` (one per input)
+    overrides them all.
+    """
     from .graph import id_range
 
     if model.is_chain:
@@ -167,11 +172,19 @@ def _random_input(model, B: int, T: int, rng):
             return rng.integers(0, model.layers[0].num_embeddings, (B, T))
         return rng.standard_normal((B, T, model.input_size or 1)).astype(model.dtype)
     sizes = {"batch": B, "steps": T}
+    examples = model.graph.metadata.get("example_shapes", {})
+    ranges = model.graph.metadata.get("dim_ranges", {})
     out = []
-    for info in model.graph.inputs:
-        if info.optional:
-            continue
-        shape = [d if isinstance(d, int) else sizes.get(d, 1) for d in info.shape]
+    for k, info in enumerate(v for v in model.graph.inputs if not v.optional):
+        shape = []
+        for axis, d in enumerate(info.shape):
+            if not isinstance(d, str):
+                shape.append(d if isinstance(d, int) else 1)
+                continue
+            lo, hi = ranges.get(d, (1, None))
+            size = sizes.get(d, examples.get(info.name, [1] * len(info.shape))[axis])
+            shape.append(max(lo, size if hi is None else min(size, hi)))
+        shape = shape if shapes is None else shapes[k]
         if info.dtype == "float":
             out.append(rng.standard_normal(shape).astype(model.dtype))
         elif info.dtype == "bool":
@@ -504,7 +517,8 @@ def add_verify(sub: argparse._SubParsersAction) -> None:
         epilog=f"example: {PROG} verify model.safetensors --source model.pt --atol 1e-5",
     )
     p.add_argument("model", metavar="MODEL", help="the model file lstm_engine runs")
-    p.add_argument("--source", metavar="ORIGINAL", help="the file it was exported from")
+    p.add_argument("--source", metavar="ORIGINAL", help="the file it was exported from (a torch module: a .py "
+                   "script defining `model`, or a .pt2 saved with torch.export.save)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest absolute error allowed (default 1e-4)")
     p.add_argument("--batch", type=int, default=4, metavar="B", help="random sequences (default 4)")
     p.add_argument("--steps", type=int, default=12, metavar="T", help="steps per sequence (default 12)")
@@ -757,7 +771,48 @@ def _engine_source(model, path: str, x, rng, args) -> Reference:
                      note=f" (output mean abs error {mean:.2e})")
 
 
-SOURCES += [Source("keras", _is_keras, _keras_source),
+def _is_torch_module_source(path: str) -> bool:
+    """A script that defines the module, or a program saved with torch.export.save."""
+    if path.endswith(".py"):
+        return True
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("/archive_format") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _torch_module_source(model, path: str, x, rng, args) -> Reference:
+    """The module itself (a graph read from its forward is compared with nothing else): every tensor it returns."""
+    import numpy as np
+
+    try:
+        import torch
+
+        from .formats.torch_export import load_reference
+    except ImportError:
+        raise NotChecked("--source is a torch module but torch is not installed") from None
+    from .errors import LoadError
+
+    try:
+        call, shapes = load_reference(path)
+    except LoadError as exc:
+        raise UserError(str(exc)) from None
+    if shapes is not None:  # an exported program runs at the shapes it was exported for
+        x = _random_input(model, 0, 0, rng, shapes)
+    inputs = x if isinstance(x, tuple) else (x,)
+    want = call(*(torch.from_numpy(np.asarray(a)) for a in inputs))
+    leaves = torch.utils._pytree.tree_flatten(want)[0]
+    shown = ", ".join(str(np.shape(a)) for a in inputs)
+    return Reference(f"torch {torch.__version__}", [t.detach().numpy() for t in leaves], inputs=x,
+                     note=f"(inputs {shown}; every tensor the module returns is compared)")
+
+
+SOURCES += [Source("torch module (.py defining `model`, or a torch.export.save .pt2)", _is_torch_module_source,
+                   _torch_module_source),
+            Source("keras", _is_keras, _keras_source),
             Source("torch state_dict", _is_torch_state_dict, _torch_state_dict_source),
             Source("lstm_engine", _is_engine_file, _engine_source)]
 

@@ -216,6 +216,7 @@ class Model:
     def _check_feeds(self, given: list, cast: bool) -> tuple[list, np.dtype]:
         """Graph inputs (None where an optional one is left out) checked against the graph's ValueInfos."""
         dtype = None
+        sizes: dict[str, int] = {}
         out = []
         for info, x in zip(self.graph.inputs, given):
             if x is None:
@@ -240,8 +241,23 @@ class Model:
                 raise ValueError(f"{info.name}: expected shape {want}, got {x.shape}")
             if info.time_axis is not None and x.shape[info.time_axis] == 0:
                 raise ValueError(f"{info.name}: expected at least one step, got shape {x.shape}")
+            self._check_named_dims(info, x.shape, sizes)
             out.append(x)
         return out, dtype or self.dtype
+
+    def _check_named_dims(self, info: Any, shape: tuple, sizes: dict) -> None:
+        """An axis named in the graph's inputs has one size in every input, within metadata["dim_ranges"]
+        (the sizes the source's forward was traced for, e.g. a torch slice ``x[:, :10]``)."""
+        ranges = self.graph.metadata.get("dim_ranges", {})
+        for name, size in zip(info.shape, shape):
+            if not isinstance(name, str):
+                continue
+            if sizes.setdefault(name, size) != size:
+                raise ValueError(f"{info.name}: axis {name!r} has size {size}, another input's has {sizes[name]}")
+            lo, hi = ranges.get(name, (0, None))
+            if size < lo or (hi is not None and size > hi):
+                raise ValueError(f"{info.name}: axis {name!r} has size {size}; this model's source computes "
+                                 f"sizes {lo}..{'' if hi is None else hi} only (its forward depends on the size)")
 
     def _initial(self, initial_state: Any, B: int | None, dtype: np.dtype, cast: bool) -> list:
         """Copies of a given initial state in dtype (the kernels update them in place); None where not given."""

@@ -93,8 +93,8 @@ def model_from_state_dict(state_dict: dict, *, source: str = "state_dict", dtype
     other = [k for k in state_dict if k not in known]
     if other:
         raise LoadError(f"{source}: tensor {other[0]!r} is not a parameter of a bare nn.LSTM/GRU/RNN; for a "
-                        "whole network use le.save(le.from_torch(net), 'model.safetensors') where torch is "
-                        "installed, then le.load that file")
+                        "whole network use le.save(le.from_torch(net, example_input), 'model.safetensors') where "
+                        "torch is installed, then le.load that file")
     try:
         layers = recurrent_layers_from_state_dict(state_dict, nonlinearity=nonlinearity,
                                                   dtype=np.float32 if dtype is None else dtype, source=source)
@@ -130,79 +130,101 @@ def _rnn_layers(module: Any, dtype: Any, nonlinearity: str | None) -> list:
                                             source=type(module).__name__)
 
 
-_ACTIVATIONS = {"ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Softsign": "softsign",
-                "Hardsigmoid": None, "Identity": "linear"}
+# Sequential children that act on each position's features alone (the last axis), whatever the input's
+# rank: for these a chain of engine layers computes what the Sequential does without seeing an input.
+_ACTIVATIONS = {"ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Softsign": "softsign", "Identity": None}
 
 
-def _container_layers(module: Any, path: str, dtype: Any, nonlinearity: str | None) -> list:
-    """Engine layers for a container's children, in registration order (taken as the forward order)."""
+def _sequential_layers(module: Any, path: str, dtype: Any, nonlinearity: str | None) -> list:
+    """Engine layers for an nn.Sequential's children (its forward is their order), or ValueError."""
     out = []
-    for name, child in module.named_children():
+    children = list(module.named_children())
+    for i, (name, child) in enumerate(children):
         where = f"{path}.{name}" if path else name
         kind = type(child).__name__
         torch_nn = type(child).__module__.startswith("torch.nn")
+
+        def refuse(why: str) -> ValueError:
+            return ValueError(f"from_torch: {where!r} ({kind}) {why}; pass example_input "
+                              "(le.from_torch(module, x)) to read the forward with torch.export")
+
         if _is_torch_rnn(child):
+            if i != len(children) - 1 or path:
+                raise refuse("passes its (output, state) tuple on to the next child")
             out.extend(_rnn_layers(child, dtype, nonlinearity))
         elif torch_nn and kind == "Embedding":
+            if out or path:
+                raise refuse("is not the first child")
             if child.max_norm is not None:
-                raise ValueError(f"from_torch: {where} (Embedding with max_norm) renormalises rows at lookup; "
-                                 "not supported")
+                raise refuse("renormalises rows at lookup (max_norm)")
             out.append(_layers.Embedding(_to_numpy(child.weight), dtype=dtype))
         elif torch_nn and kind == "Linear":
             bias = None if child.bias is None else _to_numpy(child.bias)
             out.append(_layers.Dense(_to_numpy(child.weight), bias, dtype=dtype))
         elif torch_nn and kind == "LayerNorm":
             if len(child.normalized_shape) != 1:
-                raise ValueError(f"from_torch: {where} normalises over {tuple(child.normalized_shape)}; only "
-                                 "the last axis is supported")
+                raise refuse(f"normalises over {tuple(child.normalized_shape)}, more than the last axis")
             weight = None if child.weight is None else _to_numpy(child.weight)
             bias = None if child.bias is None else _to_numpy(child.bias)
             out.append(_layers.LayerNorm(weight, bias, normalized_shape=child.normalized_shape[0],
                                          eps=child.eps, dtype=dtype))
-        elif torch_nn and kind == "BatchNorm1d":
-            # Applied over the last (feature) axis of (B, T, F), i.e. on the features of every step.
-            weight = None if child.weight is None else _to_numpy(child.weight)
-            bias = None if child.bias is None else _to_numpy(child.bias)
-            out.append(_layers.BatchNorm(_to_numpy(child.running_mean), _to_numpy(child.running_var),
-                                         weight, bias, eps=child.eps, dtype=dtype))
         elif torch_nn and kind == "Dropout":
             out.append(_layers.Dropout())
-        elif torch_nn and kind in _ACTIVATIONS and _ACTIVATIONS[kind]:
-            if _ACTIVATIONS[kind] != "linear":
+        elif torch_nn and kind in _ACTIVATIONS:
+            if _ACTIVATIONS[kind]:
                 out.append(_layers.Activation(_ACTIVATIONS[kind]))
-        elif torch_nn and kind == "Softmax":
-            if child.dim not in (-1, 2, None):
-                raise ValueError(f"from_torch: {where} is a Softmax over dim {child.dim}; only the last "
-                                 "(feature) axis is supported")
+        elif torch_nn and kind == "Softmax" and child.dim == -1:
             out.append(_layers.Activation("softmax"))
-        elif torch_nn and kind == "Sequential" or (not torch_nn and _is_torch_module(child)
-                                                    and list(child.children())):
-            out.extend(_container_layers(child, where, dtype, nonlinearity))
+        elif torch_nn and kind == "Sequential":
+            out.extend(_sequential_layers(child, where, dtype, nonlinearity))
         else:
-            raise ValueError(f"from_torch: child {where!r} ({kind}) is not supported; a container may hold "
-                             "Embedding, LSTM/GRU/RNN, Linear, LayerNorm, BatchNorm1d, Dropout and activation "
-                             "modules (ReLU, Tanh, Sigmoid, Softsign, Softmax)")
+            raise refuse("acts on an axis that depends on the input's rank, or is not one lstm_engine maps "
+                         "without seeing an input (Embedding, Linear, LayerNorm, Dropout, ReLU, Tanh, Sigmoid, "
+                         "Softsign, Softmax(dim=-1), an RNN last)")
     return out
 
 
-def from_torch(obj: Any, *, nonlinearity: str | None = None, dtype: Any = np.float32) -> Model:
-    """A Model from a PyTorch module or a state_dict.
+def _is_sequential(obj: Any) -> bool:
+    cls = type(obj)
+    return cls.__module__.startswith("torch.nn") and cls.__name__ == "Sequential"
 
-    Accepts an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (or a ``*Cell``); an ``nn.Sequential`` or plain
-    module whose children, in registration order, are Embedding, LSTM/GRU/RNN, Linear, LayerNorm,
-    BatchNorm1d, Dropout and activation modules (the order is taken as the forward order); or a bare
-    recurrent module's state_dict of tensors or arrays. ``nonlinearity`` ('tanh' or 'relu') is needed for
-    an RNN state_dict with ReLU, since state_dicts do not record it; modules carry their own.
+
+def from_torch(obj: Any, example_input: Any = None, *, nonlinearity: str | None = None,
+               dtype: Any = np.float32) -> Model:
+    """A Model from a PyTorch module (its real forward) or a state_dict.
+
+    With ``example_input`` (a tensor or NumPy array, or a tuple of them, one per forward argument) the
+    module's forward is read with ``torch.export`` and mapped op by op (see
+    ``lstm_engine.formats.torch_export``); ``model.forward(x)`` then returns ``(y, state)``, y exactly
+    what ``module(x)`` returns (a tuple stays a tuple) and state the recurrent layers' final states. The
+    module must be in eval mode. Ops outside what the engine runs raise ``UnsupportedOpError``.
+
+    Without it: an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (or a ``*Cell``), an ``nn.Sequential`` of
+    position-wise layers (Embedding, Linear, LayerNorm, Dropout, activations; an RNN as the last child),
+    or a bare recurrent module's state_dict of tensors or arrays. Any other module needs example_input:
+    only its forward says what it computes. ``nonlinearity`` ('tanh' or 'relu') is needed for an RNN
+    state_dict with ReLU, since state_dicts do not record it; modules carry their own.
     """
+    torch = sys.modules.get("torch")
+    metadata = {"source": "torch", "framework_version": getattr(torch, "__version__", None)}
+    if example_input is not None:
+        if not _is_torch_module(obj):
+            raise TypeError(f"from_torch: example_input is for an nn.Module, got {type(obj).__name__}")
+        from .torch_export import export_graph
+
+        return Model(export_graph(obj, example_input, dtype=dtype))
     if _is_torch_rnn(obj):
         layers = _rnn_layers(obj, dtype, nonlinearity)
-    elif _is_torch_module(obj):
-        layers = _container_layers(obj, "", dtype, nonlinearity)
+    elif _is_sequential(obj):
+        layers = _sequential_layers(obj, "", dtype, nonlinearity)
         if not layers:
-            raise ValueError(f"from_torch: {type(obj).__name__} has no children lstm_engine can run")
+            raise ValueError("from_torch: the Sequential has no children lstm_engine can run")
+    elif _is_torch_module(obj):
+        raise ValueError(f"from_torch: {type(obj).__name__} is not a bare nn.LSTM/GRU/RNN or an nn.Sequential: only "
+                         "its forward says what it computes; pass an example input, le.from_torch(module, "
+                         "example_input), and lstm_engine reads the forward with torch.export")
     elif isinstance(obj, dict):
         layers = recurrent_layers_from_state_dict(obj, nonlinearity=nonlinearity or "tanh", dtype=dtype)
     else:
         raise TypeError(f"from_torch: expected an nn.Module or a state_dict, got {type(obj).__name__}")
-    torch = sys.modules.get("torch")
-    return Model(layers, metadata={"source": "torch", "framework_version": getattr(torch, "__version__", None)})
+    return Model(layers, metadata=metadata)
