@@ -12,7 +12,7 @@ from lstm_engine.cli import main
 
 pytestmark = pytest.mark.timeout(300)
 
-COMMANDS = ["generate", "inspect", "run", "verify", "bench", "gates", "serve"]
+COMMANDS = ["generate", "inspect", "run", "verify", "bench", "gates", "quantize", "serve"]
 
 
 def cli(*args, cwd=None):
