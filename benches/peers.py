@@ -1,6 +1,6 @@
 """lstm_engine against PyTorch and ONNX Runtime on the issue's workloads, timed interleaved in one run.
 
-    python benches/peers.py [--only NAME ...] [--reps N] [--threads N] [--no-footprint]
+    python benches/peers.py [--only NAME ...] [--reps N] [--threads N] [--no-footprint] [--quantized]
 
 Every workload is built in the three systems from the same weights (workloads.py), the outputs are checked
 equal (streaming ones over several carried steps), then each system is timed in turn, round after round, so
@@ -8,6 +8,8 @@ drift on a shared machine hits them alike. Prints the CPU (model, flags) and the
 machine's NumPy sgemm (2048^3) on the same threads, median microseconds per call, the ratios to the best peer
 and the targets, and the fraction of that sgemm each system reaches on the batched workloads. On an AVX-512 CPU the engine
 also runs with its AVX2 variant forced, in the same rounds (the column `lstm_engine[avx2]`).
+--quantized adds the engine's int8/float16/bfloat16 models against PyTorch's and ONNX Runtime's
+quantize_dynamic on the same weights, timed interleaved with the float32 ones.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ SETTLE_S = 0.2
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
-def torch_runner(w: wl.Workload, weights: dict) -> Callable[[np.ndarray], np.ndarray]:
+def torch_runner(w: wl.Workload, weights: dict, quantized: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """quantized: torch.ao.quantization.quantize_dynamic (int8 weights, FBGEMM) on the recurrent layers and head."""
     import torch
     from torch import nn
 
@@ -74,6 +77,12 @@ def torch_runner(w: wl.Workload, weights: dict) -> Callable[[np.ndarray], np.nda
             net.embedding.weight.copy_(torch.from_numpy(weights["embedding"]))
             net.head.weight.copy_(torch.from_numpy(weights["head"][0]))
             net.head.bias.copy_(torch.from_numpy(weights["head"][1]))
+    if quantized:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+            net = torch.ao.quantization.quantize_dynamic(net, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
     state = None
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -156,7 +165,8 @@ def onnx_model(w: wl.Workload, weights: dict):
     return model
 
 
-def ort_runner(w: wl.Workload, weights: dict, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+def ort_runner(w: wl.Workload, weights: dict, threads: int, quantized: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """quantized: onnxruntime.quantization.quantize_dynamic, per-channel int8 (LSTM becomes DynamicQuantizeLSTM)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -164,8 +174,24 @@ def ort_runner(w: wl.Workload, weights: dict, threads: int) -> Callable[[np.ndar
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(onnx_model(w, weights).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    graph = onnx_model(w, weights).SerializeToString()
+    if quantized:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = os.path.join(tmp, "f.onnx"), os.path.join(tmp, "q.onnx")
+            with open(src, "wb") as f:
+                f.write(graph)
+            import logging
+
+            logging.disable(logging.WARNING)  # its advice to pre-process the graph, printed on every call
+            try:
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+            finally:
+                logging.disable(logging.NOTSET)
+            with open(dst, "rb") as f:
+                graph = f.read()
+    sess = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     state_names = [i.name for i in sess.get_inputs()][1:]
     state = {n: np.zeros((1, w.batch, w.hidden_size), np.float32) for n in state_names}
@@ -293,6 +319,53 @@ print(rss() - base)
         return float(_child(code)), size
 
 
+# -- quantized ----------------------------------------------------------------------------------
+QUANT_WORKLOADS = ("stream", "stream-gru", "batch", "token-lm")
+# (numerator, denominator, limit) from issue 13; "torch-q"/"ort-q" are the peers' quantize_dynamic models.
+QUANT_TARGETS = {
+    "token-lm": [("int8", "float32", 0.4), ("int8", "torch-q", 0.3), ("float16", "float32", 0.65),
+                 ("bfloat16", "float32", 0.65)],
+    "stream": [("int8", "float32", 0.6), ("int8", "ort-q", 0.5)],
+    "batch": [("int8", "float32", 0.7)],
+    "stream-gru": [],
+}
+
+
+def quantized_rows(args, chosen: list) -> None:
+    """The engine's float32, int8, float16, bfloat16 models and the peers' quantize_dynamic ones, interleaved."""
+    import lstm_engine as le
+
+    info = le.cpu_info()
+    print()
+    print(f"quantized: product variant {info['quantized_variant']}, float32 variant {info['variant']}")
+    print("| workload | engine f32 µs | int8 | float16 | bfloat16 | torch qd int8 | ORT qd int8 | targets |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for w in chosen:
+        if w.name not in QUANT_WORKLOADS:
+            continue
+        weights = wl.make_weights(w)
+        model = wl.engine_model(w, weights)
+        runners = {"float32": wl.engine_runner(w, model)}
+        for fmt in ("int8", "float16", "bfloat16"):
+            runners[fmt] = wl.engine_runner(w, le.quantize(model, fmt))
+        runners["torch-q"] = torch_runner(w, weights, quantized=True)
+        if w.cell == "lstm" and not w.vocab:  # ORT quantizes LSTM (DynamicQuantizeLSTM), never GRU
+            runners["ort-q"] = ort_runner(w, weights, args.threads, quantized=True)
+        x = wl.make_inputs(w)[0]
+        ref = runners["float32"](x)
+        for name, run in runners.items():  # one call each, and a sanity bound on the quantization error
+            err = float(np.abs(run(x) - ref).max())
+            if err > 0.5:
+                raise AssertionError(f"{w.name}: {name} differs from the engine's float32 by {err:.2e}")
+        med = time_interleaved({k: (lambda run=run: run(x)) for k, run in runners.items()}, args.reps,
+                               0.05 if w.stateful else 0.3)
+        verdicts = "; ".join(f"{a}/{b} {med[a] / med[b]:.2f} ≤ {lim} {'met' if med[a] / med[b] <= lim else 'MISSED'}"
+                             for a, b, lim in QUANT_TARGETS[w.name] if b in med)
+        cell = lambda k: f"{med[k]:,.1f} ({med[k] / med['float32']:.2f}×)" if k in med else "–"  # noqa: E731
+        print(f"| {w.name} | {med['float32']:,.1f} | {cell('int8')} | {cell('float16')} | {cell('bfloat16')} | "
+              f"{cell('torch-q')} | {cell('ort-q')} | {verdicts} |", flush=True)
+
+
 # -- main -------------------------------------------------------------------------------------
 def machine() -> str:
     fields: dict[str, str] = {}
@@ -334,6 +407,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed rounds per system")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-footprint", action="store_true", help="skip import time and memory")
+    parser.add_argument("--quantized", action="store_true", help="also time int8/float16/bfloat16 models and the "
+                        "peers' quantize_dynamic ones")
     args = parser.parse_args()
 
     import onnxruntime
@@ -417,6 +492,8 @@ def main() -> None:
             print(f"| {r['w'].name} | " + " | ".join(f"{f / r[k]:.1f} ({f / r[k] / peak:.0%})" for k in systems) + " |")
     print()
     print("max |output - PyTorch|: " + ", ".join(f"{r['w'].name} {r['err']:.1e}" for r in rows))
+    if args.quantized:
+        quantized_rows(args, chosen)
     print(f"load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
     if not args.no_footprint:

@@ -81,3 +81,17 @@ def kernel_variant(request):
     _kernels.set_simd_level(request.param)
     yield request.param
     _kernels.set_simd_level(None)
+
+
+@pytest.fixture(params=["portable", "avx2", "avxvnni", "avx512vnni"])
+def quant_variant(request):
+    """Each int8/float16/bfloat16 product variant (lstm_engine.quantize) forced in turn; skipped, naming
+    what is missing, where this CPU cannot run it."""
+    from lstm_engine import _kernels
+
+    supported, why = _kernels.quant_variant_supported(request.param)
+    if not supported:
+        pytest.skip(f"{request.param} products cannot run here: {why}")
+    _kernels.set_quant_variant(request.param)
+    yield request.param
+    _kernels.set_quant_variant(None)

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.timeout(300)
 
-COMMANDS = ["generate", "inspect", "run", "verify", "bench", "gates", "serve"]
+COMMANDS = ["generate", "inspect", "run", "verify", "bench", "gates", "quantize", "serve"]
 
 
 def assert_user_error(proc, *words):

@@ -169,6 +169,9 @@ def sources(tmp_path_factory):
     chain = le.Model([le.Embedding(emb.weight), *le.from_torch(rnn).layers,
                       le.LayerNorm(norm.weight, norm.bias), le.Dense(head.weight, head.bias)])
     le.save(chain, root / "native_ids.safetensors")
+    # Quantized engine files: int8 tensors with their scales, and bfloat16 bits.
+    le.save(le.quantize(chain, "int8"), root / "native_int8.safetensors")
+    le.save(le.quantize(chain, "bfloat16"), root / "native_bf16.safetensors")
     rng = np.random.default_rng(1)
     gru = le.GRU(rng.standard_normal((12, 3)), rng.standard_normal((12, 4)), rng.standard_normal(12),
                  rng.standard_normal(12), dtype=(np.float32, np.float64))

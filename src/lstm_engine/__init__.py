@@ -18,6 +18,7 @@ from .layers import Activation, BatchNorm, Dense, Dropout, Embedding, LayerNorm,
 from .lstm import LSTM
 from .model import Model
 from .pool import Stream, StreamPool
+from .quantize import quantize
 from .rnn import RNN
 from .session import Session
 
@@ -49,5 +50,6 @@ __all__ = [
     "from_torch",
     "load",
     "load_state_dict",
+    "quantize",
     "save",
 ]

@@ -70,6 +70,8 @@ class Layer:
     """
 
     is_recurrent = False
+    # How the weights are stored when not float (lstm_engine.quantize.Quantization), else None.
+    quantization: Any = None
     input_size: int | None = None
     output_size: int | None = None
     dtypes: tuple[np.dtype, ...] = FLOAT_DTYPES

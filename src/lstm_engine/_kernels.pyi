@@ -26,10 +26,12 @@ class RecurrentKernel:
         bias: list[npt.NDArray[np.floating]],  # per direction (G*H,)
         bias_hn: list[npt.NDArray[np.floating] | None],  # per direction (H,), GRU only
         go_backwards: bool = ...,
+        quant: list[dict[str, PackedWeight]] | None = ...,  # per direction "ih", "hh", "hn", "hr" (quantized)
     ) -> None: ...
     @property
     def packed(self) -> tuple[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]], ...] | None: ...
     # per direction (w_ih, w_hh) as (P, K, G, 16) panels on the float32 fast path, else None
+    weight_format: str  # "float32", "float64", or "int8" / "float16" / "bfloat16" for quantized products
     def work_size(self, batch: int, steps: int) -> int: ...
     def run(
         self,
@@ -61,5 +63,33 @@ def set_blas_threads(n: int) -> None: ...
 def set_parallel_min_bytes(n: int) -> int: ...  # returns the previous threshold
 def fast_tanh(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...  # 1-D, the kernels' tanh
 def fast_sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+
+# int8 / float16 / bfloat16 weights (cpu_quant.c, lstm_engine.quantize)
+WEIGHT_KINDS: dict[str, int]
+QUANT_VARIANTS: tuple[str, ...]  # ("portable", "avx2", "avxvnni", "avx512vnni")
+MAX_QUANT_COLUMNS: int
+
+class PackedWeight:
+    kind: str
+    rows: int
+    cols: int
+    nbytes: int
+    def __init__(
+        self,
+        kind: str,  # "int8", "float16" or "bfloat16"
+        weight: npt.NDArray[np.int8] | npt.NDArray[np.uint16],  # (N, K): int8 values or half-float bits
+        scale: npt.NDArray[np.float32] | None = ...,  # (N,) int8 row scales
+    ) -> None: ...
+
+def dense_packed(
+    weight: PackedWeight,
+    x: npt.NDArray[np.float32],  # (M, K)
+    bias: npt.NDArray[np.float32] | None,  # (N,)
+    out: npt.NDArray[np.float32],  # (M, N), written and returned
+    threads: int = ...,
+) -> npt.NDArray[np.float32]: ...
+def quant_variant() -> str: ...
+def set_quant_variant(level: int | str | None) -> None: ...  # None or -1: dispatch
+def quant_variant_supported(level: int | str) -> tuple[bool, str]: ...
 
 def bounds_checked() -> bool: ...  # True in the LSTM_ENGINE_DEBUG=1 build

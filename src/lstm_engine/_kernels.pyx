@@ -4,6 +4,7 @@
 # before calling. The only checks kept are buffer sizes, so that a caller bug raises instead of
 # writing out of bounds.
 cimport numpy as cnp
+import numpy as np
 from libc.math cimport exp, expf, log1p, log1pf, tanh, tanhf
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.string cimport memcpy, memset
@@ -78,6 +79,32 @@ cdef extern from "_gates_general.h" nogil:
     void le_rnn_general_f32(const le_gate_options* o, int H, const float* q, const float* bias, float* h)
     void le_rnn_general_f64(const le_gate_options* o, int H, const double* q, const double* bias, double* h)
     double le_activate_f64(const le_activation* a, double x)
+# int8 / float16 / bfloat16 weight products (cpu_quant.c; Python side: lstm_engine.quantize).
+cdef extern from "_quant.h" nogil:
+    enum:
+        LE_W_INT8
+        LE_W_FLOAT16
+        LE_W_BFLOAT16
+        LE_Q_NUM_VARIANTS
+        LE_Q_MAX_K
+    ctypedef struct le_qmat:
+        int kind, N, K
+        const void* w
+        const float* scale
+        const int* comp
+    Py_ssize_t le_qmat_size(int kind, int N, int K)
+    void le_qmat_pack(int kind, const void* src, int N, int K, void* out, int* comp)
+    int le_qgemm(const le_qmat* m, int M, const float* A, Py_ssize_t lda, float* C, Py_ssize_t ldc,
+                 int accumulate, const float* bias, int nthreads, void* scratch)
+    Py_ssize_t le_qgemm_scratch(int M, int K)
+    void le_q_lstm_gates(int H, float* q, const float* bias, float* c, float* h)
+    void le_q_gru_gates(int H, float* q, const float* hq, const float* bias, const float* bias_hn, float* h)
+    int le_q_level()
+    int le_q_detected()
+    int le_q_set_level(int level)
+    int le_q_supported(int level)
+    const char* le_q_name(int level)
+    const char* le_q_reason(int level)
 
 # SciPy's BLAS, bound at the first call that needs it rather than cimported: importing
 # scipy.linalg (which its cython_blas lives in) takes 0.2-0.45 s here, most of the
@@ -205,6 +232,26 @@ cdef inline floating activate(floating x, int kind) noexcept nogil:
 # ---------------------------------------------------------------------------------------------
 # One layer, all directions.
 
+cdef struct QW:
+    # A quantized direction's packed products (NULL: float weights through BLAS). hh holds only the
+    # r and z rows for a GRU with reset before, whose n rows (hn) multiply r * h.
+    const le_qmat* ih
+    const le_qmat* hh
+    const le_qmat* hn
+    const le_qmat* hr
+    void* scratch  # le_qgemm_scratch bytes for the largest product of a run (set per run)
+
+
+cdef inline void product(const QW* qw, const le_qmat* m, int M, int N, int K, floating* A, int lda, floating* Bm,
+                         int ldb, floating beta, floating* C, int ldc, int threads) noexcept nogil:
+    """gemm_nt, or the packed int8/float16/bfloat16 product when the direction has one (float32 only)."""
+    if floating is float:
+        if m != NULL:
+            le_qgemm(m, M, A, lda, C, ldc, beta != 0, NULL, threads, qw.scratch)
+            return
+    gemm_nt(M, N, K, A, lda, Bm, ldb, beta, C, ldc)
+
+
 cdef struct Dims:
     int cell, D, In, H, P, G, B, T  # 'I' would clash with complex.h's macro
     int act, gate_act
@@ -248,7 +295,7 @@ cdef inline void general_row(const le_gate_options* o, int cell, int H, floating
 cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h, floating* c,
                         const unsigned char* mask, floating* w_ih, floating* w_hh,
                         floating* w_hr, floating* bias, floating* bias_hn,
-                        floating* work) noexcept nogil:
+                        floating* work, const QW* qw, int threads) noexcept nogil:
     cdef int B = d.B, T = d.T, H = d.H, P = d.P, In = d.In
     cdef int GH = d.G * H
     cdef int ydim = d.D * P
@@ -271,9 +318,16 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
     cdef const le_gate_options* general = d.general
     if general != NULL:
         general += dirn
+    # Quantized layers with sigmoid gates and tanh apply them with the float32 kernels' vector activations.
+    cdef bint qgates = qw != NULL and qw.ih != NULL and act == ACT_TANH and gact == ACT_SIGMOID
 
     # Input projection of every timestep at once: xp[B*T, GH] = x[B*T, In] @ w_ih^T.
-    gemm_nt(B * T, GH, In, x, In, w_ih, In, 0, xp, GH)
+    cdef QW none
+    if qw == NULL:
+        none.ih = none.hh = none.hn = none.hr = NULL
+        none.scratch = NULL
+        qw = &none
+    product(qw, qw.ih, B * T, GH, In, x, In, w_ih, In, 0, xp, GH, threads)
     step_back = 1 if reverse else -1
 
     for s in range(T):
@@ -282,11 +336,11 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
 
         if d.cell == CELL_LSTM or d.cell == CELL_RNN:
             # Recurrent product accumulated straight into this step's projections.
-            gemm_nt(B, GH, P, h, P, w_hh, P, 1, pre, <int>xp_row)
+            product(qw, qw.hh, B, GH, P, h, P, w_hh, P, 1, pre, <int>xp_row, threads)
         elif d.cell == CELL_GRU:
-            gemm_nt(B, GH, P, h, P, w_hh, P, 0, hp, GH)
+            product(qw, qw.hh, B, GH, P, h, P, w_hh, P, 0, hp, GH, threads)
         else:
-            gemm_nt(B, 2 * H, P, h, P, w_hh, P, 0, hp, GH)
+            product(qw, qw.hh, B, 2 * H, P, h, P, w_hh, P, 0, hp, GH, threads)
 
         for b in range(B):
             yb = y + b * y_row + <Py_ssize_t>t * ydim + dirn * P
@@ -306,6 +360,12 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                 cb = c + <Py_ssize_t>b * H
                 # Without a projection h is written in place: this step's product already read it.
                 hb = tmp + <Py_ssize_t>b * H if proj else hb
+                if floating is float:
+                    if qgates:
+                        le_q_lstm_gates(H, q, bias, cb, hb)
+                        if not proj:
+                            memcpy(yb, hb, P * sizeof(floating))
+                        continue
                 for j in range(H):
                     ig = activate(q[j] + bias[j], gact)
                     fg = activate(q[H + j] + bias[H + j], gact)
@@ -322,6 +382,11 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                 memcpy(yb, hb, P * sizeof(floating))
             elif d.cell == CELL_GRU:
                 cb = hp + <Py_ssize_t>b * GH
+                if floating is float:
+                    if qgates:
+                        le_q_gru_gates(H, q, cb, bias, bias_hn, hb)
+                        memcpy(yb, hb, P * sizeof(floating))
+                        continue
                 for j in range(H):
                     r = activate(q[j] + cb[j] + bias[j], gact)
                     z = activate(q[H + j] + cb[H + j] + bias[H + j], gact)
@@ -338,7 +403,7 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                     tmp[<Py_ssize_t>b * H + j] = r * hb[j]
 
         if d.cell == CELL_GRU_RESET_BEFORE:
-            gemm_nt(B, H, H, tmp, H, w_hh + <Py_ssize_t>2 * H * H, H, 0, hp + 2 * H, GH)
+            product(qw, qw.hn, B, H, H, tmp, H, w_hh + <Py_ssize_t>2 * H * H, H, 0, hp + 2 * H, GH, threads)
             for b in range(B):
                 if mask != NULL and not mask[<Py_ssize_t>b * T + t]:
                     continue
@@ -357,7 +422,7 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
                         hb[j] = (1 - z) * n + z * hb[j]
                 memcpy(y + b * y_row + <Py_ssize_t>t * ydim + dirn * P, hb, H * sizeof(floating))
         elif proj:
-            gemm_nt(B, P, H, tmp, H, w_hr, H, 0, hnew, P)
+            product(qw, qw.hr, B, P, H, tmp, H, w_hr, H, 0, hnew, P, threads)
             for b in range(B):
                 if mask != NULL and not mask[<Py_ssize_t>b * T + t]:
                     continue
@@ -477,6 +542,11 @@ def cpu_info():
                                    "reason": le_simd_reason(v).decode()} for v in range(LE_NUM_VARIANTS)},
         "threads": le_cpu_count(),
         "threads_reason": le_cpu_count_reason().decode(),
+        # The products of quantized models (lstm_engine.quantize); LSTM_ENGINE_KERNELS caps them too.
+        "quantized_variant": QUANT_VARIANTS[le_q_level()],
+        "quantized_variants": {QUANT_VARIANTS[v]: {"supported": bool(le_q_supported(v)),
+                                                   "reason": le_q_reason(v).decode()}
+                               for v in range(LE_Q_NUM_VARIANTS)},
     }
 
 
@@ -619,6 +689,9 @@ cdef class RecurrentKernel:
     cdef public int threads
     cdef int typenum
     cdef bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: the C kernels
+    cdef readonly str weight_format  # "float32"/"float64", or a quantized format ("int8", ...)
+    cdef QW q[2]
+    cdef bint quantized
     cdef tuple _keep
     cdef tuple _packed  # the fast path's panels, which w_ih etc. point into then
     cdef void* w_ih[2]
@@ -630,7 +703,10 @@ cdef class RecurrentKernel:
     cdef readonly bint is_general  # runs the general gate loop (options given)
 
     def __init__(self, int cell, int act, int gate_act, list w_ih, list w_hh, list w_hr,
-                 list bias, list bias_hn, bint go_backwards=False, list options=None):
+                 list bias, list bias_hn, bint go_backwards=False, list options=None, list quant=None):
+        """options: per direction the general gate loop's options (or None for the plain loops).
+        quant: per direction a dict of PackedWeight "ih", "hh", "hn" (GRU reset before), "hr" (or None)
+        for a float32 kernel whose products run on quantized weights; w_ih etc. then give the sizes."""
         cdef int d
         self.cell = cell
         self.go_backwards = go_backwards
@@ -658,7 +734,19 @@ cdef class RecurrentKernel:
             self.w_hr[d] = data_or_null(w_hr[d])
             self.bias[d] = data_or_null(bias[d])
             self.bias_hn[d] = data_or_null(bias_hn[d])
-        self.fast = (not self.is_general and not self.is_double and act == ACT_TANH and gate_act == ACT_SIGMOID
+        self.weight_format = str(self.dtype)
+        self.quantized = quant is not None
+        if self.quantized:
+            if self.is_double or len(quant) != self.num_directions:
+                raise ValueError("RecurrentKernel: quantized weights need float32 and one entry per direction")
+            self._keep = self._keep + (quant,)
+            for d in range(self.num_directions):
+                self.q[d].ih = _qmat(quant[d].get("ih"))
+                self.q[d].hh = _qmat(quant[d].get("hh"))
+                self.q[d].hn = _qmat(quant[d].get("hn"))
+                self.q[d].hr = _qmat(quant[d].get("hr"))
+                self.weight_format = quant[d]["ih"].kind
+        self.fast = (not self.is_general and not self.is_double and not self.quantized and act == ACT_TANH and gate_act == ACT_SIGMOID
                        and ((cell == CELL_LSTM and w_hr[0] is None) or cell == CELL_GRU))
         if self.fast:
             self._pack(w_ih, w_hh, bias, bias_hn)
@@ -702,8 +790,16 @@ cdef class RecurrentKernel:
         cdef Py_ssize_t GH = <Py_ssize_t>self.num_gates * self.hidden_size
         if self.fast:
             return le_steps_work_size(0 if self.cell == CELL_LSTM else 1, batch, self.hidden_size, steps)
-        # The projections and per-step buffers.
-        return batch * steps * GH + batch * GH + batch * self.hidden_size + batch * self.output_size
+        # The projections and per-step buffers, and int8's quantized rows of the largest product.
+        return (batch * steps * GH + batch * GH + batch * self.hidden_size + batch * self.output_size
+                + self._quant_scratch(batch, steps))
+
+    cdef inline Py_ssize_t _quant_scratch(self, Py_ssize_t batch, Py_ssize_t steps):
+        """Elements of work (of this kernel's dtype) for le_qgemm's scratch: 0 unless int8."""
+        if self.weight_format != "int8":
+            return 0
+        cdef int K = max(self.input_size, self.hidden_size, self.output_size)
+        return (le_qgemm_scratch(<int>(batch * steps), K) + 3) // 4
 
     def work_size(self, int batch, int steps):
         """Elements of scratch one run over (batch, steps) needs."""
@@ -761,7 +857,7 @@ cdef class RecurrentKernel:
             raise ValueError("RecurrentKernel.run: buffers do not match the layer")
         if dims.B == 0 or dims.T == 0:
             return
-        if not fast:
+        if not fast and not self.quantized:
             if sgemm == NULL:
                 load_blas()
             # BLAS runs in this call: hold it to this call's threads, restored after.
@@ -770,6 +866,10 @@ cdef class RecurrentKernel:
                 le_blas_set_threads(threads)
             else:
                 blas_saved = 0
+        cdef QW qruns[2]
+        cdef QW* qrun = NULL
+        # int8's scratch: the end of the work buffer
+        cdef Py_ssize_t qoff = (self._work_size(dims.B, dims.T) - self._quant_scratch(dims.B, dims.T)) * 4
         hstride = <Py_ssize_t>dims.B * dims.P * self.dtype.itemsize
         cstride = <Py_ssize_t>dims.B * dims.H * self.dtype.itemsize
         with nogil:
@@ -780,7 +880,7 @@ cdef class RecurrentKernel:
                                           <double*>(cd + dirn * cstride), m,
                                           <double*>self.w_ih[dirn], <double*>self.w_hh[dirn],
                                           <double*>self.w_hr[dirn], <double*>self.bias[dirn],
-                                          <double*>self.bias_hn[dirn], <double*>wd)
+                                          <double*>self.bias_hn[dirn], <double*>wd, NULL, threads)
                 elif fast:
                     run_fast_direction(&dims, dirn, <float*>xd, <float*>yd,
                                        <float*>(hd + dirn * hstride), <float*>(cd + dirn * cstride), m,
@@ -788,12 +888,17 @@ cdef class RecurrentKernel:
                                        <float*>self.bias[dirn], <float*>self.bias_hn[dirn],
                                        <float*>wd, threads)
                 else:
+                    if self.quantized:
+                        qruns[dirn] = self.q[dirn]
+                        qruns[dirn].scratch = wd + qoff
+                        qrun = &qruns[dirn]
                     run_direction[float](&dims, dirn, <float*>xd, <float*>yd,
                                          <float*>(hd + dirn * hstride),
                                          <float*>(cd + dirn * cstride), m,
                                          <float*>self.w_ih[dirn], <float*>self.w_hh[dirn],
                                          <float*>self.w_hr[dirn], <float*>self.bias[dirn],
-                                         <float*>self.bias_hn[dirn], <float*>wd)
+                                         <float*>self.bias_hn[dirn], <float*>wd,
+                                         qrun if self.quantized else NULL, threads)
             if blas_saved:
                 le_blas_set_threads(blas_saved)
 
@@ -810,3 +915,136 @@ def bounds_checked():
     except IndexError:
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 / float16 / bfloat16 weights (cpu_quant.c). lstm_engine.quantize makes the arrays.
+
+WEIGHT_KINDS = {"int8": LE_W_INT8, "float16": LE_W_FLOAT16, "bfloat16": LE_W_BFLOAT16}
+QUANT_VARIANTS = tuple(le_q_name(level).decode() for level in range(LE_Q_NUM_VARIANTS))
+MAX_QUANT_COLUMNS = LE_Q_MAX_K
+
+
+cdef cnp.ndarray aligned_bytes(Py_ssize_t n):
+    """An uninitialised uint8 array of n bytes starting on a 64-byte boundary."""
+    cdef cnp.npy_intp size = n + 64
+    cdef cnp.ndarray buf = cnp.PyArray_EMPTY(1, &size, cnp.NPY_UINT8, 0)
+    cdef Py_ssize_t skip = (64 - <size_t>cnp.PyArray_DATA(buf) % 64) % 64
+    return buf[skip:skip + n]
+
+
+cdef class PackedWeight:
+    """A weight (N, K) packed once in 16-row panels for the int8 / float16 / bfloat16 products.
+
+    kind "int8": ``weight`` int8 (N, K) in [-127, 127] and ``scale`` float32 (N,), finite and >= 0
+    (weight ~ q * scale[:, None]); "float16" / "bfloat16": ``weight`` the uint16 bit patterns (N, K).
+    """
+    cdef le_qmat m
+    cdef readonly str kind
+    cdef readonly int rows, cols
+    cdef object _packed, _scale, _comp
+
+    def __init__(self, str kind, object weight, object scale=None):
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"PackedWeight: kind must be one of {sorted(WEIGHT_KINDS)}, got {kind!r}")
+        want = np.int8 if kind == "int8" else np.uint16
+        if not isinstance(weight, np.ndarray) or weight.dtype != want or weight.ndim != 2 or not weight.flags.c_contiguous:
+            raise TypeError(f"PackedWeight: a {kind} weight must be a C-contiguous 2-D {np.dtype(want)} array, "
+                            f"got {getattr(weight, 'dtype', type(weight).__name__)} of shape {np.shape(weight)}")
+        N, K = weight.shape[0], weight.shape[1]
+        if not (0 < N < 2**31 and 0 < K <= LE_Q_MAX_K):
+            raise ValueError(f"PackedWeight: shape {(N, K)} must have rows and 1..{LE_Q_MAX_K} columns")
+        self.kind, self.rows, self.cols = kind, N, K
+        self.m.kind = WEIGHT_KINDS[kind]
+        self.m.N = N
+        self.m.K = K
+        Np = panels(N) * LE_PANEL
+        packed = aligned_bytes(le_qmat_size(self.m.kind, N, K))
+        comp = np.zeros(Np, np.int32)
+        if kind == "int8":
+            scale = np.asarray(scale)
+            if scale.dtype != np.float32 or scale.shape != (N,):
+                raise TypeError(f"PackedWeight: int8 scales must be float32 of shape ({N},), got "
+                                f"{scale.dtype} of shape {scale.shape}")
+            if not np.all(np.isfinite(scale) & (scale >= 0)):
+                raise ValueError("PackedWeight: int8 scales must be finite and >= 0")
+            if weight.size and int(weight.min()) < -127:
+                raise ValueError("PackedWeight: int8 weights must lie in [-127, 127] (symmetric)")
+            padded = np.zeros(Np, np.float32)
+            padded[:N] = scale
+            self._scale = padded
+            self.m.scale = <const float*>cnp.PyArray_DATA(<cnp.ndarray>padded)
+        le_qmat_pack(self.m.kind, cnp.PyArray_DATA(<cnp.ndarray>weight), N, K, cnp.PyArray_DATA(packed),
+                     <int*>cnp.PyArray_DATA(comp))
+        self._packed, self._comp = packed, comp
+        self.m.w = cnp.PyArray_DATA(packed)
+        self.m.comp = <const int*>cnp.PyArray_DATA(comp)
+
+    @property
+    def nbytes(self):
+        """Bytes the packed weights take (what a product reads)."""
+        return self._packed.nbytes + (0 if self._scale is None else self._scale.nbytes)
+
+
+cdef const le_qmat* _qmat(object w) except? NULL:
+    if w is None:
+        return NULL
+    return &(<PackedWeight?>w).m
+
+
+def dense_packed(PackedWeight weight, cnp.ndarray x, object bias, cnp.ndarray out, int threads=1):
+    """out (M, N) = x (M, K) @ weight^T (+ bias (N,)) with a packed int8/float16/bfloat16 weight.
+
+    float32, C-contiguous (a mismatch raises ValueError rather than reading out of bounds); int8
+    quantizes each row of x on the fly."""
+    cdef int M, N = weight.rows, K = weight.cols
+    cdef const float* b = NULL
+    cdef const float* xd
+    cdef float* od
+    if (cnp.PyArray_NDIM(x) != 2 or x.shape[1] != K or cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32
+            or not cnp.PyArray_IS_C_CONTIGUOUS(x)):
+        raise ValueError(f"dense_packed: x must be a C-contiguous float32 (M, {K}) array")
+    M = x.shape[0]
+    if (cnp.PyArray_TYPE(out) != cnp.NPY_FLOAT32 or cnp.PyArray_SIZE(out) != <Py_ssize_t>M * N
+            or not cnp.PyArray_IS_C_CONTIGUOUS(out)):
+        raise ValueError(f"dense_packed: out must be a C-contiguous float32 array of {M} x {N}")
+    if bias is not None:
+        if (cnp.PyArray_TYPE(<cnp.ndarray>bias) != cnp.NPY_FLOAT32 or cnp.PyArray_SIZE(<cnp.ndarray>bias) != N
+                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>bias)):
+            raise ValueError(f"dense_packed: bias must be C-contiguous float32 of {N}")
+        b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    xd = <const float*>cnp.PyArray_DATA(x)
+    od = <float*>cnp.PyArray_DATA(out)
+    scratch = aligned_bytes(le_qgemm_scratch(M, K) if weight.kind == "int8" else 0)
+    cdef void* sd = cnp.PyArray_DATA(<cnp.ndarray>scratch)
+    with nogil:
+        le_qgemm(&weight.m, M, xd, K, od, N, 0, b, threads, sd)
+    return out
+
+
+def quant_variant():
+    """The int8/float16/bfloat16 product variant in use (a name of QUANT_VARIANTS)."""
+    return QUANT_VARIANTS[le_q_level()]
+
+
+def set_quant_variant(level):
+    """Force a product variant by name or number (QUANT_VARIANTS), or let dispatch choose (None / -1).
+
+    For tests and benchmarks; ValueError names what the CPU lacks."""
+    if level is None:
+        level = -1
+    if isinstance(level, str):
+        if level not in QUANT_VARIANTS:
+            raise ValueError(f"unknown product variant {level!r}; expected one of {QUANT_VARIANTS}")
+        level = QUANT_VARIANTS.index(level)
+    if not -1 <= level < LE_Q_NUM_VARIANTS:
+        raise ValueError(f"product variant must be -1 or 0..{LE_Q_NUM_VARIANTS - 1}, got {level}")
+    if le_q_set_level(level) != 0:
+        raise ValueError(f"product variant {QUANT_VARIANTS[level]!r} cannot run here: {le_q_reason(level).decode()}")
+
+
+def quant_variant_supported(level):
+    """(True, why) when this CPU runs the product variant (name or number), else (False, what it lacks)."""
+    if isinstance(level, str):
+        level = QUANT_VARIANTS.index(level)
+    return bool(le_q_supported(level)), le_q_reason(level).decode()

@@ -61,6 +61,7 @@ class RecurrentLayer(Layer):
         input_forget: bool = False,
         peephole: Any = None,
         dtype: Any = np.float32,
+        quantization: Any = None,
     ) -> None:
         self.dtypes = as_dtypes(dtype)
         wide = max(self.dtypes, key=lambda d: d.itemsize)
@@ -167,6 +168,9 @@ class RecurrentLayer(Layer):
         self._weights = {"weight_ih": w_ih, "weight_hh": hh, "bias_ih": biases[0],
                          "bias_hh": biases[1], "weight_hr": hr, "peephole": peephole}
         self.uses_options = self._uses_options()
+        self.quantization = quantization
+        if quantization is not None and self.dtypes != (np.dtype(np.float32),):
+            raise ValueError(f"{name}: a quantized layer runs float32 only, got dtype={dtype!r}")
         self._kernels = {dt: self._build_kernel(dt) for dt in self.dtypes}
         kernel = self._kernels[self.dtypes[0]]
         self._packed_only = len(self.dtypes) == 1 and kernel.packed is not None
@@ -174,6 +178,10 @@ class RecurrentLayer(Layer):
             # The float32 kernels run on their packed copies alone: keeping PyTorch's layout as well
             # would hold every recurrent weight twice. weights() lays it out again when asked.
             self._weights["weight_ih"] = self._weights["weight_hh"] = None
+        if quantization is not None:
+            # Kept once, as stored: weights() widens them when asked.
+            for k in quantization.stored:
+                self._weights[k] = None
         # Work buffers lent to one call at a time (list.pop/append are atomic under the GIL, so
         # concurrent calls each get their own): a fresh 32 MB buffer per call cost the batch
         # workload 16% of its time in the kernel's page zeroing (perf).
@@ -246,6 +254,11 @@ class RecurrentLayer(Layer):
     # -- built once ---------------------------------------------------------------------------
     def _build_kernel(self, dtype: np.dtype) -> RecurrentKernel:
         w = {k: (None if v is None else v.astype(dtype, copy=False)) for k, v in self._weights.items()}
+        quant = None
+        if self.quantization is not None:
+            quant = self.quantization.recurrent_directions(self)
+            # The kernel reads only the shapes of float weights it does not multiply by.
+            w.update({k: np.broadcast_to(np.zeros((), dtype), w[k].shape) for k in self.quantization.stored})
         D, GH = self.num_directions, self.num_gates * self.hidden_size
         zeros = np.zeros((D, GH), dtype)
         bias, bias_hn = [], []
@@ -267,6 +280,7 @@ class RecurrentLayer(Layer):
             bias_hn,
             self.go_backwards,
             self._kernel_options(dtype),
+            quant,
         )
 
     # -- describing ---------------------------------------------------------------------------
@@ -302,6 +316,8 @@ class RecurrentLayer(Layer):
                 mats = [p[index].transpose(2, 0, 3, 1).reshape(self.num_gates, -1, p[index].shape[1])[:, :H]
                         .reshape(self.num_gates * H, -1) for p in self._kernels[self.dtypes[0]].packed]
                 w[key] = np.stack(mats)
+        if self.quantization is not None:
+            w.update(self.quantization.dequantized())
         return {k: v for k, v in w.items() if v is not None}
 
     def __repr__(self) -> str:

@@ -285,6 +285,9 @@ def _layer_row(layer) -> tuple[str, str, str, str, int, int]:
 
     params = sum(int(np.prod(w.shape)) for w in layer.weights().values())
     nbytes = params * sum(dt.itemsize for dt in layer.dtypes)
+    q = layer.quantization
+    if q is not None:  # the stored weights (and int8 scales), and the float32 rest
+        nbytes = q.nbytes + (params - sum(a.size for a in q.stored.values())) * 4
     name = type(layer).__name__
     hidden = proj = dirs = "-"
     if layer.is_recurrent:
@@ -308,6 +311,14 @@ def _layer_row(layer) -> tuple[str, str, str, str, int, int]:
     return name, hidden, proj, dirs, params, nbytes
 
 
+def _dtype_text(layer) -> str:
+    """The float dtypes a layer runs, or how its weights are stored when quantized."""
+    q = layer.quantization
+    if q is None:
+        return "/".join(str(dt) for dt in layer.dtypes)
+    return q.format + ("" if q.format != "int8" else " per-channel" if q.per_channel else " per-tensor")
+
+
 def _inspect_chain(model) -> None:
     rows = [("#", "layer", "in", "out", "hidden", "proj", "dirs", "params", "dtype", "weights")]
     total_params = total_bytes = 0
@@ -318,7 +329,7 @@ def _inspect_chain(model) -> None:
         size = lambda v: "-" if v is None else str(v)  # noqa: E731
         rows.append((str(i), name, "ids" if getattr(layer, "accepts_ids", False) else size(layer.input_size),
                      size(layer.output_size), hidden, proj, dirs, f"{params:,}",
-                     "/".join(str(dt) for dt in layer.dtypes), _bytes(nbytes) if params else "-"))
+                     _dtype_text(layer), _bytes(nbytes) if params else "-"))
     _print_table(rows, {1, 8})
     print(f"total: {len(model.layers)} layers ({len(model.recurrent_layers)} recurrent), "
           f"{total_params:,} parameters, {_bytes(total_bytes)} of weights")
@@ -849,6 +860,25 @@ def _onnx_source(model, path: str, x, rng, args) -> Reference:
                          "(set sizes with --batch/--steps, values with --fill)") from None
     return Reference(f"onnxruntime {onnxruntime.__version__}", {o.name: w for o, w in zip(sess.get_outputs(), want)},
                      inputs=feeds, note=f"inputs {shown} (random floats, integers 0, --fill as given)")
+def _is_engine_file(path: str) -> bool:
+    from .formats import _sniff
+
+    return _sniff(path) == "safetensors" and "lstm_engine safetensors" in _file_format(path)
+
+
+def _engine_source(model, path: str, x, rng, args) -> Reference:
+    """Another lstm_engine model, typically the float model MODEL was quantized from: outputs, states, mean error."""
+    import numpy as np
+
+    source = _load_model(path)
+    B, T = x.shape[:2]
+    lengths = rng.integers(1, T + 1, B)
+    lengths[0] = T
+    y, states = source.forward(x, lengths)
+    mine = model.forward(x, lengths)[0]
+    mean = float(np.mean(np.abs(np.asarray(mine, np.float64) - np.asarray(y, np.float64))))
+    return Reference("lstm_engine", _flat_outputs(source, y), states, lengths=lengths,
+                     note=f" (output mean abs error {mean:.2e})")
 
 
 def _is_torch_module_source(path: str) -> bool:
@@ -894,7 +924,8 @@ SOURCES += [Source("torch module (.py defining `model`, or a torch.export.save .
                    _torch_module_source),
             Source("onnx", _is_onnx, _onnx_source, model_is_source=True, makes_inputs=True),
             Source("keras", _is_keras, _keras_source),
-            Source("torch state_dict", _is_torch_state_dict, _torch_state_dict_source)]
+            Source("torch state_dict", _is_torch_state_dict, _torch_state_dict_source),
+            Source("lstm_engine", _is_engine_file, _engine_source)]
 
 
 def _flat_outputs(model, y) -> list:
@@ -948,10 +979,16 @@ def _self_checks(model, x, lengths, lines: list, errs: list) -> None:
         copy = os.path.join(tmp, "model.safetensors")
         save(model, copy)
         y2, state2 = load(copy).forward(x, lengths)
-    y3, state3, _ = model.forward(x, lengths, record=True)
+    checks = [("save/load round trip", (y2, state2))]
+    quantized = sorted({layer.quantization.format for layer in model.layers if layer.quantization})
+    if quantized:
+        # The NumPy equations run float activations: their difference is the quantization's, not a bug.
+        lines.append(f" ({'/'.join(quantized)} weights: compare with the float model by --source FLOAT)")
+    else:
+        y3, state3, _ = model.forward(x, lengths, record=True)
+        checks.append(("kernels vs step-by-step NumPy", (y3, state3)))
     outputs = _flat_outputs(model, y)
-    for title, (ry, rs) in (("save/load round trip", (y2, state2)),
-                            ("kernels vs step-by-step NumPy", (y3, state3))):
+    for title, (ry, rs) in checks:
         lines.append(f" {title}:")
         for name, got, want in _compare(model, outputs, state, _flat_outputs(model, ry), rs):
             line, err = _errors(name, got, want)
@@ -1176,6 +1213,40 @@ def run_gates(args: argparse.Namespace) -> int:
 # -- the command ---------------------------------------------------------------------------------
 
 # Subcommands, in the order --help lists them.
+# -- quantize ------------------------------------------------------------------------------------
+
+def add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize", help="store a model's weights as int8, float16 or bfloat16",
+        description="Load MODEL (any format lstm_engine reads), store the weights of its LSTM/GRU/RNN, Dense "
+                    "and Embedding layers as --dtype (int8: dynamic quantization, one scale per output row; "
+                    "float16/bfloat16: 16-bit storage) and save the result as an lstm_engine file OUT. Check "
+                    f"it with: {PROG} verify OUT --source MODEL.",
+        epilog=f"example: {PROG} quantize model.safetensors model-int8.safetensors --dtype int8 --keep-float Dense",
+    )
+    p.add_argument("model", metavar="MODEL", help="the float model file")
+    p.add_argument("output", metavar="OUT", help="where to write the quantized model (.safetensors)")
+    p.add_argument("--dtype", required=True, choices=("int8", "float16", "bfloat16"), help="how to store the weights")
+    p.add_argument("--keep-float", nargs="+", default=[], metavar="NAME",
+                   help="layers left float32: a class name (Dense, Embedding, LSTM...), layers.N or N")
+    p.add_argument("--per-tensor", action="store_true", help="int8: one scale per matrix instead of per row")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from . import quantize, save
+
+    model = _load_model(args.model)
+    keep = [int(k) if k.lstrip("-").isdigit() else k for k in args.keep_float]
+    q = quantize(model, args.dtype, keep_float=keep, per_channel=not args.per_tensor)
+    save(q, args.output)
+    before, after = os.path.getsize(args.model), os.path.getsize(args.output)
+    kinds = ", ".join(f"layers.{i} {type(layer).__name__}: {layer.quantization.format if layer.quantization else 'float32'}"
+                      for i, layer in enumerate(q.layers) if layer.weights())
+    print(f"{args.output}: {_bytes(after)} (from {_bytes(before)}, {after / before:.0%}); {kinds}")
+    return 0
+
+
 # -- serve ---------------------------------------------------------------------------------------
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -1267,7 +1338,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_generate, add_inspect, add_run, add_verify, add_bench, add_gates, add_serve,
+    add_generate, add_inspect, add_run, add_verify, add_bench, add_gates, add_quantize, add_serve,
 ]
 
 

@@ -31,7 +31,18 @@ class _Weighted(Layer):
         }
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in self._weights.items() if v is not None}
+        w = {k: v for k, v in self._weights.items() if v is not None}
+        return w if self.quantization is None else {**w, **self.quantization.dequantized()}
+
+    def _store_quantized(self, quantization: Any) -> None:
+        """Keep the quantized weights instead of the float ones (lstm_engine.quantize)."""
+        if self.dtypes != (np.dtype(np.float32),):
+            raise ValueError(f"{type(self).__name__}: a quantized layer runs float32 only")
+        self.quantization = quantization
+        for name in quantization.stored:
+            self._weights[name] = None
+            for w in self._by_dtype.values():
+                w[name] = None
 
 
 class Embedding(_Weighted):
@@ -43,12 +54,15 @@ class Embedding(_Weighted):
     accepts_ids = True
     _ndims = {"weight": 2}
 
-    def __init__(self, weight: Any, *, mask_zero: bool = False, dtype: Any = np.float32) -> None:
+    def __init__(self, weight: Any, *, mask_zero: bool = False, dtype: Any = np.float32,
+                 quantization: Any = None) -> None:
         self._keep(dtype, weight=weight)
         self.num_embeddings, self.embedding_dim = self._weights["weight"].shape
         self.input_size = None
         self.output_size = self.embedding_dim
         self.mask_zero = bool(mask_zero)
+        if quantization is not None:
+            self._store_quantized(quantization)
 
     def check_ids(self, ids: np.ndarray, name: str = "x") -> np.ndarray:
         """Validate token ids: an integer array with every id in [0, num_embeddings)."""
@@ -61,6 +75,8 @@ class Embedding(_Weighted):
 
     def embed(self, ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """Look up valid ids of any shape."""
+        if self.quantization is not None:
+            return self.quantization.embed(ids)
         return self._by_dtype[dtype]["weight"].take(ids, axis=0)
 
     def forward(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -80,9 +96,14 @@ class Dense(_Weighted):
     _ndims = {"weight": 2, "bias": 1}
 
     def __init__(self, weight: Any, bias: Any = None, *, activation: str | None = "linear",
-                 dtype: Any = np.float32) -> None:
+                 dtype: Any = np.float32, quantization: Any = None) -> None:
         self._keep(dtype, weight=weight, bias=bias)
         self.output_size, self.input_size = self._weights["weight"].shape
+        self._packed = None
+        self.threads = _kernels.cpu_count()  # the model's, when a quantized product runs on the engine's threads
+        if quantization is not None:
+            self._store_quantized(quantization)
+            self._packed = quantization.packed("weight")
         b = self._weights["bias"]
         if b is not None and b.shape != (self.output_size,):
             raise ValueError(f"Dense bias: expected shape ({self.output_size},), got {b.shape}")
@@ -90,7 +111,11 @@ class Dense(_Weighted):
 
     def forward(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         w = self._by_dtype[x.dtype]
-        if x.dtype == np.float32 and x.size == x.shape[-1] and x.flags.c_contiguous:
+        if self._packed is not None:
+            rows = np.ascontiguousarray(x).reshape(-1, self.input_size)
+            y = _kernels.dense_packed(self._packed, rows, w["bias"], np.empty((rows.shape[0], self.output_size),
+                                      np.float32), self.threads).reshape(x.shape[:-1] + (self.output_size,))
+        elif x.dtype == np.float32 and x.size == x.shape[-1] and x.flags.c_contiguous:
             # One row (a batch-1 step): the engine's GEMV on this thread, not a BLAS call's threads.
             y = _kernels.dense_row(w["weight"], x, w["bias"], np.empty(x.shape[:-1] + (self.output_size,), x.dtype))
         else:

@@ -173,6 +173,9 @@ class Model:
         for layer in self.layers + self.recurrent_layers:
             for kernel in getattr(layer, "_kernels", {}).values():
                 kernel.threads = self._threads
+        for layer in self.layers:
+            if getattr(layer, "_packed", None) is not None:  # a quantized Dense head
+                layer.threads = self._threads
 
     @property
     def dtype(self) -> np.dtype:

@@ -222,8 +222,8 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
                 env[om] = env[im] if im >= 0 else None
         return step
     if getattr(layer, "accepts_ids", False):
-        table = layer._by_dtype[dtype]["weight"]
-        width = table.shape[1]
+        table = layer._by_dtype[dtype]["weight"]  # None when quantized: rows widened as they are looked up
+        width = layer.embedding_dim
         mask_zero = layer.mask_zero
 
         def step(env: list, call: Call) -> None:
@@ -232,7 +232,10 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
             y = None if frame is None else frame[pos]
             if y is None or y.shape[:-1] != ids.shape:
                 y = call.alloc(pos, ids.shape + (width,), dtype)
-            table.take(ids, axis=0, out=y)
+            if table is None:
+                y[...] = layer.embed(ids, dtype)
+            else:
+                table.take(ids, axis=0, out=y)
             env[oy] = y
             if om >= 0:
                 mask = env[im] if im >= 0 else None
@@ -244,7 +247,7 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
                     mask = valid
                 env[om] = mask
         return step
-    if isinstance(layer, Dense):
+    if isinstance(layer, Dense) and layer.quantization is None:  # a quantized head runs its own forward
         w = layer._by_dtype[dtype]
         # weight.T is a view: BLAS reads the (out, in) weight transposed, nothing is copied.
         weight, bias, act = w["weight"], w["bias"], layer.activation

@@ -16,6 +16,11 @@ where S is an int, ``{"tuple": [S, ...]}`` or ``{"list": [S, ...]}``, and an If 
 ``{"graph": {...}}`` of the same form. Chains are still written as version 1. Loading builds only the
 layer classes listed here, with arguments checked by their constructors, and only the ops the graph
 runtime knows (the graph is validated before it runs); it needs neither torch nor onnx.
+
+Version 3 is a file with quantized layers (lstm_engine.quantize), a chain or a graph: such a layer's
+architecture entry adds ``"quantization": {"format", "per_channel"}`` and its quantized weights are stored as
+I8 with F32 ``<name>_scale`` row scales, F16, or bfloat16 bits as U16. Engines before quantization refuse the
+file by its version; float models keep versions 1 and 2.
 """
 from __future__ import annotations
 
@@ -34,11 +39,14 @@ from ..gru import GRU
 from ..lstm import LSTM
 from ..model import Model
 from ..rnn import RNN
-from ._safetensors import write_safetensors
+from .. import quantize
+from ._safetensors import read_safetensors, write_safetensors
 
 FORMAT = "lstm_engine"
 FORMAT_VERSION = 2
 CHAIN_VERSION = 1  # chains are written as before, so that older lstm_engine releases read them
+QUANTIZED_VERSION = 3  # any quantized layer; float models keep 1 and 2 for older engines
+READ_VERSIONS = tuple(str(v) for v in (CHAIN_VERSION, FORMAT_VERSION, QUANTIZED_VERSION))
 _MAX_DEPTH = 16  # If branches nested in If branches
 
 LAYER_CLASSES = {cls.__name__: cls for cls in (
@@ -94,8 +102,13 @@ def save(model: Model, path: str | os.PathLike | BinaryIO) -> None:
         name = type(layer).__name__
         if LAYER_CLASSES.get(name) is not type(layer):
             raise TypeError(f"save: layer {i} is a {name}, which the file format does not describe")
-        architecture.append({"class": name, "config": layer.config()})
-        for arg, value in layer.weights().items():
+        entry = {"class": name, "config": layer.config()}
+        stored = layer.weights()
+        if layer.quantization is not None:
+            entry["quantization"] = layer.quantization.config()
+            stored = quantize.layer_tensors(layer)
+        architecture.append(entry)
+        for arg, value in stored.items():
             tensors[f"layers.{i}.{arg}"] = value
     try:
         meta_json = json.dumps(model.metadata)
@@ -103,7 +116,8 @@ def save(model: Model, path: str | os.PathLike | BinaryIO) -> None:
         raise TypeError(f"save: model.metadata must be JSON-serialisable: {exc}") from exc
     metadata = {
         "format": FORMAT,
-        "format_version": str(CHAIN_VERSION if graph_json is None else FORMAT_VERSION),
+        "format_version": str(QUANTIZED_VERSION if any(layer.quantization is not None for layer in layers)
+                              else CHAIN_VERSION if graph_json is None else FORMAT_VERSION),
         "architecture": json.dumps(architecture),
         "metadata": meta_json,
         "dtypes": json.dumps([str(dt) for dt in model.dtypes]),
@@ -120,7 +134,7 @@ def is_native(metadata: dict[str, str]) -> bool:
     return metadata.get("format") == FORMAT
 
 
-def _build_layers(path: str, architecture: Any, tensors: dict, dtypes: Any) -> tuple[list, set]:
+def _build_layers(path: str, architecture: Any, tensors: dict, dtypes: Any, version: str) -> tuple[list, set]:
     if not isinstance(architecture, list):
         raise LoadError(f"{path}: the architecture metadata must be a list of layers")
     used = set()
@@ -139,6 +153,12 @@ def _build_layers(path: str, architecture: Any, tensors: dict, dtypes: Any) -> t
         kwargs = dict(entry.get("config", {}))
         if "dtype" in inspect.signature(cls).parameters or weights:
             kwargs["dtype"] = tuple(dtypes) if isinstance(dtypes, list) else dtypes
+        if "quantization" in entry:
+            if version != str(QUANTIZED_VERSION):
+                raise LoadError(f"{path}: layer {i} is quantized in a version {version} file")
+            weights, kwargs["quantization"] = quantize.from_file(cls, weights, entry["quantization"],
+                                                                 f"{path}: layer {i} ({cls.__name__})")
+            kwargs["dtype"] = np.float32
         try:
             built.append(cls(**weights, **kwargs))
         except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: float(10**400) in a config
@@ -221,20 +241,21 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
                            dtype: Any = None) -> Model:
     """Rebuild a Model from the tensors and metadata of a native file (already read and validated)."""
     version = metadata.get("format_version")
-    if version not in (str(CHAIN_VERSION), str(FORMAT_VERSION)):
+    if version not in READ_VERSIONS:
         raise LoadError(f"{path}: lstm_engine format version {version!r} is not supported "
-                        f"(this lstm_engine reads versions {CHAIN_VERSION} to {FORMAT_VERSION}); upgrade lstm_engine")
+                        f"(this lstm_engine reads versions {CHAIN_VERSION} to {QUANTIZED_VERSION}); upgrade lstm_engine")
     try:
         architecture = json.loads(metadata["architecture"])
         model_meta = json.loads(metadata.get("metadata", "{}"))
         dtypes = json.loads(metadata.get("dtypes", '["float32"]')) if dtype is None else dtype
-        graph_json = json.loads(metadata["graph"]) if version == str(FORMAT_VERSION) else None
+        graph_json = (json.loads(metadata["graph"]) if version == str(FORMAT_VERSION)
+                      or (version == str(QUANTIZED_VERSION) and "graph" in metadata) else None)
     except (KeyError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise LoadError(f"{path}: the architecture{' or graph' if version != '1' else ''} metadata is missing "
                         "or not valid JSON") from exc
     if not isinstance(model_meta, dict):
         raise LoadError(f"{path}: the model metadata must be a JSON object")
-    built, used = _build_layers(path, architecture, tensors, dtypes)
+    built, used = _build_layers(path, architecture, tensors, dtypes, version)
     try:
         if graph_json is None:
             stray = sorted(set(tensors) - used)

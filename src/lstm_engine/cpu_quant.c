@@ -1,0 +1,649 @@
+/* int8 and float16/bfloat16 weight products (see _quant.h): packing, the dynamic quantization of
+ * activations, one micro-kernel per variant, and the GEMM over the engine's threads.
+ *
+ * Variants: portable C; AVX2 (int8 widened to 16 bits for vpmaddwd, F16C); AVX-VNNI (vpdpbusd on
+ * ymm); AVX-512 with VNNI (vpdpbusd on zmm, vcvtph2ps). The quantization of activations and the
+ * dequantization of the sums are one baseline-compiled function each, shared by every variant: the
+ * int32 sums are exact, so int8 results are the same bits whichever variant runs.
+ */
+#define _GNU_SOURCE
+#include "_cpu_impl.h"
+#include "_quant.h"
+
+#include <math.h>
+#include <string.h>
+
+#ifdef LE_X86
+#include <immintrin.h>
+#define Q_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define Q_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define Q_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
+#endif
+
+#define QP LE_PANEL /* output rows per panel */
+
+static int panels(int N) { return (N + QP - 1) / QP; }
+static int round4(int K) { return (K + 3) & ~3; }
+
+/* -- packing ------------------------------------------------------------------------------ */
+
+ptrdiff_t le_qmat_size(int kind, int N, int K)
+{
+    if (kind == LE_W_INT8)
+        return (ptrdiff_t)panels(N) * round4(K) * QP;
+    return (ptrdiff_t)panels(N) * K * QP * 2;
+}
+
+void le_qmat_pack(int kind, const void *src, int N, int K, void *out, int32_t *comp)
+{
+    int P = panels(N);
+    if (kind == LE_W_INT8) {
+        const int8_t *w = src;
+        int8_t *o = out;
+        int Kp = round4(K);
+        for (int p = 0; p < P; p++)
+            for (int u = 0; u < QP; u++) {
+                int n = p * QP + u;
+                int32_t sum = 0;
+                for (int k = 0; k < Kp; k++) {
+                    int8_t v = n < N && k < K ? w[(ptrdiff_t)n * K + k] : 0;
+                    o[(ptrdiff_t)p * Kp * QP + (k / 4) * 4 * QP + u * 4 + k % 4] = v;
+                    sum += v;
+                }
+                comp[n] = 128 * sum;
+            }
+        return;
+    }
+    const uint16_t *w = src;
+    uint16_t *o = out;
+    for (int p = 0; p < P; p++)
+        for (int u = 0; u < QP; u++) {
+            int n = p * QP + u;
+            for (int k = 0; k < K; k++)
+                o[((ptrdiff_t)p * K + k) * QP + u] = n < N ? w[(ptrdiff_t)n * K + k] : 0;
+        }
+}
+
+/* -- activations to u8 --------------------------------------------------------------------- */
+
+float le_quantize_row(const float *a, int K, int Kp, uint8_t *out)
+{
+    float mx = 0.0f, finite = 0.0f;
+    for (int k = 0; k < K; k++) {
+        float v = fabsf(a[k]);
+        mx = v > mx ? v : mx;
+        finite += a[k] * 0.0f; /* NaN once any element is NaN or infinite */
+    }
+    if (finite != 0.0f || !(mx > 0.0f)) {
+        /* Zeros quantize to zeros; a row that is not finite gives NaN sums, never a wrong number. */
+        memset(out, 128, Kp);
+        return finite != 0.0f ? NAN : 0.0f;
+    }
+    float inv = 127.0f / mx;
+    for (int k = 0; k < K; k++) {
+        /* Round half to even by the 1.5 * 2^23 trick (|x| <= 127): the same in any build, and vectorised. */
+        float r = (a[k] * inv + 12582912.0f) - 12582912.0f;
+        int q = (int)r;
+        q = q > 127 ? 127 : (q < -127 ? -127 : q);
+        out[k] = (uint8_t)(q + 128);
+    }
+    for (int k = K; k < Kp; k++)
+        out[k] = 128;
+    return mx / 127.0f;
+}
+
+/* -- gates --------------------------------------------------------------------------------- */
+
+void le_q_lstm_gates(int H, float *q, const float *bias, float *c, float *h)
+{
+    for (int j = 0; j < 4 * H; j++)
+        q[j] += bias[j];
+    le_sigmoid_f32(q, q, 2 * H); /* i, f */
+    le_tanh_f32(q + 2 * H, q + 2 * H, H);
+    le_sigmoid_f32(q + 3 * H, q + 3 * H, H);
+    for (int j = 0; j < H; j++)
+        c[j] = q[H + j] * c[j] + q[j] * q[2 * H + j];
+    le_tanh_f32(c, h, H);
+    for (int j = 0; j < H; j++)
+        h[j] *= q[3 * H + j];
+}
+
+void le_q_gru_gates(int H, float *q, const float *hq, const float *bias, const float *bias_hn, float *h)
+{
+    for (int j = 0; j < 2 * H; j++)
+        q[j] = q[j] + hq[j] + bias[j];
+    le_sigmoid_f32(q, q, 2 * H); /* r, z */
+    for (int j = 0; j < H; j++)
+        q[2 * H + j] = q[2 * H + j] + bias[2 * H + j] + q[j] * (hq[2 * H + j] + bias_hn[j]);
+    le_tanh_f32(q + 2 * H, q + 2 * H, H);
+    for (int j = 0; j < H; j++)
+        h[j] = (1.0f - q[H + j]) * q[2 * H + j] + q[H + j] * h[j];
+}
+
+/* -- half floats --------------------------------------------------------------------------- */
+
+static inline float f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f)
+        bits = sign | 0x7f800000 | (man << 13);
+    else if (exp)
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man)
+        bits = sign;
+    else {
+        /* Subnormal: normalise. */
+        int e = 113;
+        while (!(man & 0x400)) {
+            man <<= 1;
+            e--;
+        }
+        bits = sign | ((uint32_t)e << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint32_t load_u32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* -- micro-kernels: mr rows of A by one panel of 16 rows -------------------------------------- */
+
+/* int8: K4 groups of 4; A rows at lda bytes; tile (mr, 16) int32. half: K rows, tile (mr, 16) float. */
+typedef void (*mk_i8_fn)(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W, int32_t *tile);
+typedef void (*mk_half_fn)(int bf16, int mr, int K, const float *A, ptrdiff_t lda, const uint16_t *W, float *tile);
+
+typedef struct {
+    mk_i8_fn mk_i8;
+    mk_half_fn mk_half;
+    int mr_i8, mr_half;
+} qvariant;
+
+#define MR_SWITCH(BODY, mr, ...)                                                                            \
+    switch (mr) {                                                                                           \
+    case 1: BODY(1, __VA_ARGS__); break;                                                                    \
+    case 2: BODY(2, __VA_ARGS__); break;                                                                    \
+    case 3: BODY(3, __VA_ARGS__); break;                                                                    \
+    case 4: BODY(4, __VA_ARGS__); break;                                                                    \
+    case 5: BODY(5, __VA_ARGS__); break;                                                                    \
+    case 6: BODY(6, __VA_ARGS__); break;                                                                    \
+    case 7: BODY(7, __VA_ARGS__); break;                                                                    \
+    default: BODY(8, __VA_ARGS__); break;                                                                   \
+    }
+
+/* portable */
+
+INLINE void mk_i8_c_body(const int MR, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W, int32_t *tile)
+{
+    int32_t acc[8][QP];
+    memset(acc, 0, sizeof acc);
+    for (int k4 = 0; k4 < K4; k4++) {
+        const int8_t *w = W + (ptrdiff_t)k4 * 4 * QP;
+        for (int s = 0; s < MR; s++) {
+            const uint8_t *a = A + s * lda + 4 * k4;
+            for (int u = 0; u < QP; u++)
+                acc[s][u] += a[0] * w[4 * u] + a[1] * w[4 * u + 1] + a[2] * w[4 * u + 2] + a[3] * w[4 * u + 3];
+        }
+    }
+    memcpy(tile, acc, MR * QP * sizeof(int32_t));
+}
+
+static void mk_i8_c(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W, int32_t *tile)
+{
+    MR_SWITCH(mk_i8_c_body, mr, K4, A, lda, W, tile)
+}
+
+INLINE void mk_half_c_body(const int MR, int bf16, int K, const float *A, ptrdiff_t lda, const uint16_t *W,
+                           float *tile)
+{
+    float acc[8][QP];
+    memset(acc, 0, sizeof acc);
+    for (int k = 0; k < K; k++) {
+        float w[QP];
+        for (int u = 0; u < QP; u++)
+            w[u] = bf16 ? bf16_to_f32(W[k * QP + u]) : f16_to_f32(W[k * QP + u]);
+        for (int s = 0; s < MR; s++) {
+            float a = A[s * lda + k];
+            for (int u = 0; u < QP; u++)
+                acc[s][u] += a * w[u];
+        }
+    }
+    memcpy(tile, acc, MR * QP * sizeof(float));
+}
+
+static void mk_half_c(int bf16, int mr, int K, const float *A, ptrdiff_t lda, const uint16_t *W, float *tile)
+{
+    MR_SWITCH(mk_half_c_body, mr, bf16, K, A, lda, W, tile)
+}
+
+static const qvariant q_portable = {mk_i8_c, mk_half_c, 4, 4};
+
+#ifdef LE_X86
+/* AVX2: 4 rows x 4 k of int8 weights widen to one ymm of int16; vpmaddwd with the row's 4 u8
+ * activations (widened, repeated) gives each row two partial sums, added at the end. 3 rows x 4
+ * accumulators + 4 weight registers fill the 16 ymm. */
+Q_AVX2 INLINE void mk_i8_avx2_body(const int MR, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
+                                   int32_t *tile)
+{
+    __m256i acc[3][4];
+    for (int s = 0; s < MR; s++)
+        for (int q = 0; q < 4; q++)
+            acc[s][q] = _mm256_setzero_si256();
+    for (int k4 = 0; k4 < K4; k4++) {
+        const int8_t *w = W + (ptrdiff_t)k4 * 4 * QP;
+        __m256i wq[4];
+        for (int q = 0; q < 4; q++)
+            wq[q] = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(w + 16 * q)));
+        for (int s = 0; s < MR; s++) {
+            __m128i a8 = _mm_cvtsi32_si128((int)load_u32(A + s * lda + 4 * k4));
+            __m256i a = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(a8));
+            for (int q = 0; q < 4; q++)
+                acc[s][q] = _mm256_add_epi32(acc[s][q], _mm256_madd_epi16(wq[q], a));
+        }
+    }
+    for (int s = 0; s < MR; s++)
+        for (int q = 0; q < 4; q++) {
+            /* lanes (row 4q + i, k 0-1), (row 4q + i, k 2-3) */
+            int32_t t[8];
+            _mm256_storeu_si256((__m256i *)t, acc[s][q]);
+            for (int i = 0; i < 4; i++)
+                tile[s * QP + 4 * q + i] = t[2 * i] + t[2 * i + 1];
+        }
+}
+
+Q_AVX2 static void mk_i8_avx2(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W, int32_t *tile)
+{
+    switch (mr) {
+    case 1: mk_i8_avx2_body(1, K4, A, lda, W, tile); break;
+    case 2: mk_i8_avx2_body(2, K4, A, lda, W, tile); break;
+    default: mk_i8_avx2_body(3, K4, A, lda, W, tile); break;
+    }
+}
+
+/* float16 / bfloat16 widened in registers: 4 rows x 2 halves of 8 units. */
+Q_AVX2 INLINE __m256 widen8(int bf16, const uint16_t *w)
+{
+    __m128i h = _mm_load_si128((const __m128i *)w);
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+Q_AVX2 INLINE void mk_half_avx2_body(const int MR, int bf16, int K, const float *A, ptrdiff_t lda,
+                                     const uint16_t *W, float *tile)
+{
+    __m256 acc[4][2];
+    for (int s = 0; s < MR; s++)
+        acc[s][0] = acc[s][1] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m256 w0 = widen8(bf16, W + k * QP), w1 = widen8(bf16, W + k * QP + 8);
+        for (int s = 0; s < MR; s++) {
+            __m256 a = _mm256_broadcast_ss(A + s * lda + k);
+            acc[s][0] = _mm256_fmadd_ps(w0, a, acc[s][0]);
+            acc[s][1] = _mm256_fmadd_ps(w1, a, acc[s][1]);
+        }
+    }
+    for (int s = 0; s < MR; s++) {
+        _mm256_storeu_ps(tile + s * QP, acc[s][0]);
+        _mm256_storeu_ps(tile + s * QP + 8, acc[s][1]);
+    }
+}
+
+Q_AVX2 static void mk_half_avx2(int bf16, int mr, int K, const float *A, ptrdiff_t lda, const uint16_t *W,
+                                float *tile)
+{
+    switch (mr) {
+    case 1: mk_half_avx2_body(1, bf16, K, A, lda, W, tile); break;
+    case 2: mk_half_avx2_body(2, bf16, K, A, lda, W, tile); break;
+    case 3: mk_half_avx2_body(3, bf16, K, A, lda, W, tile); break;
+    default: mk_half_avx2_body(4, bf16, K, A, lda, W, tile); break;
+    }
+}
+
+static const qvariant q_avx2 = {mk_i8_avx2, mk_half_avx2, 3, 4};
+
+/* AVX-VNNI: vpdpbusd on ymm, units 0-7 and 8-15 of each group of 4 k in two registers. */
+Q_AVXVNNI INLINE void mk_i8_avxvnni_body(const int MR, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
+                                         int32_t *tile)
+{
+    __m256i acc[6][2];
+    for (int s = 0; s < MR; s++)
+        acc[s][0] = acc[s][1] = _mm256_setzero_si256();
+    for (int k4 = 0; k4 < K4; k4++) {
+        const int8_t *w = W + (ptrdiff_t)k4 * 4 * QP;
+        __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 32));
+        for (int s = 0; s < MR; s++) {
+            __m256i a = _mm256_set1_epi32((int)load_u32(A + s * lda + 4 * k4));
+            acc[s][0] = _mm256_dpbusd_avx_epi32(acc[s][0], a, w0);
+            acc[s][1] = _mm256_dpbusd_avx_epi32(acc[s][1], a, w1);
+        }
+    }
+    for (int s = 0; s < MR; s++) {
+        _mm256_storeu_si256((__m256i *)(tile + s * QP), acc[s][0]);
+        _mm256_storeu_si256((__m256i *)(tile + s * QP + 8), acc[s][1]);
+    }
+}
+
+Q_AVXVNNI static void mk_i8_avxvnni(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
+                                    int32_t *tile)
+{
+    switch (mr) {
+    case 1: mk_i8_avxvnni_body(1, K4, A, lda, W, tile); break;
+    case 2: mk_i8_avxvnni_body(2, K4, A, lda, W, tile); break;
+    case 3: mk_i8_avxvnni_body(3, K4, A, lda, W, tile); break;
+    case 4: mk_i8_avxvnni_body(4, K4, A, lda, W, tile); break;
+    case 5: mk_i8_avxvnni_body(5, K4, A, lda, W, tile); break;
+    default: mk_i8_avxvnni_body(6, K4, A, lda, W, tile); break;
+    }
+}
+
+static const qvariant q_avxvnni = {mk_i8_avxvnni, mk_half_avx2, 6, 4};
+
+/* AVX-512 VNNI: one zmm of 16 units per row; one row (a GEMV, bound by reading the weights) keeps
+ * four sums over k4 mod 4 so that four vpdpbusd chains hide its latency (integer sums: exact). */
+Q_AVX512 INLINE void mk_i8_avx512_body(const int MR, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
+                                       int32_t *tile)
+{
+    __m512i acc[8];
+    for (int s = 0; s < MR; s++)
+        acc[s] = _mm512_setzero_si512();
+    int k4 = 0;
+    if (MR == 1) {
+        __m512i b1 = _mm512_setzero_si512(), b2 = b1, b3 = b1;
+        for (; k4 + 4 <= K4; k4 += 4) {
+            const int8_t *w = W + (ptrdiff_t)k4 * 4 * QP;
+            acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_set1_epi32((int)load_u32(A + 4 * k4)),
+                                         _mm512_load_si512(w));
+            b1 = _mm512_dpbusd_epi32(b1, _mm512_set1_epi32((int)load_u32(A + 4 * k4 + 4)), _mm512_load_si512(w + 64));
+            b2 = _mm512_dpbusd_epi32(b2, _mm512_set1_epi32((int)load_u32(A + 4 * k4 + 8)), _mm512_load_si512(w + 128));
+            b3 = _mm512_dpbusd_epi32(b3, _mm512_set1_epi32((int)load_u32(A + 4 * k4 + 12)), _mm512_load_si512(w + 192));
+        }
+        acc[0] = _mm512_add_epi32(_mm512_add_epi32(acc[0], b1), _mm512_add_epi32(b2, b3));
+    }
+    for (; k4 < K4; k4++) {
+        __m512i w = _mm512_load_si512(W + (ptrdiff_t)k4 * 4 * QP);
+        for (int s = 0; s < MR; s++)
+            acc[s] = _mm512_dpbusd_epi32(acc[s], _mm512_set1_epi32((int)load_u32(A + s * lda + 4 * k4)), w);
+    }
+    for (int s = 0; s < MR; s++)
+        _mm512_storeu_si512(tile + s * QP, acc[s]);
+}
+
+Q_AVX512 static void mk_i8_avx512(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W, int32_t *tile)
+{
+    MR_SWITCH(mk_i8_avx512_body, mr, K4, A, lda, W, tile)
+}
+
+Q_AVX512 INLINE __m512 widen16(int bf16, const uint16_t *w)
+{
+    __m256i h = _mm256_load_si256((const __m256i *)w);
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+Q_AVX512 INLINE void mk_half_avx512_body(const int MR, int bf16, int K, const float *A, ptrdiff_t lda,
+                                         const uint16_t *W, float *tile)
+{
+    __m512 acc[8];
+    for (int s = 0; s < MR; s++)
+        acc[s] = _mm512_setzero_ps();
+    int k = 0;
+    if (MR == 1) {
+        __m512 odd = _mm512_setzero_ps();
+        for (; k + 2 <= K; k += 2) {
+            acc[0] = _mm512_fmadd_ps(widen16(bf16, W + k * QP), _mm512_set1_ps(A[k]), acc[0]);
+            odd = _mm512_fmadd_ps(widen16(bf16, W + (k + 1) * QP), _mm512_set1_ps(A[k + 1]), odd);
+        }
+        acc[0] = _mm512_add_ps(acc[0], odd);
+    }
+    for (; k < K; k++) {
+        __m512 w = widen16(bf16, W + k * QP);
+        for (int s = 0; s < MR; s++)
+            acc[s] = _mm512_fmadd_ps(w, _mm512_set1_ps(A[s * lda + k]), acc[s]);
+    }
+    for (int s = 0; s < MR; s++)
+        _mm512_storeu_ps(tile + s * QP, acc[s]);
+}
+
+Q_AVX512 static void mk_half_avx512(int bf16, int mr, int K, const float *A, ptrdiff_t lda, const uint16_t *W,
+                                    float *tile)
+{
+    MR_SWITCH(mk_half_avx512_body, mr, bf16, K, A, lda, W, tile)
+}
+
+static const qvariant q_avx512 = {mk_i8_avx512, mk_half_avx512, 8, 8};
+#endif
+
+/* -- which variant ------------------------------------------------------------------------- */
+
+static const char *const q_names[LE_Q_NUM_VARIANTS] = {"portable", "avx2", "avxvnni", "avx512vnni"};
+static const char *q_reasons[LE_Q_NUM_VARIANTS];
+static int q_detected = -1, q_forced = -1, q_has_avxvnni;
+
+static void q_detect(void)
+{
+    if (q_detected >= 0)
+        return;
+    q_detected = LE_Q_PORTABLE;
+    q_reasons[LE_Q_PORTABLE] = "baseline x86-64 C, runs everywhere";
+#ifdef LE_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    /* F16C: CPUID leaf 1, ECX bit 29 (GCC 12 has no __builtin_cpu_supports name for it). */
+    unsigned a, b, c, d;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    int f16c = (c >> 29) & 1;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+    int avxvnni = (a >> 4) & 1; /* leaf 7 subleaf 1, EAX bit 4 */
+    int avx512 = le_simd_detected() >= LE_AVX512 && __builtin_cpu_supports("avx512vnni");
+    q_reasons[LE_Q_AVX2] = !avx2 ? "the CPU lacks AVX2/FMA" : !f16c ? "the CPU lacks F16C" : "the CPU has AVX2, FMA, F16C";
+    if (avx2 && f16c)
+        q_detected = LE_Q_AVX2;
+    q_reasons[LE_Q_AVXVNNI] = q_detected < LE_Q_AVX2 ? "the CPU lacks AVX2/FMA/F16C"
+                              : !avxvnni ? "the CPU lacks AVX-VNNI" : "the CPU has AVX-VNNI";
+    q_has_avxvnni = q_detected == LE_Q_AVX2 && avxvnni;
+    if (q_has_avxvnni)
+        q_detected = LE_Q_AVXVNNI;
+    q_reasons[LE_Q_AVX512] = q_detected < LE_Q_AVX2 ? "the CPU lacks AVX2/FMA/F16C"
+                             : !avx512 ? "the CPU (or the OS) lacks AVX-512 F/VL/BW/DQ with VNNI"
+                                       : "the CPU has AVX-512 F/VL/BW/DQ and VNNI";
+    if (q_detected >= LE_Q_AVX2 && avx512)
+        q_detected = LE_Q_AVX512;
+#else
+    q_reasons[1] = q_reasons[2] = q_reasons[3] = "not an x86 CPU";
+#endif
+}
+
+int le_q_detected(void)
+{
+    q_detect();
+    return q_detected;
+}
+
+int le_q_level(void)
+{
+    if (q_forced >= 0)
+        return q_forced;
+    int best = le_q_detected(), cap = le_simd_level();
+    /* The float32 variant forced down caps the products too: portable -> portable, AVX2 -> no AVX-512. */
+    if (cap == LE_PORTABLE)
+        return LE_Q_PORTABLE;
+    if (cap == LE_AVX2 && best == LE_Q_AVX512)
+        return q_has_avxvnni ? LE_Q_AVXVNNI : LE_Q_AVX2;
+    return best;
+}
+
+int le_q_supported(int level)
+{
+    q_detect();
+    return level >= 0 && level <= q_detected && (level != LE_Q_AVXVNNI || q_has_avxvnni);
+}
+
+int le_q_set_level(int level)
+{
+    if (level >= LE_Q_NUM_VARIANTS || (level >= 0 && !le_q_supported(level)))
+        return -1;
+    q_forced = level < 0 ? -1 : level;
+    return 0;
+}
+
+const char *le_q_name(int level) { return level >= 0 && level < LE_Q_NUM_VARIANTS ? q_names[level] : "unknown"; }
+
+const char *le_q_reason(int level)
+{
+    q_detect();
+    return level >= 0 && level < LE_Q_NUM_VARIANTS ? q_reasons[level] : "no such variant";
+}
+
+static const qvariant *q_in_use(void)
+{
+#ifdef LE_X86
+    switch (le_q_level()) {
+    case LE_Q_AVX512: return &q_avx512;
+    case LE_Q_AVXVNNI: return &q_avxvnni;
+    case LE_Q_AVX2: return &q_avx2;
+    }
+#endif
+    return &q_portable;
+}
+
+/* -- the GEMM ------------------------------------------------------------------------------ */
+
+typedef struct {
+    const le_qmat *m;
+    const qvariant *v;
+    int M, accumulate;
+    const float *A, *bias;
+    ptrdiff_t lda, ldc;
+    float *C;
+    const uint8_t *au8;  /* int8: the rows of A quantized, Kp bytes each */
+    const float *sa;     /* and their scales */
+    int units, per_unit; /* blocks of panels, claimed by whichever threads come (the pool's contract) */
+    atomic_int next;
+} qjob;
+
+#define RC_MAX 64
+
+/* Row r of C, panel p: the dequantized (or float) sums of the tile, plus C and the bias. */
+static void store_row(const qjob *jb, int r, int p, const float *v)
+{
+    int n0 = p * QP, nn = jb->m->N - n0 < QP ? jb->m->N - n0 : QP;
+    float *c = jb->C + r * jb->ldc + n0;
+    const float *b = jb->bias ? jb->bias + n0 : NULL;
+    for (int u = 0; u < nn; u++) {
+        float x = jb->accumulate ? c[u] + v[u] : v[u];
+        c[u] = b ? x + b[u] : x;
+    }
+}
+
+/* Rows [r0, r1) of A (quantized in abuf with scales sa for int8) by panels [p0, p1). */
+static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const uint8_t *abuf, const float *sa)
+{
+    const le_qmat *m = jb->m;
+    const qvariant *v = jb->v;
+    float vals[QP];
+    if (m->kind == LE_W_INT8) {
+        int Kp = round4(m->K);
+        int32_t tile[8 * QP] __attribute__((aligned(64)));
+        for (int p = p0; p < p1; p++) {
+            const int8_t *Wp = (const int8_t *)m->w + (ptrdiff_t)p * Kp * QP;
+            const float *sc = m->scale + p * QP;
+            const int32_t *comp = m->comp + p * QP;
+            for (int r = r0; r < r1; r += v->mr_i8) {
+                int mr = r1 - r < v->mr_i8 ? r1 - r : v->mr_i8;
+                v->mk_i8(mr, Kp / 4, abuf + (ptrdiff_t)(r - r0) * Kp, Kp, Wp, tile);
+                for (int s = 0; s < mr; s++) {
+                    float rs = sa[r - r0 + s];
+                    for (int u = 0; u < QP; u++)
+                        vals[u] = (float)(tile[s * QP + u] - comp[u]) * (rs * sc[u]);
+                    store_row(jb, r + s, p, vals);
+                }
+            }
+        }
+        return;
+    }
+    int bf16 = m->kind == LE_W_BFLOAT16;
+    float tile[8 * QP] __attribute__((aligned(64)));
+    for (int p = p0; p < p1; p++) {
+        const uint16_t *Wp = (const uint16_t *)m->w + (ptrdiff_t)p * m->K * QP;
+        for (int r = r0; r < r1; r += v->mr_half) {
+            int mr = r1 - r < v->mr_half ? r1 - r : v->mr_half;
+            v->mk_half(bf16, mr, m->K, jb->A + r * jb->lda, jb->lda, Wp, tile);
+            for (int s = 0; s < mr; s++)
+                store_row(jb, r + s, p, tile + s * QP);
+        }
+    }
+}
+
+static void qgemm_run(void *arg, int tid, int nth)
+{
+    qjob *jb = arg;
+    int P = panels(jb->m->N), Kp = round4(jb->m->K);
+    (void)tid;
+    (void)nth;
+    for (;;) {
+        int u = atomic_fetch_add_explicit(&jb->next, 1, memory_order_relaxed);
+        if (u >= jb->units)
+            return;
+        int p0 = u * jb->per_unit, p1 = p0 + jb->per_unit < P ? p0 + jb->per_unit : P;
+        /* Row chunks: the panels of a unit are read from L2 once per chunk. */
+        for (int r0 = 0; r0 < jb->M; r0 += RC_MAX) {
+            int r1 = r0 + RC_MAX < jb->M ? r0 + RC_MAX : jb->M;
+            qgemm_block(jb, r0, r1, p0, p1, jb->au8 + (ptrdiff_t)r0 * Kp, jb->sa + r0);
+        }
+    }
+}
+
+ptrdiff_t le_qgemm_scratch(int M, int K)
+{
+    return (ptrdiff_t)M * round4(K) + (ptrdiff_t)M * sizeof(float) + 64;
+}
+
+/* Below this many bytes of weights read per call (times the rows) one thread does it all: a second
+ * thread's wake-up and join cost more (the float32 kernels use the same figure). */
+#define Q_PARALLEL_MIN_BYTES (256 * 1024)
+
+int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, ptrdiff_t ldc, int accumulate,
+             const float *bias, int nthreads, void *scratch)
+{
+    qjob jb = {m, q_in_use(), M, accumulate, A, bias, lda, ldc, C, NULL, NULL, 0, 0, 0};
+    if (M <= 0)
+        return 0;
+    if (m->kind == LE_W_INT8) {
+        /* Each row once, here: a thread per unit would quantize every row again. */
+        int Kp = round4(m->K);
+        uint8_t *au8 = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+        float *sa = (float *)(au8 + (ptrdiff_t)M * Kp);
+        for (int r = 0; r < M; r++)
+            sa[r] = le_quantize_row(A + r * lda, m->K, Kp, au8 + (ptrdiff_t)r * Kp);
+        jb.au8 = au8;
+        jb.sa = sa;
+    }
+    double bytes = (double)le_qmat_size(m->kind, m->N, m->K) * M;
+    if (bytes < Q_PARALLEL_MIN_BYTES)
+        nthreads = 1;
+    if (nthreads > panels(m->N))
+        nthreads = panels(m->N);
+    int used = le_pool_acquire(nthreads, bytes * 8 > 2e7);
+    /* A few units per thread: one that joins late, or never, leaves little for the others. */
+    int P = panels(m->N), want = used > 1 ? 4 * used : 1;
+    jb.per_unit = (P + want - 1) / want;
+    jb.units = (P + jb.per_unit - 1) / jb.per_unit;
+    atomic_init(&jb.next, 0);
+    le_pool_run(qgemm_run, &jb, used);
+    return used;
+}
