@@ -131,9 +131,10 @@ def test_verify_against_torch(files, capsys):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "lengths" in proc.stdout and "ok:" in proc.stdout
     assert "layer 0 h" in proc.stdout and "layer 1 c" in proc.stdout
-    # A container (Embedding -> Linear -> GRU) rebuilt from its state_dict, in this process.
+    # A container's state_dict holds weights, not the forward that chains them: never rebuilt as a guess.
     proc = run_main(capsys, "verify", files / "lm.safetensors", "--source", files / "lm.pt", "--atol", "1e-5")
-    assert proc.returncode == 0 and "ok:" in proc.stdout and "layer 2 h" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "NOT CHECKED" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "not its forward" in proc.stdout + proc.stderr and "ok:" not in proc.stdout
     # Another network's weights in the same shapes: the errors are large and the status says so.
     torch.manual_seed(1)
     other = torch.nn.LSTM(6, 16, num_layers=2, bidirectional=True, batch_first=True)

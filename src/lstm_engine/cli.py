@@ -640,34 +640,19 @@ def _torch_reference(model, path: str, x, lengths):
             net = cls(first.input_size, first.hidden_size, num_layers=len(stack), bias="bias_ih_l0" in params,
                       batch_first=True, bidirectional=first.bidirectional, **kw).double()
             steps.append(("rnn", net, params, len(stack), first.num_directions))
-        elif kind == "Embedding":
-            steps.append(("emb", torch.nn.Embedding(*layer.weights()["weight"].shape).double(), params, 0, 0))
-            pos += 1
-        elif kind == "Dense":
-            out_f, in_f = layer.weights()["weight"].shape
-            steps.append(("dense", torch.nn.Linear(in_f, out_f, bias="bias" in params).double(), params,
-                          layer.activation, 0))
-            pos += 1
-        elif kind == "LayerNorm":
-            steps.append(("norm", torch.nn.LayerNorm(layer.input_size, eps=layer.eps).double(), params, 0, 0))
-            pos += 1
         else:
-            raise UserError(f"verify --source: cannot rebuild a {kind} layer in torch")
+            raise UserError(f"verify --source: a state_dict rebuilds only recurrent layers, not a {kind} layer")
     for step in steps:
         try:
             step[1].load_state_dict(step[2], strict=True)
         except RuntimeError as exc:
             raise UserError(f"{path}: its weights do not fit the model's architecture: "
                             f"{str(exc).splitlines()[-1].strip()}") from None
-    acts = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "linear": lambda t: t,
-            "softmax": lambda t: torch.softmax(t, -1)}
     h = torch.from_numpy(np.asarray(x)) if model.takes_ids else torch.from_numpy(np.asarray(x, np.float64))
     states = []
     with torch.no_grad():
         for kind, net, _, extra, D in steps:
-            if kind == "emb":
-                h = net(h)
-            elif kind == "rnn":
+            if kind == "rnn":
                 T = h.shape[1]
                 if lengths is not None:
                     packed = torch.nn.utils.rnn.pack_padded_sequence(h, torch.from_numpy(lengths), batch_first=True,
@@ -679,12 +664,6 @@ def _torch_reference(model, path: str, x, lengths):
                 st = st if isinstance(st, tuple) else (st,)
                 for k in range(extra):
                     states.append(tuple(s[k * D:(k + 1) * D].numpy() for s in st))
-            elif kind == "dense":
-                if extra not in acts:
-                    raise UserError(f"verify --source: cannot apply activation {extra!r} in torch")
-                h = acts[extra](net(h))
-            else:
-                h = net(h)
     return h.numpy(), states
 
 
@@ -795,6 +774,10 @@ def _torch_state_dict_source(model, path: str, x, rng, args) -> Reference:
     if not model.is_chain:
         raise NotChecked(f"{path} is a state_dict: it holds weights, not the forward that a graph model runs; "
                          "verify a graph model against its module or exported program")
+    if not all(layer.is_recurrent for layer in model.layers):
+        raise NotChecked(f"{path} is a state_dict: it holds a network's weights, not its forward, so only a bare "
+                         "nn.LSTM/GRU/RNN can be rebuilt from it; verify a model with other layers against its "
+                         "module (--source a .py script defining `model`, or a torch.export .pt2 file)")
     try:
         import torch
     except ImportError:
@@ -803,10 +786,7 @@ def _torch_state_dict_source(model, path: str, x, rng, args) -> Reference:
     lengths = rng.integers(1, T + 1, B)
     lengths[0] = T
     y, states = _torch_reference(model, path, x, lengths)
-    bare = all(layer.is_recurrent for layer in model.layers)
-    note = "" if bare else (" (torch modules rebuilt in the state_dict's order: this checks the layers "
-                            "lstm_engine runs, not that the original's forward chains them so)")
-    return Reference(f"torch {torch.__version__}", [y], states, lengths=lengths, note=note)
+    return Reference(f"torch {torch.__version__}", [y], states, lengths=lengths)
 
 
 def _is_onnx(path: str) -> bool:
