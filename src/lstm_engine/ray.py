@@ -14,12 +14,12 @@ itself imports nothing from Ray, so a Predictor also works in plain Python.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from . import _kernels
 from ._scale import score_sequences, worker_model
 
 __all__ = ["Predictor"]
@@ -36,7 +36,10 @@ def _assigned_threads(threads: int | None) -> int | None:
     if not ray.is_initialized():
         return None
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    return max(1, min(int(cpus), _kernels.cpu_count())) if cpus else None
+    # Capped by the affinity mask, not by the engine's cpu_count(), which honours OMP_NUM_THREADS, which is
+    # exactly what may be stale in a reused worker process.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(cpus), cores)) if cpus else None
 
 
 class Predictor:

@@ -85,7 +85,9 @@ def test_g2p_en_padded_batch_with_lengths(package):
     y, [(h,)] = encoder.forward(ids, lengths=lengths)
     for b, word in enumerate(vocab):
         _, [(alone,)] = encoder.forward(ids[b:b + 1, :lengths[b]])
-        np.testing.assert_allclose(h[:, b], alone[:, 0], rtol=0, atol=1e-6, err_msg=word)
+        # float32: a batch of 376 and a batch of one run different micro-kernel tiles (AVX-512 sums in
+        # another order), so they agree to rounding — the engine's float32 bound, 1e-5 — not bit for bit.
+        np.testing.assert_allclose(h[:, b], alone[:, 0], rtol=0, atol=1e-5, err_msg=word)
         assert not y[b, lengths[b]:].any(), word
 
 
