@@ -9,8 +9,9 @@
                             concurrency=8, batch_size=256)
 
 Each actor of the pool loads the model once (from a path readable on every node, or a Model pickled as
-the engine's own file bytes) and runs with the CPUs Ray assigned it (its ``num_cpus``). Needs the ray extra (``pip install ".[ray]"`` from a checkout); this module
-itself imports nothing from Ray, so a Predictor also works in plain Python.
+the engine's own file bytes) and runs with the CPUs Ray assigned it (its ``num_cpus``). Needs the ray
+extra (``pip install ".[ray]"`` from a checkout); this module itself imports nothing from Ray, so a
+Predictor also works in plain Python.
 """
 from __future__ import annotations
 
