@@ -21,6 +21,7 @@ import numpy as np
 
 from ._base import as_real_array
 from .plan import check_state
+from .session import check_state_blob, pack_state, unpack_state
 from .stream import Streamer, check_floats
 
 
@@ -430,6 +431,35 @@ class Stream:
             if core.started is not None:
                 for s in core.started:
                     s[self._slot] = False
+
+    def _arrays(self) -> list[tuple[str, np.ndarray]]:
+        """This stream's slot as a batch-1 session's state arrays (views; call under state_lock)."""
+        core = self._core
+        named = []
+        for k, arrays in enumerate(core.slots):
+            for name, arr in zip(("h", "c"), arrays):
+                named.append((f"{k}.{name}", arr[self._slot:self._slot + 1].reshape(1, 1, -1)))
+            if core.started is not None:
+                named.append((f"{k}.started", core.started[k][self._slot:self._slot + 1]))
+        return named
+
+    def save_state(self) -> bytes:
+        """The state as bytes: what ``save_state`` of a batch-1 session of the model in this pool's dtype
+        writes, so a stream can move to another pool or session, in this process or another, and go on
+        as if it had never moved."""
+        self._idle()
+        core = self._core
+        with core.state_lock:
+            return pack_state(core.model, core.dtype, 1, self._arrays())
+
+    def load_state(self, blob: Any) -> None:
+        """Restore a state saved by a pool stream's ``save_state`` or a batch-1 session's, of the same
+        model and dtype."""
+        blob = check_state_blob(blob)
+        self._idle()
+        core = self._core
+        with core.state_lock:
+            unpack_state(blob, core.model, core.dtype, 1, self._arrays())
 
     def close(self) -> None:
         """Leave the pool, freeing the state slot for another stream. Safe to call twice."""

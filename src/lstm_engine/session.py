@@ -80,6 +80,74 @@ def _state_error(msg: str) -> ValueError:
     return ValueError(f"load_state: {msg}")
 
 
+def pack_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list[tuple[str, np.ndarray]]) -> bytes:
+    """Saved-state bytes of ``arrays`` (name, array), tied to the model, dtype and batch size. Sessions and
+    pool streams write the same bytes for the same state (a stream is a session of batch size 1)."""
+    header = json.dumps({
+        "model": architecture_fingerprint(model),
+        "weights": weights_digest(model),
+        "dtype": str(dtype),
+        "batch_size": batch_size,
+        "arrays": [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays],
+    }, separators=(",", ":")).encode()
+    parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, len(header)), header]
+    parts += [arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes() for _, arr in arrays]
+    blob = b"".join(parts)
+    return blob + _CRC.pack(zlib.crc32(blob))
+
+
+def check_state_blob(blob: Any) -> bytes:
+    """``blob`` as bytes, its header, version and checksum checked (before any lock is taken)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"load_state: expected bytes from save_state(), got {type(blob).__name__}")
+    blob = bytes(blob)
+    head = _STATE_HEAD.size
+    if len(blob) < head + _CRC.size or blob[:8] != _STATE_MAGIC:
+        raise _state_error("not a saved session state (no lstm_engine state header)")
+    _, version, _ = _STATE_HEAD.unpack_from(blob)
+    if version != _STATE_VERSION:
+        raise _state_error(f"state format version {version} is not supported (this lstm_engine reads "
+                           f"version {_STATE_VERSION})")
+    if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
+        raise _state_error("the state is truncated or corrupted (checksum mismatch)")
+    return blob
+
+
+def unpack_state(blob: bytes, model: Any, dtype: np.dtype, batch_size: int,
+                 arrays: list[tuple[str, np.ndarray]]) -> None:
+    """Copy a checked blob (check_state_blob) into ``arrays``, after checking that it was saved from this
+    model, dtype, batch size and layout; nothing is written unless all of it matches."""
+    head = _STATE_HEAD.size
+    _, _, hlen = _STATE_HEAD.unpack_from(blob)
+    try:
+        header = json.loads(blob[head:head + hlen].decode())
+        fingerprint, digest = header["model"], header["weights"]
+        saved_dtype, batch, listed = header["dtype"], header["batch_size"], header["arrays"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise _state_error("the state header is corrupted") from exc
+    if fingerprint != architecture_fingerprint(model):
+        raise _state_error("the state was saved from a different model (its layers or sizes differ)")
+    if digest != weights_digest(model):
+        raise _state_error("the state was saved from a model with the same layers but different weights")
+    if saved_dtype != str(dtype):
+        raise _state_error(f"the state is {saved_dtype} but this session runs {dtype}")
+    if batch != batch_size:
+        raise _state_error(f"the state has batch size {batch} but this session has {batch_size}")
+    expected = [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays]
+    if listed != expected:
+        raise _state_error("the state's arrays do not match this session's layout")
+    offset = head + hlen
+    size = sum(arr.nbytes for _, arr in arrays)
+    if len(blob) - _CRC.size - offset != size:
+        raise _state_error(f"the state holds {len(blob) - _CRC.size - offset} bytes of arrays, expected {size}")
+    loaded = []
+    for _, arr in arrays:
+        loaded.append(np.frombuffer(blob, arr.dtype.newbyteorder("<"), arr.size, offset).reshape(arr.shape))
+        offset += arr.nbytes
+    for (_, arr), src in zip(arrays, loaded):
+        np.copyto(arr, src)
+
+
 # -- sessions ------------------------------------------------------------------------------------
 
 class Session:
@@ -409,64 +477,14 @@ class Session:
     def save_state(self) -> bytes:
         """The state as bytes (versioned, checksummed, tied to this model, dtype and batch size)."""
         with self._guard():
-            arrays = self._arrays()
-            header = json.dumps({
-                "model": architecture_fingerprint(self.model),
-                "weights": weights_digest(self.model),
-                "dtype": str(self.dtype),
-                "batch_size": self.batch_size,
-                "arrays": [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays],
-            }, separators=(",", ":")).encode()
-            parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, len(header)), header]
-            parts += [arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes() for _, arr in arrays]
-        blob = b"".join(parts)
-        return blob + _CRC.pack(zlib.crc32(blob))
+            return pack_state(self.model, self.dtype, self.batch_size, self._arrays())
 
     def load_state(self, blob: Any) -> None:
-        """Restore a state written by ``save_state`` of a session of the same model, dtype and batch size."""
-        if not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise TypeError(f"load_state: expected bytes from save_state(), got {type(blob).__name__}")
-        blob = bytes(blob)
-        head = _STATE_HEAD.size
-        if len(blob) < head + _CRC.size or blob[:8] != _STATE_MAGIC:
-            raise _state_error("not a saved session state (no lstm_engine state header)")
-        _, version, hlen = _STATE_HEAD.unpack_from(blob)
-        if version != _STATE_VERSION:
-            raise _state_error(f"state format version {version} is not supported (this lstm_engine reads "
-                               f"version {_STATE_VERSION})")
-        if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
-            raise _state_error("the state is truncated or corrupted (checksum mismatch)")
-        try:
-            header = json.loads(blob[head:head + hlen].decode())
-            fingerprint, digest = header["model"], header["weights"]
-            dtype, batch, listed = header["dtype"], header["batch_size"], header["arrays"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise _state_error("the state header is corrupted") from exc
-        if fingerprint != architecture_fingerprint(self.model):
-            raise _state_error("the state was saved from a different model (its layers or sizes differ)")
-        if digest != weights_digest(self.model):
-            raise _state_error("the state was saved from a model with the same layers but different weights")
-        if dtype != str(self.dtype):
-            raise _state_error(f"the state is {dtype} but this session runs {self.dtype}")
-        if batch != self.batch_size:
-            raise _state_error(f"the state has batch size {batch} but this session has {self.batch_size}")
+        """Restore a state written by ``save_state`` of a session of the same model, dtype and batch size
+        (or, with batch size 1, by a pool stream's ``save_state``)."""
+        blob = check_state_blob(blob)
         with self._guard():
-            arrays = self._arrays()
-            expected = [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays]
-            if listed != expected:
-                raise _state_error("the state's arrays do not match this session's layout")
-            offset = head + hlen
-            size = sum(arr.nbytes for _, arr in arrays)
-            if len(blob) - _CRC.size - offset != size:
-                raise _state_error(f"the state holds {len(blob) - _CRC.size - offset} bytes of arrays, "
-                                   f"expected {size}")
-            loaded = []
-            for _, arr in arrays:
-                src = np.frombuffer(blob, arr.dtype.newbyteorder("<"), arr.size, offset).reshape(arr.shape)
-                loaded.append(src)
-                offset += arr.nbytes
-            for (_, arr), src in zip(arrays, loaded):
-                np.copyto(arr, src)
+            unpack_state(blob, self.model, self.dtype, self.batch_size, self._arrays())
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt_ids: Any, max_new_tokens: int, temperature: float = 1.0,
