@@ -49,9 +49,8 @@ def interleaved(calls: dict[str, Callable[[], object]], reps: int, budget: float
 def cases(only: list[str] | None) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """name -> (call with default threads, call with one thread)."""
     out = {}
-    path = Path(le.__file__).parent / "data" / SHIPPED_MODEL
     if not only or "charlm-100" in only:
-        default, one = le.load(str(path)), le.load(str(path))
+        default, one = le.load(SHIPPED_MODEL), le.load(SHIPPED_MODEL)
         one.threads = 1
         ids = _random_input(default, 1, 100, np.random.default_rng(0))
         out["charlm-100"] = (lambda: default.forward(ids), lambda: one.forward(ids))

@@ -638,7 +638,7 @@ int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, p
         nthreads = 1;
     if (nthreads > panels(m->N))
         nthreads = panels(m->N);
-    int used = le_pool_acquire(nthreads, bytes * 8 > 2e7);
+    int used = le_pool_acquire(nthreads, bytes * 8, bytes * 8); /* one step: the product */
     /* A few units per thread: one that joins late, or never, leaves little for the others. */
     int P = panels(m->N), want = used > 1 ? 4 * used : 1;
     jb.per_unit = (P + want - 1) / want;

@@ -216,10 +216,6 @@ static void steps_run(void *arg, int tid, int nth)
         le_wait_until(reached, &w);
 }
 
-/* A long job (over ~1 ms of work) wakes workers that sleep: worth it, and a worker that does not
- * come in time costs nothing (it joins late or never). */
-#define PATIENT_FLOPS 2e7
-
 int le_run_steps_f32(le_steps_args *a, int nthreads)
 {
     steps_job job;
@@ -240,8 +236,8 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
         nthreads = P;
     if (nthreads > MAX_PARTS)
         nthreads = MAX_PARTS;
-    double flops = 2.0 * a->B * a->T * job.GHp * (a->In + a->H);
-    int used = le_pool_acquire(nthreads, flops > PATIENT_FLOPS);
+    double step_flops = 2.0 * a->B * job.GHp * (job.fused ? a->In + a->H : a->H);
+    int used = le_pool_acquire(nthreads, 2.0 * a->B * a->T * job.GHp * (a->In + a->H), step_flops);
     job.nth = used;
     if (!job.fused) {
         /* Enough projection units for every thread to have a few (each an A chunk read once). */
