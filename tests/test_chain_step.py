@@ -252,3 +252,17 @@ def test_kernel_refuses_bad_lengths_and_tables():
         kernel.run(np.array([[0, 1, 5], [0, 0, 0]]), y, h, h, None, work, True, table=table)
     with pytest.raises(ValueError, match="table"):
         kernel.run(np.zeros((2, 3), np.intp), y, h, h, None, work, True, table=table[:, :2, :8].copy())
+
+
+def test_record_runs_the_embedding_it_folded(monkeypatch):
+    """forward(record=True) runs the layers in NumPy: a folded Embedding is looked up there as before."""
+    model, run = torch_chain("gru")
+    plain = unfused(monkeypatch, lambda: torch_chain("gru")[0])
+    ids = np.random.default_rng(11).integers(0, V, (2, 6))
+    y, state, gates = model.forward(ids, record=True)
+    y2, state2, gates2 = plain.forward(ids, record=True)
+    np.testing.assert_allclose(y, run(ids)[0], atol=1e-5)
+    np.testing.assert_allclose(y, y2, **F32)
+    for a, b in zip(gates, gates2):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], **F32)
