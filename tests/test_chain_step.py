@@ -266,3 +266,23 @@ def test_record_runs_the_embedding_it_folded(monkeypatch):
     for a, b in zip(gates, gates2):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], **F32)
+
+
+@pytest.mark.parametrize("variant", ["gru-reset-before", "float64", "softmax-head"])
+def test_what_is_not_fused_takes_the_general_path(variant):
+    """GRU with reset before (Keras reset_after=False), float64 and heads other than linear/relu are not
+    specialised: sessions step through the plan, and equal forward."""
+    r = np.random.default_rng(12)
+    w = lambda *s: r.uniform(-0.5, 0.5, s)
+    H = 10
+    dtype = np.float64 if variant == "float64" else np.float32
+    rnn = le.GRU(w(3 * H, E), w(3 * H, H), w(3 * H), w(3 * H), reset_after=variant != "gru-reset-before", dtype=dtype)
+    model = le.Model([le.Embedding(w(V, E), dtype=dtype), rnn,
+                      le.Dense(w(4, H), w(4), activation="softmax" if variant == "softmax-head" else "linear",
+                               dtype=dtype)])
+    s = model.session(2)
+    assert s._chain_step is None
+    assert bool(model.plan(np.dtype(dtype)).tables) == (variant == "softmax-head")
+    ids = r.integers(0, V, (2, 7))
+    got = np.stack([s.step(ids[:, t]) for t in range(7)], 1)
+    np.testing.assert_allclose(got, model.forward(ids)[0], atol=1e-10 if variant == "float64" else 2e-6)

@@ -496,8 +496,10 @@ def _run_masked(run: Callable, x: np.ndarray, dst: np.ndarray, state: tuple, mas
 
 # -- specialisations of a chain ------------------------------------------------------------------
 
-# An Embedding folds into the next recurrent layer when its table of projections stays this small.
-MAX_TABLE_BYTES = 64 << 20
+# An Embedding folds into the next recurrent layer when its table of projections (vocab x gates x hidden
+# floats) stays this small: character and phoneme vocabularies, up to ~4000 tokens at hidden 256. A word
+# vocabulary's table would add tens of MB per model for a product the lookup saves only once per step.
+MAX_TABLE_BYTES = 16 << 20
 
 
 def _reads(graph: Graph) -> dict[str, int]:
