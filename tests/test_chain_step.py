@@ -56,10 +56,10 @@ CONFIGS = {
     "gru": dict(kind="gru"),
     "lstm-x2-wide": dict(kind="lstm", layers=2, hidden=40),
     "gru-x2-relu-two-heads": dict(kind="gru", layers=2, hidden=20, head_act="relu", two_heads=True),
-    "lstm-proj": dict(kind="lstm", proj=5),  # no C kernel: the general path
+    "lstm-proj": dict(kind="lstm", proj=5),  # no C kernel: no table, so no chain step: the plan
     "rnn": dict(kind="rnn"),  # the same
 }
-FUSED = {"lstm", "gru", "lstm-x2-wide", "gru-x2-relu-two-heads"}
+FUSED = {"lstm", "gru", "lstm-x2-wide", "gru-x2-relu-two-heads"}  # on the C kernels: a token table
 
 
 def unfused(monkeypatch, build):
@@ -270,8 +270,9 @@ def test_record_runs_the_embedding_it_folded(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["gru-reset-before", "float64", "softmax-head"])
 def test_what_is_not_fused_takes_the_general_path(variant):
-    """GRU with reset before (Keras reset_after=False), float64 and heads other than linear/relu are not
-    specialised: sessions step through the plan, and equal forward."""
+    """GRU with reset before (Keras reset_after=False) and float64 have no table, heads other than
+    linear/relu are not specialised: those sessions step through the plan, and equal forward. (A stack
+    of such layers without an Embedding does step in one call: the test below.)"""
     r = np.random.default_rng(12)
     w = lambda *s: r.uniform(-0.5, 0.5, s)
     H = 10
@@ -286,3 +287,22 @@ def test_what_is_not_fused_takes_the_general_path(variant):
     ids = r.integers(0, V, (2, 7))
     got = np.stack([s.step(ids[:, t]) for t in range(7)], 1)
     np.testing.assert_allclose(got, model.forward(ids)[0], atol=1e-10 if variant == "float64" else 2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stacks_mixing_c_kernels_and_others_step_in_one_call(dtype):
+    """LSTM with proj_size (its run()), then a GRU (C kernels in float32), then an RNN: one chain step."""
+    torch.manual_seed(13)
+    nets = [torch.nn.LSTM(5, 12, proj_size=6, batch_first=True), torch.nn.GRU(6, 16, batch_first=True),
+            torch.nn.RNN(16, 8, batch_first=True)]
+    model = le.Model([layer for net in nets for layer in le.from_torch(net, dtype=dtype).layers])
+    x = np.random.default_rng(14).standard_normal((2, 6, 5)).astype(dtype)
+    with torch.no_grad():
+        want = torch.from_numpy(x.astype(np.float32))
+        for net in nets:
+            want = net(want)[0]
+    s = model.session(2, dtype=dtype)
+    assert s._chain_step is not None
+    got = np.stack([s.step(x[:, t]) for t in range(6)], 1)
+    np.testing.assert_allclose(got, want.numpy(), atol=2e-6)
+    np.testing.assert_allclose(got, model.forward(x)[0], atol=1e-10 if dtype == np.float64 else 2e-6)

@@ -999,79 +999,89 @@ cdef enum:
 
 
 cdef class ChainStep:
-    """One step of a chain [token table ->] recurrent layers -> Dense heads, for B rows, in one call.
+    """One step of a chain [token table ->] recurrent layers [-> Dense heads], for B rows, in one call.
 
     What a session's step() runs for such a chain (lstm_engine.plan.chain_step builds it from the
-    plan): the same C kernels and packed weights as the plan's own steps, with every buffer bound
-    once, so a step crosses from Python into C once. Layers: unidirectional float32 LSTM/GRU on
-    the C kernels; heads: float32 Dense with a linear or relu activation, each row on the engine's
-    GEMV on this thread.
+    plan): the same kernels, packed weights and table as the plan's own steps, with every buffer
+    bound once. Layers on the C kernels (float32 LSTM/GRU) run from here without Python; the others
+    (float64, proj_size, RNN, GRU reset before, quantized, general gates) through their run().
+    Heads (float32 only): Dense with a linear or relu activation, each row on the engine's GEMV on
+    this thread.
     """
-    cdef int B, n_layers, n_heads, takes_ids, in_size, out_size
+    cdef int B, n_layers, n_heads, takes_ids, in_size, out_size, typenum
     cdef Py_ssize_t vocab
     cdef Py_ssize_t step_bytes[CHAIN_MAX]
     cdef le_steps_args args[CHAIN_MAX]
+    cdef bint c_steps[CHAIN_MAX]  # the layer runs on le_run_steps_f32 from here
     cdef const float* head_w[CHAIN_MAX]
     cdef const float* head_b[CHAIN_MAX]
     cdef float* head_out[CHAIN_MAX]
     cdef int head_n[CHAIN_MAX]
     cdef int head_k[CHAIN_MAX]
     cdef int head_relu[CHAIN_MAX]
-    cdef list kernels
+    cdef list kernels, runs
     cdef tuple _keep
 
     def __init__(self, int batch, object table, list kernels, list states, list heads, int input_size):
         """table: (1, V, G*Hp) from the first kernel's input_table, or None (float input of
         input_size); kernels and states (h, c) per layer; heads: (weight (N, K), bias or None, relu)."""
-        cdef int i, n
+        cdef int i
         cdef RecurrentKernel k
         cdef cnp.ndarray w, b, buf
         if not 0 < len(kernels) <= CHAIN_MAX or len(heads) > CHAIN_MAX or len(states) != len(kernels):
             raise ValueError("ChainStep: 1 to 8 recurrent layers and at most 8 heads")
+        dtype = kernels[0].dtype
+        if heads and dtype != np.float32:
+            raise ValueError("ChainStep: heads run in float32 only")
         keep = [table]
         self.B = batch
         self.kernels = list(kernels)
+        self.runs = []
         self.n_layers = len(kernels)
         self.n_heads = len(heads)
         self.takes_ids = table is not None
         self.in_size = input_size
+        self.typenum = dtype.num
         self.vocab = table.shape[1] if table is not None else 0
         size = input_size
         for i in range(self.n_layers):
             k = kernels[i]
-            if not k.fast or k.num_directions != 1 or k.go_backwards or k.input_size != size:
-                raise ValueError("ChainStep: layers must be unidirectional on the C kernels, each taking the last")
+            if k.num_directions != 1 or k.go_backwards or k.input_size != size or k.dtype != dtype:
+                raise ValueError("ChainStep: layers must be unidirectional, of one dtype, each taking the last")
             h, c = states[i][0], states[i][len(states[i]) - 1]  # (h, c), or (h,) for GRU/RNN
-            for a in (h, c):
-                if a.dtype != np.float32 or not a.flags.c_contiguous or a.shape[1] != batch:
-                    raise ValueError("ChainStep: states must be C-contiguous float32 (1, batch, width)")
-            work = np.empty(k.work_size(batch, 1), np.float32)
-            y = np.empty((batch, k.output_size), np.float32)
+            for arr in (h, c):
+                if arr.dtype != dtype or not arr.flags.c_contiguous or arr.shape[1] != batch:
+                    raise ValueError("ChainStep: states must be C-contiguous (1, batch, width) of the layers' dtype")
+            work = np.empty(k.work_size(batch, 1), dtype)
+            y = np.empty((batch, 1, k.output_size), dtype)
             keep += [h, c, work, y]
+            self.c_steps[i] = k.fast
+            self.runs.append((k.run, h, c, work, y))
             memset(&self.args[i], 0, sizeof(le_steps_args))
-            self.args[i].cell = 0 if k.cell == CELL_LSTM else 1
-            self.args[i].B = batch
-            self.args[i].In = k.input_size
-            self.args[i].H = k.hidden_size
-            self.args[i].T = 1
-            self.args[i].y_row = k.output_size
-            self.args[i].y_step = k.output_size
-            self.args[i].h = <float*>cnp.PyArray_DATA(<cnp.ndarray>h)
-            self.args[i].c = <float*>cnp.PyArray_DATA(<cnp.ndarray>c)
-            self.args[i].w_ih = <const float*>k.w_ih[0]
-            self.args[i].w_hh = <const float*>k.w_hh[0]
-            self.args[i].bias = <const float*>k.bias[0]
-            self.args[i].bias_hn = <const float*>k.bias_hn[0]
-            self.args[i].work = <float*>cnp.PyArray_DATA(<cnp.ndarray>work)
-            self.args[i].y = <float*>cnp.PyArray_DATA(<cnp.ndarray>y)
-            if i > 0:
-                self.args[i].x = self.args[i - 1].y
+            if k.fast:
+                self.args[i].cell = 0 if k.cell == CELL_LSTM else 1
+                self.args[i].B = batch
+                self.args[i].In = k.input_size
+                self.args[i].H = k.hidden_size
+                self.args[i].T = 1
+                self.args[i].y_row = k.output_size
+                self.args[i].y_step = k.output_size
+                self.args[i].h = <float*>cnp.PyArray_DATA(<cnp.ndarray>h)
+                self.args[i].c = <float*>cnp.PyArray_DATA(<cnp.ndarray>c)
+                self.args[i].w_ih = <const float*>k.w_ih[0]
+                self.args[i].w_hh = <const float*>k.w_hh[0]
+                self.args[i].bias = <const float*>k.bias[0]
+                self.args[i].bias_hn = <const float*>k.bias_hn[0]
+                self.args[i].work = <float*>cnp.PyArray_DATA(<cnp.ndarray>work)
+                self.args[i].y = <float*>cnp.PyArray_DATA(<cnp.ndarray>y)
+                if i > 0:
+                    self.args[i].x = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self.runs[i - 1][4])
             self.step_bytes[i] = <Py_ssize_t>k.num_gates * k.hidden_size * k.hidden_size * sizeof(float) * batch
             size = k.output_size
         if table is not None:
             k = kernels[0]
-            if (not isinstance(table, np.ndarray) or table.dtype != np.float32 or not table.flags.c_contiguous
-                    or table.ndim != 3 or table.shape[0] != 1
+            if (not k.fast or not isinstance(table, np.ndarray) or table.dtype != np.float32
+                    or not table.flags.c_contiguous or table.ndim != 3 or table.shape[0] != 1
                     or table.shape[2] != k.num_gates * panels(k.hidden_size) * LE_PANEL):
                 raise ValueError("ChainStep: the table does not match the first layer")
             self.args[0].table = <const float*>cnp.PyArray_DATA(<cnp.ndarray>table)
@@ -1100,19 +1110,20 @@ cdef class ChainStep:
         """Run one step of valid input x into out (B, out); False, with nothing touched, when x or out
         is not what this step takes as it is (then the caller checks and converts them)."""
         cdef cnp.ndarray xa, oa
-        cdef int i, r, j, n, B = self.B, threads
+        cdef int i, r, j, n = self.n_layers, B = self.B
         cdef Py_ssize_t V = self.vocab
         cdef const Py_ssize_t* ids
-        cdef float* y
         cdef float* src
         cdef float* dst
+        cdef float* y
         cdef RecurrentKernel k
-        cdef int nthreads[CHAIN_MAX]
+        cdef int threads
+        cdef bint last_writes_out = self.n_heads == 0
         if type(x) is not np.ndarray or type(out) is not np.ndarray:
             return False
         xa = <cnp.ndarray>x
         oa = <cnp.ndarray>out
-        if (cnp.PyArray_TYPE(oa) != cnp.NPY_FLOAT32 or cnp.PyArray_SIZE(oa) != <Py_ssize_t>B * self.out_size
+        if (cnp.PyArray_TYPE(oa) != self.typenum or cnp.PyArray_SIZE(oa) != <Py_ssize_t>B * self.out_size
                 or not cnp.PyArray_IS_C_CONTIGUOUS(oa) or not cnp.PyArray_ISBEHAVED(oa)
                 or not cnp.PyArray_IS_C_CONTIGUOUS(xa) or not cnp.PyArray_ISBEHAVED_RO(xa)):
             return False
@@ -1125,32 +1136,38 @@ cdef class ChainStep:
                     return False
             self.args[0].ids = ids
         else:
-            if (cnp.PyArray_TYPE(xa) != cnp.NPY_FLOAT32 or cnp.PyArray_NDIM(xa) != 2 or xa.shape[0] != B
+            if (cnp.PyArray_TYPE(xa) != self.typenum or cnp.PyArray_NDIM(xa) != 2 or xa.shape[0] != B
                     or xa.shape[1] != self.in_size):
                 return False
             self.args[0].x = <const float*>cnp.PyArray_DATA(xa)
-        for i in range(self.n_layers):
+        for i in range(n):
             k = self.kernels[i]
-            nthreads[i] = k.threads if self.step_bytes[i] >= parallel_min_bytes else 1
-        y = <float*>cnp.PyArray_DATA(oa)
-        with nogil:
-            n = self.n_layers
-            if self.n_heads == 0:
-                self.args[n - 1].y = y  # the last layer writes the step's output
-            for i in range(n):
-                le_run_steps_f32(&self.args[i], nthreads[i])
-            src = self.args[n - 1].y
-            for i in range(self.n_heads):
-                dst = y if i == self.n_heads - 1 else self.head_out[i]
-                for r in range(B):
-                    le_gemv_f32(self.head_n[i], self.head_k[i], self.head_w[i], self.head_k[i],
-                                src + <Py_ssize_t>r * self.head_k[i], self.head_b[i],
-                                dst + <Py_ssize_t>r * self.head_n[i])
-                if self.head_relu[i]:
-                    for j in range(B * self.head_n[i]):
-                        if dst[j] < 0:
-                            dst[j] = 0
-                src = dst
+            if self.c_steps[i]:
+                threads = k.threads if self.step_bytes[i] >= parallel_min_bytes else 1
+                if i == n - 1 and last_writes_out:
+                    self.args[i].y = <float*>cnp.PyArray_DATA(oa)
+                with nogil:
+                    le_run_steps_f32(&self.args[i], threads)
+            else:
+                run, h, c, work, buf = self.runs[i]
+                # run() takes x as (B, 1, in); y only needs the right size (out is (B, out)).
+                x3 = xa.reshape(B, 1, self.in_size) if i == 0 else self.runs[i - 1][4]
+                run(x3, out if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
+        if self.n_heads:
+            y = <float*>cnp.PyArray_DATA(oa)
+            src = <float*>cnp.PyArray_DATA(<cnp.ndarray>self.runs[n - 1][4])
+            with nogil:
+                for i in range(self.n_heads):
+                    dst = y if i == self.n_heads - 1 else self.head_out[i]
+                    for r in range(B):
+                        le_gemv_f32(self.head_n[i], self.head_k[i], self.head_w[i], self.head_k[i],
+                                    src + <Py_ssize_t>r * self.head_k[i], self.head_b[i],
+                                    dst + <Py_ssize_t>r * self.head_n[i])
+                    if self.head_relu[i]:
+                        for j in range(B * self.head_n[i]):
+                            if dst[j] < 0:
+                                dst[j] = 0
+                    src = dst
         return True
 
 

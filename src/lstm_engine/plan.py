@@ -556,12 +556,12 @@ def chain_step(plan: Plan, states: list, rows: int) -> Any:
     The step runs what the plan's own steps run for one step (the same kernels, packed weights and
     token table), in one call into C: a session's step() through it costs little more than the
     recurrent step itself. Heads: float32 Dense with linear or relu activation, up to 8 rows (each
-    row is a GEMV on this thread).
+    row is a GEMV on this thread); a chain of recurrent layers alone in any dtype.
     """
     from .layers import Dense
 
     graph = plan.graph
-    if plan.dtype != np.float32 or len(plan.steps) != len(graph.nodes) or not graph.inputs \
+    if len(plan.steps) != len(graph.nodes) or not graph.inputs \
             or not all(v.optional for v in graph.inputs[1:]):
         return None
     prev = graph.inputs[0].name
@@ -591,12 +591,12 @@ def chain_step(plan: Plan, states: list, rows: int) -> Any:
         elif isinstance(layer, Dropout):
             pass
         elif isinstance(layer, Dense) and kernels and layer.quantization is None and rows <= 8 \
-                and layer.activation in ("linear", "relu"):
+                and layer.activation in ("linear", "relu") and plan.dtype == np.float32:
             w = layer._by_dtype[plan.dtype]
             heads.append((np.ascontiguousarray(w["weight"]), w["bias"], layer.activation == "relu"))
         else:
             return None
         prev = node.outputs[0]
-    if graph.outputs != [prev] or not kernels or any(k is None or not k.fast for k in kernels):
+    if graph.outputs != [prev] or not kernels or None in kernels:
         return None
     return _kernels.ChainStep(rows, table, kernels, states, heads, input_size)
