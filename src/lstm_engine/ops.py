@@ -483,15 +483,21 @@ def split(x: np.ndarray, axis: int, split: list[int] | None, num_outputs: int, *
 @op("Slice", 1, starts=(_ints, REQUIRED), ends=(_ints, REQUIRED), axes=(_opt_ints, None), steps=(_opt_ints, None))
 def slice_(x: np.ndarray, starts: list[int], ends: list[int], axes: list[int] | None,
            steps: list[int] | None) -> np.ndarray:
+    return x[slice_index(x.shape, starts, ends, axes, steps)]
+
+
+def slice_index(shape: tuple, starts: list[int], ends: list[int], axes: list[int] | None,
+                steps: list[int] | None) -> tuple:
+    """The NumPy index of an ONNX Slice of an array of this shape."""
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     if not len(starts) == len(ends) == len(axes) == len(steps):
         raise ValueError("Slice: starts, ends, axes and steps differ in length")
-    index = [slice(None)] * x.ndim
-    for s, e, a, st in zip(starts, ends, _axes(axes, x.ndim), steps):
+    index = [slice(None)] * len(shape)
+    for s, e, a, st in zip(starts, ends, _axes(axes, len(shape)), steps):
         if st == 0:
             raise ValueError("Slice: a step of 0")
-        n = x.shape[a]
+        n = shape[a]
         # ONNX clamps (INT64_MAX means 'to the end'); Python slices clamp the same way once negative
         # starts and ends are taken from the end, except where they still fall below 0 with a negative step.
         s = s + n if s < 0 else s
@@ -501,7 +507,7 @@ def slice_(x: np.ndarray, starts: list[int], ends: list[int], axes: list[int] | 
         else:
             s, e = min(max(s, -1), n - 1), min(max(e, -1), n - 1)
         index[a] = slice(s, None if (st < 0 and e < 0) else e, st)
-    return x[tuple(index)]
+    return tuple(index)
 
 
 @op("Gather", 2, axis=(_int, 0))
