@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import ops as _ops
+from . import _kernels, ops as _ops
 
 # A value is a function of the signature (its value is known), of which only the shape is known, or neither.
 STATIC, SHAPED, DYNAMIC = 2, 1, 0
@@ -498,66 +498,43 @@ def _pad_maker(b: Any, ins: list[int], env: list, kw: dict, o: int) -> Callable 
 
 
 def _conv_maker(b: Any, ins: list[int], env: list, flag: list, kw: dict, o: int) -> Callable | None:
-    """Conv as ops.conv computes it (im2col, one GEMM per group), with every shape, stride and the weight's
-    layout worked out once; ``relu`` fuses a following Relu in place on the fresh output."""
+    """A float32 Conv of constant weights through the engine's kernel, its weight layout made once; ``relu``
+    makes it apply a following Relu as it writes (the kernel's epilogue)."""
     x, w, y = env[b.ins[0]], env[b.ins[1]], env[o]
     has_bias = len(b.ins) > 2 and b.ins[2] >= 0
-    # Weights from data (not constants) run the general op.
-    if flag[b.ins[1]] != STATIC or (has_bias and flag[b.ins[2]] != STATIC):
-        return None
     bias = env[b.ins[2]] if has_bias else None
-    N, C, L = x.shape
-    M, Cg, k = w.shape
+    if flag[b.ins[1]] != STATIC or (has_bias and flag[b.ins[2]] != STATIC) or y.dtype != np.float32 \
+            or x.dtype != np.float32 or w.dtype != np.float32 or (has_bias and bias.dtype != np.float32):
+        return None
     group = kw["group"]
+    weights = _ops.conv_weight(w, group)
+    bias = None if bias is None else np.ascontiguousarray(bias)
+    k = w.shape[2]
     stride = (kw["strides"] or [1])[0]
     dilation = (kw["dilations"] or [1])[0]
-    pad = kw["pads"] or [0, 0]
-    L_out = y.shape[2]
-    Lp = L + pad[0] + pad[1]
-    dtype = y.dtype
-    item = dtype.itemsize
-    Mg = M // group
-    wg = np.ascontiguousarray(w.reshape(group, Mg, Cg * k), dtype)
-    bcol = None if bias is None else np.ascontiguousarray(bias, dtype)[:, None]
-    win_shape = (N, C, k, L_out)
-    win_strides = (C * Lp * item, Lp * item, dilation * item, stride * item)
-    cols_shape = (N, group, Cg * k, L_out)
-    padded = bool(pad[0] or pad[1])
-    p0 = pad[0]
+    pad0 = (kw["pads"] or [0, 0])[0]
+    shape = y.shape
+    L_out = shape[2]
+    scratch = L_out * w.shape[1] * k
+    long = x.shape[2] > 1  # strides are not in the signature: checked per call
     xin = ins[0]
-    direct = k == 1 and stride == 1 and not padded and group == 1  # a 1x1 convolution is the GEMM itself
-    w0 = wg[0]
+    w0 = weights[0]
+    conv1d = _kernels.conv1d
 
     def build(relu_out: int | None) -> Callable:
         dst = o if relu_out is None else relu_out
+        relu = relu_out is not None
+        if group != 1:
+            def step(env: list, call: Any) -> None:
+                env[dst] = _ops.conv1d_f32(env[xin], weights, bias, group, k, stride, dilation, pad0, L_out, relu)
+            return step
 
         def step(env: list, call: Any) -> None:
             x = env[xin]
-            out = np.empty((N, M, L_out), dtype)
-            if direct:
-                np.matmul(w0, x, out=out)
-            else:
-                if padded:
-                    xp = np.zeros((N, C, Lp), dtype)
-                    xp[:, :, p0:p0 + L] = x
-                elif not x.flags.c_contiguous or x.dtype != dtype:
-                    xp = np.ascontiguousarray(x, dtype)
-                else:
-                    xp = x
-                cols = np.empty(win_shape, dtype)
-                cols[...] = np.ndarray(win_shape, dtype, xp, 0, win_strides)
-                cols = cols.reshape(cols_shape)
-                if group == 1:
-                    np.matmul(w0, cols[:, 0], out=out)
-                else:
-                    out_g = out.reshape(N, group, Mg, L_out)
-                    for g in range(group):
-                        np.matmul(wg[g], cols[:, g], out=out_g[:, g])
-            if bcol is not None:
-                out += bcol
-            if relu_out is not None:
-                np.maximum(out, 0, out=out)
-            env[dst] = out
+            if long and x.strides[2] != 4:
+                x = np.ascontiguousarray(x)
+            env[dst] = conv1d(x, w0, bias, np.empty(shape, np.float32), k, stride, dilation, pad0, relu,
+                              np.empty(scratch, np.float32))
         return step
 
     return _Maker(lambda: build(None), build)
