@@ -241,14 +241,24 @@ class _Trace:
     def program(self) -> Specialised:
         plan, flag = self.plan, self.flag
         outputs = [self.source(s) for s in plan.output_slots]
+        # Steps whose values nothing reads are dropped (an LSTM's unused sequence output reshaped); recurrent
+        # layers and Ifs stay, for their state.
+        needed = set(outputs)
+        entries = []
+        for entry in reversed(self.entries):
+            b, ins, outs, make = entry
+            if (b is not None and b.node.op in ("Recurrent", "Layer", "If")) or any(o in needed for o in outs):
+                needed.update(i for i in ins if i >= 0)
+                entries.append(entry)
+        entries.reverse()
         reads: dict[int, int] = {}
-        for b, ins, outs, make in self.entries:
+        for b, ins, outs, make in entries:
             for i in ins:
                 reads[i] = reads.get(i, 0) + 1
         for s in outputs:
             reads[s] = reads.get(s, 0) + 1
         steps = []
-        entries = self.entries
+        made_by: dict[int, int] = {}  # slot -> index in steps of the view that made it, while it may still grow
         k = 0
         while k < len(entries):
             b, ins, outs, make = entries[k]
@@ -256,11 +266,24 @@ class _Trace:
             # A Relu right after the node that made its only input runs in place on that fresh array.
             if isinstance(make, _Maker) and make.relu is not None and nxt is not None and nxt[0] is not None \
                     and nxt[0].node.op == "Relu" and nxt[1] == [outs[0]] and reads.get(outs[0]) == 1:
-                steps.append(make.relu(nxt[2][0]))
+                steps.append(partial(make.relu, nxt[2][0]))
                 k += 2
                 continue
-            steps.append(make())
+            if isinstance(make, _View):
+                j = made_by.pop(make.i, None)
+                if j is not None and reads.get(make.i) == 1:
+                    # A view of a view nothing else reads: one step does both.
+                    prev = steps[j]
+                    steps[j] = _View(prev.i, make.o, prev.chain + make.chain)
+                else:
+                    steps.append(_View(make.i, make.o, list(make.chain)))
+                    j = len(steps) - 1
+                made_by[make.o] = j
+                k += 1
+                continue
+            steps.append(make)
             k += 1
+        steps = [make() for make in steps]
         template = [v if f == STATIC else None for v, f in zip(self.env, flag)]
         for s in plan.input_slots:
             template[s] = None
@@ -295,6 +318,40 @@ class _Maker:
         return self.make()
 
 
+_RESHAPE, _TRANSPOSE, _INDEX = range(3)
+
+
+class _View:
+    """A chain of views (reshape, transpose, basic index) from slot i to slot o, bound to the traced shapes;
+    consecutive views whose middle values nothing else reads become one step."""
+
+    def __init__(self, i: int, o: int, chain: list[tuple[int, Any]]) -> None:
+        self.i, self.o, self.chain = i, o, chain
+
+    def __call__(self) -> Callable:
+        i, o = self.i, self.o
+        if len(self.chain) == 1:
+            kind, arg = self.chain[0]
+            if kind == _RESHAPE:
+                def step(env: list, call: Any) -> None:
+                    env[o] = env[i].reshape(arg)
+            elif kind == _TRANSPOSE:
+                def step(env: list, call: Any) -> None:
+                    env[o] = env[i].transpose(arg)
+            else:
+                def step(env: list, call: Any) -> None:
+                    env[o] = env[i][arg]
+            return step
+        chain = tuple(self.chain)
+
+        def step(env: list, call: Any) -> None:
+            v = env[i]
+            for kind, arg in chain:
+                v = v.reshape(arg) if kind == _RESHAPE else v.transpose(arg) if kind == _TRANSPOSE else v[arg]
+            env[o] = v
+        return step
+
+
 def _unary_step(f: Callable, i: int, o: int, where: str) -> Callable:
     def step(env: list, call: Any) -> None:
         try:
@@ -326,48 +383,23 @@ def _fast(b: Any, ins: list[int], env: list, flag: list, dtype: np.dtype) -> Cal
     if not isinstance(y, np.ndarray):
         return None
     if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
-        shape = y.shape
-        i = ins[0]
-
-        def make() -> Callable:
-            def step(env: list, call: Any) -> None:
-                env[o] = env[i].reshape(shape)
-            return step
-        return make
+        return _View(ins[0], o, [(_RESHAPE, y.shape)])
     if op == "Transpose":
         x = env[b.ins[0]]
         perm = tuple(kw["perm"]) if kw["perm"] is not None else tuple(reversed(range(x.ndim)))
-        i = ins[0]
-
-        def make() -> Callable:
-            def step(env: list, call: Any) -> None:
-                env[o] = env[i].transpose(perm)
-            return step
-        return make
+        return _View(ins[0], o, [(_TRANSPOSE, perm)])
     if op == "Slice":
-        index = _ops.slice_index(env[b.ins[0]].shape, kw["starts"], kw["ends"], kw["axes"], kw["steps"])
-        i = ins[0]
-
-        def make() -> Callable:
-            def step(env: list, call: Any) -> None:
-                env[o] = env[i][index]
-            return step
-        return make
+        return _View(ins[0], o, [(_INDEX, _ops.slice_index(env[b.ins[0]].shape, kw["starts"], kw["ends"], kw["axes"],
+                                                           kw["steps"]))])
     if op == "Gather" and flag[b.ins[1]] == STATIC:
         x, idx = env[b.ins[0]], env[b.ins[1]]
         axis = kw["axis"] % x.ndim
         n = x.shape[axis]
         idx = np.where(idx < 0, idx + n, idx)
-        i = ins[0]
         if idx.ndim == 0:
-            # One index: a view (nothing writes into a node's input), kept an array with the Ellipsis.
-            index = (slice(None),) * axis + (int(idx), Ellipsis)
-
-            def make() -> Callable:
-                def step(env: list, call: Any) -> None:
-                    env[o] = env[i][index]
-                return step
-            return make
+            # One index: a view (nothing writes into a node's input), kept an array by the Ellipsis.
+            return _View(ins[0], o, [(_INDEX, (slice(None),) * axis + (int(idx), Ellipsis))])
+        i = ins[0]
 
         def make() -> Callable:
             def step(env: list, call: Any) -> None:
@@ -398,6 +430,15 @@ def _fast(b: Any, ins: list[int], env: list, flag: list, dtype: np.dtype) -> Cal
         return lambda: _pow_step(exponent, i, o)
     if op == "ReduceMean" and y.dtype.kind == "f" and kw["axes"]:
         return _mean_maker(env[b.ins[0]], kw, ins[0], o)
+    if op == "Relu" and y.dtype.kind == "f":
+        zero = y.dtype.type(0)  # as ops' Relu, its zero made once
+        i = ins[0]
+
+        def make() -> Callable:
+            def step(env: list, call: Any) -> None:
+                env[o] = np.maximum(env[i], zero)
+            return step
+        return make
     if op in _UFUNCS and y.dtype.kind == "f":
         f = _UFUNCS[op]
         i = ins[0]
