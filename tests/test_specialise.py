@@ -196,3 +196,29 @@ def test_signatures_beyond_the_cache_start_over(monkeypatch):
         x = np.linspace(-1, 1, n, dtype=np.float32)
         np.testing.assert_array_equal(model.run({"x": x})["y"], np.maximum(x, 0))
     assert programs(model) <= 2
+
+
+def test_feeds_are_still_checked_after_a_signature_passed():
+    model = le.Model(squeeze_if_one_graph())
+    x = np.ones((1, 12), np.float32)
+    for _ in range(3):
+        model.run({"x": x})
+    with pytest.raises(TypeError, match="x: dtype float16"):
+        model.run({"x": x.astype(np.float16)})
+    with pytest.raises(ValueError, match=r"x: expected shape \('\?', '\?'\), got \(1, 1, 12\)"):
+        model.run({"x": x[None]})
+    for _ in range(2):  # converted to float32, so checked in full each time
+        y = model.run({"x": x.astype(np.float16)}, cast=True)["y"]
+        np.testing.assert_array_equal(y, model.run({"x": x})["y"])
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"])
+def test_reductions_over_axes_of_one_element(op):
+    g = Graph([ValueInfo("x", "float", [None, None, None])], ["y"], [
+        Node(op, ["x"], ["y"], {"axes": [1, -1], "keepdims": 0}, "reduce")])
+    model = le.Model(g)
+    for shape in [(2, 1, 1), (2, 1, 1), (2, 1, 1), (2, 3, 1), (2, 3, 1), (2, 3, 1)]:
+        x = RNG.standard_normal(shape).astype(np.float32)
+        got, want = run_both(model, {"x": x})
+        assert got[0].shape == want[0].shape == (2,)
+        np.testing.assert_array_equal(got[0], want[0])

@@ -428,6 +428,10 @@ def _fast(b: Any, ins: list[int], env: list, flag: list, dtype: np.dtype) -> Cal
         exponent = env[b.ins[1]].astype(y.dtype)
         i = ins[0]
         return lambda: _pow_step(exponent, i, o)
+    if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin") and y.dtype == env[b.ins[0]].dtype \
+            and kw["axes"] and all(env[b.ins[0]].shape[a] == 1 for a in kw["axes"]):
+        # Over axes of one element each, the result is the input itself (x / 1 == x), reshaped.
+        return _View(ins[0], o, [(_RESHAPE, y.shape)])
     if op == "ReduceMean" and y.dtype.kind == "f" and kw["axes"]:
         return _mean_maker(env[b.ins[0]], kw, ins[0], o)
     if op == "Relu" and y.dtype.kind == "f":
