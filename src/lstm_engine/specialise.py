@@ -11,9 +11,10 @@ node's output depends on its input's shape only). The second call with a signatu
 plan, which validates and raises exactly as it always does, and marks every value *static* (a function of the
 signature: constants, keyed inputs, shapes, and nodes of static inputs), *shaped* (its shape is a function of the
 signature) or *dynamic*. Static nodes are folded into the signature's value list, an If on a static condition is
-replaced by the branch it took, Identity (and a Cast to the same dtype) renames its input, and the nodes left become
-one flat list of steps, bound to the shapes the trace saw where that lets them skip checks and precompute (Slice
-indices, Conv's im2col strides, a Relu run in place on a Conv's fresh output). Validation that depends on the
+replaced by the branch it took, Identity (and a Cast to the same dtype) renames its input, steps whose values nothing
+reads are dropped, and the rest become one flat list of steps, bound to the shapes the trace saw where that lets them
+skip checks and precompute (Slice indices, a chain of views as one step, Conv's weight laid out for the engine's
+kernel once, a following Relu applied by that kernel as it stores). Validation that depends on the
 values (indices from data, integer division, lengths, recurrent shapes) stays in the steps. A signature that differs
 in anything (a shape, a dtype, a keyed value) gets its own entry, so nothing a specialisation assumed is ever reused
 where it does not hold. Sessions, the pool, forward, run and recording all reach this through ``Plan.run``.
@@ -308,7 +309,7 @@ def _bound_step(b: Any) -> Callable:
 # the checks that depend on shapes and dtypes only have passed; what depends on values is kept.
 
 class _Maker:
-    """A step's maker; ``relu`` (if set) makes the step with a Relu applied in place, writing slot out."""
+    """A step's maker; ``relu(out)`` (if set) makes the step with a following Relu fused, writing slot out."""
 
     def __init__(self, make: Callable[[], Callable], relu: Callable[[int], Callable] | None = None) -> None:
         self.make = make
