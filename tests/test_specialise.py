@@ -222,3 +222,18 @@ def test_reductions_over_axes_of_one_element(op):
         got, want = run_both(model, {"x": x})
         assert got[0].shape == want[0].shape == (2,)
         np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_conv_relu_fused_by_the_kernel_equals_the_two_nodes():
+    g = Graph([ValueInfo("x", "float", [None, 3, None])], ["y"], [
+        Node("Conv", ["x", "w", "b"], ["c"], {"pads": [1, 1]}, "conv"),
+        Node("Relu", ["c"], ["y"], {}, "relu"),
+    ], {"w": RNG.standard_normal((70, 3, 3)).astype(np.float32), "b": RNG.standard_normal(70).astype(np.float32)})
+    model = le.Model(g)
+    for n in [5, 5, 5, 9]:
+        x = RNG.standard_normal((2, 3, n)).astype(np.float32)
+        got, want = run_both(model, {"x": x})
+        np.testing.assert_array_equal(got[0], want[0])
+        assert (got[0] == 0).any() and (got[0] > 0).any()
+    steps = list(model.plan(model.dtype).specialiser.compiled.values())[0].steps
+    assert len(steps) == 1  # Conv and Relu as one kernel call
