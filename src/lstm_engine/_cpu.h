@@ -94,4 +94,20 @@ void le_blas_set_threads(int n);
  * head of a one-row step, which a 2-thread BLAS call makes slower on a busy machine. */
 void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y);
 
+/* ONNX Conv, 1-D, of float32 rows (cpu_conv.c), one group: y[n, m, l] = b[m] + sum over c, j of
+ * W[m, c * k + j] * x[n, c, l * stride + j * dilation - pad0] (0 outside [0, L)), then max(y, 0) if relu.
+ * x and y run with unit stride along L and Lo, x_n/x_c and y_n/y_m are element strides; W is (M, C * k)
+ * row-major, b NULL or (M,); cols is Lo * C * k floats of scratch. */
+typedef struct {
+    int N, C, L, M, k, stride, dilation, pad0, Lo, relu;
+    const float *x;
+    ptrdiff_t x_n, x_c;
+    const float *W, *b;
+    float *y;
+    ptrdiff_t y_n, y_m;
+    float *cols;
+} le_conv1d_args;
+
+void le_conv1d_f32(const le_conv1d_args *args);
+
 #endif

@@ -56,6 +56,16 @@ cdef extern from "_cpu.h" nogil:
     int le_blas_threads()
     void le_blas_set_threads(int n)
     void le_gemv_f32(int N, int K, const float* W, Py_ssize_t ldw, const float* x, const float* b, float* y)
+    ctypedef struct le_conv1d_args:
+        int N, C, L, M, k, stride, dilation, pad0, Lo, relu
+        const float* x
+        Py_ssize_t x_n, x_c
+        const float* W
+        const float* b
+        float* y
+        Py_ssize_t y_n, y_m
+        float* cols
+    void le_conv1d_f32(const le_conv1d_args* args)
 
 cdef extern from "_gates_general.h" nogil:
     ctypedef struct le_activation:
@@ -625,6 +635,63 @@ def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out):
     with nogil:
         le_gemv_f32(N, K, <const float*>cnp.PyArray_DATA(weight), K, <const float*>cnp.PyArray_DATA(x), b,
                     <float*>cnp.PyArray_DATA(out))
+    return out
+
+
+cdef Py_ssize_t float_stride(cnp.ndarray a, int axis, str name) except -1:
+    """An axis's stride in floats (0 for an axis of one, whose stride NumPy may leave arbitrary); ValueError
+    unless a whole, non-negative number of them."""
+    if a.shape[axis] <= 1:
+        return 0
+    cdef Py_ssize_t st = cnp.PyArray_STRIDE(a, axis)
+    if st < 0 or st % 4:
+        raise ValueError(f"conv1d: {name} must have non-negative strides of whole floats")
+    return st // 4
+
+
+def conv1d(cnp.ndarray x, cnp.ndarray weight, object bias, cnp.ndarray out, int k, int stride, int dilation,
+           int pad0, bint relu, cnp.ndarray cols):
+    """ONNX Conv 1-D of one group, float32, on this thread:
+    out[n, m, l] = bias[m] + sum over c, j of weight[m, c*k + j] * x[n, c, l*stride + j*dilation - pad0]
+    (zeros outside x), then max(out, 0) if relu.
+
+    x (N, C, L) and out (N, M, Lo) float32 with unit stride along their last axis (a group's channel slice
+    is fine); weight (M, C*k), bias (M,) or None and cols (at least Lo*C*k floats of scratch): float32,
+    C-contiguous. Everything is checked here: a mismatch raises ValueError rather than reading out of bounds."""
+    cdef le_conv1d_args a
+    for arr, name in ((x, "x"), (weight, "weight"), (out, "out"), (cols, "cols")) + (
+            () if bias is None else ((bias, "bias"),)):
+        if cnp.PyArray_TYPE(<cnp.ndarray>arr) != cnp.NPY_FLOAT32:
+            raise ValueError(f"conv1d: {name} must be float32")
+    if x.ndim != 3 or out.ndim != 3 or weight.ndim != 2:
+        raise ValueError("conv1d: expected x (N, C, L), weight (M, C*k) and out (N, M, Lo)")
+    a.N, a.C, a.L = x.shape[0], x.shape[1], x.shape[2]
+    a.M, a.Lo = weight.shape[0], out.shape[2]
+    if k < 1 or stride < 1 or dilation < 1 or pad0 < 0 or weight.shape[1] != <Py_ssize_t>a.C * k \
+            or out.shape[0] != a.N or out.shape[1] != a.M:
+        raise ValueError(f"conv1d: weight {tuple((<object>weight).shape)} and out {tuple((<object>out).shape)} do "
+                         f"not fit x {tuple((<object>x).shape)} with k={k}, "
+                         f"stride={stride}, dilation={dilation}, pad0={pad0}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(weight) or not cnp.PyArray_IS_C_CONTIGUOUS(cols) \
+            or cols.size < <Py_ssize_t>a.Lo * a.C * k:
+        raise ValueError("conv1d: weight and cols must be C-contiguous, cols at least Lo*C*k floats")
+    if (a.L > 1 and x.strides[2] != 4) or (a.Lo > 1 and out.strides[2] != 4):
+        raise ValueError("conv1d: x and out must have unit stride along their last axis")
+    a.x_n, a.x_c = float_stride(x, 0, "x"), float_stride(x, 1, "x")
+    a.y_n, a.y_m = float_stride(out, 0, "out"), float_stride(out, 1, "out")
+    a.b = NULL
+    if bias is not None:
+        if (<cnp.ndarray>bias).ndim != 1 or bias.shape[0] != a.M or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>bias):
+            raise ValueError(f"conv1d: bias must be C-contiguous ({a.M},)")
+        a.b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    a.k, a.stride, a.dilation, a.pad0, a.relu = k, stride, dilation, pad0, relu
+    a.x = <const float*>cnp.PyArray_DATA(x)
+    a.W = <const float*>cnp.PyArray_DATA(weight)
+    a.y = <float*>cnp.PyArray_DATA(out)
+    a.cols = <float*>cnp.PyArray_DATA(cols)
+    if a.N and a.M and a.Lo:
+        with nogil:
+            le_conv1d_f32(&a)
     return out
 
 

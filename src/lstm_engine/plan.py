@@ -84,12 +84,30 @@ class Call:
         return buf
 
 
+@dataclass
+class Bound:
+    """A node as the plan runs it: value slots in and out, buffer position, its step, and ``bind(ins)`` that
+    makes the same step reading other slots (the specialiser's renaming); the branch plans of an If."""
+
+    node: Node
+    ins: list[int]
+    outs: list[int]
+    pos: int
+    step: Callable
+    bind: Callable[[list[int]], Callable] | None
+    branches: list | None = None
+
+
 class Plan:
-    """A graph bound to one float dtype: value slots, node functions, constants cast once."""
+    """A graph bound to one float dtype: value slots, node functions, constants cast once.
+
+    ``specialise`` (the top-level plan only): run through ``lstm_engine.specialise``, which compiles the
+    plan once more per input signature that repeats (shape-dependent nodes folded, If branches inlined).
+    """
 
     def __init__(self, graph: Graph, dtype: np.dtype, outer: dict[str, int] | None = None,
                  outer_env: list | None = None, positions: list | None = None,
-                 recurrent: list | None = None) -> None:
+                 recurrent: list | None = None, specialise: bool = True) -> None:
         self.graph = graph
         # Buffer positions: two per node (its output, its scratch), numbered across If branches too.
         self._positions = positions = [0] if positions is None else positions
@@ -116,6 +134,7 @@ class Plan:
         self.recurrent: list[Node] = [] if recurrent is None else recurrent
         self.layers = graph.layers
         steps = []
+        self.bound: list[Bound] = []  # the nodes left to run, as steps holds them
         self.producer: dict[int, int] = {}  # value slot -> the buffer position of the node that makes it
         for node in graph.nodes:
             ins = [slot(n) for n in node.inputs]
@@ -124,7 +143,8 @@ class Plan:
             positions[0] += 2
             for o in outs:
                 self.producer[o] = pos
-            step = self._bind(node, pos, ins, outs, slots, env)
+            bound = self._bind(node, pos, ins, outs, slots, env)
+            step = bound.step
             if node.op not in ("Recurrent", "Layer", "If") and all(i < 0 or env[i] is not None for i in ins) \
                     and not any(i in self.input_slots for i in ins):
                 # Inputs all constant: run once now (weights assembled from slices, shapes of constants).
@@ -136,10 +156,16 @@ class Plan:
                 step(env, None)
                 continue
             steps.append(step)
+            self.bound.append(bound)
         self.steps = steps
         self.slots = slots
         self.env = env
         self.output_slots = [slot(n) for n in graph.outputs]
+        self.specialiser = None
+        if specialise and outer is None:
+            from .specialise import Specialiser
+
+            self.specialiser = Specialiser.of(self)
 
     @property
     def positions(self) -> int:
@@ -147,47 +173,40 @@ class Plan:
         return self._positions[0]
 
     # -- binding ------------------------------------------------------------------------------
-    def _bind(self, node: Node, pos: int, ins: list[int], outs: list[int], slots: dict, env: list) -> Callable:
+    def _bind(self, node: Node, pos: int, ins: list[int], outs: list[int], slots: dict, env: list) -> Bound:
+        dtype = self.dtype
         if node.op == "Recurrent":
             k = len(self.recurrent)
             self.recurrent.append(node)
-            return _recurrent_step(node, self.layers[node.attrs["layer"]], k, pos, ins, outs, self.dtype,
-                                   self.tables.get(node.inputs[0]))
-        if node.op == "Layer":
-            return _layer_step(node, self.layers[node.attrs["layer"]], pos, ins, outs, self.dtype,
-                               node.outputs[0] in self.tables)
-        if node.op == "If":
-            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions, self.recurrent)
-                        for b in ("then_branch", "else_branch")]
-            return _if_step(node, branches, ins, outs)
-        spec = _ops.OPS[node.op]
-        kw = _ops.check_attrs(node.op, node.attrs)
-        if node.op == "Cast":
-            kw["_float"] = self.dtype
-        elif node.op == "Split":
-            kw["_outputs"] = len(outs)
-        fn = spec.fn
-        where = node.where()
-        if spec.inputs[1] < _ops.VARIADIC:
-            ins = ins + [-1] * (spec.inputs[1] - len(ins))  # optional inputs left out at the end
+            layer = self.layers[node.attrs["layer"]]
+            table = self.tables.get(node.inputs[0])
 
-        def step(env: list, call: Call | None) -> None:
-            args = [env[i] if i >= 0 else None for i in ins]
-            try:
-                res = fn(*args, **kw)
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"{where}: {exc}") from None
-            if len(outs) == 1:
-                env[outs[0]] = res if not isinstance(res, tuple) else res[0]
-            else:
-                for o, r in zip(outs, res):
-                    if o >= 0:
-                        env[o] = r
-        return step
+            def bind(ins: list[int]) -> Callable:
+                return _recurrent_step(node, layer, k, pos, ins, outs, dtype, table)
+        elif node.op == "Layer":
+            layer = self.layers[node.attrs["layer"]]
+            folded = node.outputs[0] in self.tables
+
+            def bind(ins: list[int]) -> Callable:
+                return _layer_step(node, layer, pos, ins, outs, dtype, folded)
+        elif node.op == "If":
+            branches = [Plan(node.attrs[b], dtype, slots, env, self._positions, self.recurrent)
+                        for b in ("then_branch", "else_branch")]
+            return Bound(node, ins, outs, pos, _if_step(node, branches, ins, outs), None, branches)
+        else:
+            def bind(ins: list[int]) -> Callable:
+                return _op_step(node, ins, outs, dtype)
+        return Bound(node, ins, outs, pos, bind(ins), bind)
 
     # -- running ------------------------------------------------------------------------------
     def run(self, inputs: list, call: Call) -> list:
         """Run the graph on inputs (one per graph input, None for an optional one left out); its outputs."""
+        if self.specialiser is not None:
+            return self.specialiser.run(inputs, call)
+        return self.run_general(inputs, call)
+
+    def run_general(self, inputs: list, call: Call) -> list:
+        """run, node by node as bound at load (what a specialised run must equal)."""
         env = self.env.copy()
         for s, x in zip(self.input_slots, inputs):
             env[s] = x
@@ -202,14 +221,46 @@ class Plan:
         return [env[s] for s in self.output_slots]
 
 
+def _op_step(node: Node, ins: list[int], outs: list[int], dtype: np.dtype) -> Callable:
+    """An ONNX op of lstm_engine.ops reading and writing value slots."""
+    spec = _ops.OPS[node.op]
+    kw = _ops.check_attrs(node.op, node.attrs)
+    if node.op == "Cast":
+        kw["_float"] = dtype
+    elif node.op == "Split":
+        kw["_outputs"] = len(outs)
+    fn = spec.fn
+    where = node.where()
+    if spec.inputs[1] < _ops.VARIADIC:
+        ins = ins + [-1] * (spec.inputs[1] - len(ins))  # optional inputs left out at the end
+
+    def step(env: list, call: Call | None) -> None:
+        args = [env[i] if i >= 0 else None for i in ins]
+        try:
+            res = fn(*args, **kw)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        if len(outs) == 1:
+            env[outs[0]] = res if not isinstance(res, tuple) else res[0]
+        else:
+            for o, r in zip(outs, res):
+                if o >= 0:
+                    env[o] = r
+    return step
+
+
+def branch_index(cond: np.ndarray, where: str) -> int:
+    """Which branch of an If a condition takes: 0 (then) or 1 (else)."""
+    if cond.size != 1 or cond.dtype.kind not in "biu":
+        raise ValueError(f"{where}: the condition must be one bool, got {cond.dtype} {cond.shape}")
+    return 0 if bool(cond.reshape(())) else 1
+
+
 def _if_step(node: Node, branches: list[Plan], ins: list[int], outs: list[int]) -> Callable:
     where = node.where()
 
     def step(env: list, call: Call | None) -> None:
-        cond = env[ins[0]]
-        if cond.size != 1 or cond.dtype.kind not in "biu":
-            raise ValueError(f"{where}: the condition must be one bool, got {cond.dtype} {cond.shape}")
-        branch = branches[0 if bool(cond.reshape(())) else 1]
+        branch = branches[branch_index(env[ins[0]], where)]
         for o, r in zip(outs, branch.run_branch(env, call)):
             if o >= 0:
                 env[o] = r
