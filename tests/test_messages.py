@@ -9,7 +9,7 @@ import pytest
 
 import lstm_engine as le
 from lstm_engine import cli as cli_mod
-from conftest import run_main
+from helpers import run_main
 from lstm_engine.errors import is_user_error
 
 SRC = pathlib.Path(le.__file__).parent
