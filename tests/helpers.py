@@ -63,3 +63,16 @@ def run_main(capsys, *args):
         code = exc.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
+
+
+def byte_edits(data):
+    """A hypothesis strategy: ``data`` with one to four of its bytes set to other values (a mutated file)."""
+    from hypothesis import strategies as st
+
+    def apply(edits):
+        mutated = bytearray(data)
+        for position, value in edits:
+            mutated[position] = value
+        return bytes(mutated)
+
+    return st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), min_size=1, max_size=4).map(apply)

@@ -12,9 +12,8 @@ import random
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from helpers import allocates_less_than
+from helpers import allocates_less_than, byte_edits
 from lstm_engine.errors import LoadError
 from lstm_engine.formats._safetensors import read_safetensors, write_safetensors
 
@@ -243,13 +242,10 @@ _VALID = len(_VALID_HEADER).to_bytes(8, "little") + _VALID_HEADER + bytes(12)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=4))
-def test_mutated_files(tmp_path, edits):
-    data = bytearray(_VALID)
-    for position, value in edits:
-        data[position] = value
+@given(data=byte_edits(_VALID))
+def test_mutated_files(tmp_path, data):
     path = tmp_path / "mutated.safetensors"
-    path.write_bytes(bytes(data))
+    path.write_bytes(data)
     try:
         tensors, metadata = read_safetensors(path)
     except LoadError:
