@@ -134,8 +134,10 @@ def _load_array(path: str, what: str, mmap: bool = False):
     return array
 
 
-def _check_input(model, x, path: str):
-    """x's shape against the model's: (B, T) ids or (B, T, features), as one line naming the file."""
+def _check_input(model, x, path: str, given: tuple | None = None):
+    """x's shape against the model's: (B, T) ids or (B, T, features), as one line naming the file.
+    ``given``: the shape as the file holds it, when the command added the batch axis to one sequence."""
+    given = x.shape if given is None else given
     if not model.is_chain:
         fed = [v for v in model.graph.inputs if not v.optional]
         if len(fed) != 1 or fed[0].shape[:1] != ["batch"]:
@@ -143,18 +145,18 @@ def _check_input(model, x, path: str):
                             f"{', '.join(f'{v.name} {tuple(v.shape)}' for v in fed)}")
         want = fed[0].shape
         if x.ndim != len(want) or any(isinstance(d, int) and d != n for d, n in zip(want, x.shape)):
-            raise UserError(f"{path}: expected shape {tuple(want)}, got {x.shape}")
+            raise UserError(f"{path}: expected shape {tuple(want)}, got {given}")
         if x.size == 0:
-            raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {x.shape}")
+            raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {given}")
         return
     if model.takes_ids:
         if x.ndim != 2 or x.dtype.kind not in "iu":
             raise UserError(f"{path}: expected token ids, integers of shape (batch, steps), "
-                            f"got {x.dtype} {x.shape}")
+                            f"got {x.dtype} {given}")
     elif x.ndim != 3 or (model.input_size is not None and x.shape[2] != model.input_size):
-        raise UserError(f"{path}: expected shape (batch, steps, {model.input_size or 'features'}), got {x.shape}")
+        raise UserError(f"{path}: expected shape (batch, steps, {model.input_size or 'features'}), got {given}")
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {x.shape}")
+        raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {given}")
 
 
 def _random_input(model, B: int, T: int, rng, shapes: list | None = None):
@@ -1000,9 +1002,10 @@ def run_gates(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model)
     x = _load_array(args.input, "the input")
+    given = x.shape
     if x.ndim == (1 if model.takes_ids else 2):
         x = x[None]
-    _check_input(model, x, args.input)
+    _check_input(model, x, args.input, given)
     if not 0 <= args.row < x.shape[0]:
         raise UserError(f"--row: expected 0..{x.shape[0] - 1} (the input has {x.shape[0]} sequences), got {args.row}")
     if not model.recurrent_layers:
@@ -1050,9 +1053,6 @@ def run_gates(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the command ---------------------------------------------------------------------------------
-
-# Subcommands, in the order --help lists them.
 # -- quantize ------------------------------------------------------------------------------------
 
 def add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -1177,6 +1177,9 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the command ---------------------------------------------------------------------------------
+
+# Subcommands, in the order --help lists them.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate, add_inspect, add_run, add_verify, add_bench, add_gates, add_quantize, add_serve,
 ]
