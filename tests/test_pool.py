@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lstm_engine as le
-from conftest import run_threads
+from helpers import run_threads
 
 torch = pytest.importorskip("torch")
 
