@@ -56,12 +56,25 @@ def token_model() -> le.Model:
     ])
 
 
+def masked_model() -> le.Model:
+    """Keras-style masking: a padding id (0) repeats the previous output, which the state must carry."""
+    rng = np.random.default_rng(9)
+    V, E, H = 12, 6, 16
+    return le.Model([
+        le.Embedding(rng.standard_normal((V, E)).astype(np.float32), mask_zero=True),
+        le.LSTM(_u(rng, 4 * H, E), _u(rng, 4 * H, H), _u(rng, 4 * H), _u(rng, 4 * H)),
+        le.Dense(rng.standard_normal((4, H)).astype(np.float32), _u(rng, 4)),
+    ])
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    paths = {"float": str(d / "float.safetensors"), "token": str(d / "token.safetensors")}
+    paths = {"float": str(d / "float.safetensors"), "token": str(d / "token.safetensors"),
+             "masked": str(d / "masked.safetensors")}
     le.save(float_model(), paths["float"])
     le.save(token_model(), paths["token"])
+    le.save(masked_model(), paths["masked"])
     tokens = d / "tokens.txt"
     tokens.write_text(f"# two clients\n{TOKEN_A}\n\n{TOKEN_B}\n")
     paths["tokens"] = str(tokens)
@@ -368,6 +381,35 @@ def test_idle_streams_are_evicted_and_come_back(files, tmp_path, state_dir):
         got += [step(c, sid, x)[0] for x in xs[3:]]
         assert "lstm_engine_evictions_total 1.0" in c.get("/metrics").text
     np.testing.assert_array_equal(np.stack(got), reference(model, xs))
+
+
+def test_masked_streams_restore_exactly(files, tmp_path):
+    """A masked stream moved by GET/PUT state, by eviction, or by a kill -9 and restart continues as the
+    uninterrupted run: padding right after the move repeats the last output, not zeros."""
+    model = masked_model()
+    xs = np.array([0, 3, 5, 7, 0, 0, 2, 0, 9, 0, 0, 4])
+    cuts = [4, 7, 9]  # each move happens just before a padding step
+    want = model.forward(xs[None])[0][0]
+    assert all(xs[t] == 0 and np.abs(want[t]).max() > 0.05 for t in cuts)
+    state_dir = str(tmp_path / "states")
+    with Server(files["masked"], "--state-dir", state_dir, "--idle-timeout", "0.3") as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+        got = [step(c, sid, int(t))[0] for t in xs[:cuts[0]]]
+        # GET the state, PUT it into a fresh stream, carry on there.
+        blob = c.get(f"/v1/streams/{sid}/state").content
+        sid = c.post("/v1/streams").json()["id"]
+        assert c.put(f"/v1/streams/{sid}/state", content=blob).status_code == 200
+        got += [step(c, sid, int(t))[0] for t in xs[cuts[0]:cuts[1]]]
+        # Evicted to its file and back.
+        deadline = time.monotonic() + 20
+        while c.get(f"/v1/streams/{sid}").json()["in_pool"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not c.get(f"/v1/streams/{sid}").json()["in_pool"]
+        got += [step(c, sid, int(t))[0] for t in xs[cuts[1]:cuts[2]]]
+        assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
+    with Server(files["masked"], "--state-dir", state_dir) as srv, srv.client() as c:
+        got += [step(c, sid, int(t))[0] for t in xs[cuts[2]:]]
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_state_dir_of_another_model_is_refused(files, tmp_path):
