@@ -22,6 +22,7 @@ import lstm_engine as le
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the test extra)")
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="the serve tests need websockets")
+websockets_exceptions = pytest.importorskip("websockets.exceptions")
 for _mod in ("starlette", "uvicorn", "prometheus_client"):
     pytest.importorskip(_mod, reason="lstm-engine serve needs the [serve] extra")
 
@@ -455,6 +456,53 @@ def test_tokens_isolate_streams(files):
         r = a.post("/v1/streams")
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_streams"
         assert b.post("/v1/streams").status_code == 201  # B's own quota
+
+
+def test_token_file_is_reloaded_without_restart(files, tmp_path):
+    """A changed token file takes effect within a second; SIGHUP reloads it even when nothing about the file
+    looks changed. A removed token is refused (its open WebSocket too); put back, it finds its streams."""
+    token_c, token_d = "token-c-0123456789abcdef", "token-d-0123456789abcdef"
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"{TOKEN_A}\n{TOKEN_B}\n")
+
+    def wait_for(client, status: int) -> None:
+        deadline = time.monotonic() + 20
+        while client.get("/v1/model").status_code != status and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/v1/model").status_code == status
+
+    with Server(files["float"], "--token-file", str(path)) as srv, srv.client(TOKEN_A) as a, \
+            srv.client(TOKEN_B) as b, srv.client(token_c) as c, srv.client(token_d) as d:
+        assert c.post("/v1/streams").status_code == 401
+        sid = a.post("/v1/streams").json()["id"]
+        step(a, sid, np.zeros(8))
+        with srv.ws(sid, TOKEN_A) as ws:
+            path.write_text(f"{TOKEN_B}\n{token_c}\n")  # A out, C in
+            wait_for(c, 200)
+            assert a.get(f"/v1/streams/{sid}").json()["error"]["code"] == "bad_token"
+            assert b.get("/v1/model").status_code == 200
+            ws.send(json.dumps({"x": [0] * 8}))
+            assert json.loads(ws.recv(30))["status"] == 401
+            with pytest.raises(websockets_exceptions.ConnectionClosed):
+                ws.recv(30)
+        # A garbled file keeps the tokens as they were.
+        path.write_text("short\n")
+        time.sleep(1.5)
+        assert c.get("/v1/model").status_code == 200
+        # C swapped for D in place, the file's size and times as before: only SIGHUP shows the change.
+        path.write_text(f"{TOKEN_B}\n{token_c}\n{TOKEN_A}\n")
+        wait_for(a, 200)
+        before = os.stat(path)
+        with open(path, "r+") as f:
+            f.write(f"{TOKEN_B}\n{token_d}\n")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        time.sleep(1.5)
+        assert d.get("/v1/model").status_code == 401
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(d, 200)
+        assert c.get("/v1/model").status_code == 401
+        assert a.get(f"/v1/streams/{sid}").json()["position"] == 1  # A back, with its stream
+        assert srv.alive() and not any("Traceback" in line for line in srv.lines)
 
 
 def test_rate_limit_and_backpressure(files):

@@ -1,8 +1,8 @@
 """``lstm-engine serve``: a model's streams over HTTP and WebSocket, batched by one StreamPool.
 
-    from lstm_engine.serve import Server, run
-    server = Server(model, state_dir="states", tokens=read_tokens("tokens.txt"))
-    run(server, host="127.0.0.1", port=8000)
+    from lstm_engine.serve import Server, bind, run
+    server = Server(model, state_dir="states", token_file="tokens.txt")  # re-read when it changes
+    run(server, bind("127.0.0.1", 8000))
 
 Needs the ``serve`` extra (Starlette, uvicorn, prometheus_client); the rest of lstm_engine never
 imports this package.
@@ -23,9 +23,9 @@ import socket
 import sys
 from typing import Any, Callable
 
-from .app import Limits, Server, read_tokens
+from .app import Limits, Server, TokenFile, read_tokens
 
-__all__ = ["Limits", "Server", "read_tokens", "run", "bind"]
+__all__ = ["Limits", "Server", "TokenFile", "read_tokens", "run", "bind"]
 
 
 def bind(host: str, port: int) -> socket.socket:

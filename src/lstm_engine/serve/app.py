@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,40 @@ def read_tokens(path: str) -> dict[str, str]:
     return {d: d[:32] for d in digests}
 
 
+class TokenFile:
+    """The token file, read again when it changes (its mtime, size or inode), or on ``reload(force=True)``.
+
+    A token's owner id comes from its digest, so a token taken out and put back finds its streams
+    again. A file that cannot be read, or holds no valid token, leaves the tokens as they were (an
+    editor's half-written file must not lock everyone out), with a warning in the log.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.signature = self._signature()
+        self.tokens = read_tokens(path)
+
+    def _signature(self) -> tuple:
+        st = os.stat(self.path)
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def reload(self, force: bool = False) -> bool:
+        """Read the file again if it changed (or force); True when the tokens were replaced."""
+        try:
+            signature = self._signature()
+            if signature == self.signature and not force:
+                return False
+            tokens = read_tokens(self.path)
+        except (OSError, ValueError) as exc:
+            log.warning("token file not reloaded, the previous tokens stay: %s", exc)
+            return False
+        self.signature = signature
+        if tokens != self.tokens:
+            log.warning("token file %s reloaded: %d tokens", self.path, len(tokens))
+        self.tokens = tokens
+        return True
+
+
 def _error(status: int, code: str, message: str, retry_after: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
     if status == 401:
@@ -91,10 +127,14 @@ class Server:
     """One model's streams served over HTTP and WebSocket. ``app`` is the ASGI application."""
 
     def __init__(self, model: Any, *, max_batch: int = 64, idle_timeout: float = 600.0, state_dir: str | None = None,
-                 tokens: dict[str, str] | None = None, limits: Limits | None = None, dtype: Any = None) -> None:
+                 tokens: dict[str, str] | None = None, token_file: str | None = None, limits: Limits | None = None,
+                 dtype: Any = None) -> None:
+        """``tokens`` ({sha256 hex digest: owner}) or ``token_file`` (reloaded when it changes, and on SIGHUP)."""
         self.model = model
         self.limits = limits or Limits()
-        self.tokens = tokens
+        self.token_file = TokenFile(token_file) if token_file is not None else None
+        self.tokens = self.token_file.tokens if self.token_file is not None else tokens
+        self.owners = None if self.tokens is None else set(self.tokens.values())
         try:
             check_streamable(model, "streams")
         except ValueError as exc:
@@ -138,9 +178,16 @@ class Server:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any):
         task = asyncio.create_task(self._housekeeping())
+        hangup = False
+        if self.token_file is not None and hasattr(signal, "SIGHUP"):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_tokens, True)
+                hangup = True
         try:
             yield
         finally:
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -157,6 +204,18 @@ class Server:
             await asyncio.sleep(every)
             self.metrics.sample()
             self.store.evict_idle()
+            self.reload_tokens()
+
+    def reload_tokens(self, force: bool = False) -> None:
+        """Take the token file's tokens if it changed: new tokens work at once, removed ones get 401 (their
+        open WebSockets included), and their streams wait for the token to come back."""
+        if self.token_file is None or not self.token_file.reload(force):
+            return
+        self.tokens = self.token_file.tokens
+        self.owners = set(self.tokens.values())
+        for owner in list(self.buckets):
+            if owner not in self.owners:
+                del self.buckets[owner]
 
     # -- shared checks ---------------------------------------------------------------------------
     def _owner(self, headers: Any) -> str:
@@ -409,6 +468,12 @@ class Server:
                     return
                 t0 = time.perf_counter()
                 status = 200
+                if self.owners is not None and owner not in self.owners:
+                    self.metrics.observe_request("ws", 401, None)
+                    await ws.send_json({"error": {"code": "bad_token", "message": "the bearer token was revoked"},
+                                        "status": 401})
+                    await ws.close(4401, "bad_token")
+                    return
                 try:
                     if self.limits.rate and self.tokens is not None:
                         self._rate(owner)
