@@ -358,10 +358,10 @@ def _pool_totals(url: str) -> tuple[float, float]:
 # -- the server ------------------------------------------------------------------------------------
 
 class ServerProcess:
-    def __init__(self, model_path: str, max_batch: int) -> None:
+    def __init__(self, model_path: str, max_batch: int, *args: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--max-batch",
-             str(max_batch), "--max-queue", "4096"],
+             str(max_batch), "--max-queue", "4096", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = None
         ready = threading.Event()
@@ -411,6 +411,9 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--body", choices=["npy", "json"], default="npy", help="step bodies and messages")
     ap.add_argument("--model", default="lstm256x2", choices=["lstm256x2", "lstm512"])
+    ap.add_argument("--state-dir", action="store_true",
+                    help="serve with --state-dir (a temporary one): every step's new state written and fsynced "
+                         "before its answer")
     args = ap.parse_args()
     if not 1 <= args.streams <= 1000:
         ap.error("--streams: 1..1000")
@@ -421,7 +424,8 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"# {args.model}, {args.streams} streams, {args.seconds:g} s a phase, max_batch {args.max_batch}, "
-          f"{args.body} bodies, {args.client_procs} client processes")
+          f"{args.body} bodies, {args.client_procs} client processes"
+          + (", server with --state-dir" if args.state_dir else ""))
     print(f"# CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; kernel variant "
           f"{le.cpu_info()['variant']}; model threads {model.threads} "
           "(the server's too: it loads the same file with the same default); one server process")
@@ -430,7 +434,8 @@ def main() -> None:
         path = os.path.join(d, "model.safetensors")
         le.save(model, path)
         rows.append(("in-process pool (before)", in_process(model, args.streams, args.seconds, args.max_batch)))
-        server = ServerProcess(path, args.max_batch)
+        server = ServerProcess(path, args.max_batch,
+                               *(["--state-dir", os.path.join(d, "states")] if args.state_dir else []))
         try:
             for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
                 rows.append((f"server, {name}", over_network(kind, server.url, args.streams, args.client_procs,

@@ -151,9 +151,13 @@ class _Writer:
                     os.close(fd)
             except OSError as exc:
                 errors = [e or exc for e in errors]
+            # One wake-up per event loop and group (each call_soon_threadsafe writes to the loop's pipe).
+            loops: dict = {}
             for (_, _, loop, fut), error in zip(group, errors):
+                loops.setdefault(loop, []).append((fut, error))
+            for loop, settled in loops.items():
                 try:
-                    loop.call_soon_threadsafe(_settle, fut, error)
+                    loop.call_soon_threadsafe(_settle, settled)
                 except RuntimeError:
                     pass  # the event loop has stopped; nobody waits
 
@@ -163,8 +167,10 @@ class _Writer:
         self.fsyncs.shutdown()
 
 
-def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
-    if not fut.done():
+def _settle(settled: list) -> None:
+    for fut, error in settled:
+        if fut.done():
+            continue
         if error is None:
             fut.set_result(None)
         else:
