@@ -26,9 +26,9 @@ import os
 import re
 import signal
 import time
-from urllib.parse import parse_qsl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 import numpy as np
@@ -48,7 +48,8 @@ log = logging.getLogger("lstm_engine.serve")
 
 _GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
 # The two routes every step takes, answered by plain ASGI (the rest go through Starlette's router): at
-# a step a request, Starlette's middleware, router, Request and Response cost as much as the step.
+# one step a request, Starlette's middleware, router, Request and Response cost ~100 us a request, three
+# times the pool's whole work for the step (measured in benches/serve_load.py).
 _STEP_PATH = re.compile(r"/v1/streams/([^/]+)/step")
 _WS_PATH = re.compile(r"/v1/streams/([^/]+)/ws")
 
