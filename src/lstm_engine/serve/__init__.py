@@ -29,9 +29,11 @@ __all__ = ["Limits", "Server", "TokenFile", "read_tokens", "run", "bind", "SWITC
 
 # The pool's worker needs the GIL briefly before and after each batch, and a busy event loop lets go of
 # it only every switch interval (5 ms by default): the worker sat waiting for the loop, batches came
-# late and the loop waited for their answers. A tenth of that, measured in benches/serve_load.py (200
-# streams, interleaved): WebSocket steps/s x1.0-3.1 and HTTP x1.2-1.7, p50 latency down by 1.4-3x.
-SWITCH_INTERVAL = 0.0005
+# late and the loop waited for their answers. Measured in benches/serve_load.py (200 streams, 6-s phases,
+# two interleaved rounds, load average 9-12), steps/s over WebSocket / HTTP: 5 ms 2.1-2.2k / 1.4-2.4k,
+# 1 ms 2.6-3.0k / 1.5-1.8k, 0.5 ms 3.1-3.2k / 1.5-2.5k, 0.2 ms 5.0-5.2k / 2.8-5.6k; then 0.2 ms
+# 4.4-6.3k / 6.5-7.0k, 0.1 ms 6.4-7.8k / 4.5-6.1k, 0.05 ms 2.4-7.4k / 3.5-5.6k.
+SWITCH_INTERVAL = 0.0002
 
 
 def bind(host: str, port: int) -> socket.socket:
