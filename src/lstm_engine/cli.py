@@ -1109,7 +1109,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="keep every stream's state here, written after each answered step; a restart resumes "
                         "every stream")
     p.add_argument("--token-file", default=None, metavar="FILE",
-                   help="bearer tokens, one per line; every request must carry one")
+                   help="bearer tokens, one per line; every request must carry one. Read again when the file "
+                        "changes (or on SIGHUP): removed tokens are refused from then on")
     p.add_argument("--max-body", type=int, default=16 << 20, metavar="BYTES",
                    help="largest request body or WebSocket message (default 16 MiB)")
     p.add_argument("--max-chunk", type=int, default=4096, metavar="STEPS",
@@ -1141,11 +1142,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--idle-timeout: expected seconds > 0, got {args.idle_timeout}")
     if not args.rate_limit >= 0:
         raise UserError(f"--rate-limit: expected requests a second >= 0, got {args.rate_limit}")
-    tokens = None
-    if args.token_file is not None:
-        if not os.path.isfile(args.token_file):
-            raise UserError(f"{args.token_file}: no such file")
-        tokens = serve.read_tokens(args.token_file)
+    if args.token_file is not None and not os.path.isfile(args.token_file):
+        raise UserError(f"{args.token_file}: no such file")
     model = _load_model(args.model, args.threads)
     limits = serve.Limits(max_body=args.max_body, max_chunk=args.max_chunk,
                           max_streams_per_token=args.max_streams_per_token, rate=args.rate_limit,
@@ -1156,7 +1154,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     try:
         server = serve.Server(model, max_batch=args.max_batch, idle_timeout=args.idle_timeout,
-                              state_dir=args.state_dir, tokens=tokens, limits=limits)
+                              state_dir=args.state_dir, token_file=args.token_file, limits=limits)
     except BaseException:
         sock.close()
         raise
@@ -1167,7 +1165,7 @@ def run_serve(args: argparse.Namespace) -> int:
         loopback = False
     if not loopback:
         print(f"{PROG} serve: warning: listening on {host}, reachable from other machines"
-              + ("" if tokens else " and open to anyone (no --token-file)"), file=sys.stderr)
+              + ("" if args.token_file else " and open to anyone (no --token-file)"), file=sys.stderr)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def ready() -> None:
