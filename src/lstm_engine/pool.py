@@ -21,7 +21,7 @@ import numpy as np
 
 from ._base import as_real_array
 from .plan import check_state
-from .session import check_state_blob, pack_state, unpack_state
+from .session import decode_state, encode_state
 from .stream import Streamer, check_floats
 
 
@@ -433,33 +433,31 @@ class Stream:
                     s[self._slot] = False
 
     def _arrays(self) -> list[tuple[str, np.ndarray]]:
-        """This stream's slot as a batch-1 session's state arrays (views; call under state_lock)."""
-        core = self._core
+        """Views of this stream's slot, named and shaped as a batch-1 session's state arrays."""
+        core, slot = self._core, self._slot
         named = []
         for k, arrays in enumerate(core.slots):
             for name, arr in zip(("h", "c"), arrays):
-                named.append((f"{k}.{name}", arr[self._slot:self._slot + 1].reshape(1, 1, -1)))
+                named.append((f"{k}.{name}", arr[slot:slot + 1].reshape(1, 1, -1)))
             if core.started is not None:
-                named.append((f"{k}.started", core.started[k][self._slot:self._slot + 1]))
+                named.append((f"{k}.started", core.started[k][slot:slot + 1]))
         return named
 
     def save_state(self) -> bytes:
-        """The state as bytes: what ``save_state`` of a batch-1 session of the model in this pool's dtype
-        writes, so a stream can move to another pool or session, in this process or another, and go on
-        as if it had never moved."""
+        """The whole state as bytes, the masked layers' "output yet?" flags included: the bytes a batch-1
+        ``Session.save_state`` writes, so either can load them."""
         self._idle()
         core = self._core
         with core.state_lock:
-            return pack_state(core.model, core.dtype, 1, self._arrays())
+            return encode_state(core.model, core.dtype, 1, self._arrays())
 
     def load_state(self, blob: Any) -> None:
-        """Restore a state saved by a pool stream's ``save_state`` or a batch-1 session's, of the same
-        model and dtype."""
-        blob = check_state_blob(blob)
+        """Restore bytes from ``save_state`` (or a batch-1 session's) of the same model and dtype; the stream
+        then continues exactly where they were taken."""
         self._idle()
         core = self._core
         with core.state_lock:
-            unpack_state(blob, core.model, core.dtype, 1, self._arrays())
+            decode_state(core.model, core.dtype, 1, self._arrays(), blob)
 
     def close(self) -> None:
         """Leave the pool, freeing the state slot for another stream. Safe to call twice."""
