@@ -42,7 +42,8 @@ typedef struct {
     float *c;                  /* LSTM cell, row r at c + r * H */
     const float *h_in;         /* previous h, row r at h_in + r * H (masked rows keep it) */
     float *h_out;
-    float *y;                  /* output row r at y + r * y_row */
+    float *y;                  /* output row r at y + r * y_row, or at y + y_rows[r] * y_row */
+    const int *y_rows;
     ptrdiff_t y_row;
     ptrdiff_t y_back;          /* offset from a step's output to the previous one in running order */
     const unsigned char *mask; /* row r's flag at mask[r * mask_row], or NULL */

@@ -42,11 +42,26 @@ void le_pack_bias_f32(const float *b, int G, int H, float *out)
             }
 }
 
+/* The work buffer's layout, in floats from its start: the projections of every step (T, B, G * Hp), then
+ * h twice (this step's, the next), each (B, H). The one place it is computed (size and run alike). */
+typedef struct {
+    ptrdiff_t GHp, xp, hbuf0, hbuf1, size;
+} steps_work;
+
+static steps_work steps_work_layout(int cell, int B, int H, int T)
+{
+    steps_work w;
+    w.GHp = (ptrdiff_t)(cell == CELL_LSTM ? 4 : 3) * panels_of(H) * LE_PANEL;
+    w.xp = 0;
+    w.hbuf0 = w.xp + (ptrdiff_t)T * B * w.GHp;
+    w.hbuf1 = w.hbuf0 + (ptrdiff_t)B * H;
+    w.size = w.hbuf1 + (ptrdiff_t)B * H;
+    return w;
+}
+
 ptrdiff_t le_steps_work_size(int cell, int B, int H, int T)
 {
-    /* The projections of every step (T, B, G * Hp), then h twice (this step's, the next). */
-    ptrdiff_t G = cell == 0 ? 4 : 3;
-    return (ptrdiff_t)B * T * G * panels_of(H) * LE_PANEL + 2 * (ptrdiff_t)B * H;
+    return steps_work_layout(cell, B, H, T).size;
 }
 
 /* The work of one call, in phases: the input projection of every step (phase 0; none for one row
@@ -113,17 +128,45 @@ static int reached(void *p)
     return atomic_load_explicit(&w->job->done, memory_order_acquire) >= w->target;
 }
 
-static void run_unit(steps_job *job, le_block *blk, int phase, int u)
+/* Rows still going at step t: with lengths (sorted longest first) a prefix of the batch. */
+static int active_rows(const le_steps_args *a, int t)
+{
+    if (!a->lengths)
+        return a->B;
+    int n = 0;
+    while (n < a->B && a->lengths[n] > t)
+        n++;
+    return n;
+}
+
+static void run_unit(steps_job *job, le_block *blk, int phase, int u, int active)
 {
     le_steps_args *a = job->a;
     if (phase == 0) {
         int chunk = u / job->groups, group = u % job->groups;
         int r0 = chunk * PROJECT_ROWS, rows = a->B * a->T;
         int r1 = r0 + PROJECT_ROWS < rows ? r0 + PROJECT_ROWS : rows;
-        job->v->block(blk, r0, r1, range_start(job->P, group, job->groups),
-                      range_start(job->P, group + 1, job->groups));
-    } else {
-        job->v->block(blk, 0, a->B, u, u + 1);
+        int p0 = range_start(job->P, group, job->groups), p1 = range_start(job->P, group + 1, job->groups);
+        if (!a->lengths) {
+            job->v->block(blk, r0, r1, p0, p1);
+            return;
+        }
+        /* Only the valid steps of each row (x's row b * T + t): padded steps are never read. */
+        for (int b = r0 / a->T; b * a->T < r1; b++) {
+            int s0 = b * a->T > r0 ? b * a->T : r0, s1 = b * a->T + a->lengths[b];
+            if (s1 > r1)
+                s1 = r1;
+            if (s0 < s1)
+                job->v->block(blk, s0, s1, p0, p1);
+        }
+        return;
+    }
+    job->v->block(blk, 0, active, u, u + 1);
+    /* Rows past their length: the state carries over, the output is zero. */
+    int u0 = u * LE_PANEL, n = a->H - u0 < LE_PANEL ? a->H - u0 : LE_PANEL;
+    for (int r = active; r < a->B; r++) {
+        memcpy(blk->h_out + (ptrdiff_t)r * a->H + u0, blk->h_in + (ptrdiff_t)r * a->H + u0, n * sizeof(float));
+        memset(blk->y + (a->y_rows ? a->y_rows[r] : r) * blk->y_row + u0, 0, n * sizeof(float));
     }
 }
 
@@ -133,7 +176,7 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
     le_steps_args *a = job->a;
     int H = a->H, In = a->In, T = a->T;
     memset(blk, 0, sizeof *blk);
-    blk->G = a->cell == 0 ? 4 : 3;
+    blk->G = a->cell == CELL_LSTM ? 4 : 3;
     blk->H = H;
     if (phase == 0) {
         blk->mode = MODE_PROJECT;
@@ -151,7 +194,7 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
         return;
     }
     int s = phase - 1, t = a->reverse ? T - 1 - s : s;
-    blk->mode = a->cell == 0 ? MODE_LSTM : MODE_GRU;
+    blk->mode = a->cell == CELL_LSTM ? MODE_LSTM : MODE_GRU;
     blk->A = blk->h_in = job->hbuf[s & 1];
     blk->h_out = job->hbuf[(s + 1) & 1];
     blk->lda = H;
@@ -161,6 +204,7 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
     blk->c = a->c;
     blk->y = a->y + (ptrdiff_t)t * a->y_step;
     blk->y_row = a->y_row;
+    blk->y_rows = a->y_rows;
     blk->y_back = (a->reverse ? 1 : -1) * a->y_step;
     blk->mask = a->mask ? a->mask + t : NULL;
     blk->mask_row = T;
@@ -200,11 +244,12 @@ static void steps_run(void *arg, int tid, int nth)
                                                                       memory_order_relaxed))
             ;
         phase_block(job, &blk, phase);
+        int active = phase == 0 ? 0 : active_rows(job->a, job->a->reverse ? T - phase : phase - 1);
         /* Own range first, then the others' leftovers. */
         for (int k = 0; k < nth; k++) {
             int r = (tid + k) % nth, u;
             while ((u = claim(job, r, phase)) >= 0) {
-                run_unit(job, &blk, phase, u);
+                run_unit(job, &blk, phase, u, active);
                 atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
             }
         }
@@ -224,12 +269,23 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     job.a = a;
     job.v = le_variant_in_use();
     job.P = P;
-    job.fused = a->B == 1 && a->T == 1;
-    job.GHp = (ptrdiff_t)(a->cell == 0 ? 4 : 3) * P * LE_PANEL;
-    job.xp = a->work; /* (T, B, G * Hp) */
+    job.fused = a->B == 1 && a->T == 1 && !a->table;
+    steps_work w = steps_work_layout(a->cell, a->B, a->H, a->T);
+    job.GHp = w.GHp;
+    job.xp = a->work + w.xp; /* (T, B, G * Hp) */
+    if (a->table) {
+        /* The projections are the table's rows: looked up, nothing projected (phase 0 is empty). */
+        if (a->B == 1 && a->T == 1)
+            job.xp = (float *)(a->table + a->ids[0] * job.GHp);
+        else
+            for (int b = 0; b < a->B; b++)
+                for (int t = 0; t < (a->lengths ? a->lengths[b] : a->T); t++)
+                    memcpy(job.xp + ((ptrdiff_t)t * a->B + b) * job.GHp,
+                           a->table + a->ids[(ptrdiff_t)b * a->T + t] * job.GHp, job.GHp * sizeof(float));
+    }
     ptrdiff_t BH = (ptrdiff_t)a->B * a->H;
-    job.hbuf[0] = a->work + (ptrdiff_t)a->T * a->B * job.GHp;
-    job.hbuf[1] = job.hbuf[0] + BH;
+    job.hbuf[0] = a->work + w.hbuf0;
+    job.hbuf[1] = a->work + w.hbuf1;
     memcpy(job.hbuf[0], a->h, BH * sizeof(float));
     /* Each thread needs at least one panel. */
     if (nthreads > P)
@@ -239,7 +295,7 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     double step_flops = 2.0 * a->B * job.GHp * (job.fused ? a->In + a->H : a->H);
     int used = le_pool_acquire(nthreads, 2.0 * a->B * a->T * job.GHp * (a->In + a->H), step_flops);
     job.nth = used;
-    if (!job.fused) {
+    if (!job.fused && !a->table) {
         /* Enough projection units for every thread to have a few (each an A chunk read once). */
         job.chunks = (a->B * a->T + PROJECT_ROWS - 1) / PROJECT_ROWS;
         job.groups = (4 * used + job.chunks - 1) / job.chunks;
@@ -253,4 +309,23 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     le_pool_run(steps_run, &job, used);
     memcpy(a->h, job.hbuf[a->T & 1], BH * sizeof(float));
     return used;
+}
+
+void le_project_f32(int cell, int H, int In, const float *x, int rows, const float *w_ih, const float *bias,
+                    float *out)
+{
+    le_block blk;
+    memset(&blk, 0, sizeof blk);
+    blk.mode = MODE_PROJECT;
+    blk.G = cell == CELL_LSTM ? 4 : 3;
+    blk.H = H;
+    blk.A = x;
+    blk.lda = In;
+    blk.K = In;
+    blk.W = w_ih;
+    blk.add = bias;
+    blk.out = out;
+    blk.ldo = (ptrdiff_t)blk.G * panels_of(H) * LE_PANEL;
+    if (rows > 0)
+        le_variant_in_use()->block(&blk, 0, rows, 0, panels_of(H));
 }

@@ -22,8 +22,8 @@ import numpy as np
 
 from ._base import as_real_array
 from .graph import build_structure
-from .plan import check_state
-from .stream import Streamer, check_floats, plain_stack
+from .plan import chain_step, check_state
+from .stream import Streamer, check_floats
 
 _ndarray = np.ndarray
 
@@ -36,12 +36,25 @@ _STATE_HEAD = struct.Struct("<8sII")  # magic, format version, header length
 _CRC = struct.Struct("<I")
 
 _weights_digests: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_state_headers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _digest_lock = threading.Lock()
 
 
 def architecture_fingerprint(model: Any) -> str:
     """A hash of the layer classes, their configs and weight shapes, and of a graph's nodes and constants'
-    shapes: what a saved state's layout and meaning depend on."""
+    shapes: what a saved state's layout and meaning depend on. Computed once per model (the server
+    writes a state after every request)."""
+    with _digest_lock:
+        fingerprint = _fingerprints.get(model)
+    if fingerprint is None:
+        fingerprint = _fingerprint(model)
+        with _digest_lock:
+            _fingerprints[model] = fingerprint
+    return fingerprint
+
+
+def _fingerprint(model: Any) -> str:
     desc: Any = [{"class": type(layer).__name__, "config": layer.config(),
                   "weights": {k: list(v.shape) for k, v in layer.weights().items()}} for layer in model.layers]
     if not model.is_chain:
@@ -78,6 +91,79 @@ def weights_digest(model: Any) -> str:
 
 def _state_error(msg: str) -> ValueError:
     return ValueError(f"load_state: {msg}")
+
+
+def encode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list) -> bytes:
+    """The named state arrays [(name, array)] of batch_size streams as versioned, checksummed bytes.
+
+    The format of ``Session.save_state``; a pool stream writes the same bytes as a batch-1 session.
+    """
+    # The header is the same for every save of a layout, and building it (str of a dtype alone is ~20 us)
+    # cost more than the arrays: the server saves a stream's state after each of its requests.
+    key = (np.dtype(dtype), batch_size, tuple((name, arr.shape, arr.dtype) for name, arr in arrays))
+    with _digest_lock:
+        headers = _state_headers.setdefault(model, {})
+        header = headers.get(key)
+    if header is None:
+        header = json.dumps({
+            "model": architecture_fingerprint(model),
+            "weights": weights_digest(model),
+            "dtype": str(dtype),
+            "batch_size": batch_size,
+            "arrays": [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays],
+        }, separators=(",", ":")).encode()
+        with _digest_lock:
+            headers[key] = header
+    parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, len(header)), header]
+    parts += [arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes() for _, arr in arrays]
+    blob = b"".join(parts)
+    return blob + _CRC.pack(zlib.crc32(blob))
+
+
+def decode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list, blob: Any) -> None:
+    """Check bytes from ``encode_state`` against the model, dtype, batch size and the named arrays' layout,
+    then copy them into those arrays (all or, on any ValueError/TypeError, none)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"load_state: expected bytes from save_state(), got {type(blob).__name__}")
+    blob = bytes(blob)
+    head = _STATE_HEAD.size
+    if len(blob) < head + _CRC.size or blob[:8] != _STATE_MAGIC:
+        raise _state_error("not a saved session state (no lstm_engine state header)")
+    _, version, hlen = _STATE_HEAD.unpack_from(blob)
+    if version != _STATE_VERSION:
+        raise _state_error(f"state format version {version} is not supported (this lstm_engine reads "
+                           f"version {_STATE_VERSION})")
+    if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
+        raise _state_error("the state is truncated or corrupted (checksum mismatch)")
+    try:
+        header = json.loads(blob[head:head + hlen].decode())
+        fingerprint, digest = header["model"], header["weights"]
+        saved_dtype, batch, listed = header["dtype"], header["batch_size"], header["arrays"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise _state_error("the state header is corrupted") from exc
+    if fingerprint != architecture_fingerprint(model):
+        raise _state_error("the state was saved from a different model (its layers or sizes differ)")
+    if digest != weights_digest(model):
+        raise _state_error("the state was saved from a model with the same layers but different weights")
+    if saved_dtype != str(dtype):
+        raise _state_error(f"the state is {saved_dtype} but this session runs {dtype}")
+    if batch != batch_size:
+        raise _state_error(f"the state has batch size {batch} but this session has {batch_size}")
+    expected = [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays]
+    if listed != expected:
+        raise _state_error("the state's arrays do not match this session's layout")
+    offset = head + hlen
+    size = sum(arr.nbytes for _, arr in arrays)
+    if len(blob) - _CRC.size - offset != size:
+        raise _state_error(f"the state holds {len(blob) - _CRC.size - offset} bytes of arrays, "
+                           f"expected {size}")
+    loaded = []
+    for _, arr in arrays:
+        src = np.frombuffer(blob, arr.dtype.newbyteorder("<"), arr.size, offset).reshape(arr.shape)
+        loaded.append(src)
+        offset += arr.nbytes
+    for (_, arr), src in zip(arrays, loaded):
+        np.copyto(arr, src)
 
 
 # -- sessions ------------------------------------------------------------------------------------
@@ -125,27 +211,8 @@ class Session:
         self._out_steps = (None, None)  # the last step output and its (B, 1, out) view, which the plan writes
         self._max_steps = self._streamer.max_steps
         self._one_row = B == 1
-        fast = self._fast_plan()
-        self._fast_head = None if fast is None else fast[:-1]
-        self._fast_last = None if fast is None else fast[-1][:5]
-
-    def _fast_plan(self) -> tuple | None:
-        """For a stack of recurrent layers and nothing else, what step() calls, bound once.
-
-        Each entry is (kernel.run, h, c, work, zero_masked, output buffer (B, 1, width)); the last
-        layer writes into step's own output instead. This is the plan's own sequence of kernel calls
-        with its arguments bound ahead: a plain stack runs nothing else (streamer.plain_stack).
-        """
-        streamer = self._streamer
-        if not plain_stack(streamer):
-            return None
-        B = self.batch_size
-        kernels = streamer.kernels
-        work = np.empty(max(k.work_size(B, 1) for k in kernels), self.dtype)
-        layers = self.model.recurrent_layers
-        return tuple((kernel.run, state[0], state[-1], work, layer.zero_output_for_mask,
-                      np.empty((B, 1, kernel.num_directions * kernel.output_size), self.dtype))
-                     for kernel, state, layer in zip(kernels, self._state, layers))
+        # A chain [Embedding ->] recurrent layers [-> Dense heads] steps in one call into C (plan.chain_step).
+        self._chain_step = chain_step(self._streamer.plan, self._state, B) if self._chain else None
 
     def __repr__(self) -> str:
         return f"Session(batch_size={self.batch_size}, dtype={self.dtype}, layers={len(self.model.layers)})"
@@ -212,21 +279,11 @@ class Session:
                         or not out.flags.c_contiguous or not out.flags.writeable):
                     self._check_out(out, self._out_shape)
                 self._out_ok = out
-            last = self._fast_last
-            if last is not None and type(x) is _ndarray and x.dtype is self.dtype and x.ndim == 2:
-                # The fast path: the first kernel checks x's shape, batch and layout itself before it
-                # touches anything; if it refuses them, the full checks below say why (or convert).
-                given = x3 = x[None] if self._one_row else x[:, None]
-                try:
-                    for run, h, c, work, zero_masked, buf in self._fast_head:
-                        run(x3, buf, h, c, None, work, zero_masked)
-                        x3 = buf
-                    run, h, c, work, zero_masked = last
-                    run(x3, out, h, c, None, work, zero_masked)
-                    return out
-                except ValueError:
-                    if x3 is not given:
-                        raise
+            chain = self._chain_step
+            if chain is not None and chain.step(x, out):
+                # It takes x only as it is valid ((B,) intp ids in range, or (B, F) of the session's
+                # dtype); anything else is checked, converted or refused below.
+                return out
             if self.takes_ids:
                 x = self._check_ids(x, 1)
             else:
@@ -409,64 +466,12 @@ class Session:
     def save_state(self) -> bytes:
         """The state as bytes (versioned, checksummed, tied to this model, dtype and batch size)."""
         with self._guard():
-            arrays = self._arrays()
-            header = json.dumps({
-                "model": architecture_fingerprint(self.model),
-                "weights": weights_digest(self.model),
-                "dtype": str(self.dtype),
-                "batch_size": self.batch_size,
-                "arrays": [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays],
-            }, separators=(",", ":")).encode()
-            parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, len(header)), header]
-            parts += [arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes() for _, arr in arrays]
-        blob = b"".join(parts)
-        return blob + _CRC.pack(zlib.crc32(blob))
+            return encode_state(self.model, self.dtype, self.batch_size, self._arrays())
 
     def load_state(self, blob: Any) -> None:
         """Restore a state written by ``save_state`` of a session of the same model, dtype and batch size."""
-        if not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise TypeError(f"load_state: expected bytes from save_state(), got {type(blob).__name__}")
-        blob = bytes(blob)
-        head = _STATE_HEAD.size
-        if len(blob) < head + _CRC.size or blob[:8] != _STATE_MAGIC:
-            raise _state_error("not a saved session state (no lstm_engine state header)")
-        _, version, hlen = _STATE_HEAD.unpack_from(blob)
-        if version != _STATE_VERSION:
-            raise _state_error(f"state format version {version} is not supported (this lstm_engine reads "
-                               f"version {_STATE_VERSION})")
-        if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
-            raise _state_error("the state is truncated or corrupted (checksum mismatch)")
-        try:
-            header = json.loads(blob[head:head + hlen].decode())
-            fingerprint, digest = header["model"], header["weights"]
-            dtype, batch, listed = header["dtype"], header["batch_size"], header["arrays"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise _state_error("the state header is corrupted") from exc
-        if fingerprint != architecture_fingerprint(self.model):
-            raise _state_error("the state was saved from a different model (its layers or sizes differ)")
-        if digest != weights_digest(self.model):
-            raise _state_error("the state was saved from a model with the same layers but different weights")
-        if dtype != str(self.dtype):
-            raise _state_error(f"the state is {dtype} but this session runs {self.dtype}")
-        if batch != self.batch_size:
-            raise _state_error(f"the state has batch size {batch} but this session has {self.batch_size}")
         with self._guard():
-            arrays = self._arrays()
-            expected = [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays]
-            if listed != expected:
-                raise _state_error("the state's arrays do not match this session's layout")
-            offset = head + hlen
-            size = sum(arr.nbytes for _, arr in arrays)
-            if len(blob) - _CRC.size - offset != size:
-                raise _state_error(f"the state holds {len(blob) - _CRC.size - offset} bytes of arrays, "
-                                   f"expected {size}")
-            loaded = []
-            for _, arr in arrays:
-                src = np.frombuffer(blob, arr.dtype.newbyteorder("<"), arr.size, offset).reshape(arr.shape)
-                loaded.append(src)
-                offset += arr.nbytes
-            for (_, arr), src in zip(arrays, loaded):
-                np.copyto(arr, src)
+            decode_state(self.model, self.dtype, self.batch_size, self._arrays(), blob)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt_ids: Any, max_new_tokens: int, temperature: float = 1.0,
