@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ GREEDY = 400
 
 
 def shipped_model() -> le.Model:
-    return le.load(resources.files("lstm_engine").joinpath("data", "charlm.safetensors"))
+    return le.load("builtin:charlm")
 
 
 def held_out(model: le.Model) -> np.ndarray:
