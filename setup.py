@@ -41,7 +41,7 @@ if mode_changed:
         f.write(mode)
 
 # The C kernels, one file per concern (_cpu.h lists them).
-C_PARTS = ("detect", "products", "steps", "pool", "blas", "quant")
+C_PARTS = ("detect", "products", "steps", "pool", "blas", "quant", "conv")
 
 extensions = [
     Extension(

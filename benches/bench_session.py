@@ -6,6 +6,8 @@
 1. Overhead split, LSTM 64->64, batch 1: the kernel alone (RecurrentKernel.run on ready buffers) against
    Session.step(x, out=y) and Session.step(x), timed in interleaved rounds; the overhead is the paired
    difference per round (shared machines drift: pairing cancels the drift).
+   Chain step: Embedding(100, 64) -> LSTM 64 -> Dense 64, step(token id, out=y) against the bare LSTM 64
+   session's step(x, out=y), interleaved; the ratio per round (issue 11's target: <= 1.5x).
 2. Threads: sessions of one model (LSTM 256->256 x2 and 512->512, batch 1), one per thread, BLAS
    limited to one thread each (model.threads = 1); aggregate steps/s of 2 threads over 1 thread (alternating rounds,
    medians), and the outputs checked against a serial run.
@@ -73,6 +75,38 @@ def overhead_split(hidden: int = 64, calls: int = 200, rounds: int = 300) -> dic
         "best kernel": min(k),
         "best step(out=)": min(rows["step(out=)"]),
     }
+
+
+def chain_overhead(hidden: int = 64, vocab: int = 100, calls: int = 200, rounds: int = 300) -> dict:
+    """Median µs per step of Embedding -> LSTM -> Dense and of the bare LSTM, and their paired ratio."""
+    rng = np.random.default_rng(0)
+    bound = 1 / np.sqrt(hidden)
+    bare = lstm_model(hidden, hidden)
+    head = rng.uniform(-bound, bound, (hidden, hidden)).astype(np.float32)
+    chain = le.Model([le.Embedding(rng.standard_normal((vocab, hidden)).astype(np.float32)), *lstm_model(hidden, hidden).layers,
+                      le.Dense(head, np.zeros(hidden, np.float32))])
+    for m in (bare, chain):
+        m.threads = 1
+    s_bare, s_chain = bare.session(1), chain.session(1)
+    x = rng.standard_normal((1, hidden)).astype(np.float32)
+    token = np.array([7])
+    y, z = np.empty((1, hidden), np.float32), np.empty((1, hidden), np.float32)
+    step_bare, step_chain = s_bare.step, s_chain.step
+    timer = time.perf_counter
+    rows: dict = {"bare LSTM step": [], "chain step": []}
+    with threadpool_limits(1):
+        for _ in range(rounds):
+            t0 = timer()
+            for _ in range(calls):
+                step_bare(x, out=y)
+            t1 = timer()
+            for _ in range(calls):
+                step_chain(token, out=z)
+            t2 = timer()
+            rows["bare LSTM step"].append((t1 - t0) / calls * 1e6)
+            rows["chain step"].append((t2 - t1) / calls * 1e6)
+    return {**{name: statistics.median(v) for name, v in rows.items()},
+            "ratio": statistics.median(c / b for b, c in zip(rows["bare LSTM step"], rows["chain step"]))}
 
 
 def thread_scaling(hidden: int, num_layers: int = 1, seconds: float = 1.5, rounds: int = 4,
@@ -163,6 +197,16 @@ def test_bench_kernel_lstm64(benchmark):
         benchmark(kernel.run, x, y, h, c, None, work, False)
 
 
+def test_bench_step_chain_lstm64(benchmark):
+    rng = np.random.default_rng(0)
+    model = le.Model([le.Embedding(rng.standard_normal((100, 64)).astype(np.float32)), *lstm_model(64, 64).layers,
+                      le.Dense(rng.standard_normal((64, 64)).astype(np.float32))])
+    s = model.session(1)
+    token, y = np.array([7]), np.empty((1, 64), np.float32)
+    with threadpool_limits(1):
+        benchmark(s.step, token, out=y)
+
+
 def test_bench_feed_lstm256_chunk32(benchmark):
     model = lstm_model(256, 256, 2)
     s = model.session(1)
@@ -178,6 +222,11 @@ def main() -> None:
     print(f"  outside the kernel: step(out=) {split['overhead step(out=)']:.2f} µs, "
           f"step() {split['overhead step()']:.2f} µs (best rounds: kernel {split['best kernel']:.2f}, "
           f"step(out=) {split['best step(out=)']:.2f})")
+    chain = chain_overhead()
+    print("chain step, Embedding(100, 64) -> LSTM 64 -> Dense 64, batch 1, against the bare LSTM 64 step "
+          "(median µs per call, interleaved)")
+    print(f"  bare LSTM step {chain['bare LSTM step']:7.2f}\n  chain step     {chain['chain step']:7.2f}\n"
+          f"  ratio          {chain['ratio']:7.2f}  (target <= 1.5)")
     for hidden, layers in ((256, 2), (512, 1)):
         scale = thread_scaling(hidden, layers)
         print(f"sessions in threads, LSTM {hidden}->{hidden} x{layers}, batch 1, one BLAS thread per session")

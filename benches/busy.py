@@ -6,7 +6,8 @@ A co-runner is a Python process spinning on a core (started here and stopped at 
 co-runners, the shipped character model's `forward` over 100 tokens (what `lstm-engine bench` times as
 "whole sequence") and the workloads of peers.py run with the model's default threads and with threads=1,
 interleaved round after round; the ratio default / one thread should stay at or below 1 (issue 12: at most 1.3
-for the character model with 2 co-runners on a 2-core machine).
+for the character model with 2 co-runners on a 2-core machine). A second one-thread model in the same rounds gives
+the noise floor (one / one again): on a machine others load too, a ratio is only as good as that one.
 """
 from __future__ import annotations
 
@@ -46,22 +47,21 @@ def interleaved(calls: dict[str, Callable[[], object]], reps: int, budget: float
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def cases(only: list[str] | None) -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
-    """name -> (call with default threads, call with one thread)."""
+def cases(only: list[str] | None) -> dict[str, tuple[Callable[[], object], ...]]:
+    """name -> (call with default threads, call with one thread, the same with another one-thread model)."""
     out = {}
-    path = Path(le.__file__).parent / "data" / SHIPPED_MODEL
     if not only or "charlm-100" in only:
-        default, one = le.load(str(path)), le.load(str(path))
-        one.threads = 1
+        default, one, again = (le.load(SHIPPED_MODEL) for _ in range(3))
+        one.threads = again.threads = 1
         ids = _random_input(default, 1, 100, np.random.default_rng(0))
-        out["charlm-100"] = (lambda: default.forward(ids), lambda: one.forward(ids))
+        out["charlm-100"] = (lambda: default.forward(ids), lambda: one.forward(ids), lambda: again.forward(ids))
     for w in wl.WORKLOADS:
         if only and w.name not in only:
             continue
         weights = wl.make_weights(w)
         x = wl.make_inputs(w)[0]
-        runs = [wl.engine_runner(w, wl.engine_model(w, weights, **opts)) for opts in ({}, {"threads": 1})]
-        out[w.name] = (lambda run=runs[0], x=x: run(x), lambda run=runs[1], x=x: run(x))
+        runs = [wl.engine_runner(w, wl.engine_model(w, weights, **opts)) for opts in ({}, {"threads": 1}, {"threads": 1})]
+        out[w.name] = tuple(lambda run=run, x=x: run(x) for run in runs)
     return out
 
 
@@ -76,16 +76,18 @@ def main() -> None:
     info = le.cpu_info()
     print(f"{info['cpu']}; kernels {info['variant']}; default threads {info['threads']} ({info['threads_reason']})")
     todo = cases(only)
-    print("| co-runners | case | default threads µs | 1 thread µs | default / 1 thread | load average |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| co-runners | case | default threads µs | 1 thread µs | default / 1 thread | 1 thread / 1 thread again "
+          "(noise) | load average |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in args.corunners:
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
         try:
             time.sleep(0.5)
-            for name, (default, one) in todo.items():
-                med = interleaved({"default": default, "one": one}, args.reps, args.budget)
+            for name, (default, one, again) in todo.items():
+                med = interleaved({"default": default, "one": one, "again": again}, args.reps, args.budget)
                 print(f"| {n} | {name} | {med['default']:,.1f} | {med['one']:,.1f} | "
-                      f"{med['default'] / med['one']:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
+                      f"{med['default'] / med['one']:.2f} | {med['one'] / med['again']:.2f} | "
+                      f"{os.getloadavg()[0]:.1f} |", flush=True)
         finally:
             for p in spinners:
                 p.kill()

@@ -179,7 +179,7 @@ def main() -> None:
     threadpool_limits(1)
     _kernels.set_blas_threads(1)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  {machine()}; torch {torch.__version__}; "
-          f"kernels: {'AVX2+FMA' if _kernels.simd_level() else 'portable'}; 1 thread each")
+          f"kernels: {_kernels.VARIANTS[_kernels.simd_level()]}; 1 thread each")
 
     vad = SileroVad()
     vad.check()

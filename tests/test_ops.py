@@ -214,6 +214,66 @@ def test_conv_against_a_direct_sum():
     np.testing.assert_allclose(got, want + b[:, None], rtol=1e-5, atol=1e-5)
 
 
+def direct_conv(x, w, b, stride, dilation, pads, group):
+    """Conv as its definition's sum, in float64."""
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    xp = np.pad(x, ((0, 0), (0, 0), tuple(pads)))
+    M, Cg, k = w.shape
+    L = (xp.shape[2] - dilation * (k - 1) - 1) // stride + 1
+    want = np.zeros((x.shape[0], M, L))
+    Mg = M // group
+    for m in range(M):
+        g = m // Mg
+        for t in range(L):
+            for j in range(k):
+                want[:, m, t] += xp[:, g * Cg:(g + 1) * Cg, stride * t + dilation * j] @ w[m, :, j]
+    return want if b is None else want + b[:, None]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_conv_kernel_every_variant_against_the_definition(seed, kernel_variant):
+    """The float32 Conv runs the engine's kernel (cpu_conv.c): sizes across its register tiles' edges and the
+    SIMD widths' tails, strides, dilations, pads, groups, bias or none, inputs that are strided views."""
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        group = int(rng.choice([1, 1, 2, 3]))
+        # Channels past the kernel's register tiles (4 rows) with tails, columns past its 2 (AVX2) / 4 (AVX-512).
+        Cg, Mg, k = rng.integers(1, 21), rng.integers(1, 11) if rng.random() < 0.6 else rng.integers(60, 140), \
+            rng.integers(1, 6)
+        stride, dilation = rng.integers(1, 4), rng.integers(1, 3)
+        pads = [int(rng.integers(0, 4)), int(rng.integers(0, 4))]
+        span = dilation * (k - 1) + 1
+        L = int(rng.integers(max(1, span - sum(pads)), 40))
+        N = int(rng.integers(1, 3))
+        x = rng.standard_normal((N, group * Cg, 2 * L)).astype(F)[:, :, ::2]  # not contiguous along L
+        w = rng.standard_normal((group * Mg, Cg, k)).astype(F)
+        b = rng.standard_normal(group * Mg).astype(F) if rng.random() < 0.5 else None
+        got = ops.conv(x, w, b, None, [int(stride)], pads, [int(dilation)], group)
+        want = direct_conv(x, w, b, stride, dilation, pads, group)
+        assert got.dtype == F and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
+def test_conv_kernel_relu_epilogue_and_bad_arguments():
+    from lstm_engine import _kernels
+
+    x, w, b = f(2, 3, 9), f(4, 3, 2), f(4)
+    out, cols = np.empty((2, 4, 8), F), np.empty(8 * 6, F)
+    _kernels.conv1d(x, w.reshape(4, 6), b, out, 2, 1, 1, 0, True, cols)
+    np.testing.assert_allclose(out, np.maximum(direct_conv(x, w, b, 1, 1, [0, 0], 1), 0), rtol=1e-5, atol=1e-5)
+    assert (out == 0).any() and (out > 0).any()
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernels.conv1d(x, w.reshape(4, 6), b, out, 3, 1, 1, 0, False, cols)
+    with pytest.raises(ValueError, match="at least Lo"):
+        _kernels.conv1d(x, w.reshape(4, 6), b, out, 2, 1, 1, 0, False, cols[:10])
+    with pytest.raises(ValueError, match="float32"):
+        _kernels.conv1d(x.astype(np.float64), w.reshape(4, 6), b, out, 2, 1, 1, 0, False, cols)
+    with pytest.raises(ValueError, match="unit stride"):
+        _kernels.conv1d(f(2, 3, 18)[:, :, ::2], w.reshape(4, 6), b, out, 2, 1, 1, 0, False, cols)
+    with pytest.raises(ValueError, match="bias"):
+        _kernels.conv1d(x, w.reshape(4, 6), f(5), out, 2, 1, 1, 0, False, cols)
+
+
 @pytest.mark.parametrize("op, attrs, inputs, message", [
     ("Gather", {"axis": 0}, [np.zeros((3, 2), F), i64(3)], "index 3 is out of range"),
     ("Reshape", {"shape": [5, -1]}, [np.zeros((2, 3), F)], "cannot reshape"),

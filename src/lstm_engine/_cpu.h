@@ -57,9 +57,24 @@ typedef struct {
     const float *bias;            /* packed (le_pack_bias_f32): b_ih + b_hh, GRU's n gate b_in only */
     const float *bias_hn;         /* GRU: b_hn zero padded to Hp, else NULL */
     float *work;                  /* le_steps_work_size floats */
+    /* Optional, NULL when unused. table: the input projection of every token id computed ahead
+     * (le_project_f32 of an embedding: V rows of G * Hp floats, bias included); x is then unused
+     * and ids (B, T) pick each step's row. lengths: per row its number of valid steps, the rows
+     * sorted longest first, so that step t runs only the rows still going (a prefix); the others
+     * keep their state and output zeros, as padded steps of a packed sequence. y_rows: the output
+     * row of each row (rows sorted for lengths, outputs left in the caller's order). */
+    const float *table;
+    const ptrdiff_t *ids;
+    const int *lengths;
+    const int *y_rows;
 } le_steps_args;
 
 ptrdiff_t le_steps_work_size(int cell, int B, int H, int T);
+
+/* out row r (G * Hp floats, packed order) = W_ih . x row r + bias: the input projection the steps
+ * compute, done ahead for every row of x (an embedding's table), on this thread. */
+void le_project_f32(int cell, int H, int In, const float *x, int rows, const float *w_ih, const float *bias,
+                    float *out);
 
 /* Runs on up to nthreads threads (the caller and pool workers); returns the number used. */
 int le_run_steps_f32(le_steps_args *args, int nthreads);
@@ -78,5 +93,21 @@ void le_blas_set_threads(int n);
 /* y[N] = W[N, K] . x[K] + b (row-major W, b may be NULL) on one thread with the best variant: the Dense
  * head of a one-row step, which a 2-thread BLAS call makes slower on a busy machine. */
 void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y);
+
+/* ONNX Conv, 1-D, of float32 rows (cpu_conv.c), one group: y[n, m, l] = b[m] + sum over c, j of
+ * W[m, c * k + j] * x[n, c, l * stride + j * dilation - pad0] (0 outside [0, L)), then max(y, 0) if relu.
+ * x and y run with unit stride along L and Lo, x_n/x_c and y_n/y_m are element strides; W is (M, C * k)
+ * row-major, b NULL or (M,); cols is Lo * C * k floats of scratch. */
+typedef struct {
+    int N, C, L, M, k, stride, dilation, pad0, Lo, relu;
+    const float *x;
+    ptrdiff_t x_n, x_c;
+    const float *W, *b;
+    float *y;
+    ptrdiff_t y_n, y_m;
+    float *cols;
+} le_conv1d_args;
+
+void le_conv1d_f32(const le_conv1d_args *args);
 
 #endif

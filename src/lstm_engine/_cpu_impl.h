@@ -42,7 +42,8 @@ typedef struct {
     float *c;                  /* LSTM cell, row r at c + r * H */
     const float *h_in;         /* previous h, row r at h_in + r * H (masked rows keep it) */
     float *h_out;
-    float *y;                  /* output row r at y + r * y_row */
+    float *y;                  /* output row r at y + r * y_row, or at y + y_rows[r] * y_row */
+    const int *y_rows;
     ptrdiff_t y_row;
     ptrdiff_t y_back;          /* offset from a step's output to the previous one in running order */
     const unsigned char *mask; /* row r's flag at mask[r * mask_row], or NULL */
@@ -72,8 +73,9 @@ typedef void (*job_fn)(void *arg, int tid, int nth);
 
 long le_now_ns(void);
 /* The number of threads a job may use, up to nth; above 1 the workers are this caller's until
- * le_pool_run. patient: a long job, worth waking sleeping workers for. */
-int le_pool_acquire(int nth, int patient);
+ * le_pool_run. flops: the job's work; step_flops: the work between two points where every thread
+ * waits for the others (a step), which a thread that lost its core holds up (cpu_pool.c). */
+int le_pool_acquire(int nth, double flops, double step_flops);
 /* Run fn(arg, 0, nth) on the caller at once; up to nth - 1 workers join as tids 1.. when they get
  * a core, or never: fn must finish the whole job on whichever tids come (cpu_steps.c claims units). */
 void le_pool_run(job_fn fn, void *arg, int nth);

@@ -15,6 +15,7 @@ class RecurrentKernel:
     go_backwards: bool
     dtype: np.dtype
     threads: int  # threads a run may use (default: cpu_count())
+    fast: bool  # float32 LSTM without projection / GRU (reset after) on the C kernels (cpu_steps.c)
     def __init__(
         self,
         cell: int,
@@ -33,9 +34,11 @@ class RecurrentKernel:
     # per direction (w_ih, w_hh) as (P, K, G, 16) panels on the float32 fast path, else None
     weight_format: str  # "float32", "float64", or "int8" / "float16" / "bfloat16" for quantized products
     def work_size(self, batch: int, steps: int) -> int: ...
+    def input_table(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    # (V, I) -> (D, V, G*Hp): W_ih . row + bias per direction in packed order, for run(table=); fast only
     def run(
         self,
-        x: npt.NDArray[np.floating],  # (B, T, I)
+        x: npt.NDArray[np.floating] | npt.NDArray[np.intp],  # (B, T, I), or token ids (B, T) with table
         y: npt.NDArray[np.floating],  # (B, T, D*P), written
         h: npt.NDArray[np.floating],  # (D, B, P), read and written
         c: npt.NDArray[np.floating],  # (D, B, H), read and written (LSTM)
@@ -43,7 +46,23 @@ class RecurrentKernel:
         work: npt.NDArray[np.floating],  # (work_size,)
         zero_masked: bool,
         threads: int = ...,  # > 0 overrides self.threads for this call
+        table: npt.NDArray[np.float32] | None = ...,  # from input_table: x holds token ids
+        lengths: npt.NDArray[np.int32] | None = ...,  # (B,) valid steps per row, longest first; mask None
+        y_rows: npt.NDArray[np.int32] | None = ...,  # (B,) the row of y each (sorted) row writes
     ) -> None: ...
+
+class ChainStep:
+    # One step of [token table ->] recurrent layers -> Dense heads in one call (lstm_engine.plan.chain_step)
+    def __init__(
+        self,
+        batch: int,
+        table: npt.NDArray[np.float32] | None,  # (1, V, G*Hp) of the first kernel, or None: float input
+        kernels: list[RecurrentKernel],
+        states: list[tuple[npt.NDArray[np.float32], ...]],  # per layer (h,) or (h, c), (1, B, width)
+        heads: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, bool]],  # weight, bias, relu
+        input_size: int,
+    ) -> None: ...
+    def step(self, x: object, out: object) -> bool: ...  # False, nothing touched: x or out not taken as is
 
 VARIANTS: tuple[str, ...]  # ("portable", "avx2", "avx512"): kernel variant names by level
 
@@ -56,6 +75,18 @@ def dense_row(
     x: npt.NDArray[np.float32],  # (K,)
     bias: npt.NDArray[np.float32] | None,  # (N,)
     out: npt.NDArray[np.float32],  # (N,), written and returned
+) -> npt.NDArray[np.float32]: ...
+def conv1d(
+    x: npt.NDArray[np.float32],  # (N, C, L), unit stride along L
+    weight: npt.NDArray[np.float32],  # (M, C * k)
+    bias: npt.NDArray[np.float32] | None,  # (M,)
+    out: npt.NDArray[np.float32],  # (N, M, Lo), unit stride along Lo; written and returned
+    k: int,
+    stride: int,
+    dilation: int,
+    pad0: int,
+    relu: bool,
+    cols: npt.NDArray[np.float32],  # scratch, at least Lo * C * k
 ) -> npt.NDArray[np.float32]: ...
 def cpu_count() -> int: ...  # cores this process may use: affinity mask, cgroup quota, OMP_NUM_THREADS
 def blas_threads() -> int: ...  # OpenBLAS thread count (process-wide), 0 if no OpenBLAS was found

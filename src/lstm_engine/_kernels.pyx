@@ -42,7 +42,13 @@ cdef extern from "_cpu.h" nogil:
         const float* bias
         const float* bias_hn
         float* work
+        const float* table
+        const Py_ssize_t* ids
+        const int* lengths
+        const int* y_rows
     Py_ssize_t le_steps_work_size(int cell, int B, int H, int T)
+    void le_project_f32(int cell, int H, int In, const float* x, int rows, const float* w_ih, const float* bias,
+                        float* out)
     int le_run_steps_f32(le_steps_args* args, int nthreads)
     int le_cpu_count()
     const char* le_cpu_count_reason()
@@ -50,6 +56,16 @@ cdef extern from "_cpu.h" nogil:
     int le_blas_threads()
     void le_blas_set_threads(int n)
     void le_gemv_f32(int N, int K, const float* W, Py_ssize_t ldw, const float* x, const float* b, float* y)
+    ctypedef struct le_conv1d_args:
+        int N, C, L, M, k, stride, dilation, pad0, Lo, relu
+        const float* x
+        Py_ssize_t x_n, x_c
+        const float* W
+        const float* b
+        float* y
+        Py_ssize_t y_n, y_m
+        float* cols
+    void le_conv1d_f32(const le_conv1d_args* args)
 
 cdef extern from "_gates_general.h" nogil:
     ctypedef struct le_activation:
@@ -449,7 +465,9 @@ cdef cnp.ndarray aligned_floats(Py_ssize_t n):
 
 cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, float* c,
                              const unsigned char* mask, float* w_ih, float* w_hh, float* bias,
-                             float* bias_hn, float* work, int threads) noexcept nogil:
+                             float* bias_hn, float* work, int threads, const float* table=NULL,
+                             const Py_ssize_t* ids=NULL, const int* lengths=NULL,
+                             const int* y_rows=NULL) noexcept nogil:
     """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in the C kernels (cpu_steps.c).
 
     Its own GEMM and GEMV on the weights packed once at load (OpenBLAS repacks the weights at every
@@ -460,6 +478,10 @@ cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, fl
     """
     cdef le_steps_args a
     cdef Py_ssize_t step_bytes = <Py_ssize_t>d.G * d.H * d.H * sizeof(float) * d.B
+    a.table = table
+    a.ids = ids
+    a.lengths = lengths
+    a.y_rows = y_rows
     a.cell = 0 if d.cell == CELL_LSTM else 1
     a.B = d.B
     a.In = d.In
@@ -616,6 +638,63 @@ def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out):
     return out
 
 
+cdef Py_ssize_t float_stride(cnp.ndarray a, int axis, str name) except -1:
+    """An axis's stride in floats (0 for an axis of one, whose stride NumPy may leave arbitrary); ValueError
+    unless a whole, non-negative number of them."""
+    if a.shape[axis] <= 1:
+        return 0
+    cdef Py_ssize_t st = cnp.PyArray_STRIDE(a, axis)
+    if st < 0 or st % 4:
+        raise ValueError(f"conv1d: {name} must have non-negative strides of whole floats")
+    return st // 4
+
+
+def conv1d(cnp.ndarray x, cnp.ndarray weight, object bias, cnp.ndarray out, int k, int stride, int dilation,
+           int pad0, bint relu, cnp.ndarray cols):
+    """ONNX Conv 1-D of one group, float32, on this thread:
+    out[n, m, l] = bias[m] + sum over c, j of weight[m, c*k + j] * x[n, c, l*stride + j*dilation - pad0]
+    (zeros outside x), then max(out, 0) if relu.
+
+    x (N, C, L) and out (N, M, Lo) float32 with unit stride along their last axis (a group's channel slice
+    is fine); weight (M, C*k), bias (M,) or None and cols (at least Lo*C*k floats of scratch): float32,
+    C-contiguous. Everything is checked here: a mismatch raises ValueError rather than reading out of bounds."""
+    cdef le_conv1d_args a
+    for arr, name in ((x, "x"), (weight, "weight"), (out, "out"), (cols, "cols")) + (
+            () if bias is None else ((bias, "bias"),)):
+        if cnp.PyArray_TYPE(<cnp.ndarray>arr) != cnp.NPY_FLOAT32:
+            raise ValueError(f"conv1d: {name} must be float32")
+    if x.ndim != 3 or out.ndim != 3 or weight.ndim != 2:
+        raise ValueError("conv1d: expected x (N, C, L), weight (M, C*k) and out (N, M, Lo)")
+    a.N, a.C, a.L = x.shape[0], x.shape[1], x.shape[2]
+    a.M, a.Lo = weight.shape[0], out.shape[2]
+    if k < 1 or stride < 1 or dilation < 1 or pad0 < 0 or weight.shape[1] != <Py_ssize_t>a.C * k \
+            or out.shape[0] != a.N or out.shape[1] != a.M:
+        raise ValueError(f"conv1d: weight {tuple((<object>weight).shape)} and out {tuple((<object>out).shape)} do "
+                         f"not fit x {tuple((<object>x).shape)} with k={k}, "
+                         f"stride={stride}, dilation={dilation}, pad0={pad0}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(weight) or not cnp.PyArray_IS_C_CONTIGUOUS(cols) \
+            or cols.size < <Py_ssize_t>a.Lo * a.C * k:
+        raise ValueError("conv1d: weight and cols must be C-contiguous, cols at least Lo*C*k floats")
+    if (a.L > 1 and x.strides[2] != 4) or (a.Lo > 1 and out.strides[2] != 4):
+        raise ValueError("conv1d: x and out must have unit stride along their last axis")
+    a.x_n, a.x_c = float_stride(x, 0, "x"), float_stride(x, 1, "x")
+    a.y_n, a.y_m = float_stride(out, 0, "out"), float_stride(out, 1, "out")
+    a.b = NULL
+    if bias is not None:
+        if (<cnp.ndarray>bias).ndim != 1 or bias.shape[0] != a.M or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>bias):
+            raise ValueError(f"conv1d: bias must be C-contiguous ({a.M},)")
+        a.b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    a.k, a.stride, a.dilation, a.pad0, a.relu = k, stride, dilation, pad0, relu
+    a.x = <const float*>cnp.PyArray_DATA(x)
+    a.W = <const float*>cnp.PyArray_DATA(weight)
+    a.y = <float*>cnp.PyArray_DATA(out)
+    a.cols = <float*>cnp.PyArray_DATA(cols)
+    if a.N and a.M and a.Lo:
+        with nogil:
+            le_conv1d_f32(&a)
+    return out
+
+
 def fast_tanh(cnp.ndarray[float, ndim=1, mode="c"] x):
     """The float32 kernels' tanh of a 1-D float32 array (a new array); for tests."""
     out = cnp.PyArray_EMPTY(1, x.shape, cnp.NPY_FLOAT32, 0)
@@ -669,6 +748,38 @@ def general_activation(int code, double alpha, double beta, cnp.ndarray[double, 
     return out
 
 
+cdef Py_ssize_t check_table(object table, int D, int G, int H, cnp.ndarray ids) except -1:
+    """Check an input table (D, V, G*Hp) and that every id of ids indexes it; the floats per direction."""
+    cdef cnp.ndarray t = <cnp.ndarray?>table
+    cdef Py_ssize_t V, i, n = cnp.PyArray_SIZE(ids)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>cnp.PyArray_DATA(ids)
+    if (cnp.PyArray_NDIM(t) != 3 or cnp.PyArray_TYPE(t) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(t)
+            or t.shape[0] != D or t.shape[2] != G * panels(H) * LE_PANEL):
+        raise ValueError("RecurrentKernel.run: the table does not match the layer")
+    V = t.shape[1]
+    if not cnp.PyArray_IS_C_CONTIGUOUS(ids):
+        raise ValueError("RecurrentKernel.run: ids must be C-contiguous")
+    for i in range(n):
+        if p[i] < 0 or p[i] >= V:
+            raise ValueError(f"RecurrentKernel.run: token id {p[i]} is outside the table's {V} rows")
+    return V * t.shape[2]
+
+
+cdef const int* check_rows(object values, int B, int top, bint descending) except NULL:
+    """An int32 (B,) array of values in 0..top (non-increasing when descending); its data."""
+    cdef cnp.ndarray a = <cnp.ndarray?>values
+    cdef const int* p
+    cdef int i
+    if cnp.PyArray_TYPE(a) != cnp.NPY_INT32 or cnp.PyArray_NDIM(a) != 1 or a.shape[0] != B \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"RecurrentKernel.run: lengths and y_rows must be int32 ({B},)")
+    p = <const int*>cnp.PyArray_DATA(a)
+    for i in range(B):
+        if p[i] < 0 or p[i] > top or (descending and i > 0 and p[i] > p[i - 1]):
+            raise ValueError("RecurrentKernel.run: lengths must be in 0..steps, longest first; y_rows in 0..batch-1")
+    return p if B > 0 else <const int*>&one_inc
+
+
 cdef class RecurrentKernel:
     """One recurrent layer (every direction) in one dtype, bound to its re-laid-out weights.
 
@@ -688,7 +799,7 @@ cdef class RecurrentKernel:
     cdef readonly object dtype
     cdef public int threads
     cdef int typenum
-    cdef bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: the C kernels
+    cdef readonly bint fast  # float32 LSTM without projection / GRU (reset after), sigmoid gates, tanh: the C kernels
     cdef readonly str weight_format  # "float32"/"float64", or a quantized format ("int8", ...)
     cdef QW q[2]
     cdef bint quantized
@@ -805,13 +916,42 @@ cdef class RecurrentKernel:
         """Elements of scratch one run over (batch, steps) needs."""
         return self._work_size(batch, steps)
 
+    def input_table(self, cnp.ndarray rows):
+        """The input projection W_ih . x + bias of every row of rows (V, I) float32, per direction, in the
+        C kernels' packed order: (D, V, G*Hp), what ``run(table=)`` looks a token's row up in. Computed
+        by the same product as a run's own projection, so a run with the table equals one without."""
+        cdef int d, V
+        cdef int Hp = panels(self.hidden_size) * LE_PANEL
+        if not self.fast:
+            raise ValueError("RecurrentKernel.input_table: only the C kernels (float32 LSTM/GRU) take a table")
+        if (cnp.PyArray_NDIM(rows) != 2 or cnp.PyArray_TYPE(rows) != cnp.NPY_FLOAT32
+                or rows.shape[1] != self.input_size or not cnp.PyArray_IS_C_CONTIGUOUS(rows)):
+            raise ValueError(f"RecurrentKernel.input_table: expected C-contiguous float32 (V, {self.input_size})")
+        V = rows.shape[0]
+        out = aligned_floats(<Py_ssize_t>self.num_directions * V * self.num_gates * Hp).reshape(
+            self.num_directions, V, self.num_gates * Hp)
+        cdef cnp.ndarray o = out
+        cdef float* od = <float*>cnp.PyArray_DATA(o)
+        with nogil:
+            for d in range(self.num_directions):
+                le_project_f32(0 if self.cell == CELL_LSTM else 1, self.hidden_size, self.input_size,
+                               <const float*>cnp.PyArray_DATA(rows), V, <const float*>self.w_ih[d],
+                               <const float*>self.bias[d], od + <Py_ssize_t>d * V * self.num_gates * Hp)
+        return out
+
     def run(self, cnp.ndarray x, cnp.ndarray y, cnp.ndarray h, cnp.ndarray c, object mask,
-            cnp.ndarray work, bint zero_masked, int threads=0):
+            cnp.ndarray work, bint zero_masked, int threads=0, object table=None, object lengths=None,
+            object y_rows=None):
         """Run every direction over x (B, T, I) into y (B, T, D*P).
 
         h (D, B, P) and c (D, B, H) hold the initial state and receive the final one. mask is a
         uint8 (B, T) array or None; masked steps keep the state and output zeros (zero_masked)
         or the previous step's output. threads > 0 overrides the kernel's ``threads``.
+        The C kernels (``fast``) also take: table, the input projection of every token id made by
+        ``input_table`` ((D, V, G*Hp) float32), with x then the ids (B, T) as intp; lengths, int32
+        (B,) valid steps per row, longest first (rows past their length cost nothing, keep their
+        state and output zeros; mask must be None); y_rows, int32 (B,): the row of y each row
+        writes (rows sorted for lengths, outputs in the caller's order).
         """
         cdef Dims dims
         cdef int dirn
@@ -825,6 +965,11 @@ cdef class RecurrentKernel:
         cdef int tn = self.typenum
         cdef bint fast = self.fast
         cdef int blas_saved = 0
+        cdef const float* tab = NULL
+        cdef const Py_ssize_t* ids = NULL
+        cdef const int* lens = NULL
+        cdef const int* rows = NULL
+        cdef Py_ssize_t table_step = 0
         if threads <= 0:
             threads = self.threads
         dims.cell = self.cell
@@ -840,7 +985,13 @@ cdef class RecurrentKernel:
         dims.general = &self.general[0] if self.is_general else NULL
         # Cheap guards against a caller bug turning into an out-of-bounds write (C-level checks:
         # this runs once per streamed step).
-        if cnp.PyArray_NDIM(x) != 3 or x.shape[2] != dims.In or cnp.PyArray_TYPE(x) != tn:
+        if table is not None:
+            if not fast or cnp.PyArray_NDIM(x) != 2 or cnp.PyArray_TYPE(x) != cnp.NPY_INTP:
+                raise ValueError("RecurrentKernel.run: a table needs the C kernels and ids (B, T) as intp")
+            table_step = check_table(table, self.num_directions, self.num_gates, self.hidden_size, x)
+            tab = <const float*>cnp.PyArray_DATA(<cnp.ndarray>table)
+            ids = <const Py_ssize_t*>cnp.PyArray_DATA(x)
+        elif cnp.PyArray_NDIM(x) != 3 or x.shape[2] != dims.In or cnp.PyArray_TYPE(x) != tn:
             raise ValueError("RecurrentKernel.run: x does not match the layer")
         dims.B = x.shape[0]
         dims.T = x.shape[1]
@@ -855,6 +1006,12 @@ cdef class RecurrentKernel:
                         and cnp.PyArray_IS_C_CONTIGUOUS(h) and cnp.PyArray_IS_C_CONTIGUOUS(c)
                         and cnp.PyArray_IS_C_CONTIGUOUS(work))):
             raise ValueError("RecurrentKernel.run: buffers do not match the layer")
+        if lengths is not None or y_rows is not None:
+            if not fast or mask is not None or lengths is None:
+                raise ValueError("RecurrentKernel.run: lengths need the C kernels, and no mask")
+            lens = check_rows(lengths, dims.B, dims.T, True)
+            if y_rows is not None:
+                rows = check_rows(y_rows, dims.B, dims.B - 1, False)
         if dims.B == 0 or dims.T == 0:
             return
         if not fast and not self.quantized:
@@ -886,7 +1043,8 @@ cdef class RecurrentKernel:
                                        <float*>(hd + dirn * hstride), <float*>(cd + dirn * cstride), m,
                                        <float*>self.w_ih[dirn], <float*>self.w_hh[dirn],
                                        <float*>self.bias[dirn], <float*>self.bias_hn[dirn],
-                                       <float*>wd, threads)
+                                       <float*>wd, threads, tab + dirn * table_step if tab != NULL else NULL,
+                                       ids, lens, rows)
                 else:
                     if self.quantized:
                         qruns[dirn] = self.q[dirn]
@@ -901,6 +1059,183 @@ cdef class RecurrentKernel:
                                          qrun if self.quantized else NULL, threads)
             if blas_saved:
                 le_blas_set_threads(blas_saved)
+
+
+cdef enum:
+    CHAIN_MAX = 8  # layers, and heads, a ChainStep takes
+
+
+cdef class ChainStep:
+    """One step of a chain [token table ->] recurrent layers [-> Dense heads], for B rows, in one call.
+
+    What a session's step() runs for such a chain (lstm_engine.plan.chain_step builds it from the
+    plan): the same kernels, packed weights and table as the plan's own steps, with every buffer
+    bound once. Layers on the C kernels (float32 LSTM/GRU) run from here without Python; the others
+    (float64, proj_size, RNN, GRU reset before, quantized, general gates) through their run().
+    Heads (float32 only): Dense with a linear or relu activation, each row on the engine's GEMV on
+    this thread.
+    """
+    cdef int B, n_layers, n_heads, takes_ids, in_size, out_size, typenum
+    cdef Py_ssize_t vocab
+    cdef Py_ssize_t step_bytes[CHAIN_MAX]
+    cdef le_steps_args args[CHAIN_MAX]
+    cdef bint c_steps[CHAIN_MAX]  # the layer runs on le_run_steps_f32 from here
+    cdef const float* head_w[CHAIN_MAX]
+    cdef const float* head_b[CHAIN_MAX]
+    cdef float* head_out[CHAIN_MAX]
+    cdef int head_n[CHAIN_MAX]
+    cdef int head_k[CHAIN_MAX]
+    cdef int head_relu[CHAIN_MAX]
+    cdef list kernels, runs
+    cdef tuple _keep
+
+    def __init__(self, int batch, object table, list kernels, list states, list heads, int input_size):
+        """table: (1, V, G*Hp) from the first kernel's input_table, or None (float input of
+        input_size); kernels and states (h, c) per layer; heads: (weight (N, K), bias or None, relu)."""
+        cdef int i
+        cdef RecurrentKernel k
+        cdef cnp.ndarray w, b, buf
+        if not 0 < len(kernels) <= CHAIN_MAX or len(heads) > CHAIN_MAX or len(states) != len(kernels):
+            raise ValueError("ChainStep: 1 to 8 recurrent layers and at most 8 heads")
+        dtype = kernels[0].dtype
+        if heads and dtype != np.float32:
+            raise ValueError("ChainStep: heads run in float32 only")
+        keep = [table]
+        self.B = batch
+        self.kernels = list(kernels)
+        self.runs = []
+        self.n_layers = len(kernels)
+        self.n_heads = len(heads)
+        self.takes_ids = table is not None
+        self.in_size = input_size
+        self.typenum = dtype.num
+        self.vocab = table.shape[1] if table is not None else 0
+        size = input_size
+        for i in range(self.n_layers):
+            k = kernels[i]
+            if k.num_directions != 1 or k.go_backwards or k.input_size != size or k.dtype != dtype:
+                raise ValueError("ChainStep: layers must be unidirectional, of one dtype, each taking the last")
+            h, c = states[i][0], states[i][len(states[i]) - 1]  # (h, c), or (h,) for GRU/RNN
+            for arr in (h, c):
+                if arr.dtype != dtype or not arr.flags.c_contiguous or arr.shape[1] != batch:
+                    raise ValueError("ChainStep: states must be C-contiguous (1, batch, width) of the layers' dtype")
+            work = np.empty(k.work_size(batch, 1), dtype)
+            y = np.empty((batch, 1, k.output_size), dtype)
+            keep += [h, c, work, y]
+            self.c_steps[i] = k.fast
+            self.runs.append((k.run, h, c, work, y))
+            memset(&self.args[i], 0, sizeof(le_steps_args))
+            if k.fast:
+                self.args[i].cell = 0 if k.cell == CELL_LSTM else 1
+                self.args[i].B = batch
+                self.args[i].In = k.input_size
+                self.args[i].H = k.hidden_size
+                self.args[i].T = 1
+                self.args[i].y_row = k.output_size
+                self.args[i].y_step = k.output_size
+                self.args[i].h = <float*>cnp.PyArray_DATA(<cnp.ndarray>h)
+                self.args[i].c = <float*>cnp.PyArray_DATA(<cnp.ndarray>c)
+                self.args[i].w_ih = <const float*>k.w_ih[0]
+                self.args[i].w_hh = <const float*>k.w_hh[0]
+                self.args[i].bias = <const float*>k.bias[0]
+                self.args[i].bias_hn = <const float*>k.bias_hn[0]
+                self.args[i].work = <float*>cnp.PyArray_DATA(<cnp.ndarray>work)
+                self.args[i].y = <float*>cnp.PyArray_DATA(<cnp.ndarray>y)
+                if i > 0:
+                    self.args[i].x = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self.runs[i - 1][4])
+            self.step_bytes[i] = <Py_ssize_t>k.num_gates * k.hidden_size * k.hidden_size * sizeof(float) * batch
+            size = k.output_size
+        if table is not None:
+            k = kernels[0]
+            if (not k.fast or not isinstance(table, np.ndarray) or table.dtype != np.float32
+                    or not table.flags.c_contiguous or table.ndim != 3 or table.shape[0] != 1
+                    or table.shape[2] != k.num_gates * panels(k.hidden_size) * LE_PANEL):
+                raise ValueError("ChainStep: the table does not match the first layer")
+            self.args[0].table = <const float*>cnp.PyArray_DATA(<cnp.ndarray>table)
+        for i in range(self.n_heads):
+            w, bias, relu = heads[i]
+            if w.dtype != np.float32 or not w.flags.c_contiguous or w.ndim != 2 or w.shape[1] != size:
+                raise ValueError("ChainStep: heads must be C-contiguous float32 (out, in), each taking the last")
+            self.head_w[i] = <const float*>cnp.PyArray_DATA(w)
+            self.head_b[i] = NULL
+            if bias is not None:
+                b = bias
+                if b.dtype != np.float32 or not b.flags.c_contiguous or b.size != w.shape[0]:
+                    raise ValueError("ChainStep: a head's bias must be C-contiguous float32 (out,)")
+                self.head_b[i] = <const float*>cnp.PyArray_DATA(b)
+            buf = np.empty((batch, w.shape[0]), np.float32)
+            keep += [w, bias, buf]
+            self.head_out[i] = <float*>cnp.PyArray_DATA(buf)
+            self.head_n[i] = w.shape[0]
+            self.head_k[i] = size
+            self.head_relu[i] = bool(relu)
+            size = w.shape[0]
+        self.out_size = size
+        self._keep = tuple(keep)
+
+    def step(self, object x, object out):
+        """Run one step of valid input x into out (B, out); False, with nothing touched, when x or out
+        is not what this step takes as it is (then the caller checks and converts them)."""
+        cdef cnp.ndarray xa, oa
+        cdef int i, r, j, n = self.n_layers, B = self.B
+        cdef Py_ssize_t V = self.vocab
+        cdef const Py_ssize_t* ids
+        cdef float* src
+        cdef float* dst
+        cdef float* y
+        cdef RecurrentKernel k
+        cdef int threads
+        cdef bint last_writes_out = self.n_heads == 0
+        if type(x) is not np.ndarray or type(out) is not np.ndarray:
+            return False
+        xa = <cnp.ndarray>x
+        oa = <cnp.ndarray>out
+        if (cnp.PyArray_TYPE(oa) != self.typenum or cnp.PyArray_SIZE(oa) != <Py_ssize_t>B * self.out_size
+                or not cnp.PyArray_IS_C_CONTIGUOUS(oa) or not cnp.PyArray_ISBEHAVED(oa)
+                or not cnp.PyArray_IS_C_CONTIGUOUS(xa) or not cnp.PyArray_ISBEHAVED_RO(xa)):
+            return False
+        if self.takes_ids:
+            if cnp.PyArray_TYPE(xa) != cnp.NPY_INTP or cnp.PyArray_NDIM(xa) != 1 or xa.shape[0] != B:
+                return False
+            ids = <const Py_ssize_t*>cnp.PyArray_DATA(xa)
+            for r in range(B):
+                if ids[r] < 0 or ids[r] >= V:
+                    return False
+            self.args[0].ids = ids
+        else:
+            if (cnp.PyArray_TYPE(xa) != self.typenum or cnp.PyArray_NDIM(xa) != 2 or xa.shape[0] != B
+                    or xa.shape[1] != self.in_size):
+                return False
+            self.args[0].x = <const float*>cnp.PyArray_DATA(xa)
+        for i in range(n):
+            k = self.kernels[i]
+            if self.c_steps[i]:
+                threads = k.threads if self.step_bytes[i] >= parallel_min_bytes else 1
+                if i == n - 1 and last_writes_out:
+                    self.args[i].y = <float*>cnp.PyArray_DATA(oa)
+                with nogil:
+                    le_run_steps_f32(&self.args[i], threads)
+            else:
+                run, h, c, work, buf = self.runs[i]
+                # run() takes x as (B, 1, in); y only needs the right size (out is (B, out)).
+                x3 = xa.reshape(B, 1, self.in_size) if i == 0 else self.runs[i - 1][4]
+                run(x3, out if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
+        if self.n_heads:
+            y = <float*>cnp.PyArray_DATA(oa)
+            src = <float*>cnp.PyArray_DATA(<cnp.ndarray>self.runs[n - 1][4])
+            with nogil:
+                for i in range(self.n_heads):
+                    dst = y if i == self.n_heads - 1 else self.head_out[i]
+                    for r in range(B):
+                        le_gemv_f32(self.head_n[i], self.head_k[i], self.head_w[i], self.head_k[i],
+                                    src + <Py_ssize_t>r * self.head_k[i], self.head_b[i],
+                                    dst + <Py_ssize_t>r * self.head_n[i])
+                    if self.head_relu[i]:
+                        for j in range(B * self.head_n[i]):
+                            if dst[j] < 0:
+                                dst[j] = 0
+                    src = dst
+        return True
 
 
 def bounds_checked():

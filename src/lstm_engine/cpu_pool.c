@@ -16,6 +16,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #ifdef LE_X86
@@ -36,6 +37,9 @@
 #define IDLE_YIELD_NS 500000L
 /* A thread waiting for others (the end of a step) yields its core once the wait passes this. */
 #define WAIT_YIELD_NS 50000L
+/* A job over this much work wakes sleeping workers: worth it, and one that does not come in time
+ * costs nothing (it joins late or never). */
+#define PATIENT_FLOPS 2e7
 
 /* The job's entry word: generation (high 32 bits), open (bit 31), workers joined (low bits). */
 #define OPEN ((uint64_t)1 << 31)
@@ -62,6 +66,8 @@ long le_now_ns(void)
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+static void note_gap(long gap, long now);
+
 long le_wait_until(int (*cond)(void *), void *arg)
 {
     long start = 0, t = 0;
@@ -69,11 +75,15 @@ long le_wait_until(int (*cond)(void *), void *arg)
     while (!cond(arg)) {
         cpu_relax();
         if ((++spins & 63) == 0) {
+            long prev = t;
             t = le_now_ns();
             if (!start)
                 start = t;
-            else if (t - start > WAIT_YIELD_NS)
-                sched_yield();
+            else {
+                note_gap(t - prev, t);
+                if (t - start > WAIT_YIELD_NS)
+                    sched_yield();
+            }
         }
     }
     return start ? t - start : 0;
@@ -91,6 +101,57 @@ static _Atomic long solo_backoff = SOLO_NS_MIN;
 void le_pool_note_stall(void)
 {
     atomic_store_explicit(&stalled, 1, memory_order_relaxed);
+}
+
+/* Contention: a thread of ours spinning (for a job, or for the others at the end of a step) found
+ * over GAP_NS between two looks at the clock, a few hundred nanoseconds apart when it runs: it was
+ * taken off its core for another runnable thread, so the machine has more of them than cores.
+ * For CONTENDED_NS after, idle workers sleep at once instead of spinning (a spinning worker takes
+ * the core from the caller it would help: with two busy processes on two cores a stream step ran
+ * 1.1-1.3x slower on two threads than on one), and only jobs of many milliseconds with coarse
+ * steps use workers: any step that waits for a thread which lost its core waits milliseconds,
+ * which only such a job earns back. Renewed while gaps are seen; a quiet machine is back on two
+ * threads CONTENDED_NS after the last one. */
+#define GAP_NS 100000L
+#define CONTENDED_NS 200000000L
+#define CONTENDED_MIN_FLOPS 2e8
+#define CONTENDED_MIN_STEP_FLOPS 4e6
+static _Atomic long contended_until;
+
+static void note_gap(long gap, long now)
+{
+    if (gap > GAP_NS)
+        atomic_store_explicit(&contended_until, now + CONTENDED_NS, memory_order_relaxed);
+}
+
+static int contended(long now)
+{
+    return now < atomic_load_explicit(&contended_until, memory_order_relaxed);
+}
+
+/* Times this thread was taken off its core while it could run (a cheap system call). */
+static long preemptions(void)
+{
+    struct rusage ru;
+    return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : 0;
+}
+
+/* Contended, for a caller. While jobs run on one thread nothing of ours spins to see gaps: when the
+ * window ends, it is renewed if the caller itself was preempted since it last looked (with two
+ * busy processes on two cores, many times in 200 ms; on a quiet machine, hardly ever). */
+static int caller_contended(long now)
+{
+    static _Thread_local long seen = -1;
+    long until = atomic_load_explicit(&contended_until, memory_order_relaxed);
+    if (now < until)
+        return 1;
+    if (!until)
+        return 0;
+    long n = preemptions();
+    int again = seen < 0 || n > seen; /* a thread's first look: one more window to see */
+    seen = n;
+    atomic_store_explicit(&contended_until, again ? now + CONTENDED_NS : 0, memory_order_relaxed);
+    return again;
 }
 
 static unsigned start_generation[MAX_THREADS];
@@ -116,7 +177,7 @@ static void *worker_main(void *p)
     /* The generation when this worker was made: the job that made it comes after. */
     unsigned seen = start_generation[slot];
     for (;;) {
-        long start = le_now_ns();
+        long start = le_now_ns(), last = start;
         unsigned poked = atomic_load_explicit(&pokes, memory_order_relaxed);
         int spins = 0;
         atomic_store_explicit(&polling[slot], 1, memory_order_relaxed);
@@ -129,9 +190,14 @@ static void *worker_main(void *p)
                 /* A caller found us away and ran alone: spin tightly again for the next job. */
                 poked = atomic_load_explicit(&pokes, memory_order_relaxed);
                 start = le_now_ns();
+                last = start;
                 atomic_store_explicit(&polling[slot], 1, memory_order_relaxed);
             }
-            long idle = le_now_ns() - start;
+            long now = le_now_ns(), idle = now - start;
+            note_gap(now - last, now);
+            last = now;
+            if (contended(now))
+                idle = IDLE_YIELD_NS; /* sleep now: spinning takes a core another thread wants */
             if (idle < IDLE_PAUSE_NS) {
                 cpu_relax();
             } else if (idle < IDLE_YIELD_NS) {
@@ -147,6 +213,7 @@ static void *worker_main(void *p)
                 pthread_mutex_unlock(&pool.lock);
                 poked = atomic_load_explicit(&pokes, memory_order_relaxed);
                 start = le_now_ns();
+                last = start;
                 atomic_store_explicit(&polling[slot], 1, memory_order_relaxed);
             }
         }
@@ -185,18 +252,22 @@ static void wake_sleepers(void)
     pthread_mutex_unlock(&pool.lock);
 }
 
-/* The number of threads a job may use, up to nth: 1 after a stall (above), when the workers are
- * busy with another caller's job (so two sessions stepping at once each keep one core), or, unless
- * the job is patient (long), when no worker is spinning on a core. Above 1 the workers are reserved for
- * this caller until le_pool_run. */
-int le_pool_acquire(int nth, int patient)
+/* The number of threads a job may use, up to nth: 1 after a stall (above), under contention unless
+ * the job is long with coarse steps (above), when the workers are busy with another caller's job
+ * (so two sessions stepping at once each keep one core), or, unless the job is long, when no worker
+ * is spinning on a core. Above 1 the workers are reserved for this caller until le_pool_run. */
+int le_pool_acquire(int nth, double flops, double step_flops)
 {
     if (nth > MAX_THREADS)
         nth = MAX_THREADS;
     if (nth <= 1)
         return 1;
-    if (le_now_ns() < atomic_load_explicit(&solo_until, memory_order_relaxed))
+    long now = le_now_ns();
+    if (now < atomic_load_explicit(&solo_until, memory_order_relaxed))
         return 1;
+    if (caller_contended(now) && (flops < CONTENDED_MIN_FLOPS || step_flops < CONTENDED_MIN_STEP_FLOPS))
+        return 1;
+    int patient = flops > PATIENT_FLOPS;
     if (pthread_mutex_trylock(&pool.busy) != 0)
         return 1;
     pthread_once(&fork_once, register_fork);

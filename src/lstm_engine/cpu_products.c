@@ -106,7 +106,7 @@ INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const f
     int n = j->H - u0 < LE_PANEL ? j->H - u0 : LE_PANEL;
     const float *hin = j->h_in + (ptrdiff_t)r * j->H + u0;
     float *hout = j->h_out + (ptrdiff_t)r * j->H + u0;
-    float *y = j->y + r * j->y_row + u0;
+    float *y = j->y + (j->y_rows ? j->y_rows[r] : r) * j->y_row + u0;
     if (j->mask && !j->mask[r * j->mask_row]) {
         /* Masked: the state carries over; the output is 0 or the previous one (Keras). */
         memcpy(hout, hin, n * sizeof(float));

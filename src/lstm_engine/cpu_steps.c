@@ -113,17 +113,45 @@ static int reached(void *p)
     return atomic_load_explicit(&w->job->done, memory_order_acquire) >= w->target;
 }
 
-static void run_unit(steps_job *job, le_block *blk, int phase, int u)
+/* Rows still going at step t: with lengths (sorted longest first) a prefix of the batch. */
+static int active_rows(const le_steps_args *a, int t)
+{
+    if (!a->lengths)
+        return a->B;
+    int n = 0;
+    while (n < a->B && a->lengths[n] > t)
+        n++;
+    return n;
+}
+
+static void run_unit(steps_job *job, le_block *blk, int phase, int u, int active)
 {
     le_steps_args *a = job->a;
     if (phase == 0) {
         int chunk = u / job->groups, group = u % job->groups;
         int r0 = chunk * PROJECT_ROWS, rows = a->B * a->T;
         int r1 = r0 + PROJECT_ROWS < rows ? r0 + PROJECT_ROWS : rows;
-        job->v->block(blk, r0, r1, range_start(job->P, group, job->groups),
-                      range_start(job->P, group + 1, job->groups));
-    } else {
-        job->v->block(blk, 0, a->B, u, u + 1);
+        int p0 = range_start(job->P, group, job->groups), p1 = range_start(job->P, group + 1, job->groups);
+        if (!a->lengths) {
+            job->v->block(blk, r0, r1, p0, p1);
+            return;
+        }
+        /* Only the valid steps of each row (x's row b * T + t): padded steps are never read. */
+        for (int b = r0 / a->T; b * a->T < r1; b++) {
+            int s0 = b * a->T > r0 ? b * a->T : r0, s1 = b * a->T + a->lengths[b];
+            if (s1 > r1)
+                s1 = r1;
+            if (s0 < s1)
+                job->v->block(blk, s0, s1, p0, p1);
+        }
+        return;
+    }
+    job->v->block(blk, 0, active, u, u + 1);
+    /* Rows past their length: the state carries over, the output is zero. */
+    int u0 = u * LE_PANEL, n = a->H - u0 < LE_PANEL ? a->H - u0 : LE_PANEL;
+    for (int r = active; r < a->B; r++) {
+        memcpy(blk->h_out + (ptrdiff_t)r * a->H + u0, blk->h_in + (ptrdiff_t)r * a->H + u0, n * sizeof(float));
+        memset(blk->y + (a->y_rows ? a->y_rows[r] : r) * blk->y_row + u0, 0, n * sizeof(float));
     }
 }
 
@@ -161,6 +189,7 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
     blk->c = a->c;
     blk->y = a->y + (ptrdiff_t)t * a->y_step;
     blk->y_row = a->y_row;
+    blk->y_rows = a->y_rows;
     blk->y_back = (a->reverse ? 1 : -1) * a->y_step;
     blk->mask = a->mask ? a->mask + t : NULL;
     blk->mask_row = T;
@@ -200,11 +229,12 @@ static void steps_run(void *arg, int tid, int nth)
                                                                       memory_order_relaxed))
             ;
         phase_block(job, &blk, phase);
+        int active = phase == 0 ? 0 : active_rows(job->a, job->a->reverse ? T - phase : phase - 1);
         /* Own range first, then the others' leftovers. */
         for (int k = 0; k < nth; k++) {
             int r = (tid + k) % nth, u;
             while ((u = claim(job, r, phase)) >= 0) {
-                run_unit(job, &blk, phase, u);
+                run_unit(job, &blk, phase, u, active);
                 atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
             }
         }
@@ -216,10 +246,6 @@ static void steps_run(void *arg, int tid, int nth)
         le_wait_until(reached, &w);
 }
 
-/* A long job (over ~1 ms of work) wakes workers that sleep: worth it, and a worker that does not
- * come in time costs nothing (it joins late or never). */
-#define PATIENT_FLOPS 2e7
-
 int le_run_steps_f32(le_steps_args *a, int nthreads)
 {
     steps_job job;
@@ -228,9 +254,19 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     job.a = a;
     job.v = le_variant_in_use();
     job.P = P;
-    job.fused = a->B == 1 && a->T == 1;
+    job.fused = a->B == 1 && a->T == 1 && !a->table;
     job.GHp = (ptrdiff_t)(a->cell == 0 ? 4 : 3) * P * LE_PANEL;
     job.xp = a->work; /* (T, B, G * Hp) */
+    if (a->table) {
+        /* The projections are the table's rows: looked up, nothing projected (phase 0 is empty). */
+        if (a->B == 1 && a->T == 1)
+            job.xp = (float *)(a->table + a->ids[0] * job.GHp);
+        else
+            for (int b = 0; b < a->B; b++)
+                for (int t = 0; t < (a->lengths ? a->lengths[b] : a->T); t++)
+                    memcpy(job.xp + ((ptrdiff_t)t * a->B + b) * job.GHp,
+                           a->table + a->ids[(ptrdiff_t)b * a->T + t] * job.GHp, job.GHp * sizeof(float));
+    }
     ptrdiff_t BH = (ptrdiff_t)a->B * a->H;
     job.hbuf[0] = a->work + (ptrdiff_t)a->T * a->B * job.GHp;
     job.hbuf[1] = job.hbuf[0] + BH;
@@ -240,10 +276,10 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
         nthreads = P;
     if (nthreads > MAX_PARTS)
         nthreads = MAX_PARTS;
-    double flops = 2.0 * a->B * a->T * job.GHp * (a->In + a->H);
-    int used = le_pool_acquire(nthreads, flops > PATIENT_FLOPS);
+    double step_flops = 2.0 * a->B * job.GHp * (job.fused ? a->In + a->H : a->H);
+    int used = le_pool_acquire(nthreads, 2.0 * a->B * a->T * job.GHp * (a->In + a->H), step_flops);
     job.nth = used;
-    if (!job.fused) {
+    if (!job.fused && !a->table) {
         /* Enough projection units for every thread to have a few (each an A chunk read once). */
         job.chunks = (a->B * a->T + PROJECT_ROWS - 1) / PROJECT_ROWS;
         job.groups = (4 * used + job.chunks - 1) / job.chunks;
@@ -257,4 +293,23 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     le_pool_run(steps_run, &job, used);
     memcpy(a->h, job.hbuf[a->T & 1], BH * sizeof(float));
     return used;
+}
+
+void le_project_f32(int cell, int H, int In, const float *x, int rows, const float *w_ih, const float *bias,
+                    float *out)
+{
+    le_block blk;
+    memset(&blk, 0, sizeof blk);
+    blk.mode = MODE_PROJECT;
+    blk.G = cell == 0 ? 4 : 3;
+    blk.H = H;
+    blk.A = x;
+    blk.lda = In;
+    blk.K = In;
+    blk.W = w_ih;
+    blk.add = bias;
+    blk.out = out;
+    blk.ldo = (ptrdiff_t)blk.G * panels_of(H) * LE_PANEL;
+    if (rows > 0)
+        le_variant_in_use()->block(&blk, 0, rows, 0, panels_of(H));
 }

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 from scipy import special
 
+from . import _kernels
+
 REQUIRED = object()
 DTYPES = {"float": None, "int64": np.dtype(np.int64), "int32": np.dtype(np.int32), "bool": np.dtype(np.bool_)}
 
@@ -483,15 +485,21 @@ def split(x: np.ndarray, axis: int, split: list[int] | None, num_outputs: int, *
 @op("Slice", 1, starts=(_ints, REQUIRED), ends=(_ints, REQUIRED), axes=(_opt_ints, None), steps=(_opt_ints, None))
 def slice_(x: np.ndarray, starts: list[int], ends: list[int], axes: list[int] | None,
            steps: list[int] | None) -> np.ndarray:
+    return x[slice_index(x.shape, starts, ends, axes, steps)]
+
+
+def slice_index(shape: tuple, starts: list[int], ends: list[int], axes: list[int] | None,
+                steps: list[int] | None) -> tuple:
+    """The NumPy index of an ONNX Slice of an array of this shape."""
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     if not len(starts) == len(ends) == len(axes) == len(steps):
         raise ValueError("Slice: starts, ends, axes and steps differ in length")
-    index = [slice(None)] * x.ndim
-    for s, e, a, st in zip(starts, ends, _axes(axes, x.ndim), steps):
+    index = [slice(None)] * len(shape)
+    for s, e, a, st in zip(starts, ends, _axes(axes, len(shape)), steps):
         if st == 0:
             raise ValueError("Slice: a step of 0")
-        n = x.shape[a]
+        n = shape[a]
         # ONNX clamps (INT64_MAX means 'to the end'); Python slices clamp the same way once negative
         # starts and ends are taken from the end, except where they still fall below 0 with a negative step.
         s = s + n if s < 0 else s
@@ -501,7 +509,7 @@ def slice_(x: np.ndarray, starts: list[int], ends: list[int], axes: list[int] | 
         else:
             s, e = min(max(s, -1), n - 1), min(max(e, -1), n - 1)
         index[a] = slice(s, None if (st < 0 and e < 0) else e, st)
-    return x[tuple(index)]
+    return tuple(index)
 
 
 @op("Gather", 2, axis=(_int, 0))
@@ -621,6 +629,9 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
     L_out = (Lp - span) // stride + 1
     if L_out < 1:
         raise ValueError(f"Conv: the input of length {L} is shorter than the kernel's span {span}")
+    dtype = np.result_type(x, w)
+    if dtype == np.float32 and x.dtype == dtype and w.dtype == dtype and (b is None or b.dtype == dtype):
+        return conv1d_f32(x, conv_weight(w, group), b, group, k, stride, dilation, pad[0], L_out, False)
     if pad[0] or pad[1] or not x.flags.c_contiguous:
         xp = np.zeros((N, C, Lp), x.dtype)
         xp[:, :, pad[0]:pad[0] + L] = x
@@ -631,7 +642,6 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
     # one GEMM (M/group, C/group * k) @ (C/group * k, L_out) written straight into the output.
     item = xp.itemsize
     win = np.ndarray((N, C, k, L_out), xp.dtype, xp, 0, (C * Lp * item, Lp * item, dilation * item, stride * item))
-    dtype = np.result_type(x, w)
     cols = np.empty((N, C, k, L_out), dtype)
     cols[...] = win
     cols = cols.reshape(N, group, Cg * k, L_out)
@@ -646,6 +656,34 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
             np.matmul(wg[g], cols[:, g], out=out_g[:, g])
     if b is not None:
         out += b[:, None]
+    return out
+
+
+def conv_weight(w: np.ndarray, group: int) -> list[np.ndarray]:
+    """A float32 Conv weight (M, C/group, k) as the kernel reads it: per group a C-contiguous (M/group, C/group * k)."""
+    M, Cg, k = w.shape
+    return [np.ascontiguousarray(wg) for wg in w.reshape(group, M // group, Cg * k)]
+
+
+def conv1d_f32(x: np.ndarray, weights: list[np.ndarray], b: np.ndarray | None, group: int, k: int, stride: int,
+               dilation: int, pad0: int, L_out: int, relu: bool) -> np.ndarray:
+    """A float32 Conv (checked by the caller) through the engine's kernel: one call per group, on this thread.
+    A streamed chunk's convolutions are far too small for NumPy's padding, window copy and BLAS call to pay."""
+    N, C, L = x.shape
+    M = sum(wg.shape[0] for wg in weights)
+    Mg, Cg = M // group, C // group
+    if L > 1 and x.strides[2] != x.itemsize:
+        x = np.ascontiguousarray(x)
+    if b is not None:
+        b = np.ascontiguousarray(b)
+    out = np.empty((N, M, L_out), np.float32)
+    cols = np.empty(L_out * Cg * k, np.float32)
+    if group == 1:
+        _kernels.conv1d(x, weights[0], b, out, k, stride, dilation, pad0, relu, cols)
+        return out
+    for g in range(group):
+        _kernels.conv1d(x[:, g * Cg:(g + 1) * Cg], weights[g], None if b is None else b[g * Mg:(g + 1) * Mg],
+                        out[:, g * Mg:(g + 1) * Mg], k, stride, dilation, pad0, relu, cols)
     return out
 
 

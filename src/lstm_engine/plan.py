@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -83,12 +84,30 @@ class Call:
         return buf
 
 
+@dataclass
+class Bound:
+    """A node as the plan runs it: value slots in and out, buffer position, its step, and ``bind(ins)`` that
+    makes the same step reading other slots (the specialiser's renaming); the branch plans of an If."""
+
+    node: Node
+    ins: list[int]
+    outs: list[int]
+    pos: int
+    step: Callable
+    bind: Callable[[list[int]], Callable] | None
+    branches: list | None = None
+
+
 class Plan:
-    """A graph bound to one float dtype: value slots, node functions, constants cast once."""
+    """A graph bound to one float dtype: value slots, node functions, constants cast once.
+
+    ``specialise`` (the top-level plan only): run through ``lstm_engine.specialise``, which compiles the
+    plan once more per input signature that repeats (shape-dependent nodes folded, If branches inlined).
+    """
 
     def __init__(self, graph: Graph, dtype: np.dtype, outer: dict[str, int] | None = None,
                  outer_env: list | None = None, positions: list | None = None,
-                 recurrent: list | None = None) -> None:
+                 recurrent: list | None = None, specialise: bool = True) -> None:
         self.graph = graph
         # Buffer positions: two per node (its output, its scratch), numbered across If branches too.
         self._positions = positions = [0] if positions is None else positions
@@ -107,12 +126,15 @@ class Plan:
             return slots[name]
 
         self.input_slots = [slot(v.name) for v in graph.inputs]
+        # Embedding outputs folded into the input product of the recurrent layer that reads them.
+        self.tables = token_tables(graph, self.dtype) if outer is None else {}
         for name, value in graph.constants.items():
             env[slot(name)] = value.astype(self.dtype) if value.dtype.kind == "f" else value
         # One list for the graph and its If branches: a Recurrent node's index into Call.states is unique.
         self.recurrent: list[Node] = [] if recurrent is None else recurrent
         self.layers = graph.layers
         steps = []
+        self.bound: list[Bound] = []  # the nodes left to run, as steps holds them
         self.producer: dict[int, int] = {}  # value slot -> the buffer position of the node that makes it
         for node in graph.nodes:
             ins = [slot(n) for n in node.inputs]
@@ -121,7 +143,8 @@ class Plan:
             positions[0] += 2
             for o in outs:
                 self.producer[o] = pos
-            step = self._bind(node, pos, ins, outs, slots, env)
+            bound = self._bind(node, pos, ins, outs, slots, env)
+            step = bound.step
             if node.op not in ("Recurrent", "Layer", "If") and all(i < 0 or env[i] is not None for i in ins) \
                     and not any(i in self.input_slots for i in ins):
                 # Inputs all constant: run once now (weights assembled from slices, shapes of constants).
@@ -133,10 +156,16 @@ class Plan:
                 step(env, None)
                 continue
             steps.append(step)
+            self.bound.append(bound)
         self.steps = steps
         self.slots = slots
         self.env = env
         self.output_slots = [slot(n) for n in graph.outputs]
+        self.specialiser = None
+        if specialise and outer is None:
+            from .specialise import Specialiser
+
+            self.specialiser = Specialiser.of(self)
 
     @property
     def positions(self) -> int:
@@ -144,45 +173,40 @@ class Plan:
         return self._positions[0]
 
     # -- binding ------------------------------------------------------------------------------
-    def _bind(self, node: Node, pos: int, ins: list[int], outs: list[int], slots: dict, env: list) -> Callable:
+    def _bind(self, node: Node, pos: int, ins: list[int], outs: list[int], slots: dict, env: list) -> Bound:
+        dtype = self.dtype
         if node.op == "Recurrent":
             k = len(self.recurrent)
             self.recurrent.append(node)
-            return _recurrent_step(node, self.layers[node.attrs["layer"]], k, pos, ins, outs, self.dtype)
-        if node.op == "Layer":
-            return _layer_step(node, self.layers[node.attrs["layer"]], pos, ins, outs, self.dtype)
-        if node.op == "If":
-            branches = [Plan(node.attrs[b], self.dtype, slots, env, self._positions, self.recurrent)
-                        for b in ("then_branch", "else_branch")]
-            return _if_step(node, branches, ins, outs)
-        spec = _ops.OPS[node.op]
-        kw = _ops.check_attrs(node.op, node.attrs)
-        if node.op == "Cast":
-            kw["_float"] = self.dtype
-        elif node.op == "Split":
-            kw["_outputs"] = len(outs)
-        fn = spec.fn
-        where = node.where()
-        if spec.inputs[1] < _ops.VARIADIC:
-            ins = ins + [-1] * (spec.inputs[1] - len(ins))  # optional inputs left out at the end
+            layer = self.layers[node.attrs["layer"]]
+            table = self.tables.get(node.inputs[0])
 
-        def step(env: list, call: Call | None) -> None:
-            args = [env[i] if i >= 0 else None for i in ins]
-            try:
-                res = fn(*args, **kw)
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"{where}: {exc}") from None
-            if len(outs) == 1:
-                env[outs[0]] = res if not isinstance(res, tuple) else res[0]
-            else:
-                for o, r in zip(outs, res):
-                    if o >= 0:
-                        env[o] = r
-        return step
+            def bind(ins: list[int]) -> Callable:
+                return _recurrent_step(node, layer, k, pos, ins, outs, dtype, table)
+        elif node.op == "Layer":
+            layer = self.layers[node.attrs["layer"]]
+            folded = node.outputs[0] in self.tables
+
+            def bind(ins: list[int]) -> Callable:
+                return _layer_step(node, layer, pos, ins, outs, dtype, folded)
+        elif node.op == "If":
+            branches = [Plan(node.attrs[b], dtype, slots, env, self._positions, self.recurrent)
+                        for b in ("then_branch", "else_branch")]
+            return Bound(node, ins, outs, pos, _if_step(node, branches, ins, outs), None, branches)
+        else:
+            def bind(ins: list[int]) -> Callable:
+                return _op_step(node, ins, outs, dtype)
+        return Bound(node, ins, outs, pos, bind(ins), bind)
 
     # -- running ------------------------------------------------------------------------------
     def run(self, inputs: list, call: Call) -> list:
         """Run the graph on inputs (one per graph input, None for an optional one left out); its outputs."""
+        if self.specialiser is not None:
+            return self.specialiser.run(inputs, call)
+        return self.run_general(inputs, call)
+
+    def run_general(self, inputs: list, call: Call) -> list:
+        """run, node by node as bound at load (what a specialised run must equal)."""
         env = self.env.copy()
         for s, x in zip(self.input_slots, inputs):
             env[s] = x
@@ -197,22 +221,59 @@ class Plan:
         return [env[s] for s in self.output_slots]
 
 
+def _op_step(node: Node, ins: list[int], outs: list[int], dtype: np.dtype) -> Callable:
+    """An ONNX op of lstm_engine.ops reading and writing value slots."""
+    spec = _ops.OPS[node.op]
+    kw = _ops.check_attrs(node.op, node.attrs)
+    if node.op == "Cast":
+        kw["_float"] = dtype
+    elif node.op == "Split":
+        kw["_outputs"] = len(outs)
+    fn = spec.fn
+    where = node.where()
+    if spec.inputs[1] < _ops.VARIADIC:
+        ins = ins + [-1] * (spec.inputs[1] - len(ins))  # optional inputs left out at the end
+
+    def step(env: list, call: Call | None) -> None:
+        args = [env[i] if i >= 0 else None for i in ins]
+        try:
+            res = fn(*args, **kw)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        if len(outs) == 1:
+            env[outs[0]] = res if not isinstance(res, tuple) else res[0]
+        else:
+            for o, r in zip(outs, res):
+                if o >= 0:
+                    env[o] = r
+    return step
+
+
+def branch_index(cond: np.ndarray, where: str) -> int:
+    """Which branch of an If a condition takes: 0 (then) or 1 (else)."""
+    if cond.size != 1 or cond.dtype.kind not in "biu":
+        raise ValueError(f"{where}: the condition must be one bool, got {cond.dtype} {cond.shape}")
+    return 0 if bool(cond.reshape(())) else 1
+
+
 def _if_step(node: Node, branches: list[Plan], ins: list[int], outs: list[int]) -> Callable:
     where = node.where()
 
     def step(env: list, call: Call | None) -> None:
-        cond = env[ins[0]]
-        if cond.size != 1 or cond.dtype.kind not in "biu":
-            raise ValueError(f"{where}: the condition must be one bool, got {cond.dtype} {cond.shape}")
-        branch = branches[0 if bool(cond.reshape(())) else 1]
+        branch = branches[branch_index(env[ins[0]], where)]
         for o, r in zip(outs, branch.run_branch(env, call)):
             if o >= 0:
                 env[o] = r
     return step
 
 
-def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int], dtype: np.dtype) -> Callable:
-    """A non-recurrent engine layer of a chain, with its Keras mask in and out."""
+def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int], dtype: np.dtype,
+                folded: bool = False) -> Callable:
+    """A non-recurrent engine layer of a chain, with its Keras mask in and out.
+
+    folded: an Embedding whose lookup the next recurrent layer's table does (token_tables); its
+    output value then holds the ids themselves.
+    """
     ix, im = ins[0], (ins[1] if len(ins) > 1 else -1)
     oy, om = outs[0], (outs[1] if len(outs) > 1 else -1)
     if isinstance(layer, Dropout):
@@ -228,15 +289,18 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
 
         def step(env: list, call: Call) -> None:
             ids = env[ix]
-            frame = call.frame
-            y = None if frame is None else frame[pos]
-            if y is None or y.shape[:-1] != ids.shape:
-                y = call.alloc(pos, ids.shape + (width,), dtype)
-            if table is None:
-                y[...] = layer.embed(ids, dtype)
+            if folded:
+                env[oy] = ids
             else:
-                table.take(ids, axis=0, out=y)
-            env[oy] = y
+                frame = call.frame
+                y = None if frame is None else frame[pos]
+                if y is None or y.shape[:-1] != ids.shape:
+                    y = call.alloc(pos, ids.shape + (width,), dtype)
+                if table is None:
+                    y[...] = layer.embed(ids, dtype)
+                else:
+                    table.take(ids, axis=0, out=y)
+                env[oy] = y
             if om >= 0:
                 mask = env[im] if im >= 0 else None
                 if mask_zero:
@@ -303,8 +367,12 @@ def check_lengths(lengths: Any, B: int, T: int, where: str = "lengths", low: int
 
 
 def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], outs: list[int],
-                    dtype: np.dtype) -> Callable:
-    """Run one recurrent layer through its compiled kernel (or, recording, the NumPy twin in gates)."""
+                    dtype: np.dtype, fold: tuple | None = None) -> Callable:
+    """Run one recurrent layer through its compiled kernel (or, recording, the NumPy twin in gates).
+
+    fold: (embedding, table) when the layer reads token ids through an Embedding folded into it
+    (token_tables): its input value holds the ids and the kernel looks each step's projection up.
+    """
     ins = ins + [-1] * (5 - len(ins))
     ix, il, ih, ic, im = ins
     n_states = len(layer.state_shapes)
@@ -316,6 +384,10 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
     keras = layer.go_backwards or not layer.return_sequences or (layer.bidirectional and layer.merge_mode != "concat")
     zero_output = layer.zero_output_for_mask
     init = [i for i in (ih, ic)[:n_states]]
+    embedding, table = fold if fold is not None else (None, None)
+    run = None if kernel is None else kernel.run if table is None else partial(kernel.run, table=table)
+    # Packed lengths on the C kernels: rows sorted longest first, each step runs only the rows still going.
+    shrink = kernel is not None and kernel.fast
 
     def initial(env: list, B: int) -> tuple:
         state = []
@@ -335,10 +407,15 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
 
     def step(env: list, call: Call) -> None:
         x = env[ix]
-        if x.dtype is not dtype or not x.flags.c_contiguous:
+        if table is not None:
+            if x.dtype != np.intp or not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x, dtype=np.intp)
+            if x.ndim != 2 or x.shape[1] == 0:
+                raise ValueError(f"{where}: token ids must have shape (batch, steps >= 1), got {x.shape}")
+        elif x.dtype is not dtype or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=dtype)
         shape = x.shape
-        if len(shape) != 3 or shape[2] != I or shape[1] == 0:
+        if table is None and (len(shape) != 3 or shape[2] != I or shape[1] == 0):
             raise ValueError(f"{where}: x must have shape (batch, steps >= 1, {I}), got {x.shape}")
         B, T = shape[0], shape[1]
         state = call.states[k]
@@ -362,7 +439,7 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
                     work = call.alloc(pos + 1, (kernel.work_size(B, T),), dtype)
         if plain and record is None and call.started is None:
             # The common case (chains, sessions): no lengths, no mask, nothing to arrange.
-            kernel.run(x, raw, state[0], state[-1], None, work, zero_output)
+            run(x, raw, state[0], state[-1], None, work, zero_output)
             if lent is not None:
                 layer.give_work(lent)
             env[oy] = raw
@@ -374,6 +451,12 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
         valid = env[im] if im >= 0 else None
         if lengths is not None:
             lengths = check_lengths(lengths, B, T, f"{where}: lengths", low=0)
+            if shrink and valid is None and record is None and call.started is None:
+                _run_packed(run, x, raw, state, lengths, work)
+                if lent is not None:
+                    layer.give_work(lent)
+                _finish(layer, env, call, lengths, state, raw, keras, oy, om, state_outs, T)
+                return
             packed = np.arange(T) < lengths[:, None]
             valid = packed if valid is None else valid & packed
         if valid is not None:
@@ -383,32 +466,58 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
         if record is not None:
             from .gates import run_layer
 
+            if table is not None:
+                x = embedding.embed(x, dtype)
             raw, trace = run_layer(layer, x, kmask, state, zero_masked)
             record.append((layer, trace))
         else:
             if call.started is not None:
-                _run_masked(kernel, x, raw, state, kmask, work, zero_masked, call.started[k], B, T)
+                _run_masked(run, x, raw, state, kmask, work, zero_masked, call.started[k], B, T)
             else:
-                kernel.run(x, raw, state[0], state[-1], kmask, work, zero_masked)
+                run(x, raw, state[0], state[-1], kmask, work, zero_masked)
             if lent is not None:
                 layer.give_work(lent)
-        if lengths is not None and not lengths.all():
-            # A row of length 0 (ONNX allows it) ends with zero states, as onnxruntime gives.
-            for s in state:
-                s[:, lengths == 0] = 0
-        if keras and not call.streaming:
-            y, mask = layer.arrange(raw, valid)
-        else:
-            y, mask = raw, valid
-        env[oy] = y
-        for o, j in state_outs:
-            env[o] = state[j]
-        if om >= 0:
-            env[om] = mask
+        _finish(layer, env, call, lengths, state, raw, keras, oy, om, state_outs, T, valid)
     return step
 
 
-def _run_masked(kernel: Any, x: np.ndarray, dst: np.ndarray, state: tuple, mask: np.ndarray | None,
+def _finish(layer: Any, env: list, call: Call, lengths: np.ndarray | None, state: tuple, raw: np.ndarray,
+            keras: bool, oy: int, om: int, state_outs: list, T: int, valid: Any = False) -> None:
+    """A recurrent node's outputs: zero states for rows of length 0, Keras's arrangement, the mask."""
+    if lengths is not None and not lengths.all():
+        # A row of length 0 (ONNX allows it) ends with zero states, as onnxruntime gives.
+        for s in state:
+            s[:, lengths == 0] = 0
+    if valid is False:  # packed lengths run without a mask: made only where one is needed
+        valid = np.arange(T) < lengths[:, None] if keras or om >= 0 else None
+    if keras and not call.streaming:
+        y, mask = layer.arrange(raw, valid)
+    else:
+        y, mask = raw, valid
+    env[oy] = y
+    for o, j in state_outs:
+        env[o] = state[j]
+    if om >= 0:
+        env[om] = mask
+
+
+def _run_packed(run: Callable, x: np.ndarray, raw: np.ndarray, state: tuple, lengths: np.ndarray,
+                work: np.ndarray) -> None:
+    """A padded batch with lengths, as PyTorch's packed sequences run it: rows sorted longest first, and
+    each step computes only the rows whose length it has not reached, so the batch costs what the sum
+    of its lengths costs. Outputs land in the caller's row order; states are sorted and put back."""
+    lens = lengths.astype(np.int32)
+    if lens.size < 2 or (lens[1:] <= lens[:-1]).all():
+        run(x, raw, state[0], state[-1], None, work, True, lengths=lens)
+        return
+    order = np.argsort(-lens, kind="stable").astype(np.int32)
+    sorted_state = [np.take(s, order, axis=1) for s in state]
+    run(x[order], raw, sorted_state[0], sorted_state[-1], None, work, True, lengths=lens[order], y_rows=order)
+    for s, t in zip(state, sorted_state):
+        s[:, order] = t
+
+
+def _run_masked(run: Callable, x: np.ndarray, dst: np.ndarray, state: tuple, mask: np.ndarray | None,
                 work: np.ndarray, zero_masked: bool, started: np.ndarray, n: int, T: int) -> None:
     """Run a recurrent layer of a model with masks, carrying 'the previous output' across calls.
 
@@ -419,7 +528,7 @@ def _run_masked(kernel: Any, x: np.ndarray, dst: np.ndarray, state: tuple, mask:
     """
     h, c = state[0], state[-1]
     if mask is None:
-        kernel.run(x, dst, h, c, None, work, zero_masked)
+        run(x, dst, h, c, None, work, zero_masked)
         started[:] = True
         return
     valid = mask.view(np.bool_)
@@ -429,8 +538,116 @@ def _run_masked(kernel: Any, x: np.ndarray, dst: np.ndarray, state: tuple, mask:
         lead = np.where(any_valid, valid.argmax(axis=1), T)
         fix = np.flatnonzero((lead > 0) & started)
         saved = h[0, fix].copy() if fix.size else None
-    kernel.run(x, dst, h, c, mask, work, zero_masked)
+    run(x, dst, h, c, mask, work, zero_masked)
     if fix is not None and fix.size:
         for j, b in enumerate(fix):
             dst[b, : lead[b]] = saved[j]
     started |= any_valid
+
+
+# -- specialisations of a chain ------------------------------------------------------------------
+
+# An Embedding folds into the next recurrent layer when its table of projections (vocab x gates x hidden
+# floats) stays this small: character and phoneme vocabularies, up to ~4000 tokens at hidden 256. A word
+# vocabulary's table would add tens of MB per model for a product the lookup saves only once per step.
+MAX_TABLE_BYTES = 16 << 20
+
+
+def _reads(graph: Graph) -> dict[str, int]:
+    """How many times each value is read: by nodes (If branches included) and as a graph output."""
+    count: dict[str, int] = {}
+    for name in graph.outputs:
+        count[name] = count.get(name, 0) + 1
+    for node in graph.nodes:
+        for name in node.inputs:
+            count[name] = count.get(name, 0) + 1
+        for b in ("then_branch", "else_branch"):
+            if node.op == "If":
+                for name, n in _reads(node.attrs[b]).items():
+                    count[name] = count.get(name, 0) + n
+    return count
+
+
+def token_tables(graph: Graph, dtype: np.dtype) -> dict[str, tuple]:
+    """Embeddings folded into the input product of the recurrent layer that alone reads them.
+
+    Per Embedding output name, (embedding, table): the table holds W_ih . e + bias for every token's
+    vector e, computed once by the layer's own projection (RecurrentKernel.input_table), so a step
+    looks its projection up instead of embedding the id and multiplying: the same sums. Only for
+    layers on the C kernels (float32 LSTM without projection, GRU with reset after), float weights,
+    and tables up to MAX_TABLE_BYTES; every other case embeds and multiplies as before.
+    """
+    reads = _reads(graph)
+    readers = {n.inputs[0]: n for n in graph.nodes if n.op == "Recurrent" and n.inputs}
+    tables: dict[str, tuple] = {}
+    for node in graph.nodes:
+        if node.op != "Layer" or not getattr(graph.layers[node.attrs["layer"]], "accepts_ids", False):
+            continue
+        name = node.outputs[0]
+        reader = readers.get(name)
+        embedding = graph.layers[node.attrs["layer"]]
+        weight = embedding._by_dtype.get(dtype, {}).get("weight")
+        if reader is None or reads.get(name) != 1 or weight is None:
+            continue
+        layer = graph.layers[reader.attrs["layer"]]
+        kernel = layer._kernels.get(dtype)
+        if kernel is None or not kernel.fast or kernel.input_size != weight.shape[1]:
+            continue
+        hp = -(-kernel.hidden_size // 16) * 16
+        if kernel.num_directions * weight.shape[0] * kernel.num_gates * hp * 4 > MAX_TABLE_BYTES:
+            continue
+        tables[name] = (embedding, kernel.input_table(np.ascontiguousarray(weight)))
+    return tables
+
+
+def chain_step(plan: Plan, states: list, rows: int) -> Any:
+    """The plan of a chain [Embedding ->] recurrent layers [-> Dense heads] as one compiled step over
+    ``rows`` rows bound to ``states`` (a session's), or None where the chain has anything else.
+
+    The step runs what the plan's own steps run for one step (the same kernels, packed weights and
+    token table), in one call into C: a session's step() through it costs little more than the
+    recurrent step itself. Heads: float32 Dense with linear or relu activation, up to 8 rows (each
+    row is a GEMV on this thread); a chain of recurrent layers alone in any dtype.
+    """
+    from .layers import Dense
+
+    graph = plan.graph
+    if len(plan.steps) != len(graph.nodes) or not graph.inputs \
+            or not all(v.optional for v in graph.inputs[1:]):
+        return None
+    prev = graph.inputs[0].name
+    table = None
+    kernels: list = []
+    heads: list = []
+    input_size = 0
+    for i, node in enumerate(graph.nodes):
+        if node.op not in ("Recurrent", "Layer") or node.inputs[0] != prev:
+            return None
+        layer = graph.layers[node.attrs["layer"]]
+        if node.op == "Recurrent":
+            optional = [n for n in node.inputs[1:] if n]
+            if heads or len(node.inputs) == 5 or any(not any(v.name == n and v.optional for v in graph.inputs)
+                                                     for n in optional):
+                return None
+            if layer.bidirectional or layer.go_backwards or not layer.return_sequences:
+                return None
+            if not kernels:
+                fold = plan.tables.get(node.inputs[0])
+                table = None if fold is None else fold[1]
+                input_size = layer.input_size
+            kernels.append(layer._kernels.get(plan.dtype))
+        elif i == 0 and getattr(layer, "accepts_ids", False):
+            if node.outputs[0] not in plan.tables:
+                return None
+        elif isinstance(layer, Dropout):
+            pass
+        elif isinstance(layer, Dense) and kernels and layer.quantization is None and rows <= 8 \
+                and layer.activation in ("linear", "relu") and plan.dtype == np.float32:
+            w = layer._by_dtype[plan.dtype]
+            heads.append((np.ascontiguousarray(w["weight"]), w["bias"], layer.activation == "relu"))
+        else:
+            return None
+        prev = node.outputs[0]
+    if graph.outputs != [prev] or not kernels or None in kernels:
+        return None
+    return _kernels.ChainStep(rows, table, kernels, states, heads, input_size)

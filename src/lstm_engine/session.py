@@ -22,8 +22,8 @@ import numpy as np
 
 from ._base import as_real_array
 from .graph import build_structure
-from .plan import check_state
-from .stream import Streamer, check_floats, plain_stack
+from .plan import chain_step, check_state
+from .stream import Streamer, check_floats
 
 _ndarray = np.ndarray
 
@@ -125,27 +125,8 @@ class Session:
         self._out_steps = (None, None)  # the last step output and its (B, 1, out) view, which the plan writes
         self._max_steps = self._streamer.max_steps
         self._one_row = B == 1
-        fast = self._fast_plan()
-        self._fast_head = None if fast is None else fast[:-1]
-        self._fast_last = None if fast is None else fast[-1][:5]
-
-    def _fast_plan(self) -> tuple | None:
-        """For a stack of recurrent layers and nothing else, what step() calls, bound once.
-
-        Each entry is (kernel.run, h, c, work, zero_masked, output buffer (B, 1, width)); the last
-        layer writes into step's own output instead. This is the plan's own sequence of kernel calls
-        with its arguments bound ahead: a plain stack runs nothing else (streamer.plain_stack).
-        """
-        streamer = self._streamer
-        if not plain_stack(streamer):
-            return None
-        B = self.batch_size
-        kernels = streamer.kernels
-        work = np.empty(max(k.work_size(B, 1) for k in kernels), self.dtype)
-        layers = self.model.recurrent_layers
-        return tuple((kernel.run, state[0], state[-1], work, layer.zero_output_for_mask,
-                      np.empty((B, 1, kernel.num_directions * kernel.output_size), self.dtype))
-                     for kernel, state, layer in zip(kernels, self._state, layers))
+        # A chain [Embedding ->] recurrent layers [-> Dense heads] steps in one call into C (plan.chain_step).
+        self._chain_step = chain_step(self._streamer.plan, self._state, B) if self._chain else None
 
     def __repr__(self) -> str:
         return f"Session(batch_size={self.batch_size}, dtype={self.dtype}, layers={len(self.model.layers)})"
@@ -212,21 +193,11 @@ class Session:
                         or not out.flags.c_contiguous or not out.flags.writeable):
                     self._check_out(out, self._out_shape)
                 self._out_ok = out
-            last = self._fast_last
-            if last is not None and type(x) is _ndarray and x.dtype is self.dtype and x.ndim == 2:
-                # The fast path: the first kernel checks x's shape, batch and layout itself before it
-                # touches anything; if it refuses them, the full checks below say why (or convert).
-                given = x3 = x[None] if self._one_row else x[:, None]
-                try:
-                    for run, h, c, work, zero_masked, buf in self._fast_head:
-                        run(x3, buf, h, c, None, work, zero_masked)
-                        x3 = buf
-                    run, h, c, work, zero_masked = last
-                    run(x3, out, h, c, None, work, zero_masked)
-                    return out
-                except ValueError:
-                    if x3 is not given:
-                        raise
+            chain = self._chain_step
+            if chain is not None and chain.step(x, out):
+                # It takes x only as it is valid ((B,) intp ids in range, or (B, F) of the session's
+                # dtype); anything else is checked, converted or refused below.
+                return out
             if self.takes_ids:
                 x = self._check_ids(x, 1)
             else:

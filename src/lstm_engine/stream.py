@@ -469,16 +469,3 @@ class Streamer:
         finally:
             frame[self.out_pos] = None
 
-
-def plain_stack(streamer: Streamer) -> bool:
-    """Whether the graph is recurrent layers only, each reading the one before (the session's fast path)."""
-    plan, graph = streamer.plan, streamer.model.graph
-    prev = graph.inputs[0].name
-    for node in graph.nodes:
-        if node.op != "Recurrent" or node.inputs[0] != prev or len(node.inputs) == 5 \
-                or any(node.inputs[2:4]):
-            return False
-        prev = node.outputs[0]
-    return bool(graph.nodes) and graph.outputs == [prev] and len(plan.steps) == len(graph.nodes) \
-        and [v.optional for v in graph.inputs[1:]] == [True] * (len(graph.inputs) - 1)
-

@@ -83,6 +83,30 @@ def test_silero_vad_streams_like_onnxruntime(data, name, rate, takes_sr):
     assert expected.max() - expected.min() > 0.3
 
 
+def test_silero_vad_sample_rate_and_shapes_may_change_between_calls(data):
+    """The engine compiles one program per signature (chunk shape, batch, the value of sr, which picks the If
+    branch): switching 16 kHz -> 8 kHz -> 16 kHz and the batch size mid-stream must still match onnxruntime."""
+    model = le.load(data / "silero_vad.onnx")
+    session = _onnxruntime(data / "silero_vad.onnx")
+    streams = {rate: list(_chunks(packages.voice_like(4.0, rate), rate)) for rate in (16000, 8000)}
+    ours = theirs = np.zeros((2, 1, 128), np.float32)
+    got, expected = [], []
+    for block, (rate, batch) in enumerate([(16000, 1), (8000, 1), (16000, 1), (16000, 2), (8000, 1), (16000, 1)]):
+        if ours.shape[1] != batch:
+            ours = theirs = np.zeros((2, batch, 128), np.float32)
+        for x in streams[rate][block * 8:block * 8 + 8]:
+            feeds = {"input": np.repeat(x, batch, axis=0), "sr": np.array(rate, np.int64)}
+            out = model.run({**feeds, "state": ours})
+            ref = session.run(["output", "stateN"], {**feeds, "state": theirs})
+            ours, theirs = out["stateN"], ref[1]
+            got.append(out["output"])
+            expected.append(ref[0])
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+    assert len(model.plan(model.dtype).specialiser.compiled) == 3  # 16 kHz and 8 kHz at batch 1, 16 kHz at 2
+
+
 def test_silero_vad_sequence_model(data):
     path = data / "silero_vad_16k_sequence.onnx"
     audio = packages.voice_like(10.0, 16000)

@@ -1,0 +1,217 @@
+/* 1-D convolution of float32 rows (ONNX Conv on (N, C, L)): each output position's window is gathered
+ * once into a column (zeros where the padding is), then every output channel is a dot product of its
+ * weight row with the columns. Small register tiles of weight rows by columns share each load: a
+ * streamed chunk (silero-vad: 4 positions, 129..258 channels) is far too small for BLAS to pay for
+ * its call, and one call here replaces NumPy's padding, window copy, GEMM, bias and Relu.
+ * Variants as in cpu_products.c (portable, AVX2+FMA, AVX-512), chosen by le_simd_level(). */
+#define _GNU_SOURCE
+#include "_cpu_impl.h"
+
+#include <string.h>
+
+#ifdef LE_X86
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#endif
+
+/* cols[l * K + c * k + j] = x[c, l * stride + j * dilation - pad0], 0 outside [0, L). */
+static void gather_columns(int C, int L, int k, int stride, int dilation, int pad0, int Lo, const float *x,
+                           ptrdiff_t ldc, float *cols)
+{
+    int K = C * k;
+    for (int l = 0; l < Lo; l++) {
+        float *col = cols + (ptrdiff_t)l * K;
+        int first = l * stride - pad0;
+        for (int c = 0; c < C; c++) {
+            const float *xc = x + c * ldc;
+            float *dst = col + c * k;
+            if (dilation == 1 && first >= 0 && first + k <= L) {
+                memcpy(dst, xc + first, k * sizeof(float));
+                continue;
+            }
+            for (int j = 0; j < k; j++) {
+                int pos = first + j * dilation;
+                dst[j] = pos >= 0 && pos < L ? xc[pos] : 0.0f;
+            }
+        }
+    }
+}
+
+INLINE float finish(float s, const float *b, int r, int relu)
+{
+    s = b ? s + b[r] : s;
+    return relu && !(s > 0.0f) && s == s ? 0.0f : s; /* max(s, 0), NaN kept as NumPy's maximum keeps it */
+}
+
+/* -- portable ------------------------------------------------------------------------------ */
+
+static void products_c(int M, int K, int Lo, const float *W, const float *cols, const float *b, int relu, float *y,
+                       ptrdiff_t ldy)
+{
+    for (int r = 0; r < M; r++)
+        for (int l = 0; l < Lo; l++) {
+            const float *w = W + (ptrdiff_t)r * K, *v = cols + (ptrdiff_t)l * K;
+            float acc[8] = {0};
+            int kk = 0;
+            for (; kk + 8 <= K; kk += 8)
+                for (int u = 0; u < 8; u++)
+                    acc[u] += w[kk + u] * v[kk + u];
+            float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            for (; kk < K; kk++)
+                s += w[kk] * v[kk];
+            y[(ptrdiff_t)r * ldy + l] = finish(s, b, r, relu);
+        }
+}
+
+#ifdef LE_X86
+/* -- AVX2 + FMA: NR weight rows x NL columns of 8-wide sums (at most 4 x 2: 8 accumulators) ---- */
+
+static const int tail_ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+AVX2 static inline float hsum_avx2(__m256 a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 INLINE void tile_avx2(const int NR, const int NL, int K, const float *W, const float *cols, const float *b,
+                           int relu, float *y, ptrdiff_t ldy, int r, int l)
+{
+    __m256 acc[4][2];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < NL; j++)
+            acc[i][j] = _mm256_setzero_ps();
+    const float *w = W + (ptrdiff_t)r * K, *v = cols + (ptrdiff_t)l * K;
+    int kk = 0;
+    for (; kk + 8 <= K; kk += 8) {
+        __m256 x[2];
+        for (int j = 0; j < NL; j++)
+            x[j] = _mm256_loadu_ps(v + (ptrdiff_t)j * K + kk);
+        for (int i = 0; i < NR; i++) {
+            __m256 wv = _mm256_loadu_ps(w + (ptrdiff_t)i * K + kk);
+            for (int j = 0; j < NL; j++)
+                acc[i][j] = _mm256_fmadd_ps(wv, x[j], acc[i][j]);
+        }
+    }
+    if (kk < K) {
+        /* The last K % 8 through a mask: no read past a row. */
+        __m256i m = _mm256_loadu_si256((const __m256i *)(tail_ones + 8 - (K & 7)));
+        __m256 x[2];
+        for (int j = 0; j < NL; j++)
+            x[j] = _mm256_maskload_ps(v + (ptrdiff_t)j * K + kk, m);
+        for (int i = 0; i < NR; i++) {
+            __m256 wv = _mm256_maskload_ps(w + (ptrdiff_t)i * K + kk, m);
+            for (int j = 0; j < NL; j++)
+                acc[i][j] = _mm256_fmadd_ps(wv, x[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < NL; j++)
+            y[(ptrdiff_t)(r + i) * ldy + l + j] = finish(hsum_avx2(acc[i][j]), b, r + i, relu);
+}
+
+AVX2 static void products_avx2(int M, int K, int Lo, const float *W, const float *cols, const float *b, int relu,
+                               float *y, ptrdiff_t ldy)
+{
+    for (int r = 0; r < M; r += 4) {
+        int nr = M - r < 4 ? M - r : 4;
+        for (int l = 0; l < Lo; l += 2) {
+            int nl = Lo - l < 2 ? Lo - l : 2;
+            switch (nr * 4 + nl) {
+            case 4 * 4 + 2: tile_avx2(4, 2, K, W, cols, b, relu, y, ldy, r, l); break;
+            case 4 * 4 + 1: tile_avx2(4, 1, K, W, cols, b, relu, y, ldy, r, l); break;
+            case 3 * 4 + 2: tile_avx2(3, 2, K, W, cols, b, relu, y, ldy, r, l); break;
+            case 3 * 4 + 1: tile_avx2(3, 1, K, W, cols, b, relu, y, ldy, r, l); break;
+            case 2 * 4 + 2: tile_avx2(2, 2, K, W, cols, b, relu, y, ldy, r, l); break;
+            case 2 * 4 + 1: tile_avx2(2, 1, K, W, cols, b, relu, y, ldy, r, l); break;
+            case 1 * 4 + 2: tile_avx2(1, 2, K, W, cols, b, relu, y, ldy, r, l); break;
+            default: tile_avx2(1, 1, K, W, cols, b, relu, y, ldy, r, l); break;
+            }
+        }
+    }
+}
+
+/* -- AVX-512: NR weight rows x NL columns of 16-wide sums (at most 4 x 4: 16 of 32 registers) ---- */
+
+AVX512 INLINE void tile_avx512(const int NR, const int NL, int K, const float *W, const float *cols,
+                               const float *b, int relu, float *y, ptrdiff_t ldy, int r, int l)
+{
+    __m512 acc[4][4];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < NL; j++)
+            acc[i][j] = _mm512_setzero_ps();
+    const float *w = W + (ptrdiff_t)r * K, *v = cols + (ptrdiff_t)l * K;
+    int kk = 0;
+    for (; kk + 16 <= K; kk += 16) {
+        __m512 x[4];
+        for (int j = 0; j < NL; j++)
+            x[j] = _mm512_loadu_ps(v + (ptrdiff_t)j * K + kk);
+        for (int i = 0; i < NR; i++) {
+            __m512 wv = _mm512_loadu_ps(w + (ptrdiff_t)i * K + kk);
+            for (int j = 0; j < NL; j++)
+                acc[i][j] = _mm512_fmadd_ps(wv, x[j], acc[i][j]);
+        }
+    }
+    if (kk < K) {
+        __mmask16 m = (__mmask16)((1u << (K - kk)) - 1);
+        __m512 x[4];
+        for (int j = 0; j < NL; j++)
+            x[j] = _mm512_maskz_loadu_ps(m, v + (ptrdiff_t)j * K + kk);
+        for (int i = 0; i < NR; i++) {
+            __m512 wv = _mm512_maskz_loadu_ps(m, w + (ptrdiff_t)i * K + kk);
+            for (int j = 0; j < NL; j++)
+                acc[i][j] = _mm512_fmadd_ps(wv, x[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < NL; j++)
+            y[(ptrdiff_t)(r + i) * ldy + l + j] = finish(_mm512_reduce_add_ps(acc[i][j]), b, r + i, relu);
+}
+
+#define TILE512(NR)                                                                                     \
+    switch (nl) {                                                                                       \
+    case 4: tile_avx512(NR, 4, K, W, cols, b, relu, y, ldy, r, l); break;                              \
+    case 3: tile_avx512(NR, 3, K, W, cols, b, relu, y, ldy, r, l); break;                              \
+    case 2: tile_avx512(NR, 2, K, W, cols, b, relu, y, ldy, r, l); break;                              \
+    default: tile_avx512(NR, 1, K, W, cols, b, relu, y, ldy, r, l); break;                             \
+    }
+
+AVX512 static void products_avx512(int M, int K, int Lo, const float *W, const float *cols, const float *b,
+                                   int relu, float *y, ptrdiff_t ldy)
+{
+    for (int r = 0; r < M; r += 4) {
+        int nr = M - r < 4 ? M - r : 4;
+        for (int l = 0; l < Lo; l += 4) {
+            int nl = Lo - l < 4 ? Lo - l : 4;
+            switch (nr) {
+            case 4: TILE512(4) break;
+            case 3: TILE512(3) break;
+            case 2: TILE512(2) break;
+            default: TILE512(1) break;
+            }
+        }
+    }
+}
+#endif
+
+void le_conv1d_f32(const le_conv1d_args *a)
+{
+    int K = a->C * a->k;
+    void (*products)(int, int, int, const float *, const float *, const float *, int, float *, ptrdiff_t) =
+        products_c;
+#ifdef LE_X86
+    int level = le_simd_level();
+    if (level >= LE_AVX512)
+        products = products_avx512;
+    else if (level >= LE_AVX2)
+        products = products_avx2;
+#endif
+    for (int n = 0; n < a->N; n++) {
+        gather_columns(a->C, a->L, a->k, a->stride, a->dilation, a->pad0, a->Lo, a->x + n * a->x_n, a->x_c,
+                       a->cols);
+        products(a->M, K, a->Lo, a->W, a->cols, a->b, a->relu, a->y + n * a->y_n, a->y_m);
+    }
+}

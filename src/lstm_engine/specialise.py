@@ -1,0 +1,586 @@
+"""A plan compiled once more per input signature: what depends only on shapes folded, If branches inlined.
+
+ONNX graphs exported from PyTorch carry many nodes that depend on the inputs' shapes only (Shape → Gather →
+Unsqueeze → Concat chains, Squeeze-if-the-axis-is-1 Ifs) and If nodes on a small integer input (silero-vad's
+sample rate). They cannot be folded at load, where the shapes are unknown, and running them node by node costs more
+than the model's arithmetic on a streamed chunk.
+
+``Specialiser.run(inputs, call)`` keys each call on its signature: the inputs' shapes and dtypes, and the values of
+the small integer inputs that decide an If or a ConstantOfShape (found at load by walking back from them; a Shape
+node's output depends on its input's shape only). The second call with a signature traces one run of the general
+plan, which validates and raises exactly as it always does, and marks every value *static* (a function of the
+signature: constants, keyed inputs, shapes, and nodes of static inputs), *shaped* (its shape is a function of the
+signature) or *dynamic*. Static nodes are folded into the signature's value list, an If on a static condition is
+replaced by the branch it took, Identity (and a Cast to the same dtype) renames its input, steps whose values nothing
+reads are dropped, and the rest become one flat list of steps, bound to the shapes the trace saw where that lets them
+skip checks and precompute (Slice indices, a chain of views as one step, Conv's weight laid out for the engine's
+kernel once, a following Relu applied by that kernel as it stores). Validation that depends on the
+values (indices from data, integer division, lengths, recurrent shapes) stays in the steps. A signature that differs
+in anything (a shape, a dtype, a keyed value) gets its own entry, so nothing a specialisation assumed is ever reused
+where it does not hold. Sessions, the pool, forward, run and recording all reach this through ``Plan.run``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _kernels, ops as _ops
+
+# A value is a function of the signature (its value is known), of which only the shape is known, or neither.
+STATIC, SHAPED, DYNAMIC = 2, 1, 0
+# Integer inputs of at most this many elements that decide an If or a shape are part of the key, by value.
+KEYED_ELEMENTS = 16
+# The call with a signature that traces it (the first ones run the general plan).
+TRACE_AT = 2
+# Signatures remembered (seen once) and compiled, per plan; all are dropped past these.
+MAX_SEEN = 256
+MAX_COMPILED = 16
+# Ops never folded: they keep state (Recurrent) or belong to the model's layers.
+_STATEFUL = ("Recurrent", "Layer")
+
+
+@dataclass
+class Specialised:
+    """One signature's program: constants and folded values, the inputs' slots, the steps, the outputs' slots."""
+
+    template: list
+    input_slots: list[int]
+    steps: list[Callable]
+    output_slots: list[int]
+    static_outputs: list[int]  # positions in output_slots of folded values (copied out, so callers own them)
+
+    def run(self, inputs: list, call: Any) -> list:
+        env = self.template.copy()
+        for s, x in zip(self.input_slots, inputs):
+            env[s] = x
+        # One errstate for the whole run: the steps call NumPy directly (the general ops set it each).
+        with np.errstate(all="ignore"):
+            for step in self.steps:
+                step(env, call)
+        out = [env[s] for s in self.output_slots]
+        for j in self.static_outputs:
+            out[j] = np.array(out[j], copy=True)
+        return out
+
+
+class Specialiser:
+    """A top-level plan's signatures and their compiled programs."""
+
+    def __init__(self, plan: Any, keyed: list[int]) -> None:
+        self.plan = plan
+        self.keyed = keyed  # indices into plan.input_slots whose small values are part of the key
+        self.seen: dict[tuple, int] = {}
+        self.compiled: dict[tuple, Specialised] = {}
+
+    @classmethod
+    def of(cls, plan: Any) -> "Specialiser | None":
+        """The plan's specialiser, or None when every node is a layer (chains: nothing to fold or inline)."""
+        if all(b.node.op in _STATEFUL for b in _walk(plan)):
+            return None
+        return cls(plan, _keyed_inputs(plan))
+
+    def key(self, inputs: list) -> tuple:
+        key = tuple([None if x is None else (x.shape, x.dtype) for x in inputs])
+        if self.keyed:
+            key += tuple([None if inputs[i] is None or inputs[i].size > KEYED_ELEMENTS else inputs[i].tobytes()
+                          for i in self.keyed])
+        return key
+
+    def run(self, inputs: list, call: Any) -> list:
+        key = self.key(inputs)
+        program = self.compiled.get(key)
+        if program is not None:
+            return program.run(inputs, call)
+        seen = self.seen.get(key, 0) + 1
+        if seen < TRACE_AT:
+            # A signature met for the first time runs the general plan: a model fed ever-new shapes pays no tracing.
+            if len(self.seen) >= MAX_SEEN:
+                self.seen.clear()
+            self.seen[key] = seen
+            return self.plan.run_general(inputs, call)
+        keyed_slots = {self.plan.input_slots[i] for i, k in zip(self.keyed, key[len(inputs):]) if k is not None}
+        outputs, program = _Trace(self.plan, keyed_slots).run(inputs, call)
+        if len(self.compiled) >= MAX_COMPILED:
+            self.compiled.clear()
+        self.compiled[key] = program
+        return outputs
+
+
+def _walk(plan: Any):
+    """Every bound node of the plan and of its If branches, recursively."""
+    for b in plan.bound:
+        yield b
+        for branch in b.branches or ():
+            yield from _walk(branch)
+
+
+def _branch_reads(plan: Any) -> set[int]:
+    """The slots a plan run as an If branch reads (its nodes' inputs and its outputs), recursively."""
+    reads = set(plan.output_slots)
+    for b in _walk(plan):
+        reads.update(i for i in b.ins if i >= 0)
+        for branch in b.branches or ():
+            reads.update(branch.output_slots)
+    return reads
+
+
+def _keyed_inputs(plan: Any) -> list[int]:
+    """The integer inputs whose values reach an If's condition or a ConstantOfShape's shape (not through a Shape)."""
+    producer: dict[int, Any] = {}
+    roots: list[int] = []
+    for b in _walk(plan):
+        for o in b.outs:
+            producer[o] = b
+        if b.node.op == "If":
+            roots.append(b.ins[0])
+        elif b.node.op == "ConstantOfShape":
+            roots.append(b.ins[0])
+    seen: set[int] = set()
+    while roots:
+        s = roots.pop()
+        if s < 0 or s in seen:
+            continue
+        seen.add(s)
+        b = producer.get(s)
+        if b is None or b.node.op == "Shape":
+            continue
+        roots.extend(b.ins)
+        for branch in b.branches or ():
+            roots.extend(branch.output_slots)
+    return [i for i, (s, info) in enumerate(zip(plan.input_slots, plan.graph.inputs))
+            if s in seen and info.dtype != "float"]
+
+
+class _Trace:
+    """One run of the general plan that records the program of its signature."""
+
+    def __init__(self, plan: Any, keyed_slots: set[int]) -> None:
+        self.plan = plan
+        self.keyed_slots = keyed_slots
+        self.alias: dict[int, int] = {}  # a slot an Identity made -> the slot that holds its value
+        self.entries: list[list] = []  # [bound node or None, mapped ins, outs, builder(kw) -> step]
+
+    def run(self, inputs: list, call: Any) -> tuple[list, Specialised]:
+        plan = self.plan
+        env = self.env = plan.env.copy()
+        self.flag = [STATIC if v is not None else DYNAMIC for v in env]
+        for s, x in zip(plan.input_slots, inputs):
+            env[s] = x
+            self.flag[s] = STATIC if x is None or s in self.keyed_slots else SHAPED
+        self.call = call
+        self.walk(plan)
+        program = self.program()
+        outputs = [env[s] for s in plan.output_slots]
+        for j in program.static_outputs:  # the program's template holds these arrays
+            outputs[j] = np.array(outputs[j], copy=True)
+        return outputs, program
+
+    def source(self, s: int) -> int:
+        return self.alias.get(s, s) if s >= 0 else -1
+
+    def rename(self, o: int, s: int) -> None:
+        """Value o is value s (Identity, an If's output, a Cast to the same dtype)."""
+        if o < 0:
+            return
+        self.env[o] = self.env[s]
+        self.flag[o] = self.flag[s]
+        if self.flag[s] != STATIC:
+            self.alias[o] = self.source(s)
+
+    def walk(self, plan: Any) -> None:
+        env, flag = self.env, self.flag
+        for b in plan.bound:
+            op = b.node.op
+            ins = b.ins
+            if op == "If":
+                if flag[ins[0]] == STATIC:
+                    from .plan import branch_index
+
+                    branch = b.branches[branch_index(env[ins[0]], b.node.where())]
+                    self.walk(branch)
+                    for o, r in zip(b.outs, branch.output_slots):
+                        self.rename(o, r)
+                    continue
+                # A condition known only at run time: the If runs as bound, its branches reading the slots
+                # they were bound to, so values renamed away are copied back there first.
+                b.step(env, self.call)
+                reads = sorted(_branch_reads(b.branches[0]) | _branch_reads(b.branches[1]))
+                for s in reads:
+                    if s in self.alias:
+                        self.entries.append([None, [self.alias[s]], [s], partial(_copy_step, self.alias[s], s)])
+                self.entries.append([b, list(ins) + reads, b.outs, partial(_bound_step, b)])
+                for o in b.outs:
+                    if o >= 0:
+                        flag[o] = DYNAMIC
+                continue
+            b.step(env, self.call)
+            flags = [flag[i] for i in ins if i >= 0]
+            # A Shape of a value whose shape the signature fixes is known, like a node of known inputs.
+            if op not in _STATEFUL and (all(f == STATIC for f in flags) or (op == "Shape" and flags[0] >= SHAPED)):
+                for o in b.outs:
+                    if o >= 0:
+                        flag[o] = STATIC
+                continue
+            # A Cast to the dtype its input already has (known for a value of known shape and dtype) copies.
+            if op == "Identity" or (op == "Cast" and flags[0] >= SHAPED and env[b.outs[0]].dtype == env[ins[0]].dtype):
+                self.rename(b.outs[0], ins[0])
+                continue
+            shaped = all(f >= SHAPED for f in flags)
+            mapped = [self.source(i) for i in ins]
+            make = _fast(b, mapped, env, flag, plan.dtype) if shaped and op not in _STATEFUL else None
+            if make is None:
+                make = partial(b.bind, mapped)
+            self.entries.append([b, mapped, b.outs, make])
+            out_flag = SHAPED if shaped and op != "ConstantOfShape" else DYNAMIC
+            for o in b.outs:
+                if o >= 0:
+                    flag[o] = out_flag
+
+    def program(self) -> Specialised:
+        plan, flag = self.plan, self.flag
+        outputs = [self.source(s) for s in plan.output_slots]
+        # Steps whose values nothing reads are dropped (an LSTM's unused sequence output reshaped); recurrent
+        # layers and Ifs stay, for their state.
+        needed = set(outputs)
+        entries = []
+        for entry in reversed(self.entries):
+            b, ins, outs, make = entry
+            if (b is not None and b.node.op in ("Recurrent", "Layer", "If")) or any(o in needed for o in outs):
+                needed.update(i for i in ins if i >= 0)
+                entries.append(entry)
+        entries.reverse()
+        reads: dict[int, int] = {}
+        for b, ins, outs, make in entries:
+            for i in ins:
+                reads[i] = reads.get(i, 0) + 1
+        for s in outputs:
+            reads[s] = reads.get(s, 0) + 1
+        steps = []
+        made_by: dict[int, int] = {}  # slot -> index in steps of the view that made it, while it may still grow
+        k = 0
+        while k < len(entries):
+            b, ins, outs, make = entries[k]
+            nxt = entries[k + 1] if k + 1 < len(entries) else None
+            # A Relu right after the node that made its only input runs in place on that fresh array.
+            if isinstance(make, _Maker) and make.relu is not None and nxt is not None and nxt[0] is not None \
+                    and nxt[0].node.op == "Relu" and nxt[1] == [outs[0]] and reads.get(outs[0]) == 1:
+                steps.append(partial(make.relu, nxt[2][0]))
+                k += 2
+                continue
+            if isinstance(make, _View):
+                j = made_by.pop(make.i, None)
+                if j is not None and reads.get(make.i) == 1:
+                    # A view of a view nothing else reads: one step does both.
+                    prev = steps[j]
+                    steps[j] = _View(prev.i, make.o, prev.chain + make.chain)
+                else:
+                    steps.append(_View(make.i, make.o, list(make.chain)))
+                    j = len(steps) - 1
+                made_by[make.o] = j
+                k += 1
+                continue
+            steps.append(make)
+            k += 1
+        steps = [make() for make in steps]
+        template = [v if f == STATIC else None for v, f in zip(self.env, flag)]
+        for s in plan.input_slots:
+            template[s] = None
+        static_outputs = [j for j, s in enumerate(outputs) if flag[s] == STATIC and s not in plan.input_slots
+                          and isinstance(template[s], np.ndarray)]
+        return Specialised(template, list(plan.input_slots), steps, outputs, static_outputs)
+
+
+def _copy_step(src: int, dst: int) -> Callable:
+    def step(env: list, call: Any) -> None:
+        env[dst] = env[src]
+    return step
+
+
+def _bound_step(b: Any) -> Callable:
+    return b.step
+
+
+# -- steps bound to one signature's shapes -------------------------------------------------------------
+# Each maker gets the bound node, its inputs' slots (renamed), the traced values and their flags, and returns a
+# maker of the step (or None: the general step). The general op ran on these very shapes in the trace, so
+# the checks that depend on shapes and dtypes only have passed; what depends on values is kept.
+
+class _Maker:
+    """A step's maker; ``relu(out)`` (if set) makes the step with a following Relu fused, writing slot out."""
+
+    def __init__(self, make: Callable[[], Callable], relu: Callable[[int], Callable] | None = None) -> None:
+        self.make = make
+        self.relu = relu
+
+    def __call__(self) -> Callable:
+        return self.make()
+
+
+_RESHAPE, _TRANSPOSE, _INDEX = range(3)
+
+
+class _View:
+    """A chain of views (reshape, transpose, basic index) from slot i to slot o, bound to the traced shapes;
+    consecutive views whose middle values nothing else reads become one step."""
+
+    def __init__(self, i: int, o: int, chain: list[tuple[int, Any]]) -> None:
+        self.i, self.o, self.chain = i, o, chain
+
+    def __call__(self) -> Callable:
+        i, o = self.i, self.o
+        if len(self.chain) == 1:
+            kind, arg = self.chain[0]
+            if kind == _RESHAPE:
+                def step(env: list, call: Any) -> None:
+                    env[o] = env[i].reshape(arg)
+            elif kind == _TRANSPOSE:
+                def step(env: list, call: Any) -> None:
+                    env[o] = env[i].transpose(arg)
+            else:
+                def step(env: list, call: Any) -> None:
+                    env[o] = env[i][arg]
+            return step
+        chain = tuple(self.chain)
+
+        def step(env: list, call: Any) -> None:
+            v = env[i]
+            for kind, arg in chain:
+                v = v.reshape(arg) if kind == _RESHAPE else v.transpose(arg) if kind == _TRANSPOSE else v[arg]
+            env[o] = v
+        return step
+
+
+def _unary_step(f: Callable, i: int, o: int, where: str) -> Callable:
+    def step(env: list, call: Any) -> None:
+        try:
+            env[o] = f(env[i])
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+    return step
+
+
+def _binary_step(f: Callable, a: int, b: int, o: int, where: str) -> Callable:
+    def step(env: list, call: Any) -> None:
+        try:
+            env[o] = f(env[a], env[b])
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+    return step
+
+
+def _fast(b: Any, ins: list[int], env: list, flag: list, dtype: np.dtype) -> Callable | None:
+    node = b.node
+    op = node.op
+    outs = b.outs
+    if len(outs) != 1 or outs[0] < 0:
+        return None
+    o = outs[0]
+    where = node.where()
+    kw = _ops.check_attrs(op, node.attrs)
+    y = env[o]
+    if not isinstance(y, np.ndarray):
+        return None
+    if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+        return _View(ins[0], o, [(_RESHAPE, y.shape)])
+    if op == "Transpose":
+        x = env[b.ins[0]]
+        perm = tuple(kw["perm"]) if kw["perm"] is not None else tuple(reversed(range(x.ndim)))
+        return _View(ins[0], o, [(_TRANSPOSE, perm)])
+    if op == "Slice":
+        return _View(ins[0], o, [(_INDEX, _ops.slice_index(env[b.ins[0]].shape, kw["starts"], kw["ends"], kw["axes"],
+                                                           kw["steps"]))])
+    if op == "Gather" and flag[b.ins[1]] == STATIC:
+        x, idx = env[b.ins[0]], env[b.ins[1]]
+        axis = kw["axis"] % x.ndim
+        n = x.shape[axis]
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.ndim == 0:
+            # One index: a view (nothing writes into a node's input), kept an array by the Ellipsis.
+            return _View(ins[0], o, [(_INDEX, (slice(None),) * axis + (int(idx), Ellipsis))])
+        i = ins[0]
+
+        def make() -> Callable:
+            def step(env: list, call: Any) -> None:
+                env[o] = np.take(env[i], idx, axis=axis)
+            return step
+        return make
+    if op == "Concat":
+        x = env[b.ins[0]]
+        axis = kw["axis"] % x.ndim
+        srcs = list(ins)
+
+        def make() -> Callable:
+            def step(env: list, call: Any) -> None:
+                env[o] = np.concatenate([env[s] for s in srcs], axis=axis)
+            return step
+        return make
+    if op == "Pad":
+        return _pad_maker(b, ins, env, kw, o)
+    if op == "Conv":
+        return _conv_maker(b, ins, env, flag, kw, o)
+    if op in ("Add", "Sub", "Mul") and y.dtype.kind == "f":
+        ufunc = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
+        return _binary_maker(ufunc, ins, env, flag, b.ins, o, where)
+    if op == "Pow" and y.dtype.kind == "f" and flag[b.ins[1]] == STATIC:
+        # As ops.pow_: the exponent in the base's dtype (cast once here).
+        exponent = env[b.ins[1]].astype(y.dtype)
+        i = ins[0]
+        return lambda: _pow_step(exponent, i, o)
+    if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin") and y.dtype == env[b.ins[0]].dtype \
+            and kw["axes"] and all(env[b.ins[0]].shape[a] == 1 for a in kw["axes"]):
+        # Over axes of one element each, the result is the input itself (x / 1 == x), reshaped.
+        return _View(ins[0], o, [(_RESHAPE, y.shape)])
+    if op == "ReduceMean" and y.dtype.kind == "f" and kw["axes"]:
+        return _mean_maker(env[b.ins[0]], kw, ins[0], o)
+    if op == "Relu" and y.dtype.kind == "f":
+        zero = y.dtype.type(0)  # as ops' Relu, its zero made once
+        i = ins[0]
+
+        def make() -> Callable:
+            def step(env: list, call: Any) -> None:
+                env[o] = np.maximum(env[i], zero)
+            return step
+        return make
+    if op in _UFUNCS and y.dtype.kind == "f":
+        f = _UFUNCS[op]
+        i = ins[0]
+        return lambda: _unary_step(f, i, o, where)
+    spec = _ops.OPS[op]
+    if spec.outputs != (1, 1) or spec.inputs != (len(ins), len(ins)) or len(ins) > 2 or min(ins) < 0:
+        return None
+    # Any other op of fixed arity: its own function (all its checks) with the attributes bound once.
+    if op in ("Cast", "ConstantOfShape"):
+        kw["_float"] = dtype
+    f = partial(spec.fn, **kw)
+    if len(ins) == 1:
+        return lambda: _unary_step(f, ins[0], o, where)
+    return lambda: _binary_step(f, ins[0], ins[1], o, where)
+
+
+def _pow_step(exponent: np.ndarray, i: int, o: int) -> Callable:
+    def step(env: list, call: Any) -> None:
+        env[o] = np.power(env[i], exponent)
+    return step
+
+
+_UFUNCS = {"Sqrt": np.sqrt, "Exp": np.exp, "Log": np.log, "Tanh": np.tanh, "Neg": np.negative, "Abs": np.abs,
+           "Reciprocal": np.reciprocal}
+
+
+def _mean_maker(x: np.ndarray, kw: dict, i: int, o: int) -> Callable:
+    """np.mean's own two calls (a sum, then a division by the count as an intp), without its checks."""
+    axes = tuple(a % x.ndim for a in kw["axes"])
+    keepdims = bool(kw["keepdims"])
+    count = np.intp(np.prod([x.shape[a] for a in axes]))
+
+    def make() -> Callable:
+        def step(env: list, call: Any) -> None:
+            s = np.add.reduce(env[i], axis=axes, keepdims=keepdims)
+            if isinstance(s, np.ndarray):
+                env[o] = np.true_divide(s, count, out=s, casting="unsafe")
+            else:
+                env[o] = np.asarray(s.dtype.type(s / count))
+        return step
+    return make
+
+
+def _binary_maker(ufunc: Callable, ins: list[int], env: list, flag: list, orig: list[int], o: int,
+                  where: str) -> Callable:
+    a, b = ins
+    if flag[orig[1]] == STATIC:
+        const = env[orig[1]]
+
+        def make() -> Callable:
+            def step(env: list, call: Any) -> None:
+                env[o] = ufunc(env[a], const)
+            return step
+        return make
+    if flag[orig[0]] == STATIC:
+        const = env[orig[0]]
+
+        def make() -> Callable:
+            def step(env: list, call: Any) -> None:
+                env[o] = ufunc(const, env[b])
+            return step
+        return make
+    return lambda: _binary_step(ufunc, a, b, o, where)
+
+
+def _pad_maker(b: Any, ins: list[int], env: list, kw: dict, o: int) -> Callable | None:
+    x, y = env[b.ins[0]], env[o]
+    if kw["mode"] != "reflect" or any(p < 0 for p in kw["pads"]):
+        return None
+    axes = list(range(x.ndim)) if kw["axes"] is None else [a % x.ndim for a in kw["axes"]]
+    pads = kw["pads"]
+    widths = [(0, 0)] * x.ndim
+    for j, a in enumerate(axes):
+        widths[a] = (pads[j], pads[j + len(axes)])
+    padded = [a for a, (lo, hi) in enumerate(widths) if lo or hi]
+    if len(padded) != 1:
+        return None
+    # The same three copies as ops.pad's one-axis reflect, with the slices made once.
+    a = padded[0]
+    (lo, hi), n = widths[a], x.shape[a]
+    pre = (slice(None),) * a
+    mid = pre + (slice(lo, lo + n),)
+    left, left_src = pre + (slice(0, lo),), pre + (slice(lo, 0, -1),)
+    right, right_src = pre + (slice(lo + n, None),), pre + (slice(n - 2, n - 2 - hi if hi < n - 1 else None, -1),)
+    shape, dtype = y.shape, y.dtype
+    i = ins[0]
+
+    def make() -> Callable:
+        def step(env: list, call: Any) -> None:
+            x = env[i]
+            out = np.empty(shape, dtype)
+            out[mid] = x
+            out[left] = x[left_src]
+            out[right] = x[right_src]
+            env[o] = out
+        return step
+    return make
+
+
+def _conv_maker(b: Any, ins: list[int], env: list, flag: list, kw: dict, o: int) -> Callable | None:
+    """A float32 Conv of constant weights through the engine's kernel, its weight layout made once; ``relu``
+    makes it apply a following Relu as it writes (the kernel's epilogue)."""
+    x, w, y = env[b.ins[0]], env[b.ins[1]], env[o]
+    has_bias = len(b.ins) > 2 and b.ins[2] >= 0
+    bias = env[b.ins[2]] if has_bias else None
+    if flag[b.ins[1]] != STATIC or (has_bias and flag[b.ins[2]] != STATIC) or y.dtype != np.float32 \
+            or x.dtype != np.float32 or w.dtype != np.float32 or (has_bias and bias.dtype != np.float32):
+        return None
+    group = kw["group"]
+    weights = _ops.conv_weight(w, group)
+    bias = None if bias is None else np.ascontiguousarray(bias)
+    k = w.shape[2]
+    stride = (kw["strides"] or [1])[0]
+    dilation = (kw["dilations"] or [1])[0]
+    pad0 = (kw["pads"] or [0, 0])[0]
+    shape = y.shape
+    L_out = shape[2]
+    scratch = L_out * w.shape[1] * k
+    long = x.shape[2] > 1  # strides are not in the signature: checked per call
+    xin = ins[0]
+    w0 = weights[0]
+    conv1d = _kernels.conv1d
+
+    def build(relu_out: int | None) -> Callable:
+        dst = o if relu_out is None else relu_out
+        relu = relu_out is not None
+        if group != 1:
+            def step(env: list, call: Any) -> None:
+                env[dst] = _ops.conv1d_f32(env[xin], weights, bias, group, k, stride, dilation, pad0, L_out, relu)
+            return step
+
+        def step(env: list, call: Any) -> None:
+            x = env[xin]
+            if long and x.strides[2] != 4:
+                x = np.ascontiguousarray(x)
+            env[dst] = conv1d(x, w0, bias, np.empty(shape, np.float32), k, stride, dilation, pad0, relu,
+                              np.empty(scratch, np.float32))
+        return step
+
+    return _Maker(lambda: build(None), build)

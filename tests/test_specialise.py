@@ -1,0 +1,239 @@
+"""Plans specialised per input signature (lstm_engine.specialise): the same results as the general plan, bit for bit,
+and a new program whenever anything a program assumed (a shape, a dtype, a keyed value) changes."""
+import numpy as np
+import pytest
+
+import lstm_engine as le
+from lstm_engine import specialise
+from lstm_engine.graph import Graph, Node, ValueInfo
+from lstm_engine.plan import Call, Plan
+
+RNG = np.random.default_rng(11)
+
+
+def general(model: le.Model) -> Plan:
+    """The model's graph compiled without specialisation: what every specialised run must equal."""
+    return Plan(model.graph, model.dtype, specialise=False)
+
+
+def run_both(model: le.Model, feeds: dict, states: int = 0) -> tuple[list, list]:
+    """The outputs of model.run(feeds) (specialised once the signature repeats) and of the general plan."""
+    inputs = [feeds.get(v.name) for v in model.graph.inputs]
+    want = general(model).run(inputs, Call([None] * states))
+    got = model.run(feeds)
+    return [got[name] for name in model.graph.outputs], want
+
+
+def programs(model: le.Model) -> int:
+    return len(model.plan(model.dtype).specialiser.compiled)
+
+
+def squeeze_if_one_graph() -> Graph:
+    """torch.onnx's ``x.squeeze(-1)``: Shape -> Gather -> Equal -> If, a shape-dependent branch; then a
+    Conv + Relu encoder, a magnitude and a mean, as silero-vad has them."""
+    squeeze = Graph([], ["s"], [Node("Squeeze", ["h"], ["s"], {"axes": [-1]}, "squeeze")])
+    keep = Graph([], ["k"], [Node("Identity", ["h"], ["k"], {}, "keep")])
+    nodes = [
+        Node("Pad", ["x"], ["xp"], {"pads": [0, 2, 0, 2], "mode": "reflect"}, "pad"),
+        Node("Unsqueeze", ["xp"], ["x3"], {"axes": [1]}, "unsqueeze"),
+        Node("Conv", ["x3", "w_stft"], ["spec"], {"strides": [4]}, "stft"),
+        Node("Slice", ["spec"], ["re"], {"starts": [0], "ends": [3], "axes": [1]}, "re"),
+        Node("Slice", ["spec"], ["im"], {"starts": [3], "ends": [9223372036854775807], "axes": [1]}, "im"),
+        Node("Pow", ["re", "two"], ["re2"], {}, "re2"),
+        Node("Pow", ["im", "two"], ["im2"], {}, "im2"),
+        Node("Add", ["re2", "im2"], ["mag2"], {}, "add"),
+        Node("Sqrt", ["mag2"], ["mag"], {}, "sqrt"),
+        Node("Conv", ["mag", "w1", "b1"], ["c1"], {"pads": [1, 1]}, "conv1"),
+        Node("Relu", ["c1"], ["r1"], {}, "relu1"),
+        Node("Conv", ["r1", "w2", "b2"], ["h"], {"pads": [1, 1], "strides": [2]}, "conv2"),
+        Node("Shape", ["h"], ["shape"], {}, "shape"),
+        Node("Gather", ["shape", "minus_one"], ["last"], {"axis": 0}, "last"),
+        Node("Equal", ["last", "one"], ["is_one"], {}, "is_one"),
+        Node("If", ["is_one"], ["hs"], {"then_branch": squeeze, "else_branch": keep}, "if"),
+        Node("ReduceMean", ["hs"], ["y"], {"axes": [-1], "keepdims": 0}, "mean"),
+    ]
+    consts = {"w_stft": RNG.standard_normal((6, 1, 4)).astype(np.float32), "two": np.array(2.0, np.float32),
+              "w1": RNG.standard_normal((5, 3, 3)).astype(np.float32), "b1": RNG.standard_normal(5).astype(np.float32),
+              "w2": RNG.standard_normal((4, 5, 3)).astype(np.float32), "b2": RNG.standard_normal(4).astype(np.float32),
+              "minus_one": np.array(-1, np.int64), "one": np.array(1, np.int64)}
+    return Graph([ValueInfo("x", "float", [None, None])], ["y", "c1"], nodes, consts)
+
+
+def test_shape_dependent_if_and_conv_chain_equal_the_general_plan_bit_for_bit():
+    model = le.Model(squeeze_if_one_graph())
+    # Lengths whose last conv gives 1 step (the squeeze branch) and more (the identity branch), alternated so that
+    # each signature is compiled and then met again after another one ran.
+    for n in [4, 4, 4, 12, 12, 4, 12, 4, 30, 30, 30]:
+        x = RNG.standard_normal((2, n)).astype(np.float32)
+        got, want = run_both(model, {"x": x})
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
+    assert programs(model) == 3
+    y = model.run({"x": np.ones((2, 4), np.float32)})["y"]
+    assert y.shape == (2,)  # (2, 4, 1) squeezed, then the mean over the 4 channels
+    assert model.run({"x": np.ones((2, 12), np.float32)})["y"].shape == (2, 4)
+
+
+def test_conv_output_read_twice_is_not_overwritten_by_its_relu():
+    """c1 is both a graph output and the Relu's input: the Relu may not run in place on it."""
+    model = le.Model(squeeze_if_one_graph())
+    x = RNG.standard_normal((1, 12)).astype(np.float32)
+    for _ in range(3):
+        out = model.run({"x": x})
+    assert (out["c1"] < 0).any()
+    np.testing.assert_array_equal(out["c1"], general(model).run([x], Call([]))[1])
+
+
+def test_an_if_on_a_small_integer_input_is_keyed_on_its_value():
+    """As silero-vad's sample rate: an If on sr == 16000; sr changes between calls and back."""
+    then_g = Graph([], ["a"], [Node("Mul", ["x", "two"], ["a"], {}, "double")], {"two": np.array(2.0, np.float32)})
+    else_g = Graph([], ["b"], [Node("Neg", ["x"], ["b"], {}, "negate")])
+    g = Graph([ValueInfo("x", "float", ["batch", 3]), ValueInfo("sr", "int64", [])], ["y"], [
+        Node("Equal", ["sr", "rate"], ["is_16k"], {}, "equal"),
+        Node("If", ["is_16k"], ["y"], {"then_branch": then_g, "else_branch": else_g}, "if"),
+    ], {"rate": np.array(16000, np.int64)})
+    model = le.Model(g)
+    assert model.plan(model.dtype).specialiser.keyed == [1]
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    for rate in [16000, 16000, 16000, 8000, 8000, 8000, 16000, 8000, 16000]:
+        y = model.run({"x": x, "sr": np.array(rate)})["y"]
+        np.testing.assert_array_equal(y, 2 * x if rate == 16000 else -x)
+    assert programs(model) == 2
+
+
+def test_an_if_on_data_stays_an_if():
+    """A condition computed from float data is not part of any signature: the If runs at every call."""
+    then_g = Graph([], ["a"], [Node("Mul", ["x", "two"], ["a"], {}, "double")], {"two": np.array(2.0, np.float32)})
+    else_g = Graph([], ["b"], [Node("Neg", ["xi"], ["b"], {}, "negate")])
+    g = Graph([ValueInfo("x", "float", [1])], ["y"], [
+        Node("Identity", ["x"], ["xi"], {}, "renamed"),  # renamed away outside, read by name inside the branch
+        Node("Greater", ["x", "zero"], ["positive"], {}, "greater"),
+        Node("If", ["positive"], ["y"], {"then_branch": then_g, "else_branch": else_g}, "if"),
+    ], {"zero": np.array(0.0, np.float32)})
+    model = le.Model(g)
+    assert model.plan(model.dtype).specialiser.keyed == []
+    for v in [1.0, 1.0, -3.0, 2.0, -1.0, -1.0]:
+        np.testing.assert_array_equal(model.run({"x": np.array([v], np.float32)})["y"], [2 * v if v > 0 else -v])
+    assert programs(model) == 1
+
+
+def test_errors_that_depend_on_values_are_still_raised_by_the_program():
+    g = Graph([ValueInfo("x", "float", [None, 3]), ValueInfo("i", "int64", [None])], ["y"], [
+        Node("Gather", ["x", "i"], ["y"], {"axis": 1}, "pick"),
+    ])
+    model = le.Model(g)
+    x = np.ones((2, 3), np.float32)
+    for _ in range(3):
+        model.run({"x": x, "i": np.array([0, 2])})
+    with pytest.raises(ValueError, match=r"node 'pick' \(Gather\).*index 3 is out of range"):
+        model.run({"x": x, "i": np.array([0, 3])})
+    np.testing.assert_array_equal(model.run({"x": x, "i": np.array([1, 1])})["y"], np.ones((2, 2)))
+
+
+def test_folded_outputs_are_the_callers_own():
+    g = Graph([ValueInfo("x", "float", [None, None])], ["s"], [Node("Shape", ["x"], ["s"], {}, "shape")])
+    model = le.Model(g)
+    x = np.ones((2, 5), np.float32)
+    for _ in range(3):
+        s = model.run({"x": x})["s"]
+        np.testing.assert_array_equal(s, [2, 5])
+        s[0] = 99
+    assert programs(model) == 1
+
+
+def test_a_new_dtype_is_a_new_signature():
+    g = Graph([ValueInfo("x", "float", [None]), ValueInfo("k", "int64", [None])], ["y"], [
+        Node("Cast", ["k"], ["kf"], {"to": "float"}, "cast"),
+        Node("Add", ["x", "kf"], ["y"], {}, "add"),
+    ])
+    model = le.Model(g)
+    x = np.arange(3, dtype=np.float32)
+    for k in [np.arange(3), np.arange(3), np.arange(3, dtype=np.int32), np.arange(3, dtype=np.int32)]:
+        y = model.run({"x": x, "k": k})["y"]
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, 2 * x)
+    assert programs(model) == 2
+
+
+def test_sessions_and_recording_run_the_specialised_program():
+    """A graph with a Recurrent node among shape ops: streamed step by step, forward with record=True."""
+    lstm = le.LSTM(RNG.standard_normal((16, 3)), RNG.standard_normal((16, 4)), RNG.standard_normal(16),
+                   RNG.standard_normal(16))
+    g = Graph([ValueInfo("x", "float", ["batch", "steps", 3])], ["y"], [
+        Node("Unsqueeze", ["x"], ["x4"], {"axes": [1]}, "unsqueeze"),
+        Node("Squeeze", ["x4"], ["x3"], {"axes": [1]}, "squeeze"),
+        Node("Recurrent", ["x3", "", "", ""], ["h", "hn", "cn"], {"layer": 0}, "lstm"),
+        Node("Relu", ["h"], ["r"], {}, "relu"),
+        Node("Identity", ["r"], ["y"], {}, "out"),
+    ], {}, [lstm])
+    model = le.Model(g)
+    x = RNG.standard_normal((2, 6, 3)).astype(np.float32)
+    want, _ = le.Model([lstm]).forward(x)
+    want = np.maximum(want, 0)
+    session = model.session(2)
+    steps = [session.step(x[:, t]) for t in range(6)]
+    np.testing.assert_allclose(np.stack(steps, axis=1), want, atol=1e-6)
+    for _ in range(3):
+        y, _ = model.forward(x)
+        np.testing.assert_allclose(y, want, atol=1e-6)
+    y, _, gates = model.forward(x, record=True)
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    assert gates[0]["h"].shape == (1, 2, 6, 4)
+    assert programs(model) >= 2
+
+
+def test_chains_have_no_specialiser():
+    model = le.Model([le.GRU(RNG.standard_normal((6, 2)), RNG.standard_normal((6, 2)))])
+    assert model.plan(model.dtype).specialiser is None
+
+
+def test_signatures_beyond_the_cache_start_over(monkeypatch):
+    monkeypatch.setattr(specialise, "MAX_COMPILED", 2)
+    g = Graph([ValueInfo("x", "float", [None])], ["y"], [Node("Relu", ["x"], ["y"], {}, "relu")])
+    model = le.Model(g)
+    for n in [1, 1, 2, 2, 3, 3, 1, 1]:
+        x = np.linspace(-1, 1, n, dtype=np.float32)
+        np.testing.assert_array_equal(model.run({"x": x})["y"], np.maximum(x, 0))
+    assert programs(model) <= 2
+
+
+def test_feeds_are_still_checked_after_a_signature_passed():
+    model = le.Model(squeeze_if_one_graph())
+    x = np.ones((1, 12), np.float32)
+    for _ in range(3):
+        model.run({"x": x})
+    with pytest.raises(TypeError, match="x: dtype float16"):
+        model.run({"x": x.astype(np.float16)})
+    with pytest.raises(ValueError, match=r"x: expected shape \('\?', '\?'\), got \(1, 1, 12\)"):
+        model.run({"x": x[None]})
+    for _ in range(2):  # converted to float32, so checked in full each time
+        y = model.run({"x": x.astype(np.float16)}, cast=True)["y"]
+        np.testing.assert_array_equal(y, model.run({"x": x})["y"])
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"])
+def test_reductions_over_axes_of_one_element(op):
+    g = Graph([ValueInfo("x", "float", [None, None, None])], ["y"], [
+        Node(op, ["x"], ["y"], {"axes": [1, -1], "keepdims": 0}, "reduce")])
+    model = le.Model(g)
+    for shape in [(2, 1, 1), (2, 1, 1), (2, 1, 1), (2, 3, 1), (2, 3, 1), (2, 3, 1)]:
+        x = RNG.standard_normal(shape).astype(np.float32)
+        got, want = run_both(model, {"x": x})
+        assert got[0].shape == want[0].shape == (2,)
+        np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_conv_relu_fused_by_the_kernel_equals_the_two_nodes():
+    g = Graph([ValueInfo("x", "float", [None, 3, None])], ["y"], [
+        Node("Conv", ["x", "w", "b"], ["c"], {"pads": [1, 1]}, "conv"),
+        Node("Relu", ["c"], ["y"], {}, "relu"),
+    ], {"w": RNG.standard_normal((70, 3, 3)).astype(np.float32), "b": RNG.standard_normal(70).astype(np.float32)})
+    model = le.Model(g)
+    for n in [5, 5, 5, 9]:
+        x = RNG.standard_normal((2, 3, n)).astype(np.float32)
+        got, want = run_both(model, {"x": x})
+        np.testing.assert_array_equal(got[0], want[0])
+        assert (got[0] == 0).any() and (got[0] > 0).any()
+    steps = list(model.plan(model.dtype).specialiser.compiled.values())[0].steps
+    assert len(steps) == 1  # Conv and Relu as one kernel call
