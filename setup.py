@@ -51,7 +51,7 @@ extensions = [
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         depends=["src/lstm_engine/_cpu.h", "src/lstm_engine/_quant.h", "src/lstm_engine/_cpu_impl.h",
-                 "src/lstm_engine/_kernels.pxd", "src/lstm_engine/_activations.h", "src/lstm_engine/_gates_general.h",
+                 "src/lstm_engine/_kernels.pxd", "src/lstm_engine/_activations.h", "src/lstm_engine/_cells.h", "src/lstm_engine/_gates_general.h",
                  MODE_STAMP],
         extra_compile_args=compile_args,
         extra_link_args=["-pthread"],

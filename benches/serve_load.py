@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pool import build  # noqa: E402
 
 import lstm_engine as le  # noqa: E402
+from lstm_engine.serve import SWITCH_INTERVAL  # noqa: E402
 
 WARMUP = 2.0  # seconds before each phase's window opens
 
@@ -99,86 +100,206 @@ def in_process(model: le.Model, streams: int, seconds: float, max_batch: int) ->
                     await tally.drive(k, step)
 
             await asyncio.gather(*(one(k) for k in range(streams)))
+            stats = pool.stats
         r = tally.result()
         summary = _summary([r["lats"]], r["steps"], seconds)
         summary["total"] = r["total"]
+        summary["batch"] = stats["steps"] / max(1, stats["batches"])
         return summary
 
+    # The server's GIL switch interval, for the same handoffs between the event loop and the pool's worker.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     cpu = time.process_time()
-    summary = asyncio.run(main())
+    try:
+        summary = _run_loop(main())
+    finally:
+        sys.setswitchinterval(switch)
     summary["cpu_us"] = (time.process_time() - cpu) / summary["total"] * 1e6
     return summary
 
 
 # -- clients (in their own processes) -------------------------------------------------------------
+# The load generator must cost far less than the server, or it measures itself: aiohttp's client took
+# ~200 us of CPU a request here and websockets' ~80 us a message, as much as the server's whole work.
+# So the clients speak the two protocols directly over asyncio (uvloop when installed): each request's
+# bytes are built once, and an answer is read by its length (HTTP/1.1 keep-alive, one connection per
+# stream, like wrk) or its frame header (WebSocket, binary frames with a zero mask key, RFC 6455 5.3).
 
-async def _open_streams(client, n: int) -> list[str]:
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection: send prepared bytes, wait for one complete answer."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.transport: asyncio.Transport | None = None
+        self.ws = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"the server closed the connection: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        answer = self._frame() if self.ws else self._response()
+        if answer is not None and self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(answer)
+
+    def _response(self):
+        """(status, body) once a whole HTTP response is buffered."""
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(self.buf[:end]).lower()
+        length, i = 0, head.find(b"\r\ncontent-length:")
+        if i >= 0:
+            j = head.find(b"\r\n", i + 2)
+            length = int(head[i + 17:j if j >= 0 else None])
+        if len(self.buf) < end + 4 + length:
+            return None
+        body = bytes(self.buf[end + 4:end + 4 + length])
+        status = int(head[9:12])
+        del self.buf[:end + 4 + length]
+        return status, body
+
+    def _frame(self):
+        """(opcode, payload) of the first whole WebSocket frame buffered; pings are answered here."""
+        while len(self.buf) >= 2:
+            opcode, n, at = self.buf[0] & 0x0F, self.buf[1] & 0x7F, 2
+            if n == 126:
+                if len(self.buf) < 4:
+                    return None
+                n, at = int.from_bytes(self.buf[2:4], "big"), 4
+            elif n == 127:
+                if len(self.buf) < 10:
+                    return None
+                n, at = int.from_bytes(self.buf[2:10], "big"), 10
+            if len(self.buf) < at + n:
+                return None
+            payload = bytes(self.buf[at:at + n])
+            del self.buf[:at + n]
+            if opcode == 0x9:
+                self.transport.write(_ws_frame(payload, 0xA))
+                continue
+            return opcode, payload
+        return None
+
+    async def ask(self, data: bytes):
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return await self.waiter
+
+
+def _ws_frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    """A final client frame; the zero mask key leaves the payload as it is."""
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536 \
+        else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return bytes([0x80 | opcode]) + size + b"\0\0\0\0" + payload
+
+
+def _http_request(method: str, path: str, body: bytes = b"", ctype: str = "application/x-npy") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+    if body:
+        head += f"Content-Type: {ctype}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+async def _connect(host: str, port: int) -> _Conn:
+    _, conn = await asyncio.get_running_loop().create_connection(_Conn, host, port)
+    return conn
+
+
+async def _open_streams(host: str, port: int, n: int) -> list[str]:
+    import json
+
+    conn = await _connect(host, port)
     ids = []
     for _ in range(n):
-        async with client.post("/v1/streams") as r:
-            ids.append((await r.json())["id"])
+        status, body = await conn.ask(_http_request("POST", "/v1/streams"))
+        if status != 201:
+            raise RuntimeError(f"POST /v1/streams: {status} {body[:200]!r}")
+        ids.append(json.loads(body)["id"])
+    conn.transport.close()
     return ids
 
 
-async def _http_streams(url: str, n: int, seconds: float, body: str, input_size: int) -> dict:
-    # aiohttp's client, not httpx's: at 100 concurrent requests httpx's pool took 5x the CPU per request here.
-    import aiohttp
+def _message(x: np.ndarray, body: str) -> tuple[bytes, str]:
+    if body == "npy":
+        return _npy(x), "application/x-npy"
+    return ('{"x":[' + ",".join(map(repr, x.tolist())) + "]}").encode(), "application/json"
 
+
+async def _http_streams(host: str, port: int, n: int, seconds: float, body: str, input_size: int) -> dict:
     xs = np.random.default_rng(os.getpid()).standard_normal((n, input_size)).astype(np.float32)
-    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=n)) as client:
-        ids = await _open_streams(client, n)
-        tally = _Tally(n, seconds)
-
-        async def one(k: int) -> None:
-            path = f"/v1/streams/{ids[k]}/step"
-            if body == "npy":
-                kw = {"data": _npy(xs[k]), "headers": {"Content-Type": "application/x-npy"}}
-            else:
-                kw = {"json": {"x": xs[k].tolist()}}
-
-            async def step() -> bool:
-                async with client.post(path, **kw) as r:
-                    await r.read()
-                    return r.status == 200
-
-            await tally.drive(k, step)
-
-        await asyncio.gather(*(one(k) for k in range(n)))
-        for sid in ids:
-            async with client.delete(f"/v1/streams/{sid}"):
-                pass
-    return tally.result()
-
-
-async def _ws_streams(url: str, n: int, seconds: float, body: str, input_size: int) -> dict:
-    import aiohttp
-    from websockets.asyncio.client import connect
-
-    xs = np.random.default_rng(os.getpid()).standard_normal((n, input_size)).astype(np.float32)
-    async with aiohttp.ClientSession(url) as client:
-        ids = await _open_streams(client, n)
+    ids = await _open_streams(host, port, n)
     tally = _Tally(n, seconds)
-    ws_url = url.replace("http://", "ws://")
 
     async def one(k: int) -> None:
-        message = _npy(xs[k]) if body == "npy" else f'{{"x": {xs[k].tolist()}}}'
-        async with connect(f"{ws_url}/v1/streams/{ids[k]}/ws", max_size=None, compression=None) as ws:
-            async def step() -> bool:
-                await ws.send(message)
-                reply = await ws.recv()
-                return not (isinstance(reply, str) and '"error"' in reply)
+        conn = await _connect(host, port)
+        request = _http_request("POST", f"/v1/streams/{ids[k]}/step", *_message(xs[k], body))
 
-            await tally.drive(k, step)
+        async def step() -> bool:
+            status, _ = await conn.ask(request)
+            return status == 200
+
+        await tally.drive(k, step)
+        await conn.ask(_http_request("DELETE", f"/v1/streams/{ids[k]}"))
+        conn.transport.close()
 
     await asyncio.gather(*(one(k) for k in range(n)))
     return tally.result()
 
 
+async def _ws_streams(host: str, port: int, n: int, seconds: float, body: str, input_size: int) -> dict:
+    import base64
+
+    xs = np.random.default_rng(os.getpid()).standard_normal((n, input_size)).astype(np.float32)
+    ids = await _open_streams(host, port, n)
+    tally = _Tally(n, seconds)
+
+    async def one(k: int) -> None:
+        conn = await _connect(host, port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        status, _ = await conn.ask((f"GET /v1/streams/{ids[k]}/ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\n"
+                                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                                    "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        if status != 101:
+            raise RuntimeError(f"WebSocket handshake: {status}")
+        conn.ws = True
+        data, _ = _message(xs[k], body)
+        frame = _ws_frame(data, 0x2 if body == "npy" else 0x1)
+
+        async def step() -> bool:
+            opcode, payload = await conn.ask(frame)
+            return opcode == 0x2 or (opcode == 0x1 and b'"error"' not in payload)
+
+        await tally.drive(k, step)
+        conn.transport.write(_ws_frame(b"\x03\xe8", 0x8))  # close, 1000
+        conn.transport.close()
+
+    await asyncio.gather(*(one(k) for k in range(n)))
+    return tally.result()
+
+
+def _run_loop(coro):
+    """asyncio.run on uvloop when it is installed: the loop the server runs on (uvicorn's choice)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def _client(kind: str, url: str, n: int, seconds: float, body: str, input_size: int, conn) -> None:
     run = _http_streams if kind == "http" else _ws_streams
+    host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
     try:
         cpu = time.process_time()
-        result = asyncio.run(run(url, n, seconds, body, input_size))
+        result = _run_loop(run(host, int(port), n, seconds, body, input_size))
         result["cpu"] = time.process_time() - cpu
         conn.send(result)
     except BaseException as exc:  # report, do not hang the parent
@@ -194,6 +315,7 @@ def _cpu_seconds(pid: int) -> float:
 def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, body: str, input_size: int,
                  server_pid: int) -> dict:
     server_cpu = _cpu_seconds(server_pid)
+    pool_before = _pool_totals(url)
     ctx = mp.get_context("spawn")
     shares = [streams // procs + (i < streams % procs) for i in range(procs)]
     pipes, workers = [], []
@@ -218,16 +340,28 @@ def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, 
     total = sum(r["total"] for r in results)
     summary["cpu_us"] = (_cpu_seconds(server_pid) - server_cpu) / total * 1e6
     summary["client_cpu_us"] = sum(r["cpu"] for r in results) / total * 1e6
+    pool_after = _pool_totals(url)
+    summary["batch"] = (pool_after[0] - pool_before[0]) / max(1, pool_after[1] - pool_before[1])
     return summary
+
+
+def _pool_totals(url: str) -> tuple[float, float]:
+    """The server pool's steps and batches so far, from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return tuple(float(re.search(rf"^lstm_engine_pool_{name}_total (\S+)", text, re.M).group(1))
+                 for name in ("steps", "batches"))
 
 
 # -- the server ------------------------------------------------------------------------------------
 
 class ServerProcess:
-    def __init__(self, model_path: str, max_batch: int) -> None:
+    def __init__(self, model_path: str, max_batch: int, *args: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--max-batch",
-             str(max_batch), "--max-queue", "4096"],
+             str(max_batch), "--max-queue", "4096", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = None
         ready = threading.Event()
@@ -277,6 +411,9 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--body", choices=["npy", "json"], default="npy", help="step bodies and messages")
     ap.add_argument("--model", default="lstm256x2", choices=["lstm256x2", "lstm512"])
+    ap.add_argument("--state-dir", action="store_true",
+                    help="serve with --state-dir (a temporary one): every step's new state written and fsynced "
+                         "before its answer")
     args = ap.parse_args()
     if not 1 <= args.streams <= 1000:
         ap.error("--streams: 1..1000")
@@ -287,14 +424,18 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"# {args.model}, {args.streams} streams, {args.seconds:g} s a phase, max_batch {args.max_batch}, "
-          f"{args.body} bodies, {args.client_procs} client processes")
-    print(f"# CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+          f"{args.body} bodies, {args.client_procs} client processes"
+          + (", server with --state-dir" if args.state_dir else ""))
+    print(f"# CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; kernel variant "
+          f"{le.cpu_info()['variant']}; model threads {model.threads} "
+          "(the server's too: it loads the same file with the same default); one server process")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.safetensors")
         le.save(model, path)
         rows.append(("in-process pool (before)", in_process(model, args.streams, args.seconds, args.max_batch)))
-        server = ServerProcess(path, args.max_batch)
+        server = ServerProcess(path, args.max_batch,
+                               *(["--state-dir", os.path.join(d, "states")] if args.state_dir else []))
         try:
             for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
                 rows.append((f"server, {name}", over_network(kind, server.url, args.streams, args.client_procs,
@@ -307,11 +448,12 @@ def main() -> None:
     # CPU time per step is what the machine's load does not change: the pool's process (or the server's), and
     # the clients'.
     print(f"{'way':28s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s} "
-          f"{'CPU us/step':>11s} {'clients':>8s}")
+          f"{'batch':>6s} {'CPU us/step':>11s} {'clients':>8s}")
     for name, r in rows:
         clients = f"{r['client_cpu_us']:8.0f}" if "client_cpu_us" in r else f"{'-':>8s}"
         print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
-              f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['cpu_us']:11.0f} {clients}")
+              f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['batch']:6.1f} "
+              f"{r['cpu_us']:11.0f} {clients}")
     rss = server.rss
     if rss:
         marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]

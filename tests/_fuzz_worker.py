@@ -8,7 +8,8 @@ deadline pass. Address space is capped at what the imports took plus ``headroom`
 file's size does not justify fails instead of swapping the machine, and a MemoryError anywhere in an error's
 chain is reported as the loader having tried it.
 
-Outcomes: "loaded" (the model loaded and ran a forward pass), "load_error" (a LoadError naming the file),
+Outcomes: "loaded" (the model loaded, and a forward pass gave outputs in the declared shape and dtype, one
+state per recurrent layer, and the same answer twice), "wrong" (it ran but broke one of those), "load_error" (a LoadError naming the file),
 "unnamed" (a LoadError whose message misses the path), "alloc" (MemoryError behind the error), "forward"
 (a loaded model whose forward pass raised), "other" (any other exception), "graph_refused" (a graph
 model whose forward raised ValueError or TypeError naming the node at fault: a graph's value shapes
@@ -74,7 +75,45 @@ def _forward(model) -> None:
     else:
         x = rng.standard_normal((2, 3, model.input_size or 3)).astype(model.dtype)
     with np.errstate(all="ignore"):
-        model.forward(x)
+        y, state = model.forward(x)
+        again, _ = model.forward(x)
+    _check_outputs(model, y, state, again)
+
+
+class WrongAnswer(Exception):
+    """A model that loaded and ran but answered in a shape it does not declare, or differently twice."""
+
+
+def _leaves(structure, value):
+    """The arrays of a forward's result in the order of the graph's output_structure; WrongAnswer if it
+    nests differently."""
+    if isinstance(structure, int):
+        if not isinstance(value, np.ndarray):
+            raise WrongAnswer(f"output {structure} is a {type(value).__name__}, not an array")
+        return [value]
+    if not isinstance(value, (tuple, list)) or len(value) != len(structure):
+        raise WrongAnswer(f"outputs nest as {type(value).__name__}, the graph declares {structure!r}")
+    return [leaf for s, v in zip(structure, value) for leaf in _leaves(s, v)]
+
+
+def _check_outputs(model, y, state, again) -> None:
+    """What a successful load promises: outputs as the model declares them (a chain: (2, 3, output_size) in
+    its dtype; a graph: its output structure), one state per recurrent layer, the same answer twice."""
+    if model.is_chain:
+        # (batch, steps, output_size), or (batch, output_size) from a chain that keeps the last step only.
+        wants = [(2, 3, model.output_size), (2, model.output_size)] if model.output_size is not None else []
+        if (not isinstance(y, np.ndarray) or y.dtype != model.dtype or y.ndim not in (2, 3)
+                or (wants and y.shape not in wants)):
+            raise WrongAnswer(f"chain output {getattr(y, 'dtype', type(y))} {getattr(y, 'shape', '')}, "
+                              f"expected {model.dtype} {' or '.join(map(str, wants)) or '(2, 3, ?)'}")
+        leaves, twice = [y], [again]
+    else:
+        leaves, twice = _leaves(model.graph.output_structure, y), _leaves(model.graph.output_structure, again)
+    if len(state) != len(model.recurrent_layers):
+        raise WrongAnswer(f"{len(state)} states for {len(model.recurrent_layers)} recurrent layers")
+    for a, b in zip(leaves, twice):
+        if a.shape != b.shape or not np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"):
+            raise WrongAnswer("two forward passes on the same input differ")
 
 
 def run_case(path: str) -> tuple[str, str]:
@@ -92,6 +131,8 @@ def run_case(path: str) -> tuple[str, str]:
         return "other", f"{type(exc).__name__}: {exc}"[:500]
     try:
         _forward(model)
+    except WrongAnswer as exc:
+        return "wrong", str(exc)[:500]
     except MemoryError as exc:
         return "alloc", f"MemoryError: {exc}"[:500]
     except (ValueError, TypeError) as exc:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import lstm_engine as le
-from conftest import run_cli as cli, run_main
+from helpers import run_cli as cli, run_main
 
 torch = pytest.importorskip("torch")
 

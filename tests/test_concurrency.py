@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lstm_engine as le
-from conftest import run_threads as _run_threads
+from helpers import run_threads as _run_threads
 
 torch = pytest.importorskip("torch")
 

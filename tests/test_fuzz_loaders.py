@@ -575,7 +575,7 @@ def make_cases(sources, root, per_source, random_files, seed=SEED):
     return cases
 
 
-FAILURES = ("crash", "hang", "other", "unnamed", "alloc", "forward")
+FAILURES = ("crash", "hang", "other", "unnamed", "alloc", "forward", "wrong")
 
 
 def check(results, cases):

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 from onnx import helper, numpy_helper  # noqa: E402
 
 from test_fuzz_loaders import INTERESTING_INTS, check, make_cases, run_cases  # noqa: E402
-from test_onnx_torch_export import CRNN, FinalHidden, export  # noqa: E402
+from test_onnx_torch_export import export  # noqa: E402
+from torch_modules import CRNN, FinalHidden  # noqa: E402
 
 SEED = 20261130
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lstm_engine as le
-from conftest import run_cli as cli
+from helpers import run_cli as cli
 from lstm_engine.generate import check_sampling, sample
 
 torch = pytest.importorskip("torch")

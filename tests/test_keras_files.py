@@ -620,7 +620,7 @@ def test_random_bytes(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(LoadError, match="cannot open"):
+    with pytest.raises(LoadError, match="cannot be read"):
         read_keras(tmp_path / "absent.keras")
 
 

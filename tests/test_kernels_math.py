@@ -150,13 +150,42 @@ def test_fast_path_saturates_and_propagates_nan(cell):
     assert not np.isnan(y[0, 0]).any() and np.isnan(y[0, 1]).all() and np.isnan(y[0, 2]).all()
 
 
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 16])
 def test_threads_are_deterministic(B):
-    """The split across threads never changes a result: each output is one thread's fixed sum."""
+    """The split across threads never changes a result (each output is one thread's fixed sum), and a
+    split really happens: the kernel reports how many threads ran each call."""
+    if _kernels.cpu_count() < 2:
+        pytest.skip(f"this process may run on {_kernels.cpu_count()} core: no second thread to compare with")
     rng = np.random.default_rng(5)
-    H, I = 256, 256
+    H, I, T = 256, 256, 48
     layer = le.LSTM(rng.standard_normal((4 * H, I)) / 16, rng.standard_normal((4 * H, H)) / 16)
-    x = rng.standard_normal((B, 5, I)).astype(np.float32)
+    kernel = layer._kernels[np.dtype(np.float32)]
+    x = rng.standard_normal((B, T, I)).astype(np.float32)
+
+    def run(threads):
+        y = np.empty((B, T, H), np.float32)
+        h, c = np.zeros((1, B, H), np.float32), np.zeros((1, B, H), np.float32)
+        work = np.empty(kernel.work_size(B, T), np.float32)
+        used = kernel.run(x, y, h, c, None, work, True, threads)
+        return used, np.concatenate([y.ravel(), h.ravel(), c.ravel()])
+
+    used, want = run(1)
+    assert used == 1
+    # The pool lends its workers only when they are free (another process may hold this machine's cores):
+    # run until a call got a second thread; every call, split or not, gives the same bits.
+    counts = []
+    for _ in range(60):
+        for threads in (2, 3):
+            used, got = run(threads)
+            assert 1 <= used <= threads
+            counts.append(used)
+            np.testing.assert_array_equal(got, want)
+        if max(counts) >= 2:
+            break
+    if B >= 16:
+        # Only jobs this big (>= 4e6 flops a step, cpu_pool.c's CONTENDED_MIN_STEP_FLOPS) keep their workers
+        # while the machine is contended; smaller ones then run on the caller's thread, as threads=1 would.
+        assert max(counts) >= 2, f"no call ran on a second thread: {counts}"
     outs = [le.Model([layer], threads=threads).forward(x)[0] for threads in (1, 2, 3)]
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])

@@ -9,7 +9,7 @@ import pytest
 
 import lstm_engine as le
 from lstm_engine import cli as cli_mod
-from conftest import run_main
+from helpers import run_main
 from lstm_engine.errors import is_user_error
 
 SRC = pathlib.Path(le.__file__).parent
@@ -127,6 +127,23 @@ def test_run_given_a_text_file_does_not_talk_of_pickles(lstm_file, tmp_path, cap
     text.write_text("1 2 3\n")
     line = one_line(run_main(capsys, "run", lstm_file, text, "-o", tmp_path / "y.npy"), "x.txt", "numpy.save")
     assert "pickle" not in line
+
+
+def test_gates_reports_the_shape_the_file_holds(lstm_file, tmp_path, capsys):
+    # One sequence may drop the batch axis; a wrong one is reported as given, not with the axis added.
+    np.save(tmp_path / "x.npy", np.zeros((1, 65), np.float32))
+    one_line(run_main(capsys, "gates", lstm_file, tmp_path / "x.npy"), "x.npy", "(batch, steps, 4)", "got (1, 65)")
+    np.save(tmp_path / "ids.npy", np.zeros((1, 65), np.float32))
+    one_line(run_main(capsys, "gates", "builtin:charlm", tmp_path / "ids.npy"), "token ids", "float32 (1, 65)")
+
+
+def test_a_legacy_torch_file_loads_or_is_named_for_what_it_holds(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save(torch.nn.GRU(3, 4).state_dict(), tmp_path / "sd.pt", _use_new_zipfile_serialization=False)
+    assert le.load(tmp_path / "sd.pt").layers[0].hidden_size == 4
+    torch.save(torch.nn.GRU(3, 4), tmp_path / "module.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(le.UnsafeModelError, match=r"module\.pt.*whole pickled model.*state_dict\(\)"):
+        le.load(tmp_path / "module.pt")
 
 
 def test_top_p_message_names_the_option_not_none(capsys):

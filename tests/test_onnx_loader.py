@@ -294,7 +294,8 @@ def test_saved_as_an_engine_file_it_runs_without_onnx(tmp_path):
 
 def test_a_causal_model_streams_step_by_step(tmp_path):
     torch = pytest.importorskip("torch")
-    from test_onnx_torch_export import HeadFirst, export
+    from test_onnx_torch_export import export
+    from torch_modules import HeadFirst
 
     torch.manual_seed(0)
     module = HeadFirst().eval()  # LSTM then Linear on every step
@@ -318,7 +319,7 @@ def test_an_operator_newer_than_the_models_opset_is_invalid(tmp_path):
 
 def test_an_exported_model_streams_whatever_the_exporter_called_its_time_axis(tmp_path):
     torch = pytest.importorskip("torch")
-    from test_onnx_torch_export import HeadFirst
+    from torch_modules import HeadFirst
 
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"

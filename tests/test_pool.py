@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lstm_engine as le
-from conftest import run_threads
+from helpers import run_threads
 
 torch = pytest.importorskip("torch")
 
@@ -339,3 +339,34 @@ def test_masked_steps_in_a_pool():
         run_threads(stream, 4)
     for i in range(4):
         np.testing.assert_allclose(got[i], want[i], **F32)
+
+
+def test_masked_stream_state_round_trips_through_save_state():
+    """save_state keeps whether a masked stream has output yet: a padding id right after load_state
+    repeats the previous output, as in the uninterrupted run (the ``state`` setter starts afresh)."""
+    rng = np.random.default_rng(7)
+    w = lambda *s: rng.uniform(-0.6, 0.6, s)
+    model = le.Model([le.Embedding(w(9, 4), mask_zero=True), le.LSTM(w(24, 4), w(24, 6), w(24), w(24)),
+                      le.Dense(w(3, 6), w(3))])
+    xs = np.array([0, 3, 5, 0, 0, 7, 0, 2])
+    want = model.forward(xs[None])[0][0]
+    assert np.abs(want[3]).max() > 0.05  # the padding step repeats a non-zero output
+    with model.pool() as pool:
+        a = pool.open()
+        got = [a.step(int(t)) for t in xs[:3]]
+        blob = a.save_state()
+        b = pool.open()
+        b.step(4)  # a stream with a state of its own, overwritten whole
+        b.load_state(blob)
+        got += [b.step(int(t)) for t in xs[3:]]
+        np.testing.assert_allclose(np.stack(got), want, **F32)
+        # The bytes are a batch-1 session's, both ways.
+        s = model.session(1)
+        s.load_state(blob)
+        np.testing.assert_allclose(s.step(np.array([0]))[0], want[3], **F32)
+        a.load_state(s.save_state())
+        np.testing.assert_allclose(a.step(0), want[4], **F32)
+        with pytest.raises(ValueError, match="different model"):
+            b.load_state(lm().session(1).save_state())
+        with pytest.raises(TypeError, match="bytes"):
+            b.load_state("text")

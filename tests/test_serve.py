@@ -22,6 +22,7 @@ import lstm_engine as le
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the test extra)")
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="the serve tests need websockets")
+websockets_exceptions = pytest.importorskip("websockets.exceptions")
 for _mod in ("starlette", "uvicorn", "prometheus_client"):
     pytest.importorskip(_mod, reason="lstm-engine serve needs the [serve] extra")
 
@@ -56,12 +57,25 @@ def token_model() -> le.Model:
     ])
 
 
+def masked_model() -> le.Model:
+    """Keras-style masking: a padding id (0) repeats the previous output, which the state must carry."""
+    rng = np.random.default_rng(9)
+    V, E, H = 12, 6, 16
+    return le.Model([
+        le.Embedding(rng.standard_normal((V, E)).astype(np.float32), mask_zero=True),
+        le.LSTM(_u(rng, 4 * H, E), _u(rng, 4 * H, H), _u(rng, 4 * H), _u(rng, 4 * H)),
+        le.Dense(rng.standard_normal((4, H)).astype(np.float32), _u(rng, 4)),
+    ])
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    paths = {"float": str(d / "float.safetensors"), "token": str(d / "token.safetensors")}
+    paths = {"float": str(d / "float.safetensors"), "token": str(d / "token.safetensors"),
+             "masked": str(d / "masked.safetensors")}
     le.save(float_model(), paths["float"])
     le.save(token_model(), paths["token"])
+    le.save(masked_model(), paths["masked"])
     tokens = d / "tokens.txt"
     tokens.write_text(f"# two clients\n{TOKEN_A}\n\n{TOKEN_B}\n")
     paths["tokens"] = str(tokens)
@@ -370,6 +384,35 @@ def test_idle_streams_are_evicted_and_come_back(files, tmp_path, state_dir):
     np.testing.assert_array_equal(np.stack(got), reference(model, xs))
 
 
+def test_masked_streams_restore_exactly(files, tmp_path):
+    """A masked stream moved by GET/PUT state, by eviction, or by a kill -9 and restart continues as the
+    uninterrupted run: padding right after the move repeats the last output, not zeros."""
+    model = masked_model()
+    xs = np.array([0, 3, 5, 7, 0, 0, 2, 0, 9, 0, 0, 4])
+    cuts = [4, 7, 9]  # each move happens just before a padding step
+    want = model.forward(xs[None])[0][0]
+    assert all(xs[t] == 0 and np.abs(want[t]).max() > 0.05 for t in cuts)
+    state_dir = str(tmp_path / "states")
+    with Server(files["masked"], "--state-dir", state_dir, "--idle-timeout", "0.3") as srv, srv.client() as c:
+        sid = c.post("/v1/streams").json()["id"]
+        got = [step(c, sid, int(t))[0] for t in xs[:cuts[0]]]
+        # GET the state, PUT it into a fresh stream, carry on there.
+        blob = c.get(f"/v1/streams/{sid}/state").content
+        sid = c.post("/v1/streams").json()["id"]
+        assert c.put(f"/v1/streams/{sid}/state", content=blob).status_code == 200
+        got += [step(c, sid, int(t))[0] for t in xs[cuts[0]:cuts[1]]]
+        # Evicted to its file and back.
+        deadline = time.monotonic() + 20
+        while c.get(f"/v1/streams/{sid}").json()["in_pool"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not c.get(f"/v1/streams/{sid}").json()["in_pool"]
+        got += [step(c, sid, int(t))[0] for t in xs[cuts[1]:cuts[2]]]
+        assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
+    with Server(files["masked"], "--state-dir", state_dir) as srv, srv.client() as c:
+        got += [step(c, sid, int(t))[0] for t in xs[cuts[2]:]]
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dir_of_another_model_is_refused(files, tmp_path):
     state_dir = str(tmp_path / "states")
     with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
@@ -413,6 +456,53 @@ def test_tokens_isolate_streams(files):
         r = a.post("/v1/streams")
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_streams"
         assert b.post("/v1/streams").status_code == 201  # B's own quota
+
+
+def test_token_file_is_reloaded_without_restart(files, tmp_path):
+    """A changed token file takes effect within a second; SIGHUP reloads it even when nothing about the file
+    looks changed. A removed token is refused (its open WebSocket too); put back, it finds its streams."""
+    token_c, token_d = "token-c-0123456789abcdef", "token-d-0123456789abcdef"
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"{TOKEN_A}\n{TOKEN_B}\n")
+
+    def wait_for(client, status: int) -> None:
+        deadline = time.monotonic() + 20
+        while client.get("/v1/model").status_code != status and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/v1/model").status_code == status
+
+    with Server(files["float"], "--token-file", str(path)) as srv, srv.client(TOKEN_A) as a, \
+            srv.client(TOKEN_B) as b, srv.client(token_c) as c, srv.client(token_d) as d:
+        assert c.post("/v1/streams").status_code == 401
+        sid = a.post("/v1/streams").json()["id"]
+        step(a, sid, np.zeros(8))
+        with srv.ws(sid, TOKEN_A) as ws:
+            path.write_text(f"{TOKEN_B}\n{token_c}\n")  # A out, C in
+            wait_for(c, 200)
+            assert a.get(f"/v1/streams/{sid}").json()["error"]["code"] == "bad_token"
+            assert b.get("/v1/model").status_code == 200
+            ws.send(json.dumps({"x": [0] * 8}))
+            assert json.loads(ws.recv(30))["status"] == 401
+            with pytest.raises(websockets_exceptions.ConnectionClosed):
+                ws.recv(30)
+        # A garbled file keeps the tokens as they were.
+        path.write_text("short\n")
+        time.sleep(1.5)
+        assert c.get("/v1/model").status_code == 200
+        # C swapped for D in place, the file's size and times as before: only SIGHUP shows the change.
+        path.write_text(f"{TOKEN_B}\n{token_c}\n{TOKEN_A}\n")
+        wait_for(a, 200)
+        before = os.stat(path)
+        with open(path, "r+") as f:
+            f.write(f"{TOKEN_B}\n{token_d}\n")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        time.sleep(1.5)
+        assert d.get("/v1/model").status_code == 401
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(d, 200)
+        assert c.get("/v1/model").status_code == 401
+        assert a.get(f"/v1/streams/{sid}").json()["position"] == 1  # A back, with its stream
+        assert srv.alive() and not any("Traceback" in line for line in srv.lines)
 
 
 def test_rate_limit_and_backpressure(files):

@@ -11,17 +11,11 @@ nn = torch.nn
 F = torch.nn.functional
 
 import lstm_engine as le  # noqa: E402
+from torch_modules import (MODULES, FinalHidden, HeadFirst, InitialState, LanguageModel, LastStep,  # noqa: E402
+                           Pooling, floats)
 
 # (batch, steps) the engine runs besides the example's (2, 5): other batches, other lengths, and 1s.
 SIZES = [(2, 5), (3, 9), (1, 4), (4, 1), (1, 1)]
-
-
-def floats(features):
-    return lambda B, T: (torch.randn(B, T, features),)
-
-
-def ids(vocab):
-    return lambda B, T: (torch.randint(0, vocab, (B, T)),)
 
 
 def to_numpy(value):
@@ -61,245 +55,6 @@ def check(module, make_input, sizes=SIZES, atol=1e-5, seed=0):
 
 # -- the modules of issue 10 -------------------------------------------------------------------------
 
-class HeadFirst(nn.Module):
-    """The head is declared before the LSTM it follows."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Linear(16, 3)
-        self.rnn = nn.LSTM(4, 16, batch_first=True)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        return self.head(out)
-
-
-class LastStep(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(4, 12, num_layers=2, batch_first=True)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        return torch.relu(self.fc(out[:, -1]))
-
-
-class FinalHidden(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(4, 12, num_layers=2, batch_first=True)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x):
-        _, (h_n, _) = self.rnn(x)
-        return self.fc(h_n[-1])
-
-
-class BiGRUConcat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(4, 10, num_layers=2, bidirectional=True, batch_first=True)
-        self.fc = nn.Linear(20, 3)
-
-    def forward(self, x):
-        _, h = self.gru(x)
-        return self.fc(torch.cat([h[-2], h[-1]], dim=1))
-
-
-class Pooling(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.GRU(4, 8, batch_first=True)
-        self.fc = nn.Linear(24, 2)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        mean = out.mean(dim=1)
-        top, _ = out.max(dim=1)
-        return self.fc(torch.cat([mean, top, torch.amax(out, 1)], dim=-1))
-
-
-class ResidualLN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(4, 16)
-        self.rnns = nn.ModuleList([nn.LSTM(16, 16, batch_first=True) for _ in range(2)])
-        self.norms = nn.ModuleList([nn.LayerNorm(16) for _ in range(2)])
-
-    def forward(self, x):
-        x = self.proj(x)
-        for rnn, norm in zip(self.rnns, self.norms):
-            x = norm(x + rnn(x)[0])
-        return x
-
-
-class SoftmaxHeads(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.RNN(4, 8, batch_first=True, nonlinearity="relu")
-        self.fc = nn.Linear(8, 6)
-
-    def forward(self, x):
-        logits = self.fc(self.rnn(x)[0])
-        return F.softmax(logits, dim=-1), F.log_softmax(logits, dim=2)
-
-
-class TimeMajor(nn.Module):
-    """batch_first=False with the transposes around it."""
-
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(4, 8, num_layers=2)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        out, (h, c) = self.rnn(x.transpose(0, 1))
-        return self.fc(out.permute(1, 0, 2)), c[-1]
-
-
-class AttentionPool(nn.Module):
-    def __init__(self, use_einsum=False):
-        super().__init__()
-        self.use_einsum = use_einsum
-        self.rnn = nn.GRU(4, 8, batch_first=True, bidirectional=True)
-        self.score = nn.Linear(16, 1)
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        w = torch.softmax(self.score(out), dim=1)  # (B, T, 1)
-        if self.use_einsum:
-            pooled = torch.einsum("bt,btf->bf", w.squeeze(-1), out)
-        else:
-            pooled = torch.bmm(w.transpose(1, 2), out).squeeze(1)
-        return self.fc(pooled)
-
-
-class CRNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(6, 8, kernel_size=3, stride=1, padding=2, dilation=2, groups=2)
-        self.bn = nn.BatchNorm1d(8)
-        self.conv2 = nn.Conv1d(8, 8, kernel_size=3, padding="same")
-        self.gru = nn.GRU(8, 12, batch_first=True)
-        self.fc = nn.Linear(12, 4)
-
-    def forward(self, x):  # x (B, T, 6)
-        z = F.relu(self.bn(self.conv(x.transpose(1, 2))))
-        z = F.gelu(self.conv2(z)).transpose(1, 2)
-        return self.fc(self.gru(z)[0])
-
-
-class LanguageModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(30, 8)
-        self.rnn = nn.LSTM(8, 16, num_layers=2, batch_first=True, dropout=0.3)
-        self.drop = nn.Dropout(0.5)
-        self.out = nn.Linear(16, 30)
-
-    def forward(self, tokens):
-        return self.out(self.drop(self.rnn(self.embed(tokens))[0]))
-
-
-class MultiOutput(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(4, 8, batch_first=True, bidirectional=True, proj_size=3)
-        self.fc = nn.Linear(6, 2)
-
-    def forward(self, x):
-        out, (h, c) = self.rnn(x)
-        return self.fc(out), (h, c), [out[:, 0], h[-2:]]
-
-
-class SpeakerEncoder(nn.Module):
-    """Resemblyzer's shape: LSTM(40, 256, 3) -> Linear -> ReLU -> L2-normalised embedding."""
-
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(40, 256, num_layers=3, batch_first=True)
-        self.linear = nn.Linear(256, 256)
-        self.relu = nn.ReLU()
-
-    def forward(self, mels):
-        _, (hidden, _) = self.lstm(mels)
-        embeds_raw = self.relu(self.linear(hidden[-1]))
-        return embeds_raw / torch.norm(embeds_raw, dim=1, keepdim=True)
-
-
-class InitialState(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(4, 8, num_layers=2, batch_first=True)
-
-    def forward(self, x, h0, c0):
-        out, (h, c) = self.rnn(x, (h0, c0))
-        return out, h, c
-
-
-class ZerosState(nn.Module):
-    """The tutorial habit: zero initial states built in forward from the input's batch size."""
-
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.GRU(4, 8, num_layers=2, batch_first=True)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        h0 = torch.zeros(2, x.size(0), 8)
-        out, _ = self.rnn(x, h0)
-        return self.fc(out[:, -1, :])
-
-
-class Reshapes(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(4, 6, batch_first=True)
-
-    def forward(self, x):
-        out, (h, _) = self.rnn(x)
-        a = torch.stack([out[:, 0], out[:, -1]], dim=1).flatten(1)  # (B, 12)
-        b = out.unsqueeze(1).reshape(out.shape[0], -1, 6).permute(0, 2, 1)  # (B, 6, T)
-        c = h.squeeze(0).view(-1, 3, 2).sum(-1) * 0.5 - 1.0
-        d = (out[:, 1:-1:2] if out.shape[1] > 0 else out).abs().sqrt()
-        return a, b.mean(dim=-1, keepdim=True), c, torch.tanh(torch.sigmoid(h[-1]) / 2) + d.sum(1)
-
-
-class Activations(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.GRU(4, 6, batch_first=True)
-
-    def forward(self, x):
-        y, _ = self.rnn(x)
-        y = y * 3
-        return (F.elu(y, 0.7), F.leaky_relu(y, 0.2), F.gelu(y), F.gelu(y, approximate="tanh"), torch.sigmoid(y),
-                F.softplus(y), F.hardtanh(y), F.silu(y), y - 2 * torch.tanh(y), 1 - y, 2 / (y.abs() + 1))
-
-
-MODULES = {
-    "head declared first": (HeadFirst, floats(4)),
-    "out[:, -1] then relu": (LastStep, floats(4)),
-    "h_n[-1]": (FinalHidden, floats(4)),
-    "bidirectional GRU states concatenated": (BiGRUConcat, floats(4)),
-    "mean and max pooling": (Pooling, floats(4)),
-    "residual LSTMs with LayerNorm": (ResidualLN, floats(4)),
-    "softmax heads": (SoftmaxHeads, floats(4)),
-    "batch_first=False with transposes": (TimeMajor, floats(4)),
-    "attention pooling (bmm)": (AttentionPool, floats(4)),
-    "attention pooling (einsum)": (lambda: AttentionPool(use_einsum=True), floats(4)),
-    "Conv1d front end -> GRU": (CRNN, floats(6)),
-    "Embedding -> LSTM -> Linear": (LanguageModel, ids(30)),
-    "tuple and list returns": (MultiOutput, floats(4)),
-    "L2-normalised speaker embedding": (SpeakerEncoder, floats(40)),
-    "initial states as inputs": (InitialState, lambda B, T: (torch.randn(B, T, 4), torch.randn(2, B, 8),
-                                                             torch.randn(2, B, 8))),
-    "zero states built in forward": (ZerosState, floats(4)),
-    "stack, flatten, reshape, permute, slices": (Reshapes, floats(4)),
-    "activations and arithmetic": (Activations, floats(4)),
-}
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -322,10 +77,10 @@ def test_state_is_the_recurrent_layers_final_states():
     _, state = model.forward(x.numpy())
     with torch.no_grad():
         _, (h, c) = module.rnn(x)
-    assert len(state) == 2  # one entry per layer, as for a chain
+    assert len(state) == 2  # one entry per layer, as for a chain: (directions, batch, hidden)
     for k in range(2):
-        np.testing.assert_allclose(state[k][0], h[k:k + 1].numpy(), atol=1e-5)
-        np.testing.assert_allclose(state[k][1], c[k:k + 1].numpy(), atol=1e-5)
+        np.testing.assert_allclose(state[k][0], h[2 * k:2 * k + 2].numpy(), atol=1e-5)
+        np.testing.assert_allclose(state[k][1], c[2 * k:2 * k + 2].numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
@@ -374,7 +129,7 @@ def test_numpy_and_tuple_example_inputs():
 
 
 @pytest.mark.parametrize("name", ["attention pooling (bmm)", "Embedding -> LSTM -> Linear", "tuple and list returns",
-                                  "Conv1d front end -> GRU"])
+                                  "Conv1d and BatchNorm front end -> GRU"])
 def test_exported_model_saves_and_loads(tmp_path, name):
     make, make_input = MODULES[name]
     torch.manual_seed(6)

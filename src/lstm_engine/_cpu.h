@@ -14,6 +14,8 @@
 
 #include <stddef.h>
 
+#include "_cells.h"
+
 /* Kernel variants, best last. The one source of these codes: _kernels.pyx reads them from here. */
 enum { LE_PORTABLE = 0, LE_AVX2 = 1, LE_AVX512 = 2, LE_NUM_VARIANTS = 3 };
 
@@ -45,7 +47,7 @@ void le_pack_f32(const float *W, int G, int H, int K, float *out);
 /* A (G*H) vector in the same gate-by-panel order, zero padded: G*Hp floats (Hp = H rounded up to 16). */
 void le_pack_bias_f32(const float *b, int G, int H, float *out);
 
-/* One direction of an LSTM (cell 0) or a GRU with reset after (cell 1) over B rows and T steps. */
+/* One direction of an LSTM (cell CELL_LSTM) or a GRU with reset after (CELL_GRU) over B rows and T steps. */
 typedef struct {
     int cell, B, In, H, T, reverse, zero_masked;
     const float *x;               /* (B, T, In) */

@@ -24,9 +24,10 @@ cdef extern from "_activations.h":
         ACT_COUNT
     const char* le_activation_name(int code)
 
-# Cell codes.
-cdef enum:
-    CELL_LSTM = 0
-    CELL_GRU = 1               # PyTorch / Keras reset_after=True: r applied after the recurrent product
-    CELL_GRU_RESET_BEFORE = 2  # Keras reset_after=False: r applied to h before the recurrent product
-    CELL_RNN = 3
+# Cell codes, defined once in _cells.h (Python reads them as _kernels.CELL_CODES).
+cdef extern from "_cells.h":
+    cdef enum:
+        CELL_LSTM
+        CELL_GRU                   # PyTorch / Keras reset_after=True: r applied after the recurrent product
+        CELL_GRU_RESET_BEFORE      # Keras reset_after=False: r applied to h before the recurrent product
+        CELL_RNN

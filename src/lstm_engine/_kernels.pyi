@@ -49,7 +49,7 @@ class RecurrentKernel:
         table: npt.NDArray[np.float32] | None = ...,  # from input_table: x holds token ids
         lengths: npt.NDArray[np.int32] | None = ...,  # (B,) valid steps per row, longest first; mask None
         y_rows: npt.NDArray[np.int32] | None = ...,  # (B,) the row of y each (sorted) row writes
-    ) -> None: ...
+    ) -> int: ...  # threads the step loop ran on (fast path: the C kernels' split; general loop: 1; empty: 0)
 
 class ChainStep:
     # One step of [token table ->] recurrent layers -> Dense heads in one call (lstm_engine.plan.chain_step)

@@ -308,6 +308,26 @@ cdef inline void general_row(const le_gate_options* o, int cell, int H, floating
             le_gru_before_gates_f64(o, H, q, hq, bias, h, rh)
 
 
+cdef struct GeneralWork:
+    # Offsets into the general loop's work buffer, in elements of the kernel's dtype, and its size.
+    Py_ssize_t xp, hp, tmp, hnew, quant, size
+
+
+cdef inline GeneralWork general_work(Py_ssize_t B, Py_ssize_t T, Py_ssize_t GH, Py_ssize_t H, Py_ssize_t P,
+                                     Py_ssize_t quant) noexcept nogil:
+    """The general loop's work buffer: the input projection of every step (B, T, GH), the recurrent
+    products (B, GH), rows of (B, H) and (B, P), then ``quant`` elements of int8's scratch. The one place
+    it is laid out: RecurrentKernel's size check and run_direction both read it here."""
+    cdef GeneralWork w
+    w.xp = 0
+    w.hp = w.xp + B * T * GH
+    w.tmp = w.hp + B * GH
+    w.hnew = w.tmp + B * H
+    w.quant = w.hnew + B * P
+    w.size = w.quant + quant
+    return w
+
+
 cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h, floating* c,
                         const unsigned char* mask, floating* w_ih, floating* w_hh,
                         floating* w_hr, floating* bias, floating* bias_hn,
@@ -317,10 +337,11 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
     cdef int ydim = d.D * P
     cdef Py_ssize_t xp_row = <Py_ssize_t>T * GH     # stride between batch rows in xp
     cdef Py_ssize_t y_row = <Py_ssize_t>T * ydim
-    cdef floating* xp = work
-    cdef floating* hp = xp + <Py_ssize_t>B * T * GH
-    cdef floating* tmp = hp + <Py_ssize_t>B * GH
-    cdef floating* hnew = tmp + <Py_ssize_t>B * H
+    cdef GeneralWork w = general_work(B, T, GH, H, P, 0)
+    cdef floating* xp = work + w.xp
+    cdef floating* hp = work + w.hp
+    cdef floating* tmp = work + w.tmp
+    cdef floating* hnew = work + w.hnew
     cdef int s, t, b, j, step_back
     cdef floating* pre
     cdef floating* q
@@ -463,12 +484,13 @@ cdef cnp.ndarray aligned_floats(Py_ssize_t n):
     return buf[skip:skip + n]
 
 
-cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, float* c,
-                             const unsigned char* mask, float* w_ih, float* w_hh, float* bias,
-                             float* bias_hn, float* work, int threads, const float* table=NULL,
-                             const Py_ssize_t* ids=NULL, const int* lengths=NULL,
-                             const int* y_rows=NULL) noexcept nogil:
-    """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in the C kernels (cpu_steps.c).
+cdef int run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, float* c,
+                            const unsigned char* mask, float* w_ih, float* w_hh, float* bias,
+                            float* bias_hn, float* work, int threads, const float* table=NULL,
+                            const Py_ssize_t* ids=NULL, const int* lengths=NULL,
+                            const int* y_rows=NULL) noexcept nogil:
+    """One direction of a float32 LSTM / GRU with sigmoid gates and tanh, in the C kernels (cpu_steps.c);
+    returns the number of threads that ran it.
 
     Its own GEMM and GEMV on the weights packed once at load (OpenBLAS repacks the weights at every
     step), the gates applied to each tile of sums while it is in registers, and the units split
@@ -482,7 +504,7 @@ cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, fl
     a.ids = ids
     a.lengths = lengths
     a.y_rows = y_rows
-    a.cell = 0 if d.cell == CELL_LSTM else 1
+    a.cell = d.cell  # CELL_LSTM or CELL_GRU: the only cells the fast path takes
     a.B = d.B
     a.In = d.In
     a.H = d.H
@@ -501,7 +523,7 @@ cdef void run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, fl
     a.bias = bias
     a.bias_hn = bias_hn
     a.work = work
-    le_run_steps_f32(&a, threads if step_bytes >= parallel_min_bytes else 1)
+    return le_run_steps_f32(&a, threads if step_bytes >= parallel_min_bytes else 1)
 
 
 VARIANTS = tuple(le_simd_name(level).decode() for level in range(LE_NUM_VARIANTS))
@@ -731,6 +753,10 @@ cdef set_options(le_gate_options* o, dict spec, object dtype, int H):
     o.peephole = data_or_null(p)
 
 
+# {cell name: code} for the Python layers (lstm.py, gru.py, rnn.py), from _cells.h (the one definition).
+CELL_CODES = {"LSTM": CELL_LSTM, "GRU": CELL_GRU, "GRU_RESET_BEFORE": CELL_GRU_RESET_BEFORE, "RNN": CELL_RNN}
+
+
 def activation_codes():
     """{name: code} of every activation the kernels know, from _activations.h (the one list)."""
     return {le_activation_name(k).decode(): k for k in range(ACT_COUNT)}
@@ -898,12 +924,10 @@ cdef class RecurrentKernel:
                       p[1].reshape(P, self.hidden_size, self.num_gates, LE_PANEL)) for p in self._packed)
 
     cdef inline Py_ssize_t _work_size(self, Py_ssize_t batch, Py_ssize_t steps):
-        cdef Py_ssize_t GH = <Py_ssize_t>self.num_gates * self.hidden_size
         if self.fast:
-            return le_steps_work_size(0 if self.cell == CELL_LSTM else 1, batch, self.hidden_size, steps)
-        # The projections and per-step buffers, and int8's quantized rows of the largest product.
-        return (batch * steps * GH + batch * GH + batch * self.hidden_size + batch * self.output_size
-                + self._quant_scratch(batch, steps))
+            return le_steps_work_size(self.cell, batch, self.hidden_size, steps)
+        return general_work(batch, steps, <Py_ssize_t>self.num_gates * self.hidden_size, self.hidden_size,
+                            self.output_size, self._quant_scratch(batch, steps)).size
 
     cdef inline Py_ssize_t _quant_scratch(self, Py_ssize_t batch, Py_ssize_t steps):
         """Elements of work (of this kernel's dtype) for le_qgemm's scratch: 0 unless int8."""
@@ -934,7 +958,7 @@ cdef class RecurrentKernel:
         cdef float* od = <float*>cnp.PyArray_DATA(o)
         with nogil:
             for d in range(self.num_directions):
-                le_project_f32(0 if self.cell == CELL_LSTM else 1, self.hidden_size, self.input_size,
+                le_project_f32(self.cell, self.hidden_size, self.input_size,
                                <const float*>cnp.PyArray_DATA(rows), V, <const float*>self.w_ih[d],
                                <const float*>self.bias[d], od + <Py_ssize_t>d * V * self.num_gates * Hp)
         return out
@@ -952,6 +976,9 @@ cdef class RecurrentKernel:
         (B,) valid steps per row, longest first (rows past their length cost nothing, keep their
         state and output zeros; mask must be None); y_rows, int32 (B,): the row of y each row
         writes (rows sorted for lengths, outputs in the caller's order).
+        Returns the number of threads the step loop ran on: those the C kernels split the units across on
+        the float32 fast path (the most of any direction); 1 for the general loop, which runs on the calling
+        thread (its BLAS or quantized products may use up to ``threads``); 0 for an empty input.
         """
         cdef Dims dims
         cdef int dirn
@@ -970,6 +997,7 @@ cdef class RecurrentKernel:
         cdef const int* lens = NULL
         cdef const int* rows = NULL
         cdef Py_ssize_t table_step = 0
+        cdef int used = 1, ran
         if threads <= 0:
             threads = self.threads
         dims.cell = self.cell
@@ -1013,7 +1041,7 @@ cdef class RecurrentKernel:
             if y_rows is not None:
                 rows = check_rows(y_rows, dims.B, dims.B - 1, False)
         if dims.B == 0 or dims.T == 0:
-            return
+            return 0
         if not fast and not self.quantized:
             if sgemm == NULL:
                 load_blas()
@@ -1025,8 +1053,9 @@ cdef class RecurrentKernel:
                 blas_saved = 0
         cdef QW qruns[2]
         cdef QW* qrun = NULL
-        # int8's scratch: the end of the work buffer
-        cdef Py_ssize_t qoff = (self._work_size(dims.B, dims.T) - self._quant_scratch(dims.B, dims.T)) * 4
+        # int8's scratch, in bytes (quantized kernels are float32)
+        cdef Py_ssize_t qoff = general_work(dims.B, dims.T, <Py_ssize_t>dims.G * dims.H, dims.H, dims.P,
+                                            0).quant * 4
         hstride = <Py_ssize_t>dims.B * dims.P * self.dtype.itemsize
         cstride = <Py_ssize_t>dims.B * dims.H * self.dtype.itemsize
         with nogil:
@@ -1039,12 +1068,13 @@ cdef class RecurrentKernel:
                                           <double*>self.w_hr[dirn], <double*>self.bias[dirn],
                                           <double*>self.bias_hn[dirn], <double*>wd, NULL, threads)
                 elif fast:
-                    run_fast_direction(&dims, dirn, <float*>xd, <float*>yd,
-                                       <float*>(hd + dirn * hstride), <float*>(cd + dirn * cstride), m,
-                                       <float*>self.w_ih[dirn], <float*>self.w_hh[dirn],
-                                       <float*>self.bias[dirn], <float*>self.bias_hn[dirn],
-                                       <float*>wd, threads, tab + dirn * table_step if tab != NULL else NULL,
-                                       ids, lens, rows)
+                    ran = run_fast_direction(&dims, dirn, <float*>xd, <float*>yd,
+                                             <float*>(hd + dirn * hstride), <float*>(cd + dirn * cstride), m,
+                                             <float*>self.w_ih[dirn], <float*>self.w_hh[dirn],
+                                             <float*>self.bias[dirn], <float*>self.bias_hn[dirn],
+                                             <float*>wd, threads, tab + dirn * table_step if tab != NULL else NULL,
+                                             ids, lens, rows)
+                    used = max(used, ran)
                 else:
                     if self.quantized:
                         qruns[dirn] = self.q[dirn]
@@ -1059,6 +1089,7 @@ cdef class RecurrentKernel:
                                          qrun if self.quantized else NULL, threads)
             if blas_saved:
                 le_blas_set_threads(blas_saved)
+        return used
 
 
 cdef enum:
@@ -1126,7 +1157,7 @@ cdef class ChainStep:
             self.runs.append((k.run, h, c, work, y))
             memset(&self.args[i], 0, sizeof(le_steps_args))
             if k.fast:
-                self.args[i].cell = 0 if k.cell == CELL_LSTM else 1
+                self.args[i].cell = k.cell  # CELL_LSTM or CELL_GRU: ChainStep runs only those on the C kernels
                 self.args[i].B = batch
                 self.args[i].In = k.input_size
                 self.args[i].H = k.hidden_size

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import UserError
+
 PROG = "lstm-engine"
 SHIPPED_MODEL = "builtin:charlm"  # lstm_engine/data/charlm.safetensors, see formats.BUILTIN_MODELS
 
@@ -33,8 +35,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit status 1."""
 
 
 # -- generate ------------------------------------------------------------------------------------
@@ -134,8 +134,10 @@ def _load_array(path: str, what: str, mmap: bool = False):
     return array
 
 
-def _check_input(model, x, path: str):
-    """x's shape against the model's: (B, T) ids or (B, T, features), as one line naming the file."""
+def _check_input(model, x, path: str, given: tuple | None = None):
+    """x's shape against the model's: (B, T) ids or (B, T, features), as one line naming the file.
+    ``given``: the shape as the file holds it, when the command added the batch axis to one sequence."""
+    given = x.shape if given is None else given
     if not model.is_chain:
         fed = [v for v in model.graph.inputs if not v.optional]
         if len(fed) != 1 or fed[0].shape[:1] != ["batch"]:
@@ -143,18 +145,18 @@ def _check_input(model, x, path: str):
                             f"{', '.join(f'{v.name} {tuple(v.shape)}' for v in fed)}")
         want = fed[0].shape
         if x.ndim != len(want) or any(isinstance(d, int) and d != n for d, n in zip(want, x.shape)):
-            raise UserError(f"{path}: expected shape {tuple(want)}, got {x.shape}")
+            raise UserError(f"{path}: expected shape {tuple(want)}, got {given}")
         if x.size == 0:
-            raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {x.shape}")
+            raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {given}")
         return
     if model.takes_ids:
         if x.ndim != 2 or x.dtype.kind not in "iu":
             raise UserError(f"{path}: expected token ids, integers of shape (batch, steps), "
-                            f"got {x.dtype} {x.shape}")
+                            f"got {x.dtype} {given}")
     elif x.ndim != 3 or (model.input_size is not None and x.shape[2] != model.input_size):
-        raise UserError(f"{path}: expected shape (batch, steps, {model.input_size or 'features'}), got {x.shape}")
+        raise UserError(f"{path}: expected shape (batch, steps, {model.input_size or 'features'}), got {given}")
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {x.shape}")
+        raise UserError(f"{path}: expected at least one sequence of at least one step, got shape {given}")
 
 
 def _random_input(model, B: int, T: int, rng, shapes: list | None = None):
@@ -219,42 +221,15 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_inspect)
 
 
-def _file_format(path: str) -> str:
-    import json
-    import struct
-    import zipfile
-
-    from .formats import _sniff
-
-    kind = _sniff(path)
-    if kind == "safetensors":
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            meta = json.loads(f.read(n)).get("__metadata__", {}) if n < 1 << 26 else {}
-        if meta.get("format") == "lstm_engine":
-            return f"lstm_engine safetensors (format version {meta.get('format_version', '?')})"
-        return "safetensors state_dict"
-    if kind == "zip":
-        with zipfile.ZipFile(path) as zf:
-            return "Keras .keras archive" if "config.json" in zf.namelist() else "torch.save zip (state_dict)"
-    if kind == "hdf5":
-        return "Keras HDF5"
-    if kind == "torch-legacy":
-        return "legacy torch.save stream (state_dict)"
-    if kind == "pickle":
-        return "pickle (madmom network, or NumPy arrays)"
-    return "unknown"
-
-
 def run_inspect(args: argparse.Namespace) -> int:
-    from .formats import resolve
+    from .formats import describe, resolve
 
     model = _load_model(args.model)
     if model.is_chain:
         _inspect_chain(model)
     else:
         _inspect_graph(model)
-    print(f"file: {_file_format(resolve(args.model))}")
+    print(f"file: {describe(resolve(args.model))}")
     meta = model.metadata
     source = meta.get("source", "unknown")
     version = meta.get("framework_version") or meta.get("keras_version")
@@ -583,90 +558,6 @@ def _errors(name: str, got, want) -> tuple[str, float]:
     return f"  {name:<14} max abs {err:9.2e}   max rel {rel:9.2e}", err
 
 
-def _torch_reference(model, path: str, x, lengths):
-    """Outputs and per-layer states of the original PyTorch network, rebuilt from its state_dict."""
-    import numpy as np
-    import torch
-
-    from .formats import _sniff
-
-    if _sniff(path) == "safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many kinds for a file it cannot read
-            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-                # torch's own text runs to a page with terminal colour codes: say what it means instead.
-                raise UserError(f"{path}: holds pickled Python objects (a whole module or a class of your own), "
-                                "not only tensors, and is never unpickled here; save net.state_dict() and pass "
-                                "that file, or pass the .py file that builds the module") from None
-            raise UserError(f"{path}: torch cannot read it as a state_dict: {type(exc).__name__}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f"{path}: expected a state_dict (names -> tensors)")
-    # Modules in state_dict order: "<prefix>.<param>" keys grouped by prefix.
-    groups: dict[str, dict] = {}
-    for key, value in sd.items():
-        prefix, _, name = key.rpartition(".")
-        groups.setdefault(prefix, {})[name] = value.double()
-    layers = [layer for layer in model.layers if layer.weights()]
-    pos = 0
-    steps = []
-    for prefix, params in groups.items():
-        if pos >= len(layers):
-            raise UserError(f"{path}: has more weights ({prefix!r}) than {model!r} holds")
-        layer = layers[pos]
-        kind = type(layer).__name__
-        recurrent_weights = "weight_ih_l0" in params
-        if recurrent_weights != bool(layer.is_recurrent):
-            number = next(i for i, known in enumerate(model.layers) if known is layer)
-            raise UserError(f"{path}: its tensors {prefix or '(top level)'}.{{{', '.join(params)}}} are "
-                            f"{'a recurrent' if recurrent_weights else 'a non-recurrent'} module's, but layer "
-                            f"{number} of the model is a {kind}: not the network this model was made from")
-        if recurrent_weights:
-            stack = []
-            while pos < len(layers) and layers[pos].is_recurrent and f"weight_ih_l{len(stack)}" in params:
-                stack.append(layers[pos])
-                pos += 1
-            first = stack[0]
-            cls = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}[type(first).__name__]
-            kw = {"nonlinearity": first.nonlinearity} if cls is torch.nn.RNN else {}
-            if first.proj_size:
-                kw["proj_size"] = first.proj_size
-            net = cls(first.input_size, first.hidden_size, num_layers=len(stack), bias="bias_ih_l0" in params,
-                      batch_first=True, bidirectional=first.bidirectional, **kw).double()
-            steps.append(("rnn", net, params, len(stack), first.num_directions))
-        else:
-            raise UserError(f"verify --source: a state_dict rebuilds only recurrent layers, not a {kind} layer")
-    for step in steps:
-        try:
-            step[1].load_state_dict(step[2], strict=True)
-        except RuntimeError as exc:
-            raise UserError(f"{path}: its weights do not fit the model's architecture: "
-                            f"{str(exc).splitlines()[-1].strip()}") from None
-    h = torch.from_numpy(np.asarray(x)) if model.takes_ids else torch.from_numpy(np.asarray(x, np.float64))
-    states = []
-    with torch.no_grad():
-        for kind, net, _, extra, D in steps:
-            if kind == "rnn":
-                T = h.shape[1]
-                if lengths is not None:
-                    packed = torch.nn.utils.rnn.pack_padded_sequence(h, torch.from_numpy(lengths), batch_first=True,
-                                                                     enforce_sorted=False)
-                    out, st = net(packed)
-                    h = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
-                else:
-                    h, st = net(h)
-                st = st if isinstance(st, tuple) else (st,)
-                for k in range(extra):
-                    states.append(tuple(s[k * D:(k + 1) * D].numpy() for s in st))
-    return h.numpy(), states
-
-
 def _keras_reference(path: str, x):
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import keras
@@ -732,28 +623,13 @@ def register_source(source: Source) -> None:
     SOURCES.insert(0, source)
 
 
-def _is_keras(path: str) -> bool:
-    from .formats import _sniff
+def _detects(*kinds: str) -> Callable[[str], bool]:
+    """A Source.detect accepting files that formats.detect says are one of ``kinds``."""
+    def detect(path: str) -> bool:
+        from .formats import detect
 
-    kind = _sniff(path)
-    if kind == "zip":
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(path) as zf:
-                return "config.json" in zf.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError):
-            return False
-    return kind == "hdf5"
-
-
-def _is_torch_state_dict(path: str) -> bool:
-    from .formats import _sniff
-
-    kind = _sniff(path)
-    if kind == "safetensors":
-        return "lstm_engine safetensors" not in _file_format(path)
-    return kind == "zip" and not _is_keras(path)
+        return detect(path) in kinds
+    return detect
 
 
 def _keras_source(model, path: str, x, rng, args) -> Reference:
@@ -785,14 +661,14 @@ def _torch_state_dict_source(model, path: str, x, rng, args) -> Reference:
     B, T = x.shape[:2]
     lengths = rng.integers(1, T + 1, B)
     lengths[0] = T
-    y, states = _torch_reference(model, path, x, lengths)
+    from ._torch_reference import torch_reference
+
+    y, states = torch_reference(model, path, x, lengths)
     return Reference(f"torch {torch.__version__}", [y], states, lengths=lengths)
 
 
 def _is_onnx(path: str) -> bool:
-    from .formats import _sniff
-
-    return _sniff(path) == "onnx" or path.lower().endswith(".onnx")
+    return path.lower().endswith(".onnx") or _detects("onnx")(path)
 
 
 def _onnx_source(model, path: str, x, rng, args) -> Reference:
@@ -840,12 +716,6 @@ def _onnx_source(model, path: str, x, rng, args) -> Reference:
                          "(set sizes with --batch/--steps, values with --fill)") from None
     return Reference(f"onnxruntime {onnxruntime.__version__}", {o.name: w for o, w in zip(sess.get_outputs(), want)},
                      inputs=feeds, note=f"inputs {shown} (random floats, integers 0, --fill as given)")
-def _is_engine_file(path: str) -> bool:
-    from .formats import _sniff
-
-    return _sniff(path) == "safetensors" and "lstm_engine safetensors" in _file_format(path)
-
-
 def _engine_source(model, path: str, x, rng, args) -> Reference:
     """Another lstm_engine model, typically the float model MODEL was quantized from: outputs, states, mean error."""
     import numpy as np
@@ -863,15 +733,7 @@ def _engine_source(model, path: str, x, rng, args) -> Reference:
 
 def _is_torch_module_source(path: str) -> bool:
     """A script that defines the module, or a program saved with torch.export.save."""
-    if path.endswith(".py"):
-        return True
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(n.endswith("/archive_format") for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
+    return path.endswith(".py") or _detects("torch-export")(path)
 
 
 def _torch_module_source(model, path: str, x, rng, args) -> Reference:
@@ -903,9 +765,9 @@ def _torch_module_source(model, path: str, x, rng, args) -> Reference:
 SOURCES += [Source("torch module (.py defining `model`, or a torch.export.save .pt2)", _is_torch_module_source,
                    _torch_module_source),
             Source("onnx", _is_onnx, _onnx_source, model_is_source=True, makes_inputs=True),
-            Source("keras", _is_keras, _keras_source),
-            Source("torch state_dict", _is_torch_state_dict, _torch_state_dict_source),
-            Source("lstm_engine", _is_engine_file, _engine_source)]
+            Source("keras", _detects("keras", "hdf5"), _keras_source),
+            Source("torch state_dict", _detects("safetensors", "torch"), _torch_state_dict_source),
+            Source("lstm_engine", _detects("lstm_engine"), _engine_source)]
 
 
 def _flat_outputs(model, y) -> list:
@@ -1143,9 +1005,10 @@ def run_gates(args: argparse.Namespace) -> int:
 
     model = _load_model(args.model)
     x = _load_array(args.input, "the input")
+    given = x.shape
     if x.ndim == (1 if model.takes_ids else 2):
         x = x[None]
-    _check_input(model, x, args.input)
+    _check_input(model, x, args.input, given)
     if not 0 <= args.row < x.shape[0]:
         raise UserError(f"--row: expected 0..{x.shape[0] - 1} (the input has {x.shape[0]} sequences), got {args.row}")
     if not model.recurrent_layers:
@@ -1193,9 +1056,6 @@ def run_gates(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the command ---------------------------------------------------------------------------------
-
-# Subcommands, in the order --help lists them.
 # -- quantize ------------------------------------------------------------------------------------
 
 def add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -1252,7 +1112,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="keep every stream's state here, written after each answered step; a restart resumes "
                         "every stream")
     p.add_argument("--token-file", default=None, metavar="FILE",
-                   help="bearer tokens, one per line; every request must carry one")
+                   help="bearer tokens, one per line; every request must carry one. Read again when the file "
+                        "changes (or on SIGHUP): removed tokens are refused from then on")
     p.add_argument("--max-body", type=int, default=16 << 20, metavar="BYTES",
                    help="largest request body or WebSocket message (default 16 MiB)")
     p.add_argument("--max-chunk", type=int, default=4096, metavar="STEPS",
@@ -1284,11 +1145,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--idle-timeout: expected seconds > 0, got {args.idle_timeout}")
     if not args.rate_limit >= 0:
         raise UserError(f"--rate-limit: expected requests a second >= 0, got {args.rate_limit}")
-    tokens = None
-    if args.token_file is not None:
-        if not os.path.isfile(args.token_file):
-            raise UserError(f"{args.token_file}: no such file")
-        tokens = serve.read_tokens(args.token_file)
+    if args.token_file is not None and not os.path.isfile(args.token_file):
+        raise UserError(f"{args.token_file}: no such file")
     model = _load_model(args.model, args.threads)
     limits = serve.Limits(max_body=args.max_body, max_chunk=args.max_chunk,
                           max_streams_per_token=args.max_streams_per_token, rate=args.rate_limit,
@@ -1299,7 +1157,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     try:
         server = serve.Server(model, max_batch=args.max_batch, idle_timeout=args.idle_timeout,
-                              state_dir=args.state_dir, tokens=tokens, limits=limits)
+                              state_dir=args.state_dir, token_file=args.token_file, limits=limits)
     except BaseException:
         sock.close()
         raise
@@ -1310,7 +1168,7 @@ def run_serve(args: argparse.Namespace) -> int:
         loopback = False
     if not loopback:
         print(f"{PROG} serve: warning: listening on {host}, reachable from other machines"
-              + ("" if tokens else " and open to anyone (no --token-file)"), file=sys.stderr)
+              + ("" if args.token_file else " and open to anyone (no --token-file)"), file=sys.stderr)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def ready() -> None:
@@ -1320,6 +1178,9 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the command ---------------------------------------------------------------------------------
+
+# Subcommands, in the order --help lists them.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate, add_inspect, add_run, add_verify, add_bench, add_gates, add_quantize, add_serve,
 ]

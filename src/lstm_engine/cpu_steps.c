@@ -42,11 +42,26 @@ void le_pack_bias_f32(const float *b, int G, int H, float *out)
             }
 }
 
+/* The work buffer's layout, in floats from its start: the projections of every step (T, B, G * Hp), then
+ * h twice (this step's, the next), each (B, H). The one place it is computed (size and run alike). */
+typedef struct {
+    ptrdiff_t GHp, xp, hbuf0, hbuf1, size;
+} steps_work;
+
+static steps_work steps_work_layout(int cell, int B, int H, int T)
+{
+    steps_work w;
+    w.GHp = (ptrdiff_t)(cell == CELL_LSTM ? 4 : 3) * panels_of(H) * LE_PANEL;
+    w.xp = 0;
+    w.hbuf0 = w.xp + (ptrdiff_t)T * B * w.GHp;
+    w.hbuf1 = w.hbuf0 + (ptrdiff_t)B * H;
+    w.size = w.hbuf1 + (ptrdiff_t)B * H;
+    return w;
+}
+
 ptrdiff_t le_steps_work_size(int cell, int B, int H, int T)
 {
-    /* The projections of every step (T, B, G * Hp), then h twice (this step's, the next). */
-    ptrdiff_t G = cell == 0 ? 4 : 3;
-    return (ptrdiff_t)B * T * G * panels_of(H) * LE_PANEL + 2 * (ptrdiff_t)B * H;
+    return steps_work_layout(cell, B, H, T).size;
 }
 
 /* The work of one call, in phases: the input projection of every step (phase 0; none for one row
@@ -161,7 +176,7 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
     le_steps_args *a = job->a;
     int H = a->H, In = a->In, T = a->T;
     memset(blk, 0, sizeof *blk);
-    blk->G = a->cell == 0 ? 4 : 3;
+    blk->G = a->cell == CELL_LSTM ? 4 : 3;
     blk->H = H;
     if (phase == 0) {
         blk->mode = MODE_PROJECT;
@@ -179,7 +194,7 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
         return;
     }
     int s = phase - 1, t = a->reverse ? T - 1 - s : s;
-    blk->mode = a->cell == 0 ? MODE_LSTM : MODE_GRU;
+    blk->mode = a->cell == CELL_LSTM ? MODE_LSTM : MODE_GRU;
     blk->A = blk->h_in = job->hbuf[s & 1];
     blk->h_out = job->hbuf[(s + 1) & 1];
     blk->lda = H;
@@ -255,8 +270,9 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     job.v = le_variant_in_use();
     job.P = P;
     job.fused = a->B == 1 && a->T == 1 && !a->table;
-    job.GHp = (ptrdiff_t)(a->cell == 0 ? 4 : 3) * P * LE_PANEL;
-    job.xp = a->work; /* (T, B, G * Hp) */
+    steps_work w = steps_work_layout(a->cell, a->B, a->H, a->T);
+    job.GHp = w.GHp;
+    job.xp = a->work + w.xp; /* (T, B, G * Hp) */
     if (a->table) {
         /* The projections are the table's rows: looked up, nothing projected (phase 0 is empty). */
         if (a->B == 1 && a->T == 1)
@@ -268,8 +284,8 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
                            a->table + a->ids[(ptrdiff_t)b * a->T + t] * job.GHp, job.GHp * sizeof(float));
     }
     ptrdiff_t BH = (ptrdiff_t)a->B * a->H;
-    job.hbuf[0] = a->work + (ptrdiff_t)a->T * a->B * job.GHp;
-    job.hbuf[1] = job.hbuf[0] + BH;
+    job.hbuf[0] = a->work + w.hbuf0;
+    job.hbuf[1] = a->work + w.hbuf1;
     memcpy(job.hbuf[0], a->h, BH * sizeof(float));
     /* Each thread needs at least one panel. */
     if (nthreads > P)
@@ -277,7 +293,9 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     if (nthreads > MAX_PARTS)
         nthreads = MAX_PARTS;
     double step_flops = 2.0 * a->B * job.GHp * (job.fused ? a->In + a->H : a->H);
-    int used = le_pool_acquire(nthreads, 2.0 * a->B * a->T * job.GHp * (a->In + a->H), step_flops);
+    /* A table's projections are looked up, not computed. */
+    double flops = 2.0 * a->B * a->T * job.GHp * ((a->table ? 0 : a->In) + a->H);
+    int used = le_pool_acquire(nthreads, flops, step_flops);
     job.nth = used;
     if (!job.fused && !a->table) {
         /* Enough projection units for every thread to have a few (each an A chunk read once). */
@@ -301,7 +319,7 @@ void le_project_f32(int cell, int H, int In, const float *x, int rows, const flo
     le_block blk;
     memset(&blk, 0, sizeof blk);
     blk.mode = MODE_PROJECT;
-    blk.G = cell == 0 ? 4 : 3;
+    blk.G = cell == CELL_LSTM ? 4 : 3;
     blk.H = H;
     blk.A = x;
     blk.lda = In;

@@ -30,6 +30,11 @@ class UnsupportedOpError(LoadError):
         return type(self), (self.op, self.source, self.supported)
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for (a CLI argument, a --source that does not match): the CLI
+    reports it as one line, exit status 1."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a message for the user rather than a bug: a LoadError, or a ValueError/TypeError
     that one of lstm_engine's own ``raise`` statements threw while validating an input.

@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import _kernels
 from ._base import one_blas_thread
 from .activations import apply
 

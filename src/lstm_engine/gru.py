@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _kernels
 from ._recurrent import RecurrentLayer
 
 
@@ -25,7 +26,7 @@ class GRU(RecurrentLayer):
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, None, **options)
 
     def _cell_code(self) -> int:
-        return 1 if self.reset_after else 2  # CELL_GRU, CELL_GRU_RESET_BEFORE
+        return _kernels.CELL_CODES["GRU" if self.reset_after else "GRU_RESET_BEFORE"]
 
     def _kernel_biases(self, b_ih: np.ndarray, b_hh: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         H = self.hidden_size

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _kernels
 from ._recurrent import RecurrentLayer
 
 
@@ -25,7 +26,7 @@ class LSTM(RecurrentLayer):
         super().__init__(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, **options)
 
     def _cell_code(self) -> int:
-        return 0  # CELL_LSTM
+        return _kernels.CELL_CODES["LSTM"]
 
     @property
     def state_shapes(self) -> tuple[tuple[int, int], ...]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ._base import as_real_array
 from .plan import check_state
+from .session import decode_state, encode_state
 from .stream import Streamer, check_floats
 
 
@@ -430,6 +431,33 @@ class Stream:
             if core.started is not None:
                 for s in core.started:
                     s[self._slot] = False
+
+    def _arrays(self) -> list[tuple[str, np.ndarray]]:
+        """Views of this stream's slot, named and shaped as a batch-1 session's state arrays."""
+        core, slot = self._core, self._slot
+        named = []
+        for k, arrays in enumerate(core.slots):
+            for name, arr in zip(("h", "c"), arrays):
+                named.append((f"{k}.{name}", arr[slot:slot + 1].reshape(1, 1, -1)))
+            if core.started is not None:
+                named.append((f"{k}.started", core.started[k][slot:slot + 1]))
+        return named
+
+    def save_state(self) -> bytes:
+        """The whole state as bytes, the masked layers' "output yet?" flags included: the bytes a batch-1
+        ``Session.save_state`` writes, so either can load them."""
+        self._idle()
+        core = self._core
+        with core.state_lock:
+            return encode_state(core.model, core.dtype, 1, self._arrays())
+
+    def load_state(self, blob: Any) -> None:
+        """Restore bytes from ``save_state`` (or a batch-1 session's) of the same model and dtype; the stream
+        then continues exactly where they were taken."""
+        self._idle()
+        core = self._core
+        with core.state_lock:
+            decode_state(core.model, core.dtype, 1, self._arrays(), blob)
 
     def close(self) -> None:
         """Leave the pool, freeing the state slot for another stream. Safe to call twice."""

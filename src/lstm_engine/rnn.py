@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _kernels
 from ._recurrent import RecurrentLayer
 
 
@@ -25,7 +26,7 @@ class RNN(RecurrentLayer):
         return self.activation
 
     def _cell_code(self) -> int:
-        return 3  # CELL_RNN
+        return _kernels.CELL_CODES["RNN"]
 
     def config(self) -> dict:
         cfg = super().config()

@@ -36,12 +36,25 @@ _STATE_HEAD = struct.Struct("<8sII")  # magic, format version, header length
 _CRC = struct.Struct("<I")
 
 _weights_digests: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_state_headers: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _digest_lock = threading.Lock()
 
 
 def architecture_fingerprint(model: Any) -> str:
     """A hash of the layer classes, their configs and weight shapes, and of a graph's nodes and constants'
-    shapes: what a saved state's layout and meaning depend on."""
+    shapes: what a saved state's layout and meaning depend on. Computed once per model (the server
+    writes a state after every request)."""
+    with _digest_lock:
+        fingerprint = _fingerprints.get(model)
+    if fingerprint is None:
+        fingerprint = _fingerprint(model)
+        with _digest_lock:
+            _fingerprints[model] = fingerprint
+    return fingerprint
+
+
+def _fingerprint(model: Any) -> str:
     desc: Any = [{"class": type(layer).__name__, "config": layer.config(),
                   "weights": {k: list(v.shape) for k, v in layer.weights().items()}} for layer in model.layers]
     if not model.is_chain:
@@ -78,6 +91,79 @@ def weights_digest(model: Any) -> str:
 
 def _state_error(msg: str) -> ValueError:
     return ValueError(f"load_state: {msg}")
+
+
+def encode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list) -> bytes:
+    """The named state arrays [(name, array)] of batch_size streams as versioned, checksummed bytes.
+
+    The format of ``Session.save_state``; a pool stream writes the same bytes as a batch-1 session.
+    """
+    # The header is the same for every save of a layout, and building it (str of a dtype alone is ~20 us)
+    # cost more than the arrays: the server saves a stream's state after each of its requests.
+    key = (np.dtype(dtype), batch_size, tuple((name, arr.shape, arr.dtype) for name, arr in arrays))
+    with _digest_lock:
+        headers = _state_headers.setdefault(model, {})
+        header = headers.get(key)
+    if header is None:
+        header = json.dumps({
+            "model": architecture_fingerprint(model),
+            "weights": weights_digest(model),
+            "dtype": str(dtype),
+            "batch_size": batch_size,
+            "arrays": [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays],
+        }, separators=(",", ":")).encode()
+        with _digest_lock:
+            headers[key] = header
+    parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, len(header)), header]
+    parts += [arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes() for _, arr in arrays]
+    blob = b"".join(parts)
+    return blob + _CRC.pack(zlib.crc32(blob))
+
+
+def decode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list, blob: Any) -> None:
+    """Check bytes from ``encode_state`` against the model, dtype, batch size and the named arrays' layout,
+    then copy them into those arrays (all or, on any ValueError/TypeError, none)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"load_state: expected bytes from save_state(), got {type(blob).__name__}")
+    blob = bytes(blob)
+    head = _STATE_HEAD.size
+    if len(blob) < head + _CRC.size or blob[:8] != _STATE_MAGIC:
+        raise _state_error("not a saved session state (no lstm_engine state header)")
+    _, version, hlen = _STATE_HEAD.unpack_from(blob)
+    if version != _STATE_VERSION:
+        raise _state_error(f"state format version {version} is not supported (this lstm_engine reads "
+                           f"version {_STATE_VERSION})")
+    if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
+        raise _state_error("the state is truncated or corrupted (checksum mismatch)")
+    try:
+        header = json.loads(blob[head:head + hlen].decode())
+        fingerprint, digest = header["model"], header["weights"]
+        saved_dtype, batch, listed = header["dtype"], header["batch_size"], header["arrays"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise _state_error("the state header is corrupted") from exc
+    if fingerprint != architecture_fingerprint(model):
+        raise _state_error("the state was saved from a different model (its layers or sizes differ)")
+    if digest != weights_digest(model):
+        raise _state_error("the state was saved from a model with the same layers but different weights")
+    if saved_dtype != str(dtype):
+        raise _state_error(f"the state is {saved_dtype} but this session runs {dtype}")
+    if batch != batch_size:
+        raise _state_error(f"the state has batch size {batch} but this session has {batch_size}")
+    expected = [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays]
+    if listed != expected:
+        raise _state_error("the state's arrays do not match this session's layout")
+    offset = head + hlen
+    size = sum(arr.nbytes for _, arr in arrays)
+    if len(blob) - _CRC.size - offset != size:
+        raise _state_error(f"the state holds {len(blob) - _CRC.size - offset} bytes of arrays, "
+                           f"expected {size}")
+    loaded = []
+    for _, arr in arrays:
+        src = np.frombuffer(blob, arr.dtype.newbyteorder("<"), arr.size, offset).reshape(arr.shape)
+        loaded.append(src)
+        offset += arr.nbytes
+    for (_, arr), src in zip(arrays, loaded):
+        np.copyto(arr, src)
 
 
 # -- sessions ------------------------------------------------------------------------------------
@@ -380,64 +466,12 @@ class Session:
     def save_state(self) -> bytes:
         """The state as bytes (versioned, checksummed, tied to this model, dtype and batch size)."""
         with self._guard():
-            arrays = self._arrays()
-            header = json.dumps({
-                "model": architecture_fingerprint(self.model),
-                "weights": weights_digest(self.model),
-                "dtype": str(self.dtype),
-                "batch_size": self.batch_size,
-                "arrays": [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays],
-            }, separators=(",", ":")).encode()
-            parts = [_STATE_HEAD.pack(_STATE_MAGIC, _STATE_VERSION, len(header)), header]
-            parts += [arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes() for _, arr in arrays]
-        blob = b"".join(parts)
-        return blob + _CRC.pack(zlib.crc32(blob))
+            return encode_state(self.model, self.dtype, self.batch_size, self._arrays())
 
     def load_state(self, blob: Any) -> None:
         """Restore a state written by ``save_state`` of a session of the same model, dtype and batch size."""
-        if not isinstance(blob, (bytes, bytearray, memoryview)):
-            raise TypeError(f"load_state: expected bytes from save_state(), got {type(blob).__name__}")
-        blob = bytes(blob)
-        head = _STATE_HEAD.size
-        if len(blob) < head + _CRC.size or blob[:8] != _STATE_MAGIC:
-            raise _state_error("not a saved session state (no lstm_engine state header)")
-        _, version, hlen = _STATE_HEAD.unpack_from(blob)
-        if version != _STATE_VERSION:
-            raise _state_error(f"state format version {version} is not supported (this lstm_engine reads "
-                               f"version {_STATE_VERSION})")
-        if zlib.crc32(blob[:-_CRC.size]) != _CRC.unpack_from(blob, len(blob) - _CRC.size)[0]:
-            raise _state_error("the state is truncated or corrupted (checksum mismatch)")
-        try:
-            header = json.loads(blob[head:head + hlen].decode())
-            fingerprint, digest = header["model"], header["weights"]
-            dtype, batch, listed = header["dtype"], header["batch_size"], header["arrays"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise _state_error("the state header is corrupted") from exc
-        if fingerprint != architecture_fingerprint(self.model):
-            raise _state_error("the state was saved from a different model (its layers or sizes differ)")
-        if digest != weights_digest(self.model):
-            raise _state_error("the state was saved from a model with the same layers but different weights")
-        if dtype != str(self.dtype):
-            raise _state_error(f"the state is {dtype} but this session runs {self.dtype}")
-        if batch != self.batch_size:
-            raise _state_error(f"the state has batch size {batch} but this session has {self.batch_size}")
         with self._guard():
-            arrays = self._arrays()
-            expected = [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays]
-            if listed != expected:
-                raise _state_error("the state's arrays do not match this session's layout")
-            offset = head + hlen
-            size = sum(arr.nbytes for _, arr in arrays)
-            if len(blob) - _CRC.size - offset != size:
-                raise _state_error(f"the state holds {len(blob) - _CRC.size - offset} bytes of arrays, "
-                                   f"expected {size}")
-            loaded = []
-            for _, arr in arrays:
-                src = np.frombuffer(blob, arr.dtype.newbyteorder("<"), arr.size, offset).reshape(arr.shape)
-                loaded.append(src)
-                offset += arr.nbytes
-            for (_, arr), src in zip(arrays, loaded):
-                np.copyto(arr, src)
+            decode_state(self.model, self.dtype, self.batch_size, self._arrays(), blob)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompt_ids: Any, max_new_tokens: int, temperature: float = 1.0,

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from ..errors import LoadError
-from . import numpy_pickle
+from . import _HDF5_SIGNATURE, _INFLATION_FLOOR, _MAX_INFLATION, numpy_pickle
 
 __all__ = ["KerasLayerSpec", "KerasMask", "KerasModelSpec", "read_keras"]
 
@@ -75,11 +75,6 @@ _KERAS3_MASK_OPS = frozenset({"NotEqual", "Any"})
 _NOT_EQUAL_FUNCTIONS = frozenset({"math.not_equal", "not_equal"})
 _REDUCE_ANY_FUNCTIONS = frozenset({"math.reduce_any", "reduce_any"})
 
-_ZIP_MAGIC = b"PK\x03\x04"
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-# Refuse archive members and datasets that claim to inflate absurdly: weights barely compress.
-_MAX_INFLATION = 1000
-_INFLATION_FLOOR = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -135,15 +130,12 @@ def read_keras(path: str | os.PathLike, config: dict | str | os.PathLike | None 
     try:
         if os.path.isdir(path):
             return _read_keras_dir(path, config)
-        try:
-            with open(path, "rb") as f:
-                head = f.read(8)
-        except OSError as e:
-            raise LoadError(f"{path}: cannot open: {e}") from e
-        if head.startswith(_ZIP_MAGIC) or zipfile.is_zipfile(path):
+        from . import ZIP_KINDS, detect
+
+        kind = detect(path)
+        if kind in ZIP_KINDS:
             return _read_keras_archive(path, config)
-        # HDF5 files with a user block put the signature further in; h5py knows where to look.
-        if head == _HDF5_MAGIC or _import_h5py().is_hdf5(path):
+        if kind == "hdf5":
             return _read_h5(path, config)
         raise LoadError(f"{path}: not a Keras file: expected a .keras zip archive or an HDF5 file")
     except LoadError:
@@ -317,7 +309,7 @@ def _check_global_heaps(image, where: str) -> None:
 def _hdf5_length_size(image) -> int:
     """The superblock's size of lengths (8 in every file h5py writes)."""
     base = 0
-    while base + 16 <= len(image) and image[base:base + 8] != _HDF5_MAGIC:
+    while base + 16 <= len(image) and image[base:base + 8] != _HDF5_SIGNATURE:
         base = 512 if base == 0 else base * 2  # a user block puts the superblock at 512, 1024, 2048...
     if base + 16 > len(image):
         return 8

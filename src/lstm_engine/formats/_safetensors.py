@@ -71,18 +71,7 @@ def read_safetensors(path: str | os.PathLike | BinaryIO) -> tuple[dict[str, np.n
     path_str = os.fspath(path) if not hasattr(path, "read") else getattr(path, "name", "<bytes>")
     # Opening errors (missing file, no permission) are the caller's to see unchanged.
     with _opened(path, "rb") as f:
-        file_size = f.seek(0, os.SEEK_END)
-        f.seek(0)
-        if file_size < 8:
-            raise LoadError(f"{path_str}: {file_size}-byte file is too short for the 8-byte header length")
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
-            raise LoadError(
-                f"{path_str}: header length {header_len} is over the {_MAX_HEADER_BYTES}-byte limit "
-                f"or the {file_size}-byte file"
-            )
-        header = _parse_header(f.read(header_len), path_str)
-        data_start = 8 + header_len
+        header, data_start, file_size = _read_header(f, path_str)
         entries, metadata = _validate(header, file_size - data_start, path_str)
 
         tensors: dict[str, np.ndarray] = {}
@@ -93,6 +82,29 @@ def read_safetensors(path: str | os.PathLike | BinaryIO) -> tuple[dict[str, np.n
                 raise LoadError(f"{path_str}: tensor '{name}': file ended inside its data (changed while reading?)")
             tensors[name] = _decode(raw, dtype).reshape(shape)
     return tensors, metadata
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, reading and checking the header only (no tensor data)."""
+    path_str = os.fspath(path)
+    with open(path_str, "rb") as f:
+        header, data_start, file_size = _read_header(f, path_str)
+    return _validate(header, file_size - data_start, path_str)[1]
+
+
+def _read_header(f: IO[bytes], path: str) -> tuple[dict[str, Any], int, int]:
+    """The header JSON object of an open file, where its data starts, and the file's size."""
+    file_size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    if file_size < 8:
+        raise LoadError(f"{path}: {file_size}-byte file is too short for the 8-byte header length")
+    header_len = int.from_bytes(f.read(8), "little")
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise LoadError(
+            f"{path}: header length {header_len} is over the {_MAX_HEADER_BYTES}-byte limit "
+            f"or the {file_size}-byte file"
+        )
+    return _parse_header(f.read(header_len), path), 8 + header_len, file_size
 
 
 def _opened(path: str | os.PathLike | BinaryIO, mode: str) -> IO[bytes]:

@@ -277,15 +277,6 @@ def model_from_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: 
         raise LoadError(f"{path}: {exc}") from exc
 
 
-def load_native(path: str | os.PathLike | BinaryIO, dtype: Any = None) -> Model:
-    """Read a file (or binary file object) written by ``save``."""
-    name = getattr(path, "name", "<bytes>") if hasattr(path, "read") else os.fspath(path)
-    tensors, metadata = read_safetensors(path)
-    if not is_native(metadata):
-        raise LoadError(f"{name}: not an lstm_engine model file (no 'format' metadata)")
-    return model_from_safetensors(name, tensors, metadata, dtype)
-
-
 def to_bytes(model: Model) -> bytes:
     """The bytes ``save`` would write to a file: what a pickled Model carries."""
     buffer = io.BytesIO()
@@ -297,4 +288,7 @@ def from_bytes(data: bytes | bytearray | memoryview, dtype: Any = None) -> Model
     """Rebuild a Model from ``to_bytes`` output, with the same checks as loading a file (never runs code)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"from_bytes: expected bytes, got {type(data).__name__}")
-    return load_native(io.BytesIO(data), dtype)
+    tensors, metadata = read_safetensors(io.BytesIO(data))
+    if not is_native(metadata):
+        raise LoadError("<bytes>: not an lstm_engine model (no 'format' metadata)")
+    return model_from_safetensors("<bytes>", tensors, metadata, dtype)

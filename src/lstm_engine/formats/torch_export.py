@@ -187,7 +187,8 @@ def load_reference(path: str) -> tuple[Callable, list | None]:
     input shapes it was exported for: ``shapes`` lists them (None for a script). LoadError if neither.
     """
     import runpy
-    import zipfile
+
+    from . import detect
 
     if path.endswith(".py"):
         try:
@@ -206,7 +207,7 @@ def load_reference(path: str) -> tuple[Callable, list | None]:
             with torch.no_grad():
                 return module(*inputs)
         return call, None
-    if zipfile.is_zipfile(path) and any(n.endswith("/archive_format") for n in zipfile.ZipFile(path).namelist()):
+    if detect(path) == "torch-export":
         try:
             program = torch.export.load(path)
         except Exception as exc:  # torch raises many kinds for a file it cannot read

@@ -1,8 +1,8 @@
 """``lstm-engine serve``: a model's streams over HTTP and WebSocket, batched by one StreamPool.
 
-    from lstm_engine.serve import Server, run
-    server = Server(model, state_dir="states", tokens=read_tokens("tokens.txt"))
-    run(server, host="127.0.0.1", port=8000)
+    from lstm_engine.serve import Server, bind, run
+    server = Server(model, state_dir="states", token_file="tokens.txt")  # re-read when it changes
+    run(server, bind("127.0.0.1", 8000))
 
 Needs the ``serve`` extra (Starlette, uvicorn, prometheus_client); the rest of lstm_engine never
 imports this package.
@@ -23,9 +23,17 @@ import socket
 import sys
 from typing import Any, Callable
 
-from .app import Limits, Server, read_tokens
+from .app import Limits, Server, TokenFile, read_tokens
 
-__all__ = ["Limits", "Server", "read_tokens", "run", "bind"]
+__all__ = ["Limits", "Server", "TokenFile", "read_tokens", "run", "bind", "SWITCH_INTERVAL"]
+
+# The pool's worker needs the GIL briefly before and after each batch, and a busy event loop lets go of
+# it only every switch interval (5 ms by default): the worker sat waiting for the loop, batches came
+# late and the loop waited for their answers. Measured in benches/serve_load.py (200 streams, 6-s phases,
+# two interleaved rounds, load average 9-12), steps/s over WebSocket / HTTP: 5 ms 2.1-2.2k / 1.4-2.4k,
+# 1 ms 2.6-3.0k / 1.5-1.8k, 0.5 ms 3.1-3.2k / 1.5-2.5k, 0.2 ms 5.0-5.2k / 2.8-5.6k; then 0.2 ms
+# 4.4-6.3k / 6.5-7.0k, 0.1 ms 6.4-7.8k / 4.5-6.1k, 0.05 ms 2.4-7.4k / 3.5-5.6k.
+SWITCH_INTERVAL = 0.0002
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -47,7 +55,7 @@ def run(server: Server, sock: socket.socket, *, log_level: str = "warning",
     import uvicorn
 
     limits = server.limits
-    config = uvicorn.Config(server.app, log_level=log_level, access_log=False, lifespan="on",
+    config = uvicorn.Config(server.app, interface="asgi3", log_level=log_level, access_log=False, lifespan="on",
                             ws_max_size=limits.max_body, limit_concurrency=limits.max_connections,
                             timeout_graceful_shutdown=10, server_header=False)
     uv = uvicorn.Server(config)
@@ -63,9 +71,12 @@ def run(server: Server, sock: socket.socket, *, log_level: str = "warning",
     # uvicorn's loop choice (uvloop when installed), with our readiness signal on top.
     factory = config.get_loop_factory()
     loop = factory() if factory is not None else asyncio.new_event_loop()
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
     try:
         loop.run_until_complete(main())
     finally:
+        sys.setswitchinterval(switch)
         loop.close()
     if not uv.started:
         sys.exit(1)

@@ -22,18 +22,21 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.routing import Route
 
 from ..generate import check_language_model, check_sampling
 from ..stream import check_streamable
@@ -44,6 +47,11 @@ from .wire import NPY, Inputs, array_from_json, check_position, parse_json, pars
 log = logging.getLogger("lstm_engine.serve")
 
 _GENERATE_FIELDS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+# The two routes every step takes, answered by plain ASGI (the rest go through Starlette's router): at
+# one step a request, Starlette's middleware, router, Request and Response cost ~100 us a request, three
+# times the pool's whole work for the step (measured in benches/serve_load.py).
+_STEP_PATH = re.compile(r"/v1/streams/([^/]+)/step")
+_WS_PATH = re.compile(r"/v1/streams/([^/]+)/ws")
 
 
 @dataclass
@@ -74,6 +82,40 @@ def read_tokens(path: str) -> dict[str, str]:
     return {d: d[:32] for d in digests}
 
 
+class TokenFile:
+    """The token file, read again when it changes (its mtime, size or inode), or on ``reload(force=True)``.
+
+    A token's owner id comes from its digest, so a token taken out and put back finds its streams
+    again. A file that cannot be read, or holds no valid token, leaves the tokens as they were (an
+    editor's half-written file must not lock everyone out), with a warning in the log.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.signature = self._signature()
+        self.tokens = read_tokens(path)
+
+    def _signature(self) -> tuple:
+        st = os.stat(self.path)
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def reload(self, force: bool = False) -> bool:
+        """Read the file again if it changed (or force); True when the tokens were replaced."""
+        try:
+            signature = self._signature()
+            if signature == self.signature and not force:
+                return False
+            tokens = read_tokens(self.path)
+        except (OSError, ValueError) as exc:
+            log.warning("token file not reloaded, the previous tokens stay: %s", exc)
+            return False
+        self.signature = signature
+        if tokens != self.tokens:
+            log.warning("token file %s reloaded: %d tokens", self.path, len(tokens))
+        self.tokens = tokens
+        return True
+
+
 def _error(status: int, code: str, message: str, retry_after: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
     if status == 401:
@@ -88,13 +130,21 @@ class _Busy(StreamError):
 
 
 class Server:
-    """One model's streams served over HTTP and WebSocket. ``app`` is the ASGI application."""
+    """One model's streams served over HTTP and WebSocket. ``app`` is the ASGI application.
+
+    ``POST /v1/streams/{id}/step`` and ``WS /v1/streams/{id}/ws`` are served as plain ASGI, the other
+    routes by Starlette.
+    """
 
     def __init__(self, model: Any, *, max_batch: int = 64, idle_timeout: float = 600.0, state_dir: str | None = None,
-                 tokens: dict[str, str] | None = None, limits: Limits | None = None, dtype: Any = None) -> None:
+                 tokens: dict[str, str] | None = None, token_file: str | None = None, limits: Limits | None = None,
+                 dtype: Any = None) -> None:
+        """``tokens`` ({sha256 hex digest: owner}) or ``token_file`` (reloaded when it changes, and on SIGHUP)."""
         self.model = model
         self.limits = limits or Limits()
-        self.tokens = tokens
+        self.token_file = TokenFile(token_file) if token_file is not None else None
+        self.tokens = self.token_file.tokens if self.token_file is not None else tokens
+        self.owners = None if self.tokens is None else set(self.tokens.values())
         try:
             check_streamable(model, "streams")
         except ValueError as exc:
@@ -125,22 +175,40 @@ class Server:
             Route("/v1/streams", self.create, methods=["POST"]),
             Route("/v1/streams/{id}", self.info, methods=["GET"]),
             Route("/v1/streams/{id}", self.delete, methods=["DELETE"]),
-            Route("/v1/streams/{id}/step", self.step, methods=["POST"]),
             Route("/v1/streams/{id}/state", self.get_state, methods=["GET"]),
             Route("/v1/streams/{id}/state", self.put_state, methods=["PUT"]),
             Route("/v1/forward", self.forward, methods=["POST"]),
-            WebSocketRoute("/v1/streams/{id}/ws", self.websocket),
         ]
-        self.app = Starlette(routes=routes, lifespan=self._lifespan,
-                             exception_handlers={HTTPException: self._http_exception, Exception: self._crash})
+        self.starlette = Starlette(routes=routes, lifespan=self._lifespan,
+                                   exception_handlers={HTTPException: self._http_exception, Exception: self._crash})
+
+    async def app(self, scope: dict, receive: Any, send: Any) -> None:
+        """The ASGI application."""
+        kind = scope["type"]
+        if kind == "http":
+            match = _STEP_PATH.fullmatch(scope["path"])
+            if match is not None:
+                return await self._http_step(scope, receive, send, match.group(1))
+        elif kind == "websocket":
+            match = _WS_PATH.fullmatch(scope["path"])
+            if match is not None:
+                return await self._websocket(scope, receive, send, match.group(1))
+        await self.starlette(scope, receive, send)
 
     # -- life ------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any):
         task = asyncio.create_task(self._housekeeping())
+        hangup = False
+        if self.token_file is not None and hasattr(signal, "SIGHUP"):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_tokens, True)
+                hangup = True
         try:
             yield
         finally:
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -157,6 +225,18 @@ class Server:
             await asyncio.sleep(every)
             self.metrics.sample()
             self.store.evict_idle()
+            self.reload_tokens()
+
+    def reload_tokens(self, force: bool = False) -> None:
+        """Take the token file's tokens if it changed: new tokens work at once, removed ones get 401 (their
+        open WebSockets included), and their streams wait for the token to come back."""
+        if self.token_file is None or not self.token_file.reload(force):
+            return
+        self.tokens = self.token_file.tokens
+        self.owners = set(self.tokens.values())
+        for owner in list(self.buckets):
+            if owner not in self.owners:
+                del self.buckets[owner]
 
     # -- shared checks ---------------------------------------------------------------------------
     def _owner(self, headers: Any) -> str:
@@ -196,27 +276,33 @@ class Server:
             raise _Busy(429, "stream_busy", f"{entry.waiting} requests are already queued on this stream", 1)
 
     async def _body(self, request: Request) -> bytes:
+        return await self._read_body(request.headers, request.receive)
+
+    async def _read_body(self, headers: Any, receive: Any) -> bytes:
+        """The request's body (ASGI messages), refused with 413 past the body limit."""
         limit = self.limits.max_body
-        length = request.headers.get("content-length")
+        length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 raise StreamError(400, "bad_length", f"Content-Length: expected a number of bytes, got {length!r}")
             if int(length) > limit:
                 raise StreamError(413, "body_too_large", f"the body has {length} bytes; the limit is {limit}")
         parts, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise StreamError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-                parts.append(chunk)
-        except ClientDisconnect:
-            raise StreamError(400, "incomplete_body", "the client went away before sending the whole body") from None
-        return b"".join(parts)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise StreamError(400, "incomplete_body", "the client went away before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise StreamError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @staticmethod
-    def _is_npy(request: Request) -> bool:
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    def _is_npy(headers: Any) -> bool:
+        ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype == NPY:
             return True
         if ctype not in ("application/json", ""):
@@ -234,23 +320,14 @@ class Server:
         steps, single = self.inputs.from_json(obj["x"], body)
         return steps, single, check_position(obj.get("at"))
 
-    def _reply(self, y: np.ndarray, single: bool, position: int, npy: bool) -> Response:
-        y = y[0] if single else y
-        if npy:
-            return Response(to_npy(y), media_type=NPY, headers={"X-Stream-Position": str(position)})
-        return JSONResponse({"y": y.tolist(), "position": position})
 
     async def _answer(self, route: str, request: Request, handler: Any) -> Response:
         """Run a handler, turning refusals into their JSON errors and counting both."""
-        t0 = time.perf_counter()
         try:
             response = await handler(request)
-        except _Busy as exc:
-            response = _error(exc.status, exc.code, exc.message, exc.retry_after)
         except StreamError as exc:
-            response = _error(exc.status, exc.code, exc.message)
-        self.metrics.observe_request(route, response.status_code,
-                                     time.perf_counter() - t0 if route in ("step",) else None)
+            response = _error(exc.status, exc.code, exc.message, getattr(exc, "retry_after", None))
+        self.metrics.observe_request(route, response.status_code, None)
         return response
 
     # -- endpoints -------------------------------------------------------------------------------
@@ -307,18 +384,42 @@ class Server:
 
         return await self._answer("delete", request, handle)
 
-    async def step(self, request: Request) -> Response:
-        async def handle(request: Request) -> Response:
-            entry = self.store.get(request.path_params["id"], self._owner(request.headers))
-            npy = self._is_npy(request)
-            steps, single, at = self._steps(await self._body(request), npy)
-            if npy and "at" in request.query_params:
-                at = check_position(_int(request.query_params["at"], "at"))
+    async def _http_step(self, scope: dict, receive: Any, send: Any, stream_id: str) -> None:
+        """POST /v1/streams/{id}/step: one step or a chunk, JSON or .npy."""
+        t0 = time.perf_counter()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            if scope["method"] != "POST":
+                raise StreamError(405, "method_not_allowed", f"{scope['method']} {scope['path']}: Method Not Allowed")
+            entry = self.store.get(stream_id, self._owner(headers))
+            npy = self._is_npy(headers)
+            steps, single, at = self._steps(await self._read_body(headers, receive), npy)
+            if npy and scope["query_string"]:
+                query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+                if "at" in query:
+                    at = check_position(_int(query["at"], "at"))
             y, position = await self._queued(entry, self.store.run_steps, steps, at)
-            accept = request.headers.get("accept", "")
-            return self._reply(y, single, position, npy or NPY in accept)
-
-        return await self._answer("step", request, handle)
+            y = y[0] if single else y
+            if npy or NPY in headers.get("accept", ""):
+                body, ctype = to_npy(y), NPY.encode()
+            else:
+                body, ctype = _dumps({"y": y.tolist(), "position": position}).encode(), b"application/json"
+        except StreamError as exc:
+            response = _error(exc.status, exc.code, exc.message, getattr(exc, "retry_after", None))
+            if exc.status == 405:
+                response.headers["Allow"] = "POST"
+            self.metrics.observe_request("step", exc.status, time.perf_counter() - t0)
+            return await response(scope, receive, send)
+        except Exception as exc:
+            log.exception("unexpected error in %s %s", scope["method"], scope["path"])
+            self.metrics.observe_request("step", 500, None)
+            return await _error(500, "internal_error", f"the server failed on this request: {type(exc).__name__}")(
+                scope, receive, send)
+        self.metrics.observe_request("step", 200, time.perf_counter() - t0)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
+                                (b"x-stream-position", str(position).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _queued(self, entry: Any, work: Any, *args: Any) -> Any:
         self._admit(entry)
@@ -349,7 +450,7 @@ class Server:
     async def forward(self, request: Request) -> Response:
         async def handle(request: Request) -> Response:
             self._owner(request.headers)
-            npy = self._is_npy(request)
+            npy = self._is_npy(request.headers)
             body = await self._body(request)
             lengths = None
             if npy:
@@ -390,50 +491,64 @@ class Server:
             raise StreamError(422, "bad_input", str(exc)) from None
 
     # -- WebSocket -------------------------------------------------------------------------------
-    async def websocket(self, ws: WebSocket) -> None:
+    async def _websocket(self, scope: dict, receive: Any, send: Any, stream_id: str) -> None:
+        """WS /v1/streams/{id}/ws: step messages answered in order, and generate."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            owner = self._owner(ws.headers)
-            entry = self.store.get(ws.path_params["id"], owner)
+            owner = self._owner(headers)
+            entry = self.store.get(stream_id, owner)
         except StreamError as exc:
             self.metrics.observe_request("ws", exc.status, None)
-            if "websocket.http.response" in ws.scope.get("extensions", {}):
-                await ws.send_denial_response(_error(exc.status, exc.code, exc.message))
+            if "websocket.http.response" in scope.get("extensions", {}):
+                await _error(exc.status, exc.code, exc.message)(scope, receive, send)
             else:
-                await ws.close(4000 + exc.status, exc.code)
+                await send({"type": "websocket.close", "code": 4000 + exc.status, "reason": exc.code})
             return
-        await ws.accept()
+        await send({"type": "websocket.accept"})
+
+        async def send_text(text: str) -> None:
+            await send({"type": "websocket.send", "text": text})
+
         try:
             while True:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
+                message = await receive()
+                if message["type"] != "websocket.receive":
+                    return  # websocket.disconnect
                 t0 = time.perf_counter()
                 status = 200
+                if self.owners is not None and owner not in self.owners:
+                    self.metrics.observe_request("ws", 401, None)
+                    await send_text(_dumps({"error": {"code": "bad_token", "message": "the bearer token was revoked"},
+                                            "status": 401}))
+                    await send({"type": "websocket.close", "code": 4401, "reason": "bad_token"})
+                    return
                 try:
                     if self.limits.rate and self.tokens is not None:
                         self._rate(owner)
-                    await self._ws_message(ws, entry, message)
+                    await self._ws_message(send, send_text, entry, message)
                 except StreamError as exc:
                     status = exc.status
                     reply: dict = {"error": {"code": exc.code, "message": exc.message}, "status": exc.status}
                     if isinstance(exc, _Busy):
                         reply["retry_after"] = exc.retry_after
-                    await ws.send_json(reply)
+                    await send_text(_dumps(reply))
                 self.metrics.observe_request("ws", status, time.perf_counter() - t0)
-        except WebSocketDisconnect:
-            return
+        except OSError:
+            return  # the client went away (uvicorn's ClientDisconnected) while it was being answered
 
-    async def _ws_message(self, ws: WebSocket, entry: Any, message: dict) -> None:
+    async def _ws_message(self, send: Any, send_text: Any, entry: Any, message: dict) -> None:
         data, text = message.get("bytes"), message.get("text")
         if data is not None:
             steps, single = self.inputs.from_npy(parse_npy(data))
             y, position = await self._queued(entry, self.store.run_steps, steps, None)
-            await ws.send_bytes(to_npy(y[0] if single else y))
+            await send({"type": "websocket.send", "bytes": to_npy(y[0] if single else y)})
             return
         obj = parse_json(text or "")
         if "generate" in obj:
             _fields(obj, {"generate"})
-            await self._generate(ws, entry, obj["generate"])
+            await self._generate(send_text, entry, obj["generate"])
             return
         _fields(obj, {"x", "at"})
         if "x" not in obj:
@@ -441,9 +556,9 @@ class Server:
                                                     "(or a 'generate' request)")
         steps, single = self.inputs.from_json(obj["x"], text)
         y, position = await self._queued(entry, self.store.run_steps, steps, check_position(obj.get("at")))
-        await ws.send_text(_dumps({"y": (y[0] if single else y).tolist(), "position": position}))
+        await send_text(_dumps({"y": (y[0] if single else y).tolist(), "position": position}))
 
-    async def _generate(self, ws: WebSocket, entry: Any, spec: Any) -> None:
+    async def _generate(self, send_text: Any, entry: Any, spec: Any) -> None:
         if not isinstance(spec, dict):
             raise StreamError(422, "bad_field", "generate: expected an object {prompt, max_new_tokens, temperature, "
                                                 "top_k, top_p, seed}")
@@ -462,10 +577,10 @@ class Server:
         prompt, _ = self.inputs.from_json(spec["prompt"], _dumps(spec["prompt"]), "generate.prompt")
 
         async def send(token: int, position: int) -> None:
-            await ws.send_text(_dumps({"token": token, "position": position}))
+            await send_text(_dumps({"token": token, "position": position}))
 
         tokens = await self._queued(entry, self.store.generate, prompt, sampling, log_probs, send)
-        await ws.send_text(_dumps({"done": True, "tokens": tokens, "position": entry.position}))
+        await send_text(_dumps({"done": True, "tokens": tokens, "position": entry.position}))
 
     # -- errors Starlette raises itself ----------------------------------------------------------
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:

@@ -32,6 +32,7 @@ class Metrics:
                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.request_latency = Histogram("lstm_engine_request_seconds", "Time to answer a step request or message",
                                          buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.counted: dict[tuple[str, int], Any] = {}  # the requests counter's child per (route, status)
         self.recent = np.zeros(_RECENT)
         self.recent_n = 0
         self.samples: deque = deque()  # (time, pool steps, pool batches), for the windowed rates
@@ -42,7 +43,11 @@ class Metrics:
         self.step_latency.observe(seconds)
 
     def observe_request(self, route: str, status: int, seconds: float | None) -> None:
-        self.requests.labels(route, str(status)).inc()
+        # labels() builds and looks up a key under a lock each call: a few % of a step message.
+        child = self.counted.get((route, status))
+        if child is None:
+            child = self.counted[route, status] = self.requests.labels(route, str(status))
+        child.inc()
         if seconds is not None:
             self.request_latency.observe(seconds)
             with self.lock:

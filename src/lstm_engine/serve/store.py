@@ -60,22 +60,6 @@ class Entry:
         self.waiting = 0  # requests queued on the lock
 
 
-class _Codec:
-    """A stream's state to and from the session's versioned bytes, through one batch-1 session."""
-
-    def __init__(self, model: Any, dtype: np.dtype) -> None:
-        self.session = model.session(1, dtype=dtype)
-
-    def dump(self, state: list) -> bytes:
-        self.session.state = state
-        return self.session.save_state()
-
-    def load(self, blob: bytes) -> list:
-        """The state in blob; ValueError naming the problem if it is not one of this model's."""
-        self.session.load_state(blob)
-        return self.session.state
-
-
 def _pack(meta: dict, blob: bytes) -> bytes:
     head = json.dumps(meta, separators=(",", ":")).encode()
     data = _FILE_HEAD.pack(_FILE_MAGIC, _FILE_VERSION, len(head)) + head + blob
@@ -167,9 +151,13 @@ class _Writer:
                     os.close(fd)
             except OSError as exc:
                 errors = [e or exc for e in errors]
+            # One wake-up per event loop and group (each call_soon_threadsafe writes to the loop's pipe).
+            loops: dict = {}
             for (_, _, loop, fut), error in zip(group, errors):
+                loops.setdefault(loop, []).append((fut, error))
+            for loop, settled in loops.items():
                 try:
-                    loop.call_soon_threadsafe(_settle, fut, error)
+                    loop.call_soon_threadsafe(_settle, settled)
                 except RuntimeError:
                     pass  # the event loop has stopped; nobody waits
 
@@ -179,8 +167,10 @@ class _Writer:
         self.fsyncs.shutdown()
 
 
-def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
-    if not fut.done():
+def _settle(settled: list) -> None:
+    for fut, error in settled:
+        if fut.done():
+            continue
         if error is None:
             fut.set_result(None)
         else:
@@ -198,8 +188,7 @@ class StreamStore:
                  max_streams_per_owner: int, on_step: Callable[[float], None] | None = None) -> None:
         self.model = model
         self.pool = pool
-        self.codec = _Codec(model, pool.dtype)
-        self.output_size = self.codec.session.output_size
+        self.output_size = model.output_size
         self.state_dir = state_dir
         self.idle_timeout = idle_timeout
         self.max_streams_per_owner = max_streams_per_owner
@@ -221,22 +210,26 @@ class StreamStore:
         would lose that stream silently.
         """
         os.makedirs(directory, exist_ok=True)
-        for name in sorted(os.listdir(directory)):
-            path = os.path.join(directory, name)
-            if _TEMP_PATTERN.fullmatch(name):
-                os.unlink(path)
-                continue
-            if not name.endswith(_SUFFIX) or not ID_PATTERN.fullmatch(name[:-len(_SUFFIX)]):
-                continue
-            with open(path, "rb") as f:
-                meta, blob = _unpack(f.read(), path)
-            try:
-                self.codec.load(blob)
-            except ValueError as exc:
-                raise LoadError(f"{path}: {exc} (move it away to start without this stream)") from None
-            entry = Entry(name[:-len(_SUFFIX)], meta["owner"], int(meta["position"]))
-            self.entries[entry.id] = entry
-            self.per_owner[entry.owner] = self.per_owner.get(entry.owner, 0) + 1
+        with self.pool.open() as probe:
+            for name in sorted(os.listdir(directory)):
+                self._register(directory, name, probe)
+
+    def _register(self, directory: str, name: str, probe: Any) -> None:
+        path = os.path.join(directory, name)
+        if _TEMP_PATTERN.fullmatch(name):
+            os.unlink(path)
+            return
+        if not name.endswith(_SUFFIX) or not ID_PATTERN.fullmatch(name[:-len(_SUFFIX)]):
+            return
+        with open(path, "rb") as f:
+            meta, blob = _unpack(f.read(), path)
+        try:
+            probe.load_state(blob)
+        except ValueError as exc:
+            raise LoadError(f"{path}: {exc} (move it away to start without this stream)") from None
+        entry = Entry(name[:-len(_SUFFIX)], meta["owner"], int(meta["position"]))
+        self.entries[entry.id] = entry
+        self.per_owner[entry.owner] = self.per_owner.get(entry.owner, 0) + 1
 
     # -- lookup ----------------------------------------------------------------------------------
     def get(self, stream_id: str, owner: str) -> Entry:
@@ -264,7 +257,12 @@ class StreamStore:
                 blob = None
             stream = self.pool.open()
             if blob is not None:
-                stream.state = self.codec.load(blob)
+                try:
+                    stream.load_state(blob)
+                except ValueError as exc:
+                    stream.close()
+                    raise StreamError(503, "state_unavailable", f"the stream's saved state cannot be read: {exc}") \
+                        from None
             entry.stream, entry.saved = stream, None
         entry.last_used = time.monotonic()
         return entry.stream
@@ -274,7 +272,7 @@ class StreamStore:
 
     async def _persist(self, entry: Entry, position: int) -> None:
         if self.writer is not None:
-            data = _pack({"owner": entry.owner, "position": position}, self.codec.dump(entry.stream.state))
+            data = _pack({"owner": entry.owner, "position": position}, entry.stream.save_state())
             await self.writer.submit(entry.id + _SUFFIX, data)
 
     # -- the requests ----------------------------------------------------------------------------
@@ -337,7 +335,7 @@ class StreamStore:
         """Run the steps xs and make the new state durable, or, on any failure, leave the last answered state."""
         # A failed step leaves its stream's state as it was (the pool scatters states back only after a
         # batch ran), so only the earlier steps of a chunk can need undoing.
-        before = None if self.writer is not None or len(xs) == 1 else stream.state
+        before = None if self.writer is not None or len(xs) == 1 else stream.save_state()
         out = np.empty((len(xs), self.output_size), self.pool.dtype)
         try:
             for t, x in enumerate(xs):
@@ -367,29 +365,28 @@ class StreamStore:
             await send(tok, entry.position)
         return tokens
 
-    def _roll_back(self, entry: Entry, before: list | None) -> None:
+    def _roll_back(self, entry: Entry, before: bytes | None) -> None:
         """Undo a request that failed part-way: back to the last answered state."""
         stream = entry.stream
         if stream is None or stream.closed:
             return
         if self.writer is None:
             if before is not None:
-                stream.state = before
+                stream.load_state(before)
         else:
             # The file holds the last answered state: the next request reloads it.
             stream.close()
             entry.stream = None
 
     async def export_state(self, entry: Entry, stream: Any) -> bytes:
-        return self.codec.dump(stream.state)
+        return stream.save_state()
 
     async def import_state(self, entry: Entry, stream: Any, blob: bytes) -> int:
+        before = None if self.writer is not None else stream.save_state()
         try:
-            state = self.codec.load(blob)
+            stream.load_state(blob)  # checks everything before it changes anything
         except (ValueError, TypeError) as exc:
             raise StreamError(422, "bad_state", str(exc)) from None
-        before = None if self.writer is not None else stream.state
-        stream.state = state
         try:
             await self._persist(entry, entry.position)
         except BaseException:
@@ -411,7 +408,7 @@ class StreamStore:
             if entry.stream is None or entry.lock.locked() or now - entry.last_used < self.idle_timeout:
                 continue
             if self.writer is None:
-                entry.saved = self.codec.dump(entry.stream.state)
+                entry.saved = entry.stream.save_state()
             # With a state directory the file already holds this state: it was written after the last step.
             entry.stream.close()
             entry.stream = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import numbers
 from typing import Any
 
@@ -39,7 +40,7 @@ def parse_json(body: bytes | str) -> dict:
 # time here), yet a client sends the same few headers over and over. Headers NumPy has parsed once are
 # remembered by their exact bytes; writing, likewise, per dtype and shape.
 _MAX_CACHED = 1024
-_read_headers: dict[bytes, tuple[np.dtype, tuple]] = {}
+_read_headers: dict[bytes, tuple[np.dtype, tuple, int]] = {}
 _write_headers: dict[tuple, bytes] = {}
 
 
@@ -61,11 +62,10 @@ def parse_npy(body: bytes) -> np.ndarray:
                 raise ValueError("the array holds Python objects; send numbers")
             if fortran and len(shape) > 1:
                 raise ValueError("Fortran-ordered arrays are not accepted; send C order")
-            known = (dtype, shape)
+            known = (dtype, shape, math.prod(shape))
             if len(_read_headers) < _MAX_CACHED:
                 _read_headers[header] = known
-        dtype, shape = known
-        count = int(np.prod(shape, dtype=np.int64))
+        dtype, shape, count = known
         if len(body) - end != count * dtype.itemsize:
             raise ValueError(f"the header announces {count} values of {dtype} ({count * dtype.itemsize} bytes), "
                              f"the body holds {len(body) - end} bytes")
