@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,17 @@ import lstm_engine as le
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-STEPS = 64  # characters per validation sequence, as examples/train_charlm.py
 PROMPT = "ROMEO:\n"
 GREEDY = 400
 
 
 def shipped_model() -> le.Model:
-    return le.load(resources.files("lstm_engine").joinpath("data", "charlm.safetensors"))
+    return le.load("builtin:charlm")
 
 
 def held_out(model: le.Model) -> np.ndarray:
     """Validation sequences (n, STEPS + 1) of token ids: the split train_charlm.py holds out."""
-    from train_charlm import fetch_plays
+    from train_charlm import VALID_STEPS as STEPS, fetch_plays
 
     vocab = model.metadata["vocab"]
     index = {ch: i for i, ch in enumerate(vocab)}
@@ -74,17 +72,9 @@ def engine_stepper(model: le.Model):
 def torch_quantized(model: le.Model):
     """The same weights in PyTorch, then torch.ao.quantization.quantize_dynamic on its LSTM and Linear."""
     import torch
-    from train_charlm import CharLM
+    from train_charlm import from_engine
 
-    emb, lstm, head = model.layers
-    net = CharLM(emb.num_embeddings, emb.embedding_dim, lstm.hidden_size, 1).eval()
-    w = lstm.weights()
-    with torch.no_grad():
-        net.embedding.weight.copy_(torch.from_numpy(emb.weights()["weight"]))
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(net.lstm, f"{name}_l0").copy_(torch.from_numpy(w[name][0]))
-        net.head.weight.copy_(torch.from_numpy(head.weights()["weight"]))
-        net.head.bias.copy_(torch.from_numpy(head.weights()["bias"]))
+    net = from_engine(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(net, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)

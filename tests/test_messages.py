@@ -61,6 +61,14 @@ def test_builtin_model_loads_by_name(capsys):
     one_line(run_main(capsys, "inspect", "builtin:nope"), "builtin:nope", "builtin:charlm")
 
 
+@pytest.mark.parametrize("command", [["verify"], ["bench", "--seconds", "0.05", "--steps", "3"]])
+def test_every_command_takes_the_builtin_model(capsys, command):
+    proc = run_main(capsys, command[0], "builtin:charlm", *command[1:])
+    # verify without --source checks the engine against itself: status 2, "NOT CHECKED", never "no such file"
+    assert proc.returncode == (2 if command[0] == "verify" else 0), proc.stderr
+    assert "builtin:charlm" in proc.stdout and "no such file" not in proc.stderr.lower()
+
+
 def test_generate_defaults_to_the_builtin_model(capsys):
     assert cli_mod.SHIPPED_MODEL == "builtin:charlm"
     a = run_main(capsys, "generate", "Once", "-n", 12, "--seed", 3)

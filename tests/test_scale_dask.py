@@ -97,6 +97,16 @@ def test_local_scheduler_matches_forward(data):
     assert np.array_equal(got, batched_forward(ids_model(), ids, batch=8))
 
 
+def test_the_builtin_model_by_name():
+    """builtin:charlm travels as its name, and the worker-side loader (Dask's and Ray's) resolves it."""
+    from lstm_engine._scale import worker_model
+
+    ids = np.random.default_rng(2).integers(0, 63, (6, 7))
+    got = led.forward(da.from_array(ids, chunks=3), "builtin:charlm").compute(scheduler="sync")
+    assert np.array_equal(got, batched_forward(le.load("builtin:charlm"), ids, batch=3))
+    assert worker_model("builtin:charlm", threads=1).metadata["vocab"] == le.load("builtin:charlm").metadata["vocab"]
+
+
 def test_a_graph_model(data):
     torch = pytest.importorskip("torch")
     from test_graph import lstm_head_graph

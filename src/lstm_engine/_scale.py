@@ -24,7 +24,9 @@ def worker_model(model: Any, threads: int | None = None, concurrent: int = 1) ->
     if not isinstance(model, Model):
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model: expected an lstm_engine Model or a model file path, got {type(model).__name__}")
-        path = os.path.realpath(os.fspath(model))
+        from .formats import resolve
+
+        path = os.path.realpath(resolve(model))  # builtin:charlm: the file this installation ships
         stat = os.stat(path)
         key = (path, stat.st_mtime_ns, stat.st_size)
         with _cache_lock:

@@ -846,7 +846,10 @@ def run_verify(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     source = args.source
     if source is None:
-        source = next((args.model for src in SOURCES if src.model_is_source and src.detect(args.model)), None)
+        from .formats import resolve
+
+        path = resolve(args.model)  # builtin:charlm is a file's name, not a file
+        source = next((path for src in SOURCES if src.model_is_source and src.detect(path)), None)
     elif not os.path.exists(source):
         raise UserError(f"{source}: no such file")
     found = None if source is None else next((src for src in SOURCES if src.detect(source)), None)

@@ -26,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('lstm_engine.dask needs Dask: pip install ".[dask]" from a checkout (dask[array,dataframe] and distributed)') from exc
 
 from ._scale import score_sequences, worker_model
+from .formats import BUILTIN_PREFIX
 from .model import Model
 
 __all__ = ["forward", "map_partitions"]
@@ -59,8 +60,11 @@ def _local_model(model: Any) -> Model:
 
 def _shipped(model: Any) -> Any:
     # A Model becomes one key of the graph, sent once to each worker that needs it, not once per task;
-    # a path is only a string.
-    return dask.delayed(model, pure=True) if isinstance(model, Model) else os.path.abspath(os.fspath(model))
+    # a path is only a string. A built-in model's name travels as it is: each worker finds its own installed copy.
+    if isinstance(model, Model):
+        return dask.delayed(model, pure=True)
+    path = os.fspath(model)
+    return path if isinstance(path, str) and path.startswith(BUILTIN_PREFIX) else os.path.abspath(path)
 
 
 def forward(x: Any, model: Any, lengths: Any = None, threads: int | None = None, *,
