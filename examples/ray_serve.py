@@ -15,16 +15,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import urllib.request
 
-import numpy as np
-import ray
-from ray import serve
-from starlette.requests import Request
+# A demo on this machine: Ray's own servers on 127.0.0.1 only, which Ray decides when it is imported
+# (lstm_engine.ray.init_local below checks it). Drop this line and init_local to run on a cluster.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import lstm_engine as le
-from lstm_engine.ray import Predictor
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+
+import lstm_engine as le  # noqa: E402
+from lstm_engine.ray import Predictor, init_local  # noqa: E402
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, num_replicas=2)
@@ -67,7 +72,7 @@ def main() -> None:
     requests = [rng.standard_normal((int(rng.integers(1, 50)), model.input_size)).astype(np.float32)
                 for _ in range(32)]
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local(2)  # on a cluster: ray.init(address="auto")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         handle = serve.run(Scorer.bind(path), route_prefix="/")

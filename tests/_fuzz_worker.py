@@ -23,7 +23,8 @@ import h5py  # noqa: F401 - imported before the address-space cap
 import numpy as np
 
 import lstm_engine as le
-from lstm_engine.cli import UserError, _random_input
+from lstm_engine.cli import _random_input
+from lstm_engine.errors import UserError
 from lstm_engine.formats import keras as _keras  # noqa: F401 - imported before the address-space cap
 from lstm_engine.formats import _torch_pickle  # noqa: F401
 

@@ -5,6 +5,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 # Keras 3 runs on the torch backend in every test that uses it.
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# Ray instances the tests start (here and in the commands they run) listen on 127.0.0.1 only; Ray reads this
+# when it is imported (see lstm_engine.ray.init_local).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -58,6 +58,31 @@ def test_a_graph_model_pickles():
     assert all(np.array_equal(a, b) for s, t in zip(state, state2) for a, b in zip(s, t))
 
 
+def quantized_graph(fmt):
+    from test_graph import lstm_head_graph
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return le.quantize(le.Model(lstm_head_graph(torch.nn.LSTM(5, 8, batch_first=True), torch.nn.Linear(8, 3))), fmt)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["chain", "graph"])
+def test_a_quantized_model_pickles_as_its_file(fmt, kind):
+    model = le.quantize(torch_lstm_model(), fmt) if kind == "chain" else quantized_graph(fmt)
+    blob = pickle.dumps(model)
+    assert native.to_bytes(model) in blob
+    back = pickle.loads(blob)
+    assert [getattr(layer.quantization, "format", None) for layer in back.layers] == \
+        [getattr(layer.quantization, "format", None) for layer in model.layers]
+    x = np.random.default_rng(2).standard_normal((4, 7, 5)).astype(np.float32)
+    lengths = np.array([7, 2, 5, 1]) if kind == "chain" else None  # this graph takes no lengths
+    y, state = model.forward(x, lengths)
+    y2, state2 = back.forward(x, lengths)
+    assert np.array_equal(y, y2)
+    assert all(np.array_equal(a, b) for s, t in zip(state, state2) for a, b in zip(s, t))
+
+
 def test_pickle_does_not_carry_threads():
     model = torch_lstm_model()
     model.threads = 1
@@ -103,8 +128,9 @@ def importable_env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
 
 
-def test_pickled_model_runs_in_a_fresh_process(tmp_path):
-    model = torch_lstm_model()
+@pytest.mark.parametrize("fmt", [None, "int8", "bfloat16"])
+def test_pickled_model_runs_in_a_fresh_process(tmp_path, fmt):
+    model = torch_lstm_model() if fmt is None else le.quantize(torch_lstm_model(), fmt)
     x = np.random.default_rng(5).standard_normal((4, 9, 5)).astype(np.float32)
     lengths = np.array([9, 3, 1, 6])
     (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
@@ -125,8 +151,10 @@ def test_omp_num_threads_is_read_like_openmp(monkeypatch, value, expected):
 
 
 def test_default_threads_fit_the_worker(monkeypatch):
-    cores = le._kernels.cpu_count()
+    # Unset first: Dask's LocalCluster leaves OMP_NUM_THREADS=1 in the process that started it (the cluster
+    # tests'), and cpu_count() honours it too.
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = le._kernels.cpu_count()
     assert _threads.default_threads() == cores
     assert _threads.default_threads(concurrent=cores) == 1
     assert _threads.default_threads(concurrent=10 * cores) == 1

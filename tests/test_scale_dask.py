@@ -39,6 +39,23 @@ def ids_model():
                                                         return_sequences=False)])
 
 
+def listening_addresses() -> set:
+    """(address, process name, pid) of every TCP socket this process and the processes it started listen on."""
+    psutil = pytest.importorskip("psutil")
+    me = psutil.Process()
+    found = set()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found |= {(c.laddr.ip, proc.name(), proc.pid) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
 def batched_forward(model, x, lengths=None, batch=BATCH):
     return np.concatenate([model.forward(x[i:i + batch], None if lengths is None else lengths[i:i + batch])[0]
                            for i in range(0, len(x), batch)])
@@ -124,6 +141,13 @@ def client():
 
 
 @pytest.mark.cluster
+def test_the_cluster_listens_on_loopback_only(client):
+    listening = listening_addresses()
+    assert len({pid for _, _, pid in listening}) >= 3  # the scheduler here, and each worker's process
+    assert {ip for ip, _, _ in listening} <= LOOPBACK, listening
+
+
+@pytest.mark.cluster
 def test_cluster_results_are_bit_identical(client, data):
     x, lengths, path = data
     want = batched_forward(lstm_model(), x, lengths)
@@ -134,6 +158,34 @@ def test_cluster_results_are_bit_identical(client, data):
         assert np.array_equal(from_path.result(timeout=120), want)
         assert np.array_equal(from_model.result(timeout=120), want)
     assert len({t["worker"] for t in tasks.data if "run_block" in t["key"][0]}) == 2  # both workers took part
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("fmt", ["int8", "float16", "bfloat16"])
+def test_quantized_models_on_the_cluster_are_bit_identical(client, data, tmp_path, fmt):
+    x, lengths, _ = data
+    model = le.quantize(lstm_model(), fmt)
+    path = str(tmp_path / f"{fmt}.safetensors")
+    le.save(model, path)
+    want = batched_forward(model, x, lengths)
+    xd = da.from_array(x, chunks=(BATCH, 12, 6))
+    from_path = client.compute(led.forward(xd, path, lengths=lengths))
+    from_model = client.compute(led.forward(xd, model, lengths=lengths))
+    assert np.array_equal(from_path.result(timeout=120), want)
+    assert np.array_equal(from_model.result(timeout=120), want)
+
+
+@pytest.mark.cluster
+def test_graph_models_on_the_cluster_are_bit_identical(client, data):
+    torch = pytest.importorskip("torch")
+    from test_graph import lstm_head_graph
+
+    torch.manual_seed(0)
+    model = le.Model(lstm_head_graph(torch.nn.LSTM(6, 8, batch_first=True), torch.nn.Linear(8, 3)))
+    x = data[0]
+    for m in (model, le.quantize(model, "int8")):
+        y = client.compute(led.forward(x, m, batch_size=BATCH)).result(timeout=120)
+        assert np.array_equal(y, batched_forward(m, x))
 
 
 @pytest.mark.cluster

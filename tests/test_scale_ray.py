@@ -1,11 +1,11 @@
 """lstm_engine.ray on a real local Ray instance (2 CPUs): the Predictor in Ray Data, threads from num_cpus,
-streams moved between actors through save_state, and `lstm-engine run --ray`."""
+streams (session and pool) moved between actors through save_state, and `lstm-engine run --ray`."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_scale_dask import (BATCH, assert_like_one_process, batched_forward, ids_model, lstm_model, make_data,
-                             run_on_cluster)
+from test_scale_dask import (BATCH, LOOPBACK, assert_like_one_process, batched_forward, ids_model,
+                             listening_addresses, lstm_model, make_data, run_on_cluster)
 
 import lstm_engine as le
 from lstm_engine.ray import Predictor
@@ -78,12 +78,35 @@ def test_ray_serve_example_answers_like_forward():
     assert "HTTP: " in out.stdout
 
 
+@pytest.mark.cluster
+def test_init_local_refuses_a_ray_that_would_listen_on_the_network(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    code = "from lstm_engine.ray import init_local\ninit_local(1)\n"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")  # as if Ray had been imported first
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "not only on 127.0.0.1" in out.stderr, out.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    from lstm_engine.ray import init_local
+
+    init_local(2)
     yield ray
     ray.shutdown()
+
+
+@pytest.mark.cluster
+def test_the_instance_listens_on_loopback_only(ray):
+    ray.get(ray.remote(lambda: 1).remote(), timeout=60)  # a worker process up too
+    listening = listening_addresses()
+    assert {"gcs_server", "raylet"} <= {name for _, name, _ in listening}
+    assert {ip for ip, _, _ in listening} <= LOOPBACK, listening
 
 
 @pytest.mark.cluster
@@ -96,6 +119,29 @@ def test_map_batches_is_bit_identical(ray, data):
                             compute=ray.data.ActorPoolStrategy(size=2), batch_size=BATCH).take_all()
     got = np.stack([r["y"] for r in sorted(scored, key=lambda r: r["id"])])
     assert np.array_equal(got, batched_forward(lstm_model(), x, lengths))
+
+
+@pytest.mark.cluster
+def test_map_batches_with_quantized_and_graph_models(ray, data, tmp_path):
+    torch = pytest.importorskip("torch")
+    from test_graph import lstm_head_graph
+
+    x, lengths, _ = data
+    torch.manual_seed(0)
+    graph = le.Model(lstm_head_graph(torch.nn.LSTM(6, 8, batch_first=True), torch.nn.Linear(8, 3)))
+    cases = [(le.quantize(lstm_model(), fmt), "n") for fmt in ("int8", "float16", "bfloat16")]
+    cases += [(graph, None), (le.quantize(graph, "int8"), None)]  # the graph takes no lengths
+    rows = [{"id": i, "x": x[i], "n": lengths[i]} for i in range(64)]
+    for k, (model, lengths_column) in enumerate(cases):
+        path = str(tmp_path / f"{k}.safetensors")
+        le.save(model, path)
+        given = path if k % 2 else model  # a path each actor loads, or the Model pickled as its file
+        ds = ray.data.from_items(rows, override_num_blocks=64 // BATCH)
+        scored = ds.map_batches(Predictor, fn_constructor_args=(given,),
+                                fn_constructor_kwargs={"lengths_column": lengths_column},
+                                compute=ray.data.ActorPoolStrategy(size=2), batch_size=BATCH).take_all()
+        got = np.stack([r["y"] for r in sorted(scored, key=lambda r: r["id"])])
+        assert np.array_equal(got, batched_forward(model, x, lengths if lengths_column else None)), k
 
 
 @pytest.mark.cluster
@@ -169,4 +215,34 @@ def test_a_stream_moves_between_actors(ray, data, tmp_path):
     stay = model.session(batch_size=4)
     assert np.array_equal(first, stay.feed(x[:4, :5]))
     assert np.array_equal(rest, stay.feed(x[:4, 5:]))
+
+    @ray.remote(num_cpus=1)
+    class PoolServer:
+        """Many users' streams in one pool; a user's stream is handed to another server by its state."""
+
+        def __init__(self, path):
+            self.pool = le.load(path).pool(max_batch=8)
+            self.streams = {}
+
+        def step(self, user, xs):
+            stream = self.streams.get(user) or self.streams.setdefault(user, self.pool.open())
+            return np.stack([stream.step(v) for v in xs])
+
+        def hand_over(self, user):
+            stream = self.streams.pop(user)
+            blob = stream.save_state()
+            stream.close()
+            return blob
+
+        def take_over(self, user, blob):
+            self.streams[user] = self.pool.open()
+            self.streams[user].load_state(blob)
+
+    a, b = PoolServer.remote(path), PoolServer.remote(path)
+    first = ray.get(a.step.remote("u1", x[0, :5]), timeout=60)
+    ray.get(b.take_over.remote("u1", a.hand_over.remote("u1")), timeout=60)
+    rest = ray.get(b.step.remote("u1", x[0, 5:]), timeout=60)
+    with model.pool() as pool:
+        stay = pool.open()
+        assert np.array_equal(np.concatenate([first, rest]), np.stack([stay.step(v) for v in x[0]]))
 

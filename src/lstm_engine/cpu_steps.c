@@ -293,7 +293,9 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     if (nthreads > MAX_PARTS)
         nthreads = MAX_PARTS;
     double step_flops = 2.0 * a->B * job.GHp * (job.fused ? a->In + a->H : a->H);
-    int used = le_pool_acquire(nthreads, 2.0 * a->B * a->T * job.GHp * (a->In + a->H), step_flops);
+    /* A table's projections are looked up, not computed. */
+    double flops = 2.0 * a->B * a->T * job.GHp * ((a->table ? 0 : a->In) + a->H);
+    int used = le_pool_acquire(nthreads, flops, step_flops);
     job.nth = used;
     if (!job.fused && !a->table) {
         /* Enough projection units for every thread to have a few (each an A chunk read once). */

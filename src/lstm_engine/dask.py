@@ -175,8 +175,9 @@ def score_chunks(scheduler: str, model: Model, batches: Any, threads: int | None
         n = scheduler[len("local:"):]
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"--dask {scheduler}: expected local:N with N at least 1 worker")
+        # On 127.0.0.1 only, no dashboards: a cluster for this one command.
         cluster = LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
+                               dashboard_address=None, worker_dashboard_address=None)
     try:
         with Client(cluster or scheduler) as client:
             slots = 2 * max(1, sum(client.nthreads().values()))

@@ -23,7 +23,34 @@ import numpy as np
 
 from ._scale import score_sequences, worker_model
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "init_local"]
+
+# Read by Ray when it is imported: "0" makes a node loopback-only (its default on macOS and Windows). On
+# Linux Ray otherwise takes the machine's network address as the node's, even when given 127.0.0.1, and
+# its servers listen there.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_local(num_cpus: int, **kwargs: Any) -> None:
+    """Start a Ray instance of ``num_cpus`` CPUs on this machine whose servers listen on 127.0.0.1 only.
+
+    Call it before anything in the process imports Ray (or run the process with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``): Ray decides where its node listens when it is imported.
+    ``kwargs`` go to ``ray.init``. Raises RuntimeError, with the instance stopped, if Ray would not
+    keep to the loopback address.
+    """
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1:
+        raise ValueError(f"num_cpus: expected a positive int, got {num_cpus!r}")
+    if "ray" not in sys.modules:
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
+    import ray
+
+    ray.init(num_cpus=num_cpus, **{"include_dashboard": False, "log_to_driver": False, **kwargs})
+    address = ray.util.get_node_ip_address()
+    if address not in ("127.0.0.1", "::1", "localhost"):
+        ray.shutdown()
+        raise RuntimeError(f"Ray would listen on {address}, not only on 127.0.0.1: Ray was imported before "
+                           f"init_local; start Python with {LOCAL_ONLY_ENV}=0 or call init_local first")
 
 
 def _assigned_threads(threads: int | None) -> int | None:
@@ -97,11 +124,13 @@ def score_chunks(address: str, model: Any, batches: Any, threads: int | None = N
     """Run ``(key, x, lengths)`` batches on a Ray cluster, yielding ``(key, y, state)`` as they finish.
 
     ``address`` is ``auto`` (the running cluster), a cluster address (``ray://host:10001`` or
-    ``host:6379``), or ``local:N`` for a Ray instance with N CPUs on this machine, started here and stopped
-    at the end. One actor per ``threads`` CPUs (default 1) of the cluster holds the model, sent once
+    ``host:6379``), or ``local:N`` for a Ray instance with N CPUs on this machine (listening on 127.0.0.1
+    only, see init_local), started here and stopped at the end. One actor per ``threads`` CPUs (default 1) of the cluster holds the model, sent once
     through the object store; batches are read from ``batches`` only as actors free up, two per actor at
     most. (What ``lstm-engine run --ray`` uses.)
     """
+    if address.startswith("local:") and "ray" not in sys.modules:
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")  # before Ray is imported: see init_local
     import ray
     from ray.util import ActorPool
 
@@ -111,7 +140,7 @@ def score_chunks(address: str, model: Any, batches: Any, threads: int | None = N
         n = address[len("local:"):]
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"--ray {address}: expected local:N with N at least 1 CPU")
-        ray.init(num_cpus=int(n), include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        init_local(int(n))
         started = True
     else:
         ray.init(address=address, log_to_driver=False)
