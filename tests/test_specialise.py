@@ -212,6 +212,33 @@ def test_feeds_are_still_checked_after_a_signature_passed():
         np.testing.assert_array_equal(y, model.run({"x": x})["y"])
 
 
+def test_a_feed_signature_that_passed_is_not_checked_again(monkeypatch):
+    model = le.Model(squeeze_if_one_graph())
+    x = np.ones((1, 12), np.float32)
+    model.run({"x": x})
+    checks = []
+    full = model._check_feeds_once
+    monkeypatch.setattr(model, "_check_feeds_once", lambda *a: checks.append(1) or full(*a))
+    model.run({"x": x})
+    model.run({"x": x.copy()})
+    assert checks == []
+    model.run({"x": x[:, ::2]})  # not C-contiguous: checked (and made contiguous) every time
+    model.run({"x": x}, cast=True)  # another key
+    assert checks == [1, 1]
+
+
+def test_sigmoid_step_equals_the_op():
+    dtype = np.float32
+    g = Graph([ValueInfo("x", "float", [None])], ["y"], [Node("Sigmoid", ["x"], ["y"], {}, "sigmoid")])
+    model = le.Model(g)
+    x = np.array([-100.0, -3.5, 0.0, 0.25, 7.0, 100.0], dtype)
+    for _ in range(3):
+        got, want = run_both(model, {"x": x})
+        assert got[0].dtype == dtype
+        np.testing.assert_array_equal(got[0], want[0])
+    assert programs(model) == 1
+
+
 @pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"])
 def test_reductions_over_axes_of_one_element(op):
     g = Graph([ValueInfo("x", "float", [None, None, None])], ["y"], [

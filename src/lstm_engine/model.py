@@ -196,7 +196,9 @@ class Model:
         """A float input as an array, and the dtype of the run it selects (its own, or self.dtype with cast)."""
         if not isinstance(x, np.ndarray):
             x = as_real_array(x, self.dtype, name)
-        native = x.dtype.newbyteorder("=") if x.dtype.kind == "f" else x.dtype
+        # x's own dtype object when it is already native: NumPy converts (copies) for an equal but other dtype
+        # object, and model.run's feed-signature cache needs the feeds passed through as they are.
+        native = x.dtype if x.dtype.kind != "f" or x.dtype.isnative else x.dtype.newbyteorder("=")
         if native not in self.dtypes:
             if not (cast and x.dtype.kind in "fiu" and x.dtype.kind != "b"):
                 kept = " or ".join(str(d) for d in self.dtypes)
@@ -226,13 +228,15 @@ class Model:
 
         Every check depends on the inputs' shapes and dtypes only: C-contiguous arrays whose shapes and dtypes
         passed once, unchanged by the checks, pass again without them (a streamed chunk's feeds)."""
-        key = tuple([None if x is None else (x.shape, x.dtype) if type(x) is np.ndarray and x.flags.c_contiguous
-                     else False for x in given]) + (cast,)
-        known = self._checked_feeds.get(key) if False not in key else None
+        sig = [None if x is None else (x.shape, x.dtype) if type(x) is np.ndarray and x.flags.c_contiguous
+               else False for x in given]
+        cacheable = False not in sig  # (cast is kept out of sig: its own False would match)
+        key = tuple(sig) + (cast,)
+        known = self._checked_feeds.get(key) if cacheable else None
         if known is not None:
             return list(given), known
         out, dtype = self._check_feeds_once(given, cast)
-        if False not in key and all(a is b for a, b in zip(out, given)):
+        if cacheable and all(a is b for a, b in zip(out, given)):
             if len(self._checked_feeds) >= 64:
                 self._checked_feeds.clear()
             self._checked_feeds[key] = dtype
