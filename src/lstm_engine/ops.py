@@ -15,12 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from scipy import special
 
 from . import _kernels
 
 REQUIRED = object()
 DTYPES = {"float": None, "int64": np.dtype(np.int64), "int32": np.dtype(np.int32), "bool": np.dtype(np.bool_)}
+
+
+def special():
+    """scipy.special, imported on first use: it takes ~0.2 s, most of `import lstm_engine`, and only graphs with
+    Sigmoid, Erf or Gelu nodes need it (the CLI's first answer must not wait for it)."""
+    from scipy import special as module
+
+    return module
 
 
 # -- attribute checkers: each returns the normalised value or raises ValueError ----------------------
@@ -241,10 +248,10 @@ _unary("Abs", np.abs, floats=False)
 _unary("Exp", np.exp)
 _unary("Log", np.log)
 _unary("Reciprocal", np.reciprocal)
-_unary("Erf", lambda x: special.erf(x).astype(x.dtype, copy=False))
+_unary("Erf", lambda x: special().erf(x).astype(x.dtype, copy=False))
 _unary("Tanh", np.tanh)
 _unary("Relu", lambda x: np.maximum(x, x.dtype.type(0)))
-_unary("Sigmoid", lambda x: special.expit(x).astype(x.dtype, copy=False))
+_unary("Sigmoid", lambda x: special().expit(x).astype(x.dtype, copy=False))
 _unary("Softplus", lambda x: np.logaddexp(x, x.dtype.type(0)))
 _unary("Softsign", lambda x: x / (1 + np.abs(x)))
 
@@ -300,7 +307,7 @@ def gelu(x: np.ndarray, approximate: str) -> np.ndarray:
     if approximate == "tanh":
         inner = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
         return (0.5 * x * (1 + np.tanh(inner))).astype(x.dtype, copy=False)
-    return (0.5 * x * (1 + special.erf(x / math.sqrt(2)))).astype(x.dtype, copy=False)
+    return (0.5 * x * (1 + special().erf(x / math.sqrt(2)))).astype(x.dtype, copy=False)
 
 
 @op("Elu", 1, alpha=(_float, 1.0))

@@ -26,7 +26,6 @@ from functools import partial
 from typing import Any, Callable
 
 import numpy as np
-from scipy import special
 
 from . import _kernels, ops as _ops
 
@@ -447,7 +446,8 @@ def _fast(b: Any, ins: list[int], env: list, flag: list, dtype: np.dtype) -> Cal
         return make
     if op == "Sigmoid" and y.dtype == env[b.ins[0]].dtype and y.dtype in (np.float32, np.float64):
         # ops' Sigmoid is scipy's expit, which keeps these dtypes (its cast back is a no-op): called directly.
-        return lambda: _unary_step(special.expit, ins[0], o, where)
+        expit = _ops.special().expit
+        return lambda: _unary_step(expit, ins[0], o, where)
     if op in _UFUNCS and y.dtype.kind == "f":
         f = _UFUNCS[op]
         i = ins[0]
