@@ -98,7 +98,7 @@ def test_load_state_refuses_what_it_cannot_take():
             s.load_state(blob)
     f64 = float_model(dtype=(np.float32, np.float64))
     with f64.pool(dtype=np.float64) as pool:
-        with pytest.raises(ValueError, match="float32 but this session runs float64"):
+        with pytest.raises(ValueError, match="float32 but this pool stream runs float64"):
             pool.open().load_state(f64.session().save_state())
 
 

@@ -457,7 +457,7 @@ class Stream:
         self._idle()
         core = self._core
         with core.state_lock:
-            decode_state(core.model, core.dtype, 1, self._arrays(), blob)
+            decode_state(core.model, core.dtype, 1, self._arrays(), blob, "pool stream")
 
     def close(self) -> None:
         """Leave the pool, freeing the state slot for another stream. Safe to call twice."""

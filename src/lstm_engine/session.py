@@ -120,9 +120,11 @@ def encode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list) -> 
     return blob + _CRC.pack(zlib.crc32(blob))
 
 
-def decode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list, blob: Any) -> None:
+def decode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list, blob: Any,
+                 holder: str = "session") -> None:
     """Check bytes from ``encode_state`` against the model, dtype, batch size and the named arrays' layout,
-    then copy them into those arrays (all or, on any ValueError/TypeError, none)."""
+    then copy them into those arrays (all or, on any ValueError/TypeError, none). ``holder`` names what loads
+    them in the messages ("session", "pool stream")."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise TypeError(f"load_state: expected bytes from save_state(), got {type(blob).__name__}")
     blob = bytes(blob)
@@ -146,12 +148,12 @@ def decode_state(model: Any, dtype: np.dtype, batch_size: int, arrays: list, blo
     if digest != weights_digest(model):
         raise _state_error("the state was saved from a model with the same layers but different weights")
     if saved_dtype != str(dtype):
-        raise _state_error(f"the state is {saved_dtype} but this session runs {dtype}")
+        raise _state_error(f"the state is {saved_dtype} but this {holder} runs {dtype}")
     if batch != batch_size:
-        raise _state_error(f"the state has batch size {batch} but this session has {batch_size}")
+        raise _state_error(f"the state has batch size {batch} but this {holder} has {batch_size}")
     expected = [[name, list(arr.shape), str(arr.dtype)] for name, arr in arrays]
     if listed != expected:
-        raise _state_error("the state's arrays do not match this session's layout")
+        raise _state_error(f"the state's arrays do not match this {holder}'s layout")
     offset = head + hlen
     size = sum(arr.nbytes for _, arr in arrays)
     if len(blob) - _CRC.size - offset != size:
