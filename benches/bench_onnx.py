@@ -65,7 +65,7 @@ def main() -> None:
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
     print(f"{platform.processor() or platform.machine()}, lstm_engine kernels: "
-          f"kernels {_kernels.VARIANTS[_kernels.simd_level()]}, onnxruntime {ort.__version__}, "
+          f"{_kernels.VARIANTS[_kernels.simd_level()]}, onnxruntime {ort.__version__}, "
           f"{args.threads} thread(s) each, {args.reps} rounds")
     print(f"{'model':<34} {'engine us':>10} {'ORT us':>10} {'ORT/engine':>10}")
     for name, path, feeds in cases:
