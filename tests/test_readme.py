@@ -66,7 +66,10 @@ def reader(tmp_path_factory):
             ray.shutdown()
         client = state["namespace"].get("client")
         if client is not None and hasattr(client, "close"):
+            cluster = getattr(client, "cluster", None)   # the README's LocalCluster: closing the client leaves it up
             client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def _serve(state) -> str:
