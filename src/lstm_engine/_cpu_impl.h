@@ -67,6 +67,43 @@ extern const le_variant le_variant_avx512;
 /* The table of the variant in use (cpu_detect.c). */
 const le_variant *le_variant_in_use(void);
 
+/* -- pieces of the per-variant loops that cpu_products.c and cpu_conv.c share ---------------- */
+
+/* Portable dot product: eight partial sums, which the compiler keeps in vector registers. */
+INLINE float le_dot_c(const float *w, const float *v, int K)
+{
+    float acc[8] = {0};
+    int k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += w[k + l] * v[k + l];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; k < K; k++)
+        s += w[k] * v[k];
+    return s;
+}
+
+#ifdef LE_X86
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* The sum of a's eight lanes. */
+AVX2 static inline float le_hsum_avx2(__m256 a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The _mm256_maskload_ps mask of the last K % 8 elements of a row (none read past its end). */
+AVX2 static inline __m256i le_tail_mask_avx2(int K)
+{
+    static const int ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256((const __m256i *)(ones + 8 - (K & 7)));
+}
+#endif
+
 /* -- the worker pool (cpu_pool.c) ---------------------------------------------------------- */
 
 typedef void (*job_fn)(void *arg, int tid, int nth);

@@ -11,7 +11,6 @@
 
 #ifdef LE_X86
 #include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma")))
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #endif
 
@@ -50,32 +49,13 @@ static void products_c(int M, int K, int Lo, const float *W, const float *cols, 
                        ptrdiff_t ldy)
 {
     for (int r = 0; r < M; r++)
-        for (int l = 0; l < Lo; l++) {
-            const float *w = W + (ptrdiff_t)r * K, *v = cols + (ptrdiff_t)l * K;
-            float acc[8] = {0};
-            int kk = 0;
-            for (; kk + 8 <= K; kk += 8)
-                for (int u = 0; u < 8; u++)
-                    acc[u] += w[kk + u] * v[kk + u];
-            float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            for (; kk < K; kk++)
-                s += w[kk] * v[kk];
-            y[(ptrdiff_t)r * ldy + l] = finish(s, b, r, relu);
-        }
+        for (int l = 0; l < Lo; l++)
+            y[(ptrdiff_t)r * ldy + l] =
+                finish(le_dot_c(W + (ptrdiff_t)r * K, cols + (ptrdiff_t)l * K, K), b, r, relu);
 }
 
 #ifdef LE_X86
 /* -- AVX2 + FMA: NR weight rows x NL columns of 8-wide sums (at most 4 x 2: 8 accumulators) ---- */
-
-static const int tail_ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-
-AVX2 static inline float hsum_avx2(__m256 a)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 AVX2 INLINE void tile_avx2(const int NR, const int NL, int K, const float *W, const float *cols, const float *b,
                            int relu, float *y, ptrdiff_t ldy, int r, int l)
@@ -98,7 +78,7 @@ AVX2 INLINE void tile_avx2(const int NR, const int NL, int K, const float *W, co
     }
     if (kk < K) {
         /* The last K % 8 through a mask: no read past a row. */
-        __m256i m = _mm256_loadu_si256((const __m256i *)(tail_ones + 8 - (K & 7)));
+        __m256i m = le_tail_mask_avx2(K);
         __m256 x[2];
         for (int j = 0; j < NL; j++)
             x[j] = _mm256_maskload_ps(v + (ptrdiff_t)j * K + kk, m);
@@ -110,7 +90,7 @@ AVX2 INLINE void tile_avx2(const int NR, const int NL, int K, const float *W, co
     }
     for (int i = 0; i < NR; i++)
         for (int j = 0; j < NL; j++)
-            y[(ptrdiff_t)(r + i) * ldy + l + j] = finish(hsum_avx2(acc[i][j]), b, r + i, relu);
+            y[(ptrdiff_t)(r + i) * ldy + l + j] = finish(le_hsum_avx2(acc[i][j]), b, r + i, relu);
 }
 
 AVX2 static void products_avx2(int M, int K, int Lo, const float *W, const float *cols, const float *b, int relu,

@@ -10,7 +10,6 @@
 
 #ifdef LE_X86
 #include <immintrin.h>
-#define AVX2 __attribute__((target("avx2,fma")))
 /* prefer-vector-width=512: GCC's generic tuning would auto-vectorise the gate loops at 256 bits. */
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #endif
@@ -211,24 +210,11 @@ static void mk_c(int mr, int G, int K, const float *A, ptrdiff_t lda, const floa
 
 static void block_c(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_c, 4, 4)
 
-/* Portable row-major GEMV: eight partial sums per row, which the compiler keeps in vector registers. */
-INLINE float dot_c(const float *w, const float *v, int K)
-{
-    float acc[8] = {0};
-    int k = 0;
-    for (; k + 8 <= K; k += 8)
-        for (int l = 0; l < 8; l++)
-            acc[l] += w[k + l] * v[k + l];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; k < K; k++)
-        s += w[k] * v[k];
-    return s;
-}
-
+/* Portable row-major GEMV: a dot product per row (le_dot_c). */
 static void gemv_c(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
 {
     for (int r = 0; r < N; r++) {
-        float s = dot_c(W + r * ldw, x, K);
+        float s = le_dot_c(W + r * ldw, x, K);
         y[r] = b ? b[r] + s : s;
     }
 }
@@ -297,20 +283,11 @@ AVX2 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3,
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-AVX2 static inline float hsum1(__m256 a)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static const int tail_ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 
 AVX2 static void gemv_avx2(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
 {
     int r = 0;
-    __m256i m = _mm256_loadu_si256((const __m256i *)(tail_ones + 8 - (K & 7)));
+    __m256i m = le_tail_mask_avx2(K);
     for (; r + 8 <= N; r += 8) {
         const float *w = W + r * ldw;
         __m256 a[8];
@@ -341,7 +318,7 @@ AVX2 static void gemv_avx2(int N, int K, const float *W, ptrdiff_t ldw, const fl
             a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
         if (k < K)
             a = _mm256_fmadd_ps(_mm256_maskload_ps(w + k, m), _mm256_maskload_ps(x + k, m), a);
-        float s = hsum1(a);
+        float s = le_hsum_avx2(a);
         y[r] = b ? b[r] + s : s;
     }
 }
