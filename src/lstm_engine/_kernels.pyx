@@ -534,18 +534,24 @@ def simd_level():
     return le_simd_level()
 
 
+def _variant_number(level, names, what):
+    """The number of a variant given by name or number (names[number]), -1 for None: dispatch chooses."""
+    if level is None:
+        return -1
+    if isinstance(level, str):
+        if level not in names:
+            raise ValueError(f"unknown {what} {level!r}; expected one of {names}")
+        return names.index(level)
+    if not -1 <= level < len(names):
+        raise ValueError(f"{what} must be -1 or 0..{len(names) - 1}, got {level}")
+    return level
+
+
 def set_simd_level(level):
     """Force a kernel variant by number or name (see VARIANTS), or let the CPU check choose (-1 or None).
 
     For tests and benchmarks. Raises ValueError for a variant this CPU cannot run, naming what it lacks."""
-    if level is None:
-        level = -1
-    if isinstance(level, str):
-        if level not in VARIANTS:
-            raise ValueError(f"unknown kernel variant {level!r}; expected one of {VARIANTS}")
-        level = VARIANTS.index(level)
-    if not -1 <= level < LE_NUM_VARIANTS:
-        raise ValueError(f"kernel variant must be -1 or 0..{LE_NUM_VARIANTS - 1}, got {level}")
+    level = _variant_number(level, VARIANTS, "kernel variant")
     if le_set_simd_level(level) != 0:
         raise ValueError(f"kernel variant {VARIANTS[level]!r} cannot run here: "
                          f"{le_simd_reason(level).decode()}")
@@ -1397,14 +1403,7 @@ def set_quant_variant(level):
     """Force a product variant by name or number (QUANT_VARIANTS), or let dispatch choose (None / -1).
 
     For tests and benchmarks; ValueError names what the CPU lacks."""
-    if level is None:
-        level = -1
-    if isinstance(level, str):
-        if level not in QUANT_VARIANTS:
-            raise ValueError(f"unknown product variant {level!r}; expected one of {QUANT_VARIANTS}")
-        level = QUANT_VARIANTS.index(level)
-    if not -1 <= level < LE_Q_NUM_VARIANTS:
-        raise ValueError(f"product variant must be -1 or 0..{LE_Q_NUM_VARIANTS - 1}, got {level}")
+    level = _variant_number(level, QUANT_VARIANTS, "product variant")
     if le_q_set_level(level) != 0:
         raise ValueError(f"product variant {QUANT_VARIANTS[level]!r} cannot run here: {le_q_reason(level).decode()}")
 
