@@ -258,20 +258,52 @@ def test_conv_kernel_relu_epilogue_and_bad_arguments():
     from lstm_engine import _kernels
 
     x, w, b = f(2, 3, 9), f(4, 3, 2), f(4)
-    out, cols = np.empty((2, 4, 8), F), np.empty(8 * 6, F)
-    _kernels.conv1d(x, w.reshape(4, 6), b, out, 2, 1, 1, 0, True, cols)
+    out = np.empty((2, 4, 8), F)
+    assert _kernels.Conv1d(w.reshape(4, 6), b, 2, relu=True)(x, out) is out
     np.testing.assert_allclose(out, np.maximum(direct_conv(x, w, b, 1, 1, [0, 0], 1), 0), rtol=1e-5, atol=1e-5)
     assert (out == 0).any() and (out > 0).any()
-    with pytest.raises(ValueError, match="do not fit"):
-        _kernels.conv1d(x, w.reshape(4, 6), b, out, 3, 1, 1, 0, False, cols)
-    with pytest.raises(ValueError, match="at least Lo"):
-        _kernels.conv1d(x, w.reshape(4, 6), b, out, 2, 1, 1, 0, False, cols[:10])
+    conv = _kernels.Conv1d(w.reshape(4, 6), b, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        _kernels.Conv1d(w.reshape(4, 6), b, 4)
+    with pytest.raises(ValueError, match=r"out must be float32 \(2, 4, 8\)"):
+        conv(x, np.empty((2, 4, 7), F))
     with pytest.raises(ValueError, match="float32"):
-        _kernels.conv1d(x.astype(np.float64), w.reshape(4, 6), b, out, 2, 1, 1, 0, False, cols)
+        conv(x.astype(np.float64))
+    with pytest.raises(ValueError, match=r"\(N, 3, L\)"):
+        conv(f(2, 4, 9))
     with pytest.raises(ValueError, match="unit stride"):
-        _kernels.conv1d(f(2, 3, 18)[:, :, ::2], w.reshape(4, 6), b, out, 2, 1, 1, 0, False, cols)
+        conv(f(2, 3, 18)[:, :, ::2])
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        conv(f(2, 3, 1))
     with pytest.raises(ValueError, match="bias"):
-        _kernels.conv1d(x, w.reshape(4, 6), f(5), out, 2, 1, 1, 0, False, cols)
+        _kernels.Conv1d(w.reshape(4, 6), f(5), 2)
+    with pytest.raises(ValueError, match="reflect pad of \\(3, 1\\)"):
+        _kernels.Conv1d(w.reshape(4, 6), b, 2, pad0=3, pad1=1, reflect=True)(f(2, 3, 3))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_conv_kernel_reflect_pad_folded_equals_pad_then_conv(seed, kernel_variant):
+    """Conv1d(reflect=True) mirrors the input's ends in its window gather: the same windows, hence the same sums
+    bit for bit, as an ONNX reflect Pad (np.pad's reflect) followed by the unpadded Conv, in every variant."""
+    from lstm_engine import _kernels
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        C, M, k = rng.integers(1, 6), rng.integers(1, 40), rng.integers(1, 9)
+        stride, dilation = int(rng.integers(1, 5)), int(rng.integers(1, 3))
+        L = int(rng.integers(2, 30))
+        lo, hi = int(rng.integers(0, L)), int(rng.integers(0, L))
+        if L + lo + hi < dilation * (k - 1) + 1:
+            continue
+        x = rng.standard_normal((int(rng.integers(1, 3)), C, L)).astype(F)
+        w = rng.standard_normal((M, C * k)).astype(F)
+        b = rng.standard_normal(M).astype(F)
+        got = _kernels.Conv1d(w, b, int(k), stride, dilation, lo, hi, reflect=True)(x)
+        want = _kernels.Conv1d(w, b, int(k), stride, dilation)(np.pad(x, ((0, 0), (0, 0), (lo, hi)), mode="reflect"))
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, direct_conv(np.pad(x, ((0, 0), (0, 0), (lo, hi)), mode="reflect"),
+                                                    w.reshape(M, C, k), b, stride, dilation, [0, 0], 1),
+                                   rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("op, attrs, inputs, message", [

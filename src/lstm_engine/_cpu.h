@@ -97,11 +97,14 @@ void le_blas_set_threads(int n);
 void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y);
 
 /* ONNX Conv, 1-D, of float32 rows (cpu_conv.c), one group: y[n, m, l] = b[m] + sum over c, j of
- * W[m, c * k + j] * x[n, c, l * stride + j * dilation - pad0] (0 outside [0, L)), then max(y, 0) if relu.
- * x and y run with unit stride along L and Lo, x_n/x_c and y_n/y_m are element strides; W is (M, C * k)
- * row-major, b NULL or (M,); cols is Lo * C * k floats of scratch. */
+ * W[m, c * k + j] * x[n, c, l * stride + j * dilation - pad0], then max(y, 0) if relu. Outside [0, L) the input
+ * is 0 (the Conv's own pads), or with reflect, mirrored as an ONNX reflect Pad of pad0 on the left makes it
+ * (x[-p] = x[p], x[L - 1 + p] = x[L - 1 - p]: the Pad folded into the gather; the caller checks both widths are
+ * below L). x and y run with unit stride along L and Lo, x_n/x_c and y_n/y_m are element strides; W is
+ * (M, C * k) row-major, b NULL or (M,); cols is Lo * C * k floats of scratch, or NULL: allocated here. Returns 0,
+ * or -1 when that allocation fails. */
 typedef struct {
-    int N, C, L, M, k, stride, dilation, pad0, Lo, relu;
+    int N, C, L, M, k, stride, dilation, pad0, Lo, relu, reflect;
     const float *x;
     ptrdiff_t x_n, x_c;
     const float *W, *b;
@@ -110,6 +113,6 @@ typedef struct {
     float *cols;
 } le_conv1d_args;
 
-void le_conv1d_f32(const le_conv1d_args *args);
+int le_conv1d_f32(const le_conv1d_args *args);
 
 #endif

@@ -76,18 +76,17 @@ def dense_row(
     bias: npt.NDArray[np.float32] | None,  # (N,)
     out: npt.NDArray[np.float32],  # (N,), written and returned
 ) -> npt.NDArray[np.float32]: ...
-def conv1d(
-    x: npt.NDArray[np.float32],  # (N, C, L), unit stride along L
-    weight: npt.NDArray[np.float32],  # (M, C * k)
-    bias: npt.NDArray[np.float32] | None,  # (M,)
-    out: npt.NDArray[np.float32],  # (N, M, Lo), unit stride along Lo; written and returned
-    k: int,
-    stride: int,
-    dilation: int,
-    pad0: int,
-    relu: bool,
-    cols: npt.NDArray[np.float32],  # scratch, at least Lo * C * k
-) -> npt.NDArray[np.float32]: ...
+class Conv1d:  # ONNX Conv 1-D of one group, float32; reflect: a reflect Pad of (pad0, pad1) folded in
+    weight: npt.NDArray[np.float32]  # (M, C * k)
+    bias: npt.NDArray[np.float32] | None  # (M,)
+    def __init__(self, weight: npt.NDArray[np.float32], bias: npt.NDArray[np.float32] | None, k: int,
+                 stride: int = 1, dilation: int = 1, pad0: int = 0, pad1: int = 0, relu: bool = False,
+                 reflect: bool = False) -> None: ...
+    def __call__(
+        self,
+        x: npt.NDArray[np.float32],  # (N, C, L), unit stride along L
+        out: npt.NDArray[np.float32] | None = None,  # (N, M, Lo), unit stride along Lo; written and returned
+    ) -> npt.NDArray[np.float32]: ...
 def cpu_count() -> int: ...  # cores this process may use: affinity mask, cgroup quota, OMP_NUM_THREADS
 def blas_threads() -> int: ...  # OpenBLAS thread count (process-wide), 0 if no OpenBLAS was found
 def set_blas_threads(n: int) -> None: ...

@@ -57,7 +57,7 @@ cdef extern from "_cpu.h" nogil:
     void le_blas_set_threads(int n)
     void le_gemv_f32(int N, int K, const float* W, Py_ssize_t ldw, const float* x, const float* b, float* y)
     ctypedef struct le_conv1d_args:
-        int N, C, L, M, k, stride, dilation, pad0, Lo, relu
+        int N, C, L, M, k, stride, dilation, pad0, Lo, relu, reflect
         const float* x
         Py_ssize_t x_n, x_c
         const float* W
@@ -65,7 +65,7 @@ cdef extern from "_cpu.h" nogil:
         float* y
         Py_ssize_t y_n, y_m
         float* cols
-    void le_conv1d_f32(const le_conv1d_args* args)
+    int le_conv1d_f32(const le_conv1d_args* args)
 
 cdef extern from "_gates_general.h" nogil:
     ctypedef struct le_activation:
@@ -673,54 +673,81 @@ cdef Py_ssize_t float_stride(cnp.ndarray a, int axis, str name) except -1:
         return 0
     cdef Py_ssize_t st = cnp.PyArray_STRIDE(a, axis)
     if st < 0 or st % 4:
-        raise ValueError(f"conv1d: {name} must have non-negative strides of whole floats")
+        raise ValueError(f"Conv1d: {name} must have non-negative strides of whole floats")
     return st // 4
 
 
-def conv1d(cnp.ndarray x, cnp.ndarray weight, object bias, cnp.ndarray out, int k, int stride, int dilation,
-           int pad0, bint relu, cnp.ndarray cols):
-    """ONNX Conv 1-D of one group, float32, on this thread:
-    out[n, m, l] = bias[m] + sum over c, j of weight[m, c*k + j] * x[n, c, l*stride + j*dilation - pad0]
-    (zeros outside x), then max(out, 0) if relu.
+cdef class Conv1d:
+    """ONNX Conv 1-D of one group, float32, on this thread, its weight checked once:
+    y[n, m, l] = bias[m] + sum over c, j of weight[m, c*k + j] * x[n, c, l*stride + j*dilation - pad0],
+    then max(y, 0) if relu. Outside x the input is 0 (the Conv's pads), or with ``reflect`` mirrored as an ONNX
+    reflect Pad of (pad0, pad1) along L makes it: the Pad folded into the window gather, no padded copy.
 
-    x (N, C, L) and out (N, M, Lo) float32 with unit stride along their last axis (a group's channel slice
-    is fine); weight (M, C*k), bias (M,) or None and cols (at least Lo*C*k floats of scratch): float32,
-    C-contiguous. Everything is checked here: a mismatch raises ValueError rather than reading out of bounds."""
+    weight (M, C*k) and bias (M,) or None: float32, C-contiguous, kept. ``conv(x, out=None)``: x (N, C, L) float32
+    with unit stride along L (a group's channel slice is fine) -> out (N, M, Lo), Lo = (L + pad0 + pad1 -
+    dilation*(k-1) - 1) // stride + 1, made here or given (unit stride along Lo). One object serves every call of a
+    specialised plan's Conv step, so a call checks only what its input can change (a streamed chunk's convolutions
+    are a few microseconds of arithmetic: the checks of a fresh call were a third of the smallest ones)."""
     cdef le_conv1d_args a
-    for arr, name in ((x, "x"), (weight, "weight"), (out, "out"), (cols, "cols")) + (
-            () if bias is None else ((bias, "bias"),)):
-        if cnp.PyArray_TYPE(<cnp.ndarray>arr) != cnp.NPY_FLOAT32:
-            raise ValueError(f"conv1d: {name} must be float32")
-    if x.ndim != 3 or out.ndim != 3 or weight.ndim != 2:
-        raise ValueError("conv1d: expected x (N, C, L), weight (M, C*k) and out (N, M, Lo)")
-    a.N, a.C, a.L = x.shape[0], x.shape[1], x.shape[2]
-    a.M, a.Lo = weight.shape[0], out.shape[2]
-    if k < 1 or stride < 1 or dilation < 1 or pad0 < 0 or weight.shape[1] != <Py_ssize_t>a.C * k \
-            or out.shape[0] != a.N or out.shape[1] != a.M:
-        raise ValueError(f"conv1d: weight {tuple((<object>weight).shape)} and out {tuple((<object>out).shape)} do "
-                         f"not fit x {tuple((<object>x).shape)} with k={k}, "
-                         f"stride={stride}, dilation={dilation}, pad0={pad0}")
-    if not cnp.PyArray_IS_C_CONTIGUOUS(weight) or not cnp.PyArray_IS_C_CONTIGUOUS(cols) \
-            or cols.size < <Py_ssize_t>a.Lo * a.C * k:
-        raise ValueError("conv1d: weight and cols must be C-contiguous, cols at least Lo*C*k floats")
-    if (a.L > 1 and x.strides[2] != 4) or (a.Lo > 1 and out.strides[2] != 4):
-        raise ValueError("conv1d: x and out must have unit stride along their last axis")
-    a.x_n, a.x_c = float_stride(x, 0, "x"), float_stride(x, 1, "x")
-    a.y_n, a.y_m = float_stride(out, 0, "out"), float_stride(out, 1, "out")
-    a.b = NULL
-    if bias is not None:
-        if (<cnp.ndarray>bias).ndim != 1 or bias.shape[0] != a.M or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>bias):
-            raise ValueError(f"conv1d: bias must be C-contiguous ({a.M},)")
-        a.b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
-    a.k, a.stride, a.dilation, a.pad0, a.relu = k, stride, dilation, pad0, relu
-    a.x = <const float*>cnp.PyArray_DATA(x)
-    a.W = <const float*>cnp.PyArray_DATA(weight)
-    a.y = <float*>cnp.PyArray_DATA(out)
-    a.cols = <float*>cnp.PyArray_DATA(cols)
-    if a.N and a.M and a.Lo:
+    cdef readonly object weight, bias
+    cdef int pad1
+
+    def __init__(self, cnp.ndarray weight, object bias, int k, int stride=1, int dilation=1, int pad0=0,
+                 int pad1=0, bint relu=False, bint reflect=False):
+        if cnp.PyArray_TYPE(weight) != cnp.NPY_FLOAT32 or weight.ndim != 2 \
+                or not cnp.PyArray_IS_C_CONTIGUOUS(weight):
+            raise ValueError("Conv1d: weight must be a C-contiguous float32 (M, C*k) array")
+        if k < 1 or stride < 1 or dilation < 1 or pad0 < 0 or pad1 < 0 or weight.shape[1] % k \
+                or weight.shape[0] < 1 or weight.shape[1] < 1:
+            raise ValueError(f"Conv1d: weight {tuple((<object>weight).shape)} does not fit k={k}, stride={stride}, "
+                             f"dilation={dilation}, pads=({pad0}, {pad1})")
+        memset(&self.a, 0, sizeof(le_conv1d_args))
+        self.a.M = weight.shape[0]
+        self.a.C = weight.shape[1] // k
+        if bias is not None:
+            if cnp.PyArray_TYPE(<cnp.ndarray>bias) != cnp.NPY_FLOAT32 or (<cnp.ndarray>bias).ndim != 1 \
+                    or bias.shape[0] != self.a.M or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>bias):
+                raise ValueError(f"Conv1d: bias must be a C-contiguous float32 ({self.a.M},) array")
+            self.a.b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
+        self.weight, self.bias = weight, bias
+        self.a.W = <const float*>cnp.PyArray_DATA(weight)
+        self.a.k, self.a.stride, self.a.dilation, self.a.pad0, self.a.relu = k, stride, dilation, pad0, relu
+        self.a.reflect = reflect
+        self.pad1 = pad1
+
+    def __call__(self, cnp.ndarray x, cnp.ndarray out=None):
+        cdef le_conv1d_args a = self.a
+        cdef cnp.npy_intp dims[3]
+        cdef int span = a.dilation * (a.k - 1) + 1
+        cdef int rc
+        if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT32 or x.ndim != 3 or x.shape[1] != a.C:
+            raise ValueError(f"Conv1d: x must be float32 (N, {a.C}, L), got {x.dtype} {tuple((<object>x).shape)}")
+        a.N, a.L = x.shape[0], x.shape[2]
+        if a.reflect and (a.pad0 >= a.L or self.pad1 >= a.L):
+            raise ValueError(f"Conv1d: a reflect pad of ({a.pad0}, {self.pad1}) needs more than that many steps, "
+                             f"got {a.L}")
+        if a.L + a.pad0 + self.pad1 < span:
+            raise ValueError(f"Conv1d: the input of length {a.L} is shorter than the kernel's span {span}")
+        a.Lo = (a.L + a.pad0 + self.pad1 - span) // a.stride + 1
+        if a.L > 1 and x.strides[2] != 4:
+            raise ValueError("Conv1d: x must have unit stride along its last axis")
+        if out is None:
+            dims[0], dims[1], dims[2] = a.N, a.M, a.Lo
+            out = cnp.PyArray_EMPTY(3, dims, cnp.NPY_FLOAT32, 0)
+        elif cnp.PyArray_TYPE(out) != cnp.NPY_FLOAT32 or out.ndim != 3 or out.shape[0] != a.N \
+                or out.shape[1] != a.M or out.shape[2] != a.Lo or (a.Lo > 1 and out.strides[2] != 4):
+            raise ValueError(f"Conv1d: out must be float32 ({a.N}, {a.M}, {a.Lo}) with unit stride along its "
+                             f"last axis")
+        a.x_n, a.x_c = float_stride(x, 0, "x"), float_stride(x, 1, "x")
+        a.y_n, a.y_m = float_stride(out, 0, "out"), float_stride(out, 1, "out")
+        a.x = <const float*>cnp.PyArray_DATA(x)
+        a.y = <float*>cnp.PyArray_DATA(out)
+        a.cols = NULL
         with nogil:
-            le_conv1d_f32(&a)
-    return out
+            rc = le_conv1d_f32(&a)
+        if rc:
+            raise MemoryError("Conv1d: no memory for the window columns")
+        return out
 
 
 def fast_tanh(cnp.ndarray[float, ndim=1, mode="c"] x):

@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include "_cpu_impl.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef LE_X86
@@ -14,9 +15,9 @@
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #endif
 
-/* cols[l * K + c * k + j] = x[c, l * stride + j * dilation - pad0], 0 outside [0, L). */
-static void gather_columns(int C, int L, int k, int stride, int dilation, int pad0, int Lo, const float *x,
-                           ptrdiff_t ldc, float *cols)
+/* cols[l * K + c * k + j] = x[c, l * stride + j * dilation - pad0]: 0 outside [0, L), or mirrored (reflect). */
+static void gather_columns(int C, int L, int k, int stride, int dilation, int pad0, int reflect, int Lo,
+                           const float *x, ptrdiff_t ldc, float *cols)
 {
     int K = C * k;
     for (int l = 0; l < Lo; l++) {
@@ -31,7 +32,12 @@ static void gather_columns(int C, int L, int k, int stride, int dilation, int pa
             }
             for (int j = 0; j < k; j++) {
                 int pos = first + j * dilation;
-                dst[j] = pos >= 0 && pos < L ? xc[pos] : 0.0f;
+                if (pos >= 0 && pos < L)
+                    dst[j] = xc[pos];
+                else if (reflect)
+                    dst[j] = xc[pos < 0 ? -pos : 2 * (L - 1) - pos];
+                else
+                    dst[j] = 0.0f;
             }
         }
     }
@@ -177,7 +183,7 @@ AVX512 static void products_avx512(int M, int K, int Lo, const float *W, const f
 }
 #endif
 
-void le_conv1d_f32(const le_conv1d_args *a)
+int le_conv1d_f32(const le_conv1d_args *a)
 {
     int K = a->C * a->k;
     void (*products)(int, int, int, const float *, const float *, const float *, int, float *, ptrdiff_t) =
@@ -189,9 +195,15 @@ void le_conv1d_f32(const le_conv1d_args *a)
     else if (level >= LE_AVX2)
         products = products_avx2;
 #endif
+    float *cols = a->cols ? a->cols : malloc((size_t)a->Lo * K * sizeof(float) + 1);
+    if (!cols)
+        return -1;
     for (int n = 0; n < a->N; n++) {
-        gather_columns(a->C, a->L, a->k, a->stride, a->dilation, a->pad0, a->Lo, a->x + n * a->x_n, a->x_c,
-                       a->cols);
-        products(a->M, K, a->Lo, a->W, a->cols, a->b, a->relu, a->y + n * a->y_n, a->y_m);
+        gather_columns(a->C, a->L, a->k, a->stride, a->dilation, a->pad0, a->reflect, a->Lo, a->x + n * a->x_n,
+                       a->x_c, cols);
+        products(a->M, K, a->Lo, a->W, cols, a->b, a->relu, a->y + n * a->y_n, a->y_m);
     }
+    if (cols != a->cols)
+        free(cols);
+    return 0;
 }

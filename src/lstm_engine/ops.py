@@ -638,7 +638,7 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
         raise ValueError(f"Conv: the input of length {L} is shorter than the kernel's span {span}")
     dtype = np.result_type(x, w)
     if dtype == np.float32 and x.dtype == dtype and w.dtype == dtype and (b is None or b.dtype == dtype):
-        return conv1d_f32(x, conv_weight(w, group), b, group, k, stride, dilation, pad[0], L_out, False)
+        return conv1d_f32(x, conv_kernels(w, b, group, stride, dilation, pad), M, L_out)
     if pad[0] or pad[1] or not x.flags.c_contiguous:
         xp = np.zeros((N, C, Lp), x.dtype)
         xp[:, :, pad[0]:pad[0] + L] = x
@@ -666,31 +666,32 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, kernel_shape: list[
     return out
 
 
-def conv_weight(w: np.ndarray, group: int) -> list[np.ndarray]:
-    """A float32 Conv weight (M, C/group, k) as the kernel reads it: per group a C-contiguous (M/group, C/group * k)."""
+def conv_kernels(w: np.ndarray, b: np.ndarray | None, group: int, stride: int, dilation: int, pads: list[int],
+                 relu: bool = False, reflect: bool = False) -> list:
+    """A float32 Conv's weight (M, C/group, k) and bias (M,) or None as the engine's kernels: one
+    ``_kernels.Conv1d`` per group, its weight a C-contiguous (M/group, C/group * k)."""
     M, Cg, k = w.shape
-    return [np.ascontiguousarray(wg) for wg in w.reshape(group, M // group, Cg * k)]
-
-
-def conv1d_f32(x: np.ndarray, weights: list[np.ndarray], b: np.ndarray | None, group: int, k: int, stride: int,
-               dilation: int, pad0: int, L_out: int, relu: bool) -> np.ndarray:
-    """A float32 Conv (checked by the caller) through the engine's kernel: one call per group, on this thread.
-    A streamed chunk's convolutions are far too small for NumPy's padding, window copy and BLAS call to pay."""
-    N, C, L = x.shape
-    M = sum(wg.shape[0] for wg in weights)
-    Mg, Cg = M // group, C // group
-    if L > 1 and x.strides[2] != x.itemsize:
-        x = np.ascontiguousarray(x)
+    Mg = M // group
     if b is not None:
         b = np.ascontiguousarray(b)
+    return [_kernels.Conv1d(np.ascontiguousarray(wg), None if b is None else b[g * Mg:(g + 1) * Mg], k, stride,
+                            dilation, pads[0], pads[1], relu, reflect)
+            for g, wg in enumerate(w.reshape(group, Mg, Cg * k))]
+
+
+def conv1d_f32(x: np.ndarray, kernels: list, M: int, L_out: int) -> np.ndarray:
+    """A float32 Conv (checked by the caller) through the engine's kernels (conv_kernels): one call per group, on
+    this thread, into (N, M, L_out). A streamed chunk's convolutions are far too small for NumPy's padding, window
+    copy and BLAS call to pay."""
+    if x.shape[2] > 1 and x.strides[2] != x.itemsize:
+        x = np.ascontiguousarray(x)
+    if len(kernels) == 1:
+        return kernels[0](x)
+    N, C, _ = x.shape
+    Cg, Mg = C // len(kernels), M // len(kernels)
     out = np.empty((N, M, L_out), np.float32)
-    cols = np.empty(L_out * Cg * k, np.float32)
-    if group == 1:
-        _kernels.conv1d(x, weights[0], b, out, k, stride, dilation, pad0, relu, cols)
-        return out
-    for g in range(group):
-        _kernels.conv1d(x[:, g * Cg:(g + 1) * Cg], weights[g], None if b is None else b[g * Mg:(g + 1) * Mg],
-                        out[:, g * Mg:(g + 1) * Mg], k, stride, dilation, pad0, relu, cols)
+    for g, conv in enumerate(kernels):
+        conv(x[:, g * Cg:(g + 1) * Cg], out[:, g * Mg:(g + 1) * Mg])
     return out
 
 

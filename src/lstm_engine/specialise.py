@@ -258,16 +258,18 @@ class _Trace:
                 reads[i] = reads.get(i, 0) + 1
         for s in outputs:
             reads[s] = reads.get(s, 0) + 1
+        entries = _fold_pads(entries, reads)
         steps = []
         made_by: dict[int, int] = {}  # slot -> index in steps of the view that made it, while it may still grow
         k = 0
         while k < len(entries):
             b, ins, outs, make = entries[k]
             nxt = entries[k + 1] if k + 1 < len(entries) else None
-            # A Relu right after the node that made its only input runs in place on that fresh array.
-            if isinstance(make, _Maker) and make.relu is not None and nxt is not None and nxt[0] is not None \
+            # A Relu right after the Conv that made its only input is applied by the kernel as it stores.
+            if isinstance(make, _Conv) and nxt is not None and nxt[0] is not None \
                     and nxt[0].node.op == "Relu" and nxt[1] == [outs[0]] and reads.get(outs[0]) == 1:
-                steps.append(partial(make.relu, nxt[2][0]))
+                make.relu_out = nxt[2][0]
+                steps.append(make)
                 k += 2
                 continue
             if isinstance(make, _View):
@@ -293,6 +295,36 @@ class _Trace:
         return Specialised(template, list(plan.input_slots), steps, outputs, static_outputs)
 
 
+def _fold_pads(entries: list, reads: dict[int, int]) -> list:
+    """Entries with each reflect Pad along the last axis that only a Conv reads (directly, or through one reshape
+    that keeps that axis, as silero-vad's STFT input) folded into that Conv's window gather: no padded copy.
+    A reshape that keeps the last axis regroups whole rows, so the unpadded input reshaped alike holds the same
+    rows, and the kernel mirrors each row's ends exactly as the Pad's copies do."""
+    made: dict[int, int] = {}  # slot -> index in entries of what made it
+    for j, (b, ins, outs, make) in enumerate(entries):
+        for o in outs:
+            made[o] = j
+    dropped: set[int] = set()
+    for j, (b, ins, outs, make) in enumerate(entries):
+        if not isinstance(make, _Conv) or make.pads != [0, 0]:
+            continue
+        src = ins[0]
+        chain = []
+        while src in made and reads.get(src) == 1:
+            p = made[src]
+            pmake = entries[p][3]
+            if isinstance(pmake, _View) and not chain and len(pmake.chain) == 1 and pmake.chain[0][0] == _RESHAPE:
+                chain.append(p)
+                src = pmake.i
+                continue
+            if isinstance(pmake, _Pad) and pmake.axis == pmake.ndim - 1 and pmake.shape[-1] == make.shape_in[-1]:
+                make.padded = (pmake, make.shape_in)
+                dropped.update(chain + [p])
+                entries[j] = [b, [pmake.i] + ins[1:], outs, make]
+            break
+    return [e for j, e in enumerate(entries) if j not in dropped]
+
+
 def _copy_step(src: int, dst: int) -> Callable:
     def step(env: list, call: Any) -> None:
         env[dst] = env[src]
@@ -307,17 +339,6 @@ def _bound_step(b: Any) -> Callable:
 # Each maker gets the bound node, its inputs' slots (renamed), the traced values and their flags, and returns a
 # maker of the step (or None: the general step). The general op ran on these very shapes in the trace, so
 # the checks that depend on shapes and dtypes only have passed; what depends on values is kept.
-
-class _Maker:
-    """A step's maker; ``relu(out)`` (if set) makes the step with a following Relu fused, writing slot out."""
-
-    def __init__(self, make: Callable[[], Callable], relu: Callable[[int], Callable] | None = None) -> None:
-        self.make = make
-        self.relu = relu
-
-    def __call__(self) -> Callable:
-        return self.make()
-
 
 _RESHAPE, _TRANSPOSE, _INDEX = range(3)
 
@@ -513,7 +534,34 @@ def _binary_maker(ufunc: Callable, ins: list[int], env: list, flag: list, orig: 
     return lambda: _binary_step(ufunc, a, b, o, where)
 
 
-def _pad_maker(b: Any, ins: list[int], env: list, kw: dict, o: int) -> Callable | None:
+class _Pad:
+    """A reflect Pad along one axis, its slices made once; ``axis``, ``lo``, ``hi`` and the input slot ``i`` let a
+    Conv reading it (through a reshape) fold it into its window gather (_fold_pads)."""
+
+    def __init__(self, i: int, o: int, x: np.ndarray, y: np.ndarray, axis: int, lo: int, hi: int) -> None:
+        self.i, self.o, self.axis, self.lo, self.hi = i, o, axis, lo, hi
+        self.ndim, self.shape, self.dtype, self.n = x.ndim, y.shape, y.dtype, x.shape[axis]
+
+    def __call__(self) -> Callable:
+        # The same three copies as ops.pad's one-axis reflect.
+        a, lo, hi, n = self.axis, self.lo, self.hi, self.n
+        pre = (slice(None),) * a
+        mid = pre + (slice(lo, lo + n),)
+        left, left_src = pre + (slice(0, lo),), pre + (slice(lo, 0, -1),)
+        right, right_src = pre + (slice(lo + n, None),), pre + (slice(n - 2, n - 2 - hi if hi < n - 1 else None, -1),)
+        shape, dtype, i, o = self.shape, self.dtype, self.i, self.o
+
+        def step(env: list, call: Any) -> None:
+            x = env[i]
+            out = np.empty(shape, dtype)
+            out[mid] = x
+            out[left] = x[left_src]
+            out[right] = x[right_src]
+            env[o] = out
+        return step
+
+
+def _pad_maker(b: Any, ins: list[int], env: list, kw: dict, o: int) -> _Pad | None:
     x, y = env[b.ins[0]], env[o]
     if kw["mode"] != "reflect" or any(p < 0 for p in kw["pads"]):
         return None
@@ -525,66 +573,70 @@ def _pad_maker(b: Any, ins: list[int], env: list, kw: dict, o: int) -> Callable 
     padded = [a for a, (lo, hi) in enumerate(widths) if lo or hi]
     if len(padded) != 1:
         return None
-    # The same three copies as ops.pad's one-axis reflect, with the slices made once.
     a = padded[0]
-    (lo, hi), n = widths[a], x.shape[a]
-    pre = (slice(None),) * a
-    mid = pre + (slice(lo, lo + n),)
-    left, left_src = pre + (slice(0, lo),), pre + (slice(lo, 0, -1),)
-    right, right_src = pre + (slice(lo + n, None),), pre + (slice(n - 2, n - 2 - hi if hi < n - 1 else None, -1),)
-    shape, dtype = y.shape, y.dtype
-    i = ins[0]
+    return _Pad(ins[0], o, x, y, a, *widths[a])
 
-    def make() -> Callable:
+
+class _Conv:
+    """A float32 Conv of constant weights through the engine's kernels, made once (conv_kernels).
+
+    ``relu_out``: a following Relu the kernel applies as it stores, the step then writing that slot.
+    ``padded``: a reflect Pad (a _Pad) along the last axis of the value this Conv reads through a reshape to
+    ``shape`` that keeps that axis: the step reads the Pad's input reshaped alike, and the kernel mirrors at the
+    ends as the Pad would (_fold_pads)."""
+
+    def __init__(self, xin: int, o: int, w: np.ndarray, bias: np.ndarray | None, kw: dict, shape_in: tuple,
+                 shape: tuple) -> None:
+        self.xin, self.o, self.w, self.bias, self.kw = xin, o, w, bias, kw
+        self.shape_in, self.shape = shape_in, shape
+        self.relu_out: int | None = None
+        self.padded: tuple[_Pad, tuple] | None = None
+
+    @property
+    def pads(self) -> list[int]:
+        return self.kw["pads"] or [0, 0]
+
+    def __call__(self) -> Callable:
+        kw = self.kw
+        group = kw["group"]
+        dst = self.o if self.relu_out is None else self.relu_out
+        relu = self.relu_out is not None
+        pads, reflect, xin, view = self.pads, False, self.xin, None
+        if self.padded is not None:
+            pad, view = self.padded
+            pads, reflect, xin = [pad.lo, pad.hi], True, pad.i
+            view = view[:-1] + (pad.n,)
+        kernels = _ops.conv_kernels(self.w, self.bias, group, (kw["strides"] or [1])[0], (kw["dilations"] or [1])[0],
+                                    pads, relu, reflect)
+        if group != 1:
+            M, L_out = self.shape[1], self.shape[2]
+
+            def step(env: list, call: Any) -> None:
+                x = env[xin]
+                env[dst] = _ops.conv1d_f32(x if view is None else x.reshape(view), kernels, M, L_out)
+            return step
+        conv = kernels[0]
+        if view is not None:
+            def step(env: list, call: Any) -> None:
+                x = env[xin].reshape(view)
+                if x.strides[2] != 4:  # strides are not in the signature: checked per call
+                    x = np.ascontiguousarray(x)
+                env[dst] = conv(x)
+            return step
+
         def step(env: list, call: Any) -> None:
-            x = env[i]
-            out = np.empty(shape, dtype)
-            out[mid] = x
-            out[left] = x[left_src]
-            out[right] = x[right_src]
-            env[o] = out
+            x = env[xin]
+            if x.shape[2] > 1 and x.strides[2] != 4:
+                x = np.ascontiguousarray(x)
+            env[dst] = conv(x)
         return step
-    return make
 
 
-def _conv_maker(b: Any, ins: list[int], env: list, flag: list, kw: dict, o: int) -> Callable | None:
-    """A float32 Conv of constant weights through the engine's kernel, its weight layout made once; ``relu``
-    makes it apply a following Relu as it writes (the kernel's epilogue)."""
+def _conv_maker(b: Any, ins: list[int], env: list, flag: list, kw: dict, o: int) -> _Conv | None:
     x, w, y = env[b.ins[0]], env[b.ins[1]], env[o]
     has_bias = len(b.ins) > 2 and b.ins[2] >= 0
     bias = env[b.ins[2]] if has_bias else None
     if flag[b.ins[1]] != STATIC or (has_bias and flag[b.ins[2]] != STATIC) or y.dtype != np.float32 \
             or x.dtype != np.float32 or w.dtype != np.float32 or (has_bias and bias.dtype != np.float32):
         return None
-    group = kw["group"]
-    weights = _ops.conv_weight(w, group)
-    bias = None if bias is None else np.ascontiguousarray(bias)
-    k = w.shape[2]
-    stride = (kw["strides"] or [1])[0]
-    dilation = (kw["dilations"] or [1])[0]
-    pad0 = (kw["pads"] or [0, 0])[0]
-    shape = y.shape
-    L_out = shape[2]
-    scratch = L_out * w.shape[1] * k
-    long = x.shape[2] > 1  # strides are not in the signature: checked per call
-    xin = ins[0]
-    w0 = weights[0]
-    conv1d = _kernels.conv1d
-
-    def build(relu_out: int | None) -> Callable:
-        dst = o if relu_out is None else relu_out
-        relu = relu_out is not None
-        if group != 1:
-            def step(env: list, call: Any) -> None:
-                env[dst] = _ops.conv1d_f32(env[xin], weights, bias, group, k, stride, dilation, pad0, L_out, relu)
-            return step
-
-        def step(env: list, call: Any) -> None:
-            x = env[xin]
-            if long and x.strides[2] != 4:
-                x = np.ascontiguousarray(x)
-            env[dst] = conv1d(x, w0, bias, np.empty(shape, np.float32), k, stride, dilation, pad0, relu,
-                              np.empty(scratch, np.float32))
-        return step
-
-    return _Maker(lambda: build(None), build)
+    return _Conv(ins[0], o, w, bias, kw, x.shape, y.shape)
