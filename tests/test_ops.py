@@ -281,6 +281,20 @@ def test_conv_kernel_relu_epilogue_and_bad_arguments():
         _kernels.Conv1d(w.reshape(4, 6), b, 2, pad0=3, pad1=1, reflect=True)(f(2, 3, 3))
 
 
+def test_conv_kernel_relu_keeps_nan_as_numpy_maximum(kernel_variant):
+    """The Relu the kernel applies as it stores (every variant, 16-channel panels with a tail of 4): NaN stays NaN
+    as np.maximum keeps it, negatives become 0, positives stay."""
+    from lstm_engine import _kernels
+
+    x, w, b = f(1, 2, 12), f(36, 2, 3), f(36)
+    x[0, 1, 5] = np.nan
+    got = _kernels.Conv1d(w.reshape(36, 6), b, 3, relu=True)(x)
+    want = np.maximum(direct_conv(x, w, b, 1, 1, [0, 0], 1), 0)
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got).any()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (got == 0).any() and (got > 0).any()
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_conv_kernel_reflect_pad_folded_equals_pad_then_conv(seed, kernel_variant):
     """Conv1d(reflect=True) mirrors the input's ends in its window gather: the same windows, hence the same sums

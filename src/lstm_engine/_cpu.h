@@ -101,18 +101,25 @@ void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, co
  * is 0 (the Conv's own pads), or with reflect, mirrored as an ONNX reflect Pad of pad0 on the left makes it
  * (x[-p] = x[p], x[L - 1 + p] = x[L - 1 - p]: the Pad folded into the gather; the caller checks both widths are
  * below L). x and y run with unit stride along L and Lo, x_n/x_c and y_n/y_m are element strides; W is
- * (M, C * k) row-major, b NULL or (M,); cols is Lo * C * k floats of scratch, or NULL: allocated here. Returns 0,
- * or -1 when that allocation fails. */
+ * (M, C * k) row-major (the portable and AVX2 products read it), Wp the same packed by le_conv1d_pack (the AVX-512
+ * products read it), b NULL or (M,); cols is Lo * C * k floats of scratch, or NULL: allocated here. Returns 0, or
+ * -1 when that allocation fails. */
 typedef struct {
     int N, C, L, M, k, stride, dilation, pad0, Lo, relu, reflect;
     const float *x;
     ptrdiff_t x_n, x_c;
-    const float *W, *b;
+    const float *W, *Wp, *b;
     float *y;
     ptrdiff_t y_n, y_m;
     float *cols;
 } le_conv1d_args;
 
 int le_conv1d_f32(const le_conv1d_args *args);
+
+/* A Conv weight (M, K) row-major packed in panels of LE_CONV_PANEL rows (zeros past M), each panel K vectors of
+ * LE_CONV_PANEL: Wp[(r / P * K + kk) * P + r % P] = W[r, kk]; le_conv1d_packed_size(M, K) floats. */
+#define LE_CONV_PANEL 16
+ptrdiff_t le_conv1d_packed_size(int M, int K);
+void le_conv1d_pack(int M, int K, const float *W, float *Wp);
 
 #endif

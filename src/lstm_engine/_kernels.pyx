@@ -61,11 +61,14 @@ cdef extern from "_cpu.h" nogil:
         const float* x
         Py_ssize_t x_n, x_c
         const float* W
+        const float* Wp
         const float* b
         float* y
         Py_ssize_t y_n, y_m
         float* cols
     int le_conv1d_f32(const le_conv1d_args* args)
+    Py_ssize_t le_conv1d_packed_size(int M, int K)
+    void le_conv1d_pack(int M, int K, const float* W, float* Wp)
 
 cdef extern from "_gates_general.h" nogil:
     ctypedef struct le_activation:
@@ -690,6 +693,7 @@ cdef class Conv1d:
     are a few microseconds of arithmetic: the checks of a fresh call were a third of the smallest ones)."""
     cdef le_conv1d_args a
     cdef readonly object weight, bias
+    cdef object packed
     cdef int pad1
 
     def __init__(self, cnp.ndarray weight, object bias, int k, int stride=1, int dilation=1, int pad0=0,
@@ -711,6 +715,10 @@ cdef class Conv1d:
             self.a.b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
         self.weight, self.bias = weight, bias
         self.a.W = <const float*>cnp.PyArray_DATA(weight)
+        # Packed once for the AVX-512 products (any variant may be forced later, so both layouts are kept).
+        self.packed = np.empty(le_conv1d_packed_size(self.a.M, weight.shape[1]), np.float32)
+        le_conv1d_pack(self.a.M, weight.shape[1], self.a.W, <float*>cnp.PyArray_DATA(<cnp.ndarray>self.packed))
+        self.a.Wp = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self.packed)
         self.a.k, self.a.stride, self.a.dilation, self.a.pad0, self.a.relu = k, stride, dilation, pad0, relu
         self.a.reflect = reflect
         self.pad1 = pad1
