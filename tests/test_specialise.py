@@ -264,3 +264,78 @@ def test_conv_relu_fused_by_the_kernel_equals_the_two_nodes():
         assert (got[0] == 0).any() and (got[0] > 0).any()
     steps = list(model.plan(model.dtype).specialiser.compiled.values())[0].steps
     assert len(steps) == 1  # Conv and Relu as one kernel call
+
+
+def step_names(model: le.Model) -> list[str]:
+    """What each step of the model's (only) specialised program was made by."""
+    steps = list(model.plan(model.dtype).specialiser.compiled.values())[0].steps
+    return [s.__qualname__.split(".")[0] for s in steps]
+
+
+def test_a_reflect_pad_only_a_conv_reads_is_folded_into_its_gather():
+    """silero-vad's STFT input: Pad (reflect, last axis) -> Unsqueeze -> Conv runs as one kernel call, equal bit
+    for bit to the general plan's padded copy; a Pad that something else reads too stays a step."""
+    model = le.Model(squeeze_if_one_graph())
+    for _ in range(3):
+        x = RNG.standard_normal((2, 12)).astype(np.float32)
+        got, want = run_both(model, {"x": x})
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    names = step_names(model)
+    assert "_Pad" not in names and names[0] == "_Conv"
+
+    g = squeeze_if_one_graph()
+    g.outputs.append("xp")
+    g.output_structure = (0, 1, 2)
+    model = le.Model(g)
+    for _ in range(3):
+        x = RNG.standard_normal((2, 12)).astype(np.float32)
+        got, want = run_both(model, {"x": x})
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert step_names(model)[0] == "_Pad"
+
+
+def silero_like_lstm_graph() -> tuple[Graph, le.LSTM]:
+    """An ONNX LSTM as silero-vad has it: x made by views of a Conv output, h0 and c0 the halves of one
+    ``state`` input (2, B, H), the new state their concatenation."""
+    H = 5
+    lstm = le.LSTM(RNG.standard_normal((4 * H, 3)), RNG.standard_normal((4 * H, H)), RNG.standard_normal(4 * H),
+                   RNG.standard_normal(4 * H))
+    g = Graph([ValueInfo("x", "float", [None, 3, 1]), ValueInfo("state", "float", [2, None, H])], ["y", "stateN"], [
+        Node("Squeeze", ["x"], ["x2"], {"axes": [2]}, "squeeze"),
+        Node("Unsqueeze", ["x2"], ["x3"], {"axes": [1]}, "unsqueeze"),
+        Node("Gather", ["state", "zero"], ["h0g"], {"axis": 0}, "h0"),
+        Node("Gather", ["state", "one"], ["c0g"], {"axis": 0}, "c0"),
+        Node("Unsqueeze", ["h0g"], ["h0"], {"axes": [0]}, "h0u"),
+        Node("Unsqueeze", ["c0g"], ["c0"], {"axes": [0]}, "c0u"),
+        Node("Recurrent", ["x3", "", "h0", "c0"], ["h", "hn", "cn"], {"layer": 0}, "lstm"),
+        Node("Concat", ["hn", "cn"], ["stateN"], {"axis": 0}, "state_out"),
+        Node("Relu", ["h"], ["y"], {}, "relu"),
+    ], {"zero": np.array(0, np.int64), "one": np.array(1, np.int64)}, [lstm])
+    return g, lstm
+
+
+def test_recurrent_step_applies_the_views_of_its_inputs_and_carries_the_state():
+    """The recurrent node's x, h0 and c0 views run inside its step (no steps of their own); streamed chunk by
+    chunk with the state carried, every output equals the general plan's bit for bit, and the caller's state
+    array is never written."""
+    g, lstm = silero_like_lstm_graph()
+    model = le.Model(g)
+    state = np.zeros((2, 2, 5), np.float32)
+    for t in range(6):
+        x = RNG.standard_normal((2, 3, 1)).astype(np.float32)
+        given = state.copy()
+        got, want = run_both(model, {"x": x, "state": state}, states=1)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(state, given)
+        state = got[1]
+    names = step_names(model)
+    assert names.count("_View") == 0 and "_Recurrent" in names
+    # The same program from a recording forward and from a frame-keeping caller: the general step, given the views.
+    x = RNG.standard_normal((2, 3, 1)).astype(np.float32)
+    y, _, gates = model.forward((x, state), record=True)
+    np.testing.assert_allclose(y[0], model.run({"x": x, "state": state})["y"], atol=1e-6)
+    assert gates[0]["h"].shape == (1, 2, 1, 5)

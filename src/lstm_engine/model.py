@@ -82,6 +82,7 @@ class Model:
         self._plans: dict[np.dtype, Plan] = {}
         self._checked_feeds: dict[tuple, np.dtype] = {}  # input signatures that passed _check_feeds
         self._plan_lock = threading.Lock()
+        self._input_names = dict.fromkeys(v.name for v in graph.inputs)  # in order, for run's feeds
         self.recurrent_layers = [self._layer_of(n) for n in self.plan(self.dtype).recurrent]
         self._describe_io()
         self.threads = threads
@@ -370,11 +371,11 @@ class Model:
         """
         if not isinstance(feeds, dict):
             raise TypeError(f"feeds: expected a dict of input name -> array, got {type(feeds).__name__}")
-        names = {v.name for v in self.graph.inputs}
-        unknown = sorted(set(feeds) - names)
-        if unknown:
+        names = self._input_names
+        if not feeds.keys() <= names.keys():  # (a streamed chunk's run: its feeds are checked in a few steps)
+            unknown = sorted(set(feeds) - set(names))
             raise ValueError(f"feeds: {unknown[0]!r} is not an input of this model; its inputs are {sorted(names)}")
-        inputs, dtype = self._check_feeds([feeds.get(v.name) for v in self.graph.inputs], cast)
+        inputs, dtype = self._check_feeds([feeds.get(name) for name in names], cast)
         if self.is_chain:
             x, lengths = inputs
             if x.ndim != (2 if self.takes_ids else 3):

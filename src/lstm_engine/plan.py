@@ -366,6 +366,26 @@ def check_lengths(lengths: Any, B: int, T: int, where: str = "lengths", low: int
     return lengths
 
 
+def initial_state(layer: Any, dtype: np.dtype, given: list, B: int, where: str) -> tuple:
+    """A recurrent node's starting state, (h, c) or (h,): copies (the kernels update them in place) of the given
+    h0 and c0, each checked to be (directions, B, width), zeros where None."""
+    state = []
+    for arr, name, (D, W) in zip(given, ("h0", "c0"), layer.state_shapes):
+        if arr is None:
+            state.append(np.zeros((D, B, W), dtype))
+            continue
+        if arr.shape != (D, B, W):
+            raise ValueError(f"{where}: {name} must have shape {(D, B, W)} (directions, batch, width), "
+                             f"got {arr.shape}")
+        state.append(np.array(arr, dtype=dtype, order="C"))
+    return tuple(state)
+
+
+def keras_arranged(layer: Any) -> bool:
+    """Whether a recurrent layer's raw outputs need Keras's arrangement (go_backwards, last step, merge)."""
+    return layer.go_backwards or not layer.return_sequences or (layer.bidirectional and layer.merge_mode != "concat")
+
+
 def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], outs: list[int],
                     dtype: np.dtype, fold: tuple | None = None) -> Callable:
     """Run one recurrent layer through its compiled kernel (or, recording, the NumPy twin in gates).
@@ -381,7 +401,7 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
     I = layer.input_size
     width = layer.num_directions * layer._state_out
     where = node.where()
-    keras = layer.go_backwards or not layer.return_sequences or (layer.bidirectional and layer.merge_mode != "concat")
+    keras = keras_arranged(layer)
     zero_output = layer.zero_output_for_mask
     init = [i for i in (ih, ic)[:n_states]]
     embedding, table = fold if fold is not None else (None, None)
@@ -390,17 +410,7 @@ def _recurrent_step(node: Node, layer: Any, k: int, pos: int, ins: list[int], ou
     shrink = kernel is not None and kernel.fast
 
     def initial(env: list, B: int) -> tuple:
-        state = []
-        for i, name, (D, W) in zip(init, ("h0", "c0"), layer.state_shapes):
-            if i < 0:
-                state.append(np.zeros((D, B, W), dtype))
-                continue
-            given = env[i]
-            if given.shape != (D, B, W):
-                raise ValueError(f"{where}: {name} must have shape {(D, B, W)} (directions, batch, width), "
-                                 f"got {given.shape}")
-            state.append(np.array(given, dtype=dtype, order="C"))
-        return tuple(state)
+        return initial_state(layer, dtype, [env[i] if i >= 0 else None for i in init], B, where)
 
     plain = il < 0 and im < 0 and not keras
     state_outs = [(o, j) for j, o in enumerate(o_states) if o >= 0]

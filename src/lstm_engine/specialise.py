@@ -231,6 +231,8 @@ class _Trace:
             shaped = all(f >= SHAPED for f in flags)
             mapped = [self.source(i) for i in ins]
             make = _fast(b, mapped, env, flag, plan.dtype) if shaped and op not in _STATEFUL else None
+            if make is None and op == "Recurrent" and shaped:
+                make = _recurrent_maker(plan, b, mapped, env)
             if make is None:
                 make = partial(b.bind, mapped)
             self.entries.append([b, mapped, b.outs, make])
@@ -286,7 +288,7 @@ class _Trace:
                 continue
             steps.append(make)
             k += 1
-        steps = [make() for make in steps]
+        steps = [make() for make in _absorb_views(steps, reads)]
         template = [v if f == STATIC else None for v, f in zip(self.env, flag)]
         for s in plan.input_slots:
             template[s] = None
@@ -367,11 +369,101 @@ class _View:
         chain = tuple(self.chain)
 
         def step(env: list, call: Any) -> None:
-            v = env[i]
-            for kind, arg in chain:
-                v = v.reshape(arg) if kind == _RESHAPE else v.transpose(arg) if kind == _TRANSPOSE else v[arg]
-            env[o] = v
+            env[o] = _apply(env[i], chain)
         return step
+
+
+def _apply(v: np.ndarray, chain: tuple) -> np.ndarray:
+    """A view chain (_View's) applied to v."""
+    for kind, arg in chain:
+        v = v.reshape(arg) if kind == _RESHAPE else v.transpose(arg) if kind == _TRANSPOSE else v[arg]
+    return v
+
+
+def _absorb_views(steps: list, reads: dict[int, int]) -> list:
+    """Steps with each view chain that only a recurrent step reads (its x, h0, c0) applied by that step: a step
+    of its own cost more than the view (silero-vad's LSTM input and state halves)."""
+    made = {s.o: j for j, s in enumerate(steps) if isinstance(s, _View)}
+    dropped: set[int] = set()
+    for s in steps:
+        if not isinstance(s, _Recurrent):
+            continue
+        for p in _Recurrent.VIEWED:
+            j = made.get(s.ins[p])
+            if s.ins[p] >= 0 and j is not None and reads.get(s.ins[p]) == 1 and j not in dropped:
+                s.views[p] = (steps[j].i, tuple(steps[j].chain))
+                dropped.add(j)
+    return [s for j, s in enumerate(steps) if j not in dropped]
+
+
+class _Recurrent:
+    """A recurrent layer's plain run (no lengths, mask, token table or Keras arrangement) bound to its traced
+    shapes: only what a call can change is looked at. ``views``: per input position (x, h0, c0), the slot and view
+    chain it is made from (_absorb_views). A call that records, keeps a frame (sessions, the pool) or streams
+    with Keras masks takes the node's general step, given the viewed inputs."""
+
+    VIEWED = (0, 2, 3)
+
+    def __init__(self, b: Any, ins: list[int], layer: Any, kernel: Any, k: int, shape: tuple,
+                 dtype: np.dtype) -> None:
+        self.b, self.ins, self.layer, self.kernel, self.k, self.shape, self.dtype = b, ins, layer, kernel, k, shape, dtype
+        self.views: dict[int, tuple[int, tuple]] = {}
+
+    def __call__(self) -> Callable:
+        from .plan import initial_state
+
+        layer, kernel, k, dtype = self.layer, self.kernel, self.k, self.dtype
+        general = self.b.bind(self.ins)
+        where = self.b.node.where()
+        n = len(layer.state_shapes)
+        # (slot the general step reads, slot the value comes from, its view chain) for x, h0, c0.
+        fed = [(self.ins[p], *self.views.get(p, (self.ins[p], ()))) for p in self.VIEWED[:1 + n]]
+        outs = self.b.outs
+        oy, state_outs = outs[0], [(o, j) for j, o in enumerate(outs[1:1 + n]) if o >= 0]
+        B, T = self.shape[0], self.shape[1]
+        y_shape = (B, T, layer.num_directions * layer._state_out)
+        run, zero_output = kernel.run, layer.zero_output_for_mask
+
+        def step(env: list, call: Any) -> None:
+            values = [None if src < 0 else _apply(env[src], chain) if chain else env[src] for _, src, chain in fed]
+            if call.frame is not None or call.record is not None or call.started is not None:
+                for (slot, _, _), v in zip(fed, values):
+                    if slot >= 0:
+                        env[slot] = v
+                general(env, call)
+                return
+            x = values[0]
+            state = call.states[k]
+            if state is None:
+                state = call.states[k] = initial_state(layer, dtype, values[1:], B, where)
+            if not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x)
+            y = np.empty(y_shape, dtype)
+            work = layer.take_work(kernel, B, T)
+            run(x, y, state[0], state[-1], None, work, zero_output)
+            layer.give_work(work)
+            env[oy] = y
+            for o, j in state_outs:
+                env[o] = state[j]
+        return step
+
+
+def _recurrent_maker(plan: Any, b: Any, ins: list[int], env: list) -> _Recurrent | None:
+    """A _Recurrent where the node runs the general step's plain path for every call that keeps no frame."""
+    from .plan import keras_arranged
+
+    node = b.node
+    layer = plan.layers[node.attrs["layer"]]
+    kernel = layer._kernels.get(plan.dtype)
+    ins = list(ins) + [-1] * (5 - len(ins))
+    n = len(layer.state_shapes)
+    x = env[b.ins[0]]
+    if kernel is None or ins[1] >= 0 or ins[4] >= 0 or keras_arranged(layer) or node.inputs[0] in plan.tables \
+            or (len(b.outs) > 1 + n and b.outs[1 + n] >= 0) or not isinstance(x, np.ndarray) \
+            or x.dtype != plan.dtype or x.ndim != 3:
+        return None
+    k = next(j for j, r in enumerate(plan.recurrent) if r is node)
+    return _Recurrent(b, ins, layer, kernel, k, x.shape, plan.dtype)
 
 
 def _unary_step(f: Callable, i: int, o: int, where: str) -> Callable:
