@@ -283,6 +283,8 @@ def test_a_reflect_pad_only_a_conv_reads_is_folded_into_its_gather():
             np.testing.assert_array_equal(g, w)
     names = step_names(model)
     assert "_Pad" not in names and names[0] == "_Conv"
+    # The magnitude of the STFT's halves (Pow, Pow, Add, Sqrt and the halves' views) is one step too.
+    assert names[1] == "_Magnitude" and "_pow_step" not in names
 
     g = squeeze_if_one_graph()
     g.outputs.append("xp")
@@ -339,3 +341,23 @@ def test_recurrent_step_applies_the_views_of_its_inputs_and_carries_the_state():
     y, _, gates = model.forward((x, state), record=True)
     np.testing.assert_allclose(y[0], model.run({"x": x, "state": state})["y"], atol=1e-6)
     assert gates[0]["h"].shape == (1, 2, 1, 5)
+
+
+def test_magnitude_kernel_equals_numpys_four_calls_bit_for_bit():
+    """_kernels.magnitude against np.sqrt(np.power(a, 2) + np.power(b, 2)), what the general plan computes:
+    ordinary, tiny (subnormal squares), huge (overflow to inf), zero, negative, NaN and inf values."""
+    from lstm_engine import _kernels
+
+    rng = np.random.default_rng(5)
+    scale = rng.choice(np.array([1e-30, 1e-20, 1e-3, 1.0, 1e3, 1e19, 1e30], np.float32), (2, 4000))
+    a, b = (rng.standard_normal((2, 4000)).astype(np.float32) * scale).reshape(2, 2, 2, 1000)
+    a[0, 0, :6] = [0.0, -0.0, np.nan, np.inf, -np.inf, 3.0]
+    b[0, 0, :6] = [0.0, 2.0, 1.0, 1.0, np.nan, -4.0]
+    two = np.array(2.0, np.float32)
+    with np.errstate(all="ignore"):
+        want = np.sqrt(np.add(np.power(a, two), np.power(b, two)))
+    got = _kernels.magnitude(a, b)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    with pytest.raises(ValueError, match="one shape"):
+        _kernels.magnitude(a, b[:, :, :10])

@@ -76,6 +76,7 @@ def dense_row(
     bias: npt.NDArray[np.float32] | None,  # (N,)
     out: npt.NDArray[np.float32],  # (N,), written and returned
 ) -> npt.NDArray[np.float32]: ...
+def magnitude(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...  # sqrt(a*a + b*b)
 class Conv1d:  # ONNX Conv 1-D of one group, float32; reflect: a reflect Pad of (pad0, pad1) folded in
     weight: npt.NDArray[np.float32]  # (M, C * k)
     bias: npt.NDArray[np.float32] | None  # (M,)

@@ -260,7 +260,7 @@ class _Trace:
                 reads[i] = reads.get(i, 0) + 1
         for s in outputs:
             reads[s] = reads.get(s, 0) + 1
-        entries = _fold_pads(entries, reads)
+        entries = _fold_magnitudes(_fold_pads(entries, reads), reads, self.env, flag)
         steps = []
         made_by: dict[int, int] = {}  # slot -> index in steps of the view that made it, while it may still grow
         k = 0
@@ -327,6 +327,65 @@ def _fold_pads(entries: list, reads: dict[int, int]) -> list:
     return [e for j, e in enumerate(entries) if j not in dropped]
 
 
+def _fold_magnitudes(entries: list, reads: dict[int, int], env: list, flag: list) -> list:
+    """Entries with each Sqrt(Add(Pow(a, 2), Pow(b, 2))) of float32 values, its middle values read by nothing
+    else, run as one _Magnitude (an STFT's magnitude, as silero-vad computes it from the real and imaginary halves
+    of its Conv's output): the same roundings as the four NumPy calls, in one."""
+    made = {o: j for j, e in enumerate(entries) for o in e[2]}
+
+    def only(slot: int, op: str) -> int | None:
+        """The entry (index) of op that made slot, when nothing else reads slot."""
+        j = made.get(slot)
+        if j is None or reads.get(slot) != 1 or entries[j][0] is None or entries[j][0].node.op != op:
+            return None
+        return j
+
+    dropped: set[int] = set()
+    for j, (b, ins, outs, make) in enumerate(entries):
+        if b is None or b.node.op != "Sqrt" or env[outs[0]].dtype != np.float32:
+            continue
+        add = only(ins[0], "Add")
+        if add is None:
+            continue
+        pows = [only(i, "Pow") for i in entries[add][1]]
+        if None in pows or len(pows) != 2:
+            continue
+        bases = []
+        for p in pows:
+            pb = entries[p][0]
+            exponent, base = env[pb.ins[1]], env[pb.ins[0]]
+            if flag[pb.ins[1]] != STATIC or exponent.size != 1 or float(exponent.reshape(())) != 2.0 \
+                    or not isinstance(base, np.ndarray) or base.dtype != np.float32:
+                break
+            bases.append(entries[p][1][0])
+        else:
+            if env[entries[pows[0]][0].ins[0]].shape == env[entries[pows[1]][0].ins[0]].shape:
+                entries[j] = [b, bases, outs, _Magnitude(bases, outs[0])]
+                dropped.update(pows + [add])
+    return [e for j, e in enumerate(entries) if j not in dropped]
+
+
+class _Magnitude:
+    """sqrt(a² + b²) of two float32 values of one shape in one kernel call (_kernels.magnitude); ``views``: the
+    view chains that make a and b, applied here (_absorb_views)."""
+
+    VIEWED = (0, 1)
+
+    def __init__(self, ins: list[int], o: int) -> None:
+        self.ins, self.o = ins, o
+        self.views: dict[int, tuple[int, tuple]] = {}
+
+    def __call__(self) -> Callable:
+        (sa, ca), (sb, cb) = [self.views.get(p, (self.ins[p], ())) for p in self.VIEWED]
+        o, magnitude, contiguous = self.o, _kernels.magnitude, np.ascontiguousarray
+
+        def step(env: list, call: Any) -> None:
+            a, b = _apply(env[sa], ca), _apply(env[sb], cb)
+            env[o] = magnitude(a if a.flags.c_contiguous else contiguous(a),
+                               b if b.flags.c_contiguous else contiguous(b))
+        return step
+
+
 def _copy_step(src: int, dst: int) -> Callable:
     def step(env: list, call: Any) -> None:
         env[dst] = env[src]
@@ -381,14 +440,14 @@ def _apply(v: np.ndarray, chain: tuple) -> np.ndarray:
 
 
 def _absorb_views(steps: list, reads: dict[int, int]) -> list:
-    """Steps with each view chain that only a recurrent step reads (its x, h0, c0) applied by that step: a step
-    of its own cost more than the view (silero-vad's LSTM input and state halves)."""
+    """Steps with each view chain that only a _Recurrent (its x, h0, c0) or a _Magnitude reads applied by that
+    step: a step of its own cost more than the view (silero-vad's LSTM input and state halves, its STFT halves)."""
     made = {s.o: j for j, s in enumerate(steps) if isinstance(s, _View)}
     dropped: set[int] = set()
     for s in steps:
-        if not isinstance(s, _Recurrent):
+        if not isinstance(s, (_Recurrent, _Magnitude)):
             continue
-        for p in _Recurrent.VIEWED:
+        for p in s.VIEWED:
             j = made.get(s.ins[p])
             if s.ins[p] >= 0 and j is not None and reads.get(s.ins[p]) == 1 and j not in dropped:
                 s.views[p] = (steps[j].i, tuple(steps[j].chain))
