@@ -359,5 +359,8 @@ def test_magnitude_kernel_equals_numpys_four_calls_bit_for_bit():
     got = _kernels.magnitude(a, b)
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    for n in range(1, 9):  # the kernel's scalar tail after its 4-wide loop
+        head = _kernels.magnitude(a[0, 0, :n], b[0, 0, :n])
+        np.testing.assert_array_equal(head.view(np.int32), want[0, 0, :n].view(np.int32))
     with pytest.raises(ValueError, match="one shape"):
         _kernels.magnitude(a, b[:, :, :10])

@@ -122,4 +122,7 @@ int le_conv1d_f32(const le_conv1d_args *args);
 ptrdiff_t le_conv1d_packed_size(int M, int K);
 void le_conv1d_pack(int M, int K, const float *W, float *Wp);
 
+/* out[i] = sqrt(a[i]^2 + b[i]^2), each operation rounded once (cpu_conv.c: an STFT's magnitude). */
+void le_magnitude_f32(ptrdiff_t n, const float *a, const float *b, float *out);
+
 #endif

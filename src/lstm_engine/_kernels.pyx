@@ -5,7 +5,7 @@
 # writing out of bounds.
 cimport numpy as cnp
 import numpy as np
-from libc.math cimport exp, expf, log1p, log1pf, sqrtf, tanh, tanhf
+from libc.math cimport exp, expf, log1p, log1pf, tanh, tanhf
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
 from libc.string cimport memcpy, memset
 
@@ -69,6 +69,7 @@ cdef extern from "_cpu.h" nogil:
     int le_conv1d_f32(const le_conv1d_args* args)
     Py_ssize_t le_conv1d_packed_size(int M, int K)
     void le_conv1d_pack(int M, int K, const float* W, float* Wp)
+    void le_magnitude_f32(Py_ssize_t n, const float* a, const float* b, float* out)
 
 cdef extern from "_gates_general.h" nogil:
     ctypedef struct le_activation:
@@ -684,23 +685,15 @@ def magnitude(cnp.ndarray a, cnp.ndarray b):
     """sqrt(a*a + b*b) elementwise for float32 a and b of one shape (C-contiguous): an STFT's magnitude from its
     real and imaginary halves in one call, instead of NumPy's Pow, Pow, Add and Sqrt on a streamed chunk's few
     hundred values. Each square, the sum and the square root rounded once, as NumPy's power(x, 2) (x*x exactly),
-    add and sqrt round them: the same bits. (No fused multiply-add: the build targets baseline x86-64, whose
-    instructions have none, so the compiler cannot contract a*a + b*b.)"""
+    add and sqrt round them: the same bits (le_magnitude_f32)."""
     if cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(b) != cnp.NPY_FLOAT32 \
             or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_IS_C_CONTIGUOUS(b) \
             or (<object>a).shape != (<object>b).shape:
         raise ValueError("magnitude: a and b must be C-contiguous float32 arrays of one shape")
     cdef cnp.ndarray out = cnp.PyArray_EMPTY(a.ndim, a.shape, cnp.NPY_FLOAT32, 0)
-    cdef Py_ssize_t i, n = cnp.PyArray_SIZE(a)
-    cdef const float* pa = <const float*>cnp.PyArray_DATA(a)
-    cdef const float* pb = <const float*>cnp.PyArray_DATA(b)
-    cdef float* po = <float*>cnp.PyArray_DATA(out)
-    cdef float sa, sb
     with nogil:
-        for i in range(n):
-            sa = pa[i] * pa[i]
-            sb = pb[i] * pb[i]
-            po[i] = sqrtf(sa + sb)
+        le_magnitude_f32(cnp.PyArray_SIZE(a), <const float*>cnp.PyArray_DATA(a), <const float*>cnp.PyArray_DATA(b),
+                         <float*>cnp.PyArray_DATA(out))
     return out
 
 

@@ -562,8 +562,12 @@ def _fast(b: Any, ins: list[int], env: list, flag: list, dtype: np.dtype) -> Cal
         perm = tuple(kw["perm"]) if kw["perm"] is not None else tuple(reversed(range(x.ndim)))
         return _View(ins[0], o, [(_TRANSPOSE, perm)])
     if op == "Slice":
-        return _View(ins[0], o, [(_INDEX, _ops.slice_index(env[b.ins[0]].shape, kw["starts"], kw["ends"], kw["axes"],
-                                                           kw["steps"]))])
+        shape = env[b.ins[0]].shape
+        index = _ops.slice_index(shape, kw["starts"], kw["ends"], kw["axes"], kw["steps"])
+        # A slice that keeps every element of its input (silero-vad's batch of one, its four STFT frames) views
+        # the same elements as the input itself: nothing to apply.
+        whole = all(isinstance(s, slice) and s.indices(n) == (0, n, 1) for s, n in zip(index, shape))
+        return _View(ins[0], o, [] if whole and len(index) <= len(shape) else [(_INDEX, index)])
     if op == "Gather" and flag[b.ins[1]] == STATIC:
         x, idx = env[b.ins[0]], env[b.ins[1]]
         axis = kw["axis"] % x.ndim
