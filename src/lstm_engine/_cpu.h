@@ -101,7 +101,7 @@ void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, co
  * is 0 (the Conv's own pads), or with reflect, mirrored as an ONNX reflect Pad of pad0 on the left makes it
  * (x[-p] = x[p], x[L - 1 + p] = x[L - 1 - p]: the Pad folded into the gather; the caller checks both widths are
  * below L). x and y run with unit stride along L and Lo, x_n/x_c and y_n/y_m are element strides; W is
- * (M, C * k) row-major (the portable and AVX2 products read it), Wp the same packed by le_conv1d_pack (the AVX-512
+ * (M, C * k) row-major (the portable products read it), Wp the same packed by le_conv1d_pack (the AVX2 and AVX-512
  * products read it), b NULL or (M,); cols is Lo * C * k floats of scratch, or NULL: allocated here. Returns 0, or
  * -1 when that allocation fails. */
 typedef struct {

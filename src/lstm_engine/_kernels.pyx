@@ -732,7 +732,7 @@ cdef class Conv1d:
             self.a.b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
         self.weight, self.bias = weight, bias
         self.a.W = <const float*>cnp.PyArray_DATA(weight)
-        # Packed once for the AVX-512 products (any variant may be forced later, so both layouts are kept).
+        # Packed once for the AVX2 and AVX-512 products (the portable one, which any call may force, reads weight).
         self.packed = np.empty(le_conv1d_packed_size(self.a.M, weight.shape[1]), np.float32)
         le_conv1d_pack(self.a.M, weight.shape[1], self.a.W, <float*>cnp.PyArray_DATA(<cnp.ndarray>self.packed))
         self.a.Wp = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self.packed)

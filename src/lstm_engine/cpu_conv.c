@@ -1,8 +1,9 @@
 /* 1-D convolution of float32 rows (ONNX Conv on (N, C, L)): each output position's window is gathered
- * once into a column (zeros where the padding is), then every output channel is a dot product of its
- * weight row with the columns. Small register tiles of weight rows by columns share each load: a
- * streamed chunk (silero-vad: 4 positions, 129..258 channels) is far too small for BLAS to pay for
- * its call, and one call here replaces NumPy's padding, window copy, GEMM, bias and Relu.
+ * once into a column (zeros where the padding is, or mirrored for a folded reflect Pad), then every output
+ * channel is a dot product of its weight row with the columns (portable), or, in the SIMD variants, panels of
+ * 16 output channels sit in the lanes of registers, each column's value broadcast, the weight packed once
+ * (le_conv1d_pack). A streamed chunk (silero-vad: 4 positions, 129..258 channels) is far too small for BLAS
+ * to pay for its call, and one call here replaces NumPy's padding, window copy, GEMM, bias and Relu.
  * Variants as in cpu_products.c (portable, AVX2+FMA, AVX-512), chosen by le_simd_level(). */
 #define _GNU_SOURCE
 #include "_cpu_impl.h"
@@ -69,61 +70,63 @@ static void products_c(int M, int K, int Lo, const float *W, const float *Wp, co
 }
 
 #ifdef LE_X86
-/* -- AVX2 + FMA: NR weight rows x NL columns of 8-wide sums (at most 4 x 2: 8 accumulators) ---- */
+/* -- AVX2 + FMA: the AVX-512 products' panels (below) as two 8-lane halves, NP panels x NL columns (at most
+ * 1 x 4, 2 x 2 or 4 x 1: 8 sums); the finish (bias, Relu) per output as the portable products do it. */
 
-AVX2 INLINE void tile_avx2(const int NR, const int NL, int K, const float *W, const float *cols, const float *b,
-                           int relu, float *y, ptrdiff_t ldy, int r, int l)
+AVX2 INLINE void panel_tile_avx2(const int NP, const int NL, int M, int K, const float *Wp, const float *cols,
+                                 const float *b, int relu, float *y, ptrdiff_t ldy, int p, int l)
 {
-    __m256 acc[4][2];
-    for (int i = 0; i < NR; i++)
+    __m256 acc[4][2][4];
+    for (int i = 0; i < NP; i++)
         for (int j = 0; j < NL; j++)
-            acc[i][j] = _mm256_setzero_ps();
-    const float *w = W + (ptrdiff_t)r * K, *v = cols + (ptrdiff_t)l * K;
-    int kk = 0;
-    for (; kk + 8 <= K; kk += 8) {
-        __m256 x[2];
-        for (int j = 0; j < NL; j++)
-            x[j] = _mm256_loadu_ps(v + (ptrdiff_t)j * K + kk);
-        for (int i = 0; i < NR; i++) {
-            __m256 wv = _mm256_loadu_ps(w + (ptrdiff_t)i * K + kk);
-            for (int j = 0; j < NL; j++)
-                acc[i][j] = _mm256_fmadd_ps(wv, x[j], acc[i][j]);
+            acc[i][0][j] = acc[i][1][j] = _mm256_setzero_ps();
+    const float *w = Wp + (ptrdiff_t)p * LE_CONV_PANEL * K, *v = cols + (ptrdiff_t)l * K;
+    for (int kk = 0; kk < K; kk++) {
+        for (int i = 0; i < NP; i++) {
+            const float *wk = w + ((ptrdiff_t)i * K + kk) * LE_CONV_PANEL;
+            __m256 lo = _mm256_loadu_ps(wk), hi = _mm256_loadu_ps(wk + 8);
+            for (int j = 0; j < NL; j++) {
+                __m256 x = _mm256_broadcast_ss(v + (ptrdiff_t)j * K + kk);
+                acc[i][0][j] = _mm256_fmadd_ps(lo, x, acc[i][0][j]);
+                acc[i][1][j] = _mm256_fmadd_ps(hi, x, acc[i][1][j]);
+            }
         }
     }
-    if (kk < K) {
-        /* The last K % 8 through a mask: no read past a row. */
-        __m256i m = le_tail_mask_avx2(K);
-        __m256 x[2];
-        for (int j = 0; j < NL; j++)
-            x[j] = _mm256_maskload_ps(v + (ptrdiff_t)j * K + kk, m);
-        for (int i = 0; i < NR; i++) {
-            __m256 wv = _mm256_maskload_ps(w + (ptrdiff_t)i * K + kk, m);
-            for (int j = 0; j < NL; j++)
-                acc[i][j] = _mm256_fmadd_ps(wv, x[j], acc[i][j]);
+    for (int i = 0; i < NP; i++) {
+        int r = (p + i) * LE_CONV_PANEL, rows = M - r < LE_CONV_PANEL ? M - r : LE_CONV_PANEL;
+        for (int j = 0; j < NL; j++) {
+            float out[LE_CONV_PANEL];
+            _mm256_storeu_ps(out, acc[i][0][j]);
+            _mm256_storeu_ps(out + 8, acc[i][1][j]);
+            for (int q = 0; q < rows; q++)
+                y[(ptrdiff_t)(r + q) * ldy + l + j] = finish(out[q], b, r + q, relu);
         }
     }
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < NL; j++)
-            y[(ptrdiff_t)(r + i) * ldy + l + j] = finish(le_hsum_avx2(acc[i][j]), b, r + i, relu);
 }
+
+#define PANELS2(NP)                                                                                     \
+    switch (nl) {                                                                                       \
+    case 4: panel_tile_avx2(NP, 4, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                       \
+    case 3: panel_tile_avx2(NP, 3, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                       \
+    case 2: panel_tile_avx2(NP, 2, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                       \
+    default: panel_tile_avx2(NP, 1, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                      \
+    }
 
 AVX2 static void products_avx2(int M, int K, int Lo, const float *W, const float *Wp, const float *cols,
                                const float *b, int relu, float *y, ptrdiff_t ldy)
 {
-    (void)Wp;
-    for (int r = 0; r < M; r += 4) {
-        int nr = M - r < 4 ? M - r : 4;
-        for (int l = 0; l < Lo; l += 2) {
-            int nl = Lo - l < 2 ? Lo - l : 2;
-            switch (nr * 4 + nl) {
-            case 4 * 4 + 2: tile_avx2(4, 2, K, W, cols, b, relu, y, ldy, r, l); break;
-            case 4 * 4 + 1: tile_avx2(4, 1, K, W, cols, b, relu, y, ldy, r, l); break;
-            case 3 * 4 + 2: tile_avx2(3, 2, K, W, cols, b, relu, y, ldy, r, l); break;
-            case 3 * 4 + 1: tile_avx2(3, 1, K, W, cols, b, relu, y, ldy, r, l); break;
-            case 2 * 4 + 2: tile_avx2(2, 2, K, W, cols, b, relu, y, ldy, r, l); break;
-            case 2 * 4 + 1: tile_avx2(2, 1, K, W, cols, b, relu, y, ldy, r, l); break;
-            case 1 * 4 + 2: tile_avx2(1, 2, K, W, cols, b, relu, y, ldy, r, l); break;
-            default: tile_avx2(1, 1, K, W, cols, b, relu, y, ldy, r, l); break;
+    (void)W;
+    int panels = (M + LE_CONV_PANEL - 1) / LE_CONV_PANEL;
+    int NL = Lo >= 4 ? 4 : Lo, NP = NL >= 3 ? 1 : NL == 2 ? 2 : 4;
+    for (int p = 0; p < panels; p += NP) {
+        int np = panels - p < NP ? panels - p : NP;
+        for (int l = 0; l < Lo; l += NL) {
+            int nl = Lo - l < NL ? Lo - l : NL;
+            switch (np) {
+            case 4: PANELS2(4) break;
+            case 3: PANELS2(3) break;
+            case 2: PANELS2(2) break;
+            default: PANELS2(1) break;
             }
         }
     }
