@@ -70,6 +70,23 @@ static void products_c(int M, int K, int Lo, const float *W, const float *Wp, co
 }
 
 #ifdef LE_X86
+/* The walk of both SIMD variants over the weight's panels, NP at a time, and the columns, NL at a time (NP, NL
+ * set by the variant for its registers): TILE(np) runs one tile of np panels by nl columns. */
+#define WALK_PANELS(TILE)                                                                               \
+    int panels = (M + LE_CONV_PANEL - 1) / LE_CONV_PANEL;                                               \
+    for (int p = 0; p < panels; p += NP) {                                                              \
+        int np = panels - p < NP ? panels - p : NP;                                                     \
+        for (int l = 0; l < Lo; l += NL) {                                                              \
+            int nl = Lo - l < NL ? Lo - l : NL;                                                         \
+            switch (np) {                                                                               \
+            case 4: TILE(4) break;                                                                      \
+            case 3: TILE(3) break;                                                                      \
+            case 2: TILE(2) break;                                                                      \
+            default: TILE(1) break;                                                                     \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
 /* -- AVX2 + FMA: the AVX-512 products' panels (below) as two 8-lane halves, NP panels x NL columns (at most
  * 1 x 4, 2 x 2 or 4 x 1: 8 sums); the finish (bias, Relu) per output as the portable products do it. */
 
@@ -116,20 +133,8 @@ AVX2 static void products_avx2(int M, int K, int Lo, const float *W, const float
                                const float *b, int relu, float *y, ptrdiff_t ldy)
 {
     (void)W;
-    int panels = (M + LE_CONV_PANEL - 1) / LE_CONV_PANEL;
     int NL = Lo >= 4 ? 4 : Lo, NP = NL >= 3 ? 1 : NL == 2 ? 2 : 4;
-    for (int p = 0; p < panels; p += NP) {
-        int np = panels - p < NP ? panels - p : NP;
-        for (int l = 0; l < Lo; l += NL) {
-            int nl = Lo - l < NL ? Lo - l : NL;
-            switch (np) {
-            case 4: PANELS2(4) break;
-            case 3: PANELS2(3) break;
-            case 2: PANELS2(2) break;
-            default: PANELS2(1) break;
-            }
-        }
-    }
+    WALK_PANELS(PANELS2)
 }
 
 /* -- AVX-512: output channels in the lanes, NP panels of 16 x NL columns (at most 4 x 2 or 2 x 4: 8 sums) --
@@ -183,21 +188,9 @@ AVX512 static void products_avx512(int M, int K, int Lo, const float *W, const f
                                    const float *b, int relu, float *y, ptrdiff_t ldy)
 {
     (void)W;
-    int panels = (M + LE_CONV_PANEL - 1) / LE_CONV_PANEL;
     /* Four columns at a time with two panels, fewer columns with four panels: eight sums in flight. */
     int NL = Lo >= 4 ? 4 : Lo, NP = NL >= 3 ? 2 : 4;
-    for (int p = 0; p < panels; p += NP) {
-        int np = panels - p < NP ? panels - p : NP;
-        for (int l = 0; l < Lo; l += NL) {
-            int nl = Lo - l < NL ? Lo - l : NL;
-            switch (np) {
-            case 4: PANELS512(4) break;
-            case 3: PANELS512(3) break;
-            case 2: PANELS512(2) break;
-            default: PANELS512(1) break;
-            }
-        }
-    }
+    WALK_PANELS(PANELS512)
 }
 #endif
 
