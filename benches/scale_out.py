@@ -14,12 +14,13 @@ Dask workers and the two plain processes are started and have imported the engin
 Each run prints, besides its time: the CPU seconds of every process it used (this one and all it started:
 Dask's workers and the scheduler in this process, Ray's raylet, GCS, agents and actors), the seconds its
 threads were runnable but waited for a core (Linux /proc/*/task/*/schedstat), and the load average. On a
-shared machine the wait is what other jobs took. Note that Linux (sched_autogroup_enabled=1, the default on
-desktop kernels and on this machine) shares the cores fairly between sessions first and between threads only
-within a session: every process of this bench is in one session, so while another session keeps a core busy
+shared machine the wait is what other jobs took. With /proc/sys/kernel/sched_autogroup_enabled at 1 (as on
+the project's machine), Linux shares the cores fairly between sessions first and between threads only within
+a session: every process of this bench is in one session, so while another session keeps a core busy
 a second worker mostly takes time from the first one, and the 1 -> 2 worker wall-clock ratio tells how busy
-the others were. The best-of table gives the speed-up the CPU seconds allow on free cores
-(2 x CPU s of 1 worker / CPU s of 2 workers): what the wall clock shows when no other session runs.
+the others were. The best-of table also gives the speed-up the CPU seconds allow on two free cores
+(2 x CPU s of 1 worker / CPU s of 2 workers), an estimate of what the wall clock shows when no other session
+runs: the cluster's own per-second costs (event loops, scheduler, raylet) are counted at the loaded runs' length.
 """
 from __future__ import annotations
 
