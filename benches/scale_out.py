@@ -87,6 +87,7 @@ class Tree:
         def sample() -> None:
             while not self.stop.wait(0.5):
                 self.look()
+            self.own = time.thread_time()  # this sampler's CPU, not the run's: taken off at the end
 
         self.thread = threading.Thread(target=sample, daemon=True)
         self.thread.start()
@@ -97,7 +98,7 @@ class Tree:
         self.thread.join()
         self.look()
         begin = [self.start.get(key, (0.0, 0.0)) for key in self.seen]
-        self.cpu = sum(v[0] - b[0] for v, b in zip(self.seen.values(), begin))
+        self.cpu = sum(v[0] - b[0] for v, b in zip(self.seen.values(), begin)) - self.own
         self.wait = sum(v[1] - b[1] for v, b in zip(self.seen.values(), begin))
 
 
@@ -129,14 +130,15 @@ def plain_processes(model_path: str, x_path: str, n: int, batch: int) -> tuple:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    half = -(-n // batch // 2) * batch  # on a batch boundary, so each batch is plain's
+    half = min(n, -(-n // batch // 2) * batch)  # on a batch boundary, so each batch is plain's
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"), initializer=importlib.import_module,
                              initargs=("lstm_engine",)) as pool:
         # Both processes started and the engine imported before the timing, as the Dask workers are.
         assert len(set(pool.map(started, [0.5, 0.5]))) == 2, "expected two processes"
         with Tree() as tree:
             t0 = time.perf_counter()
-            parts = [pool.submit(plain_part, model_path, x_path, lo, hi, batch) for lo, hi in ((0, half), (half, n))]
+            parts = [pool.submit(plain_part, model_path, x_path, lo, hi, batch)
+                     for lo, hi in ((0, half), (half, n)) if lo < hi]
             y = np.concatenate([part.result() for part in parts])
             seconds = time.perf_counter() - t0
         return seconds, y, tree
