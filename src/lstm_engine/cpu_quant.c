@@ -170,6 +170,8 @@ typedef void (*mk_i8_fn)(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const 
 typedef void (*mk_i8_wide_fn)(int mr, int np, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
                               ptrdiff_t wstride, int32_t *tile);
 typedef void (*mk_half_fn)(int bf16, int mr, int K, const float *A, ptrdiff_t lda, const uint16_t *W, float *tile);
+typedef void (*mk_half_wide_fn)(int bf16, int mr, int np, int K, const float *A, ptrdiff_t lda, const uint16_t *W,
+                                ptrdiff_t wstride, float *tile);
 
 /* A whole panel (16 values) of one row of C: c = (accumulate ? c : 0) + v (+ b[u] when b), where v is
  * (float)(t[u] - comp[u]) * (sa * sc[u]) for int8 and t[u] for float sums; each operation rounded once, in
@@ -186,8 +188,10 @@ typedef struct {
     quantize_row_fn quantize_row;
     store_i8_fn store_i8;
     store_f_fn store_f;
-    mk_i8_wide_fn mk_i8_wide; /* or NULL: several rows go through mk_i8 too */
+    /* Or NULL: several rows go through mk_i8 / mk_half too. Both take mr_wide rows. */
+    mk_i8_wide_fn mk_i8_wide;
     int mr_wide;
+    mk_half_wide_fn mk_half_wide;
 } qvariant;
 
 static void store_i8_c(const int32_t *t, const int32_t *comp, const float *sc, float sa, float *c, const float *b,
@@ -265,7 +269,7 @@ static void mk_half_c(int bf16, int mr, int K, const float *A, ptrdiff_t lda, co
     MR_SWITCH(mk_half_c_body, mr, bf16, K, A, lda, W, tile)
 }
 
-static const qvariant q_portable = {mk_i8_c, mk_half_c, 4, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0};
+static const qvariant q_portable = {mk_i8_c, mk_half_c, 4, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0, NULL};
 
 #ifdef LE_X86
 /* AVX2: 4 rows x 4 k of int8 weights widen to one ymm of int16; vpmaddwd with the row's 4 u8
@@ -369,7 +373,7 @@ Q_AVX2 static void mk_half_avx2(int bf16, int mr, int K, const float *A, ptrdiff
     }
 }
 
-static const qvariant q_avx2 = {mk_i8_avx2, mk_half_avx2, 3, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0};
+static const qvariant q_avx2 = {mk_i8_avx2, mk_half_avx2, 3, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0, NULL};
 
 /* AVX-VNNI: vpdpbusd on ymm, units 0-7 and 8-15 of each group of 4 k in two registers. */
 Q_AVXVNNI INLINE void mk_i8_avxvnni_body(const int MR, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
@@ -406,7 +410,7 @@ Q_AVXVNNI static void mk_i8_avxvnni(int mr, int K4, const uint8_t *A, ptrdiff_t 
     }
 }
 
-static const qvariant q_avxvnni = {mk_i8_avxvnni, mk_half_avx2, 6, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0};
+static const qvariant q_avxvnni = {mk_i8_avxvnni, mk_half_avx2, 6, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0, NULL};
 
 /* AVX-512 VNNI: one zmm of 16 units per row; one row (a GEMV, bound by reading the weights) keeps
  * four sums over k4 mod 4 so that four vpdpbusd chains hide its latency (integer sums: exact). */
@@ -599,8 +603,57 @@ Q_AVX512 static void mk_i8_wide_avx512(int mr, int np, int K4, const uint8_t *A,
     }
 }
 
+/* float16 / bfloat16, several rows: the same 6 x 4 shape, each panel row widened once for 6 rows (one
+ * panel at a time widened it for 8 FMAs behind 9 loads: a float16 batch LSTM ran 1.2x float32). */
+#define HROW(s)                                                                                             \
+    if (MR > s) {                                                                                           \
+        __m512 a = _mm512_set1_ps(A[s * lda + k]);                                                          \
+        h##s##0 = _mm512_fmadd_ps(w0, a, h##s##0);                                                          \
+        if (NP > 1) h##s##1 = _mm512_fmadd_ps(w1, a, h##s##1);                                              \
+        if (NP > 2) h##s##2 = _mm512_fmadd_ps(w2, a, h##s##2);                                              \
+        if (NP > 3) h##s##3 = _mm512_fmadd_ps(w3, a, h##s##3);                                              \
+    }
+#define HDECL(s) __m512 h##s##0 = _mm512_setzero_ps(), h##s##1 = h##s##0, h##s##2 = h##s##0, h##s##3 = h##s##0;
+#define HSTORE(s)                                                                                           \
+    if (MR > s) {                                                                                           \
+        float *t = tile + s * WIDE_NP * QP;                                                                 \
+        _mm512_store_ps(t, h##s##0);                                                                        \
+        if (NP > 1) _mm512_store_ps(t + QP, h##s##1);                                                       \
+        if (NP > 2) _mm512_store_ps(t + 2 * QP, h##s##2);                                                   \
+        if (NP > 3) _mm512_store_ps(t + 3 * QP, h##s##3);                                                   \
+    }
+
+Q_AVX512 INLINE void mk_half_wide_avx512_body(const int MR, const int NP, int bf16, int K, const float *A,
+                                              ptrdiff_t lda, const uint16_t *W, ptrdiff_t wstride, float *tile)
+{
+    HDECL(0) HDECL(1) HDECL(2) HDECL(3) HDECL(4) HDECL(5)
+    __m512 w0 = _mm512_setzero_ps(), w1 = w0, w2 = w0, w3 = w0;
+    for (int k = 0; k < K; k++) {
+        const uint16_t *w = W + (ptrdiff_t)k * QP;
+        w0 = widen16(bf16, w);
+        if (NP > 1) w1 = widen16(bf16, w + wstride);
+        if (NP > 2) w2 = widen16(bf16, w + 2 * wstride);
+        if (NP > 3) w3 = widen16(bf16, w + 3 * wstride);
+        HROW(0) HROW(1) HROW(2) HROW(3) HROW(4) HROW(5)
+    }
+    HSTORE(0) HSTORE(1) HSTORE(2) HSTORE(3) HSTORE(4) HSTORE(5)
+}
+
+#define HWIDE_CASE(mr, np)                                                                                  \
+    case mr * 8 + np: mk_half_wide_avx512_body(mr, np, bf16, K, A, lda, W, wstride, tile); break;
+#define HWIDE_ROW(mr) HWIDE_CASE(mr, 1) HWIDE_CASE(mr, 2) HWIDE_CASE(mr, 3) HWIDE_CASE(mr, 4)
+
+Q_AVX512 static void mk_half_wide_avx512(int bf16, int mr, int np, int K, const float *A, ptrdiff_t lda,
+                                         const uint16_t *W, ptrdiff_t wstride, float *tile)
+{
+    switch (mr * 8 + np) {
+        HWIDE_ROW(1) HWIDE_ROW(2) HWIDE_ROW(3) HWIDE_ROW(4) HWIDE_ROW(5)
+    default: mk_half_wide_avx512_body(6, 4, bf16, K, A, lda, W, wstride, tile); break;
+    }
+}
+
 static const qvariant q_avx512 = {mk_i8_avx512, mk_half_avx512, 8, 8, quantize_row_avx512, store_i8_avx512,
-                                  store_f_avx512, mk_i8_wide_avx512, 6};
+                                  store_f_avx512, mk_i8_wide_avx512, 6, mk_half_wide_avx512};
 #endif
 
 /* -- which variant ------------------------------------------------------------------------- */
@@ -738,12 +791,20 @@ static inline void store_i8_tile(const qjob *jb, int r, int p, const int32_t *t,
         store_partial(jb, r, p, t, sa, NULL);
 }
 
+/* Row r of C, panel p, from one row of a float tile (16 sums). */
+static inline void store_f_tile(const qjob *jb, int r, int p, const float *t)
+{
+    if (p < jb->m->N / QP)
+        jb->v->store_f(t, jb->C + r * jb->ldc + p * QP, jb->bias ? jb->bias + p * QP : NULL, jb->accumulate);
+    else
+        store_partial(jb, r, p, NULL, 0.0f, t);
+}
+
 /* Rows [r0, r1) of A (quantized in abuf with scales sa for int8) by panels [p0, p1). */
 static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const uint8_t *abuf, const float *sa)
 {
     const le_qmat *m = jb->m;
     const qvariant *v = jb->v;
-    int whole = m->N / QP; /* panels below this one are whole */
     if (m->kind == LE_W_INT8) {
         int Kp = round4(m->K);
         int32_t tile[8 * 4 * QP] __attribute__((aligned(64)));
@@ -773,19 +834,28 @@ static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const ui
         return;
     }
     int bf16 = m->kind == LE_W_BFLOAT16;
-    float tile[8 * QP] __attribute__((aligned(64)));
+    float tile[8 * 4 * QP] __attribute__((aligned(64)));
+    if (v->mk_half_wide && r1 - r0 > 1) {
+        for (int p = p0; p < p1; p += 4) {
+            int np = p1 - p < 4 ? p1 - p : 4;
+            const uint16_t *Wp = (const uint16_t *)m->w + (ptrdiff_t)p * m->K * QP;
+            for (int r = r0; r < r1; r += v->mr_wide) {
+                int mr = r1 - r < v->mr_wide ? r1 - r : v->mr_wide;
+                v->mk_half_wide(bf16, mr, np, m->K, jb->A + r * jb->lda, jb->lda, Wp, (ptrdiff_t)m->K * QP, tile);
+                for (int s = 0; s < mr; s++)
+                    for (int j = 0; j < np; j++)
+                        store_f_tile(jb, r + s, p + j, tile + s * 4 * QP + j * QP);
+            }
+        }
+        return;
+    }
     for (int p = p0; p < p1; p++) {
         const uint16_t *Wp = (const uint16_t *)m->w + (ptrdiff_t)p * m->K * QP;
         for (int r = r0; r < r1; r += v->mr_half) {
             int mr = r1 - r < v->mr_half ? r1 - r : v->mr_half;
             v->mk_half(bf16, mr, m->K, jb->A + r * jb->lda, jb->lda, Wp, tile);
-            for (int s = 0; s < mr; s++) {
-                if (p < whole)
-                    v->store_f(tile + s * QP, jb->C + (r + s) * jb->ldc + p * QP, jb->bias ? jb->bias + p * QP : NULL,
-                               jb->accumulate);
-                else
-                    store_partial(jb, r + s, p, NULL, 0.0f, tile + s * QP);
-            }
+            for (int s = 0; s < mr; s++)
+                store_f_tile(jb, r + s, p, tile + s * QP);
         }
     }
 }
