@@ -166,7 +166,9 @@ static inline uint32_t load_u32(const uint8_t *p)
 
 /* int8: K4 groups of 4; A rows at lda bytes; tile (mr, 16) int32. half: K rows, tile (mr, 16) float. */
 typedef void (*mk_i8_fn)(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W, int32_t *tile);
-/* Rows by np <= 4 panels at W, W + wstride, ...: row s, panel j of the tile at tile + s * 64 + j * 16. */
+/* Several rows by np <= WIDE_NP panels at W, W + wstride, ...: row s, panel j of the tile at
+ * tile + (s * WIDE_NP + j) * 16. */
+#define WIDE_NP 4
 typedef void (*mk_i8_wide_fn)(int mr, int np, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
                               ptrdiff_t wstride, int32_t *tile);
 typedef void (*mk_half_fn)(int bf16, int mr, int K, const float *A, ptrdiff_t lda, const uint16_t *W, float *tile);
@@ -555,7 +557,6 @@ Q_AVX512 static void store_f_avx512(const float *t, float *c, const float *b, in
  * variables and vpdpbusd is written out: with _mm512_dpbusd_epi32 GCC 12 copies the accumulator
  * to a new register at every call, and with an array of them it kept the array on the stack. */
 #define DPBUSD512(acc, a, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w))
-#define WIDE_NP 4
 #define WROW(s)                                                                                             \
     if (MR > s) {                                                                                           \
         __m512i a = _mm512_set1_epi32((int)load_u32(A + s * lda + 4 * k4));                                \
@@ -766,7 +767,6 @@ typedef struct {
 
 #define RC_MAX 64
 
-/* Row r of C, panel p: the dequantized (or float) sums of the tile, plus C and the bias. */
 /* Row r of C, the last panel p when it is not whole: the first N - 16p of the 16 values (int8: dequantized
  * as store_i8_c does). Whole panels go to the variant's store_i8 / store_f. */
 static void store_partial(const qjob *jb, int r, int p, const int32_t *t, float sa, const float *v)
@@ -807,17 +807,17 @@ static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const ui
     const qvariant *v = jb->v;
     if (m->kind == LE_W_INT8) {
         int Kp = round4(m->K);
-        int32_t tile[8 * 4 * QP] __attribute__((aligned(64)));
+        int32_t tile[8 * WIDE_NP * QP] __attribute__((aligned(64)));
         if (v->mk_i8_wide && r1 - r0 > 1) {
-            for (int p = p0; p < p1; p += 4) {
-                int np = p1 - p < 4 ? p1 - p : 4;
+            for (int p = p0; p < p1; p += WIDE_NP) {
+                int np = p1 - p < WIDE_NP ? p1 - p : WIDE_NP;
                 const int8_t *Wp = (const int8_t *)m->w + (ptrdiff_t)p * Kp * QP;
                 for (int r = r0; r < r1; r += v->mr_wide) {
                     int mr = r1 - r < v->mr_wide ? r1 - r : v->mr_wide;
                     v->mk_i8_wide(mr, np, Kp / 4, abuf + (ptrdiff_t)(r - r0) * Kp, Kp, Wp, (ptrdiff_t)Kp * QP, tile);
                     for (int s = 0; s < mr; s++)
                         for (int j = 0; j < np; j++)
-                            store_i8_tile(jb, r + s, p + j, tile + s * 4 * QP + j * QP, sa[r - r0 + s]);
+                            store_i8_tile(jb, r + s, p + j, tile + (s * WIDE_NP + j) * QP, sa[r - r0 + s]);
                 }
             }
             return;
@@ -834,17 +834,17 @@ static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const ui
         return;
     }
     int bf16 = m->kind == LE_W_BFLOAT16;
-    float tile[8 * 4 * QP] __attribute__((aligned(64)));
+    float tile[8 * WIDE_NP * QP] __attribute__((aligned(64)));
     if (v->mk_half_wide && r1 - r0 > 1) {
-        for (int p = p0; p < p1; p += 4) {
-            int np = p1 - p < 4 ? p1 - p : 4;
+        for (int p = p0; p < p1; p += WIDE_NP) {
+            int np = p1 - p < WIDE_NP ? p1 - p : WIDE_NP;
             const uint16_t *Wp = (const uint16_t *)m->w + (ptrdiff_t)p * m->K * QP;
             for (int r = r0; r < r1; r += v->mr_wide) {
                 int mr = r1 - r < v->mr_wide ? r1 - r : v->mr_wide;
                 v->mk_half_wide(bf16, mr, np, m->K, jb->A + r * jb->lda, jb->lda, Wp, (ptrdiff_t)m->K * QP, tile);
                 for (int s = 0; s < mr; s++)
                     for (int j = 0; j < np; j++)
-                        store_f_tile(jb, r + s, p + j, tile + s * 4 * QP + j * QP);
+                        store_f_tile(jb, r + s, p + j, tile + (s * WIDE_NP + j) * QP);
             }
         }
         return;
