@@ -1,0 +1,390 @@
+"""The state directory: a write-ahead log of stream states, group-committed, and per-stream checkpoints.
+
+    DIR/wal.00000007.log   log segments: records appended in order, each checksummed
+    DIR/{id}.state         checkpoints: one stream's state as of a log sequence number (temp file, fsync, rename)
+
+Every state record holds a stream's whole state after a request (owner, position, the stream's
+``save_state`` bytes), not the request's inputs: recovery then copies states instead of running the
+model again, and a generate request's sampled tokens need no replay. A delete record ends a stream.
+Records carry increasing sequence numbers (``lsn``), and so do checkpoints, so recovery applies each
+record only over an older state, whatever order files were written in.
+
+One writer thread appends every record queued since its last fsync with one write and one fdatasync,
+then answers them all: concurrent requests share the fsync (group commit), and a request is answered
+only once its record is durable. When the segment passes ``max_log_bytes``, every stream whose newest
+state is only in the log gets a checkpoint, a new segment starts and the old one is removed, so the
+log stays bounded. An evicted stream gets its checkpoint too (its state leaves memory for the disk).
+
+Recovery (``StateLog(directory, check)``): the checkpoints, then the segments' records in order. In
+the last segment the first record whose checksum fails ends the log: it is a write the crash cut
+short, never answered, so it and what follows are dropped. A bad record in an earlier segment is
+damage (those were fsynced whole before the next began) and stops the start-up, naming the file.
+The log is then folded into checkpoints and a fresh segment begins.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import struct
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from ..errors import LoadError
+
+log = logging.getLogger("lstm_engine.serve")
+
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # 128 random bits, hex
+SUFFIX = ".state"
+_SEGMENT = re.compile(r"wal\.(\d{8})\.log")
+_TEMP_PATTERN = re.compile(r"[0-9a-f]{32}\.state\.[0-9a-f]{8}\.tmp")  # a checkpoint before its rename
+
+_FILE_MAGIC = b"LESERVE\0"
+_FILE_VERSION = 1  # a checkpoint's metadata may lack "lsn": files of the log-less servers, lsn 0
+_FILE_HEAD = struct.Struct("<8sII")  # magic, format version, metadata length
+_CRC = struct.Struct("<I")
+
+_RECORD_MAGIC = b"LEWL"
+_RECORD_HEAD = struct.Struct("<4sII")  # magic, payload length, crc32 of the payload
+_RECORD_BODY = struct.Struct("<BQ16sQH")  # kind, lsn, stream id, position, owner length; then owner, state
+STATE, DELETE = 1, 2
+
+MAX_LOG_BYTES = 64 << 20
+
+
+def pack_checkpoint(meta: dict, blob: bytes) -> bytes:
+    head = json.dumps(meta, separators=(",", ":")).encode()
+    data = _FILE_HEAD.pack(_FILE_MAGIC, _FILE_VERSION, len(head)) + head + blob
+    return data + _CRC.pack(zlib.crc32(data))
+
+
+def unpack_checkpoint(data: bytes, path: str) -> tuple[dict, bytes]:
+    head = _FILE_HEAD.size
+    if len(data) < head + _CRC.size or data[:8] != _FILE_MAGIC:
+        raise LoadError(f"{path}: not an lstm-engine serve state file")
+    _, version, hlen = _FILE_HEAD.unpack_from(data)
+    if version != _FILE_VERSION:
+        raise LoadError(f"{path}: state file version {version}, this lstm_engine reads {_FILE_VERSION}")
+    if zlib.crc32(data[:-_CRC.size]) != _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
+        raise LoadError(f"{path}: the state file is truncated or corrupted (checksum mismatch)")
+    try:
+        meta = json.loads(data[head:head + hlen])
+        meta["owner"], meta["position"]  # noqa: B018 - both must be there
+        meta.setdefault("lsn", 0)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LoadError(f"{path}: the state file's metadata is corrupted") from exc
+    return meta, data[head + hlen:-_CRC.size]
+
+
+def pack_record(kind: int, lsn: int, stream_id: str, owner: str, position: int, blob: bytes) -> bytes:
+    who = owner.encode()
+    payload = _RECORD_BODY.pack(kind, lsn, bytes.fromhex(stream_id), position, len(who)) + who + blob
+    return _RECORD_HEAD.pack(_RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def read_records(data: bytes) -> tuple[list[tuple], int]:
+    """The records of a segment's bytes, up to the first incomplete or damaged one, and where that one starts
+    (``len(data)`` when every byte belongs to a good record)."""
+    records, at = [], 0
+    while at < len(data):
+        if len(data) - at < _RECORD_HEAD.size:
+            break
+        magic, n, crc = _RECORD_HEAD.unpack_from(data, at)
+        start = at + _RECORD_HEAD.size
+        if magic != _RECORD_MAGIC or n < _RECORD_BODY.size or start + n > len(data) \
+                or zlib.crc32(data[start:start + n]) != crc:
+            break
+        kind, lsn, raw_id, position, who = _RECORD_BODY.unpack_from(data, start)
+        body = start + _RECORD_BODY.size
+        if kind not in (STATE, DELETE) or body + who > start + n:
+            break
+        try:
+            owner = data[body:body + who].decode()
+        except UnicodeDecodeError:
+            break
+        records.append((kind, lsn, raw_id.hex(), owner, position, data[body + who:start + n]))
+        at = start + n
+    return records, at
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(directory: str) -> None:
+    """Renames, creations and unlinks in the directory are durable once it is fsynced."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateLog:
+    """A state directory: recovered when made (``streams``: {id: (owner, position)}), then appended to.
+
+    ``check(blob, where)`` is called with every recovered state and raises LoadError for one the
+    server's model cannot load. The event loop calls ``append``/``delete`` (awaitable: done when
+    durable), ``evict`` and ``last_state``; a writer thread does the I/O.
+    """
+
+    def __init__(self, directory: str, check: Callable[[bytes, str], None],
+                 max_log_bytes: int = MAX_LOG_BYTES) -> None:
+        self.directory = directory
+        self.max_log_bytes = max_log_bytes
+        # The newest durable state of each stream whose checkpoint is older: id -> (lsn, owner, position, blob).
+        # Written by the writer thread, read by the event loop (last_state).
+        self.latest: dict[str, tuple] = {}
+        self.lock = threading.Lock()
+        self.error: OSError | None = None  # once the log cannot be written, nothing more is answered as durable
+        self.rotations = 0
+        # A checkpoint's fsync waits on the disk, not the CPU: a few at once amortise its latency.
+        self.fsyncs = ThreadPoolExecutor(4, thread_name_prefix="lstm_engine-serve-fsync")
+        self.streams = self._recover(check)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name="lstm_engine-serve-log", daemon=True)
+        self.thread.start()
+
+    # -- recovery --------------------------------------------------------------------------------
+    def _recover(self, check: Callable[[bytes, str], None]) -> dict[str, tuple[str, int]]:
+        d = self.directory
+        os.makedirs(d, exist_ok=True)
+        states: dict[str, tuple] = {}  # id -> (lsn, owner, position, blob, where)
+        gone: dict[str, int] = {}  # deleted id -> lsn of its delete record
+        segments = []
+        for name in sorted(os.listdir(d)):
+            path = os.path.join(d, name)
+            if _TEMP_PATTERN.fullmatch(name):
+                os.unlink(path)  # a checkpoint never renamed: its state is in the log or a newer file
+            elif _SEGMENT.fullmatch(name):
+                segments.append((int(_SEGMENT.fullmatch(name).group(1)), path))
+            elif name.endswith(SUFFIX) and ID_PATTERN.fullmatch(name[:-len(SUFFIX)]):
+                with open(path, "rb") as f:
+                    meta, blob = unpack_checkpoint(f.read(), path)
+                states[name[:-len(SUFFIX)]] = (int(meta["lsn"]), meta["owner"], int(meta["position"]), blob, path)
+        segments.sort()
+        replayed = set()
+        last_lsn = max((s[0] for s in states.values()), default=0)
+        for i, (_, path) in enumerate(segments):
+            with open(path, "rb") as f:
+                data = f.read()
+            records, end = read_records(data)
+            if end < len(data):
+                if i < len(segments) - 1:
+                    raise LoadError(f"{path}: damaged log record at byte {end} in a segment that was complete "
+                                    "(move the state directory away to start without its streams)")
+                log.warning("%s: dropped %d bytes at the end of the log (a write cut short by the crash, never "
+                            "answered)", path, len(data) - end)
+            for kind, lsn, stream_id, owner, position, blob in records:
+                last_lsn = max(last_lsn, lsn)
+                have = states[stream_id][0] if stream_id in states else gone.get(stream_id, -1)
+                if lsn <= have:
+                    continue
+                if kind == STATE:
+                    states[stream_id] = (lsn, owner, position, blob, f"{path} (record {lsn})")
+                    replayed.add(stream_id)
+                else:
+                    states.pop(stream_id, None)
+                    gone[stream_id] = lsn
+                    replayed.discard(stream_id)
+        for lsn, owner, position, blob, where in states.values():
+            check(blob, where)
+        self.next_lsn = last_lsn + 1
+        # Fold the log into checkpoints and start a fresh segment: the next recovery never reads a torn tail
+        # followed by newer records, and the log starts empty.
+        self.latest = {i: states[i][:4] for i in replayed}
+        self._checkpoint_all()
+        for stream_id in gone:
+            self._unlink_checkpoint(stream_id)
+        self.segment = segments[-1][0] + 1 if segments else 1
+        self.fd = self._open_segment()
+        _fsync_dir(d)  # the checkpoints and the new segment, before the old segments go
+        for _, path in segments:
+            os.unlink(path)
+        _fsync_dir(d)
+        return {i: (s[1], s[2]) for i, s in states.items()}
+
+    # -- the event loop's side -------------------------------------------------------------------
+    def append(self, stream_id: str, owner: str, position: int, blob: bytes) -> asyncio.Future:
+        """Log the stream's new state; the future is done when it is durable (or fails with the OSError)."""
+        return self._submit((STATE, stream_id, owner, position, blob))
+
+    def delete(self, stream_id: str) -> asyncio.Future:
+        return self._submit((DELETE, stream_id, "", 0, b""))
+
+    def _submit(self, item: tuple) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.queue.put((item, loop, fut))
+        return fut
+
+    def evict(self, stream_id: str) -> None:
+        """Move the stream's newest state from memory to its checkpoint (in the background: ``last_state``
+        answers from memory until the file is in place)."""
+        self.queue.put(stream_id)
+
+    def last_state(self, stream_id: str) -> bytes:
+        """The stream's last durable state (OSError or LoadError when its checkpoint cannot be read)."""
+        with self.lock:
+            rec = self.latest.get(stream_id)
+        if rec is not None:
+            return rec[3]
+        # Not in memory: the writer removes a state from `latest` only after its checkpoint is renamed in place.
+        path = self._path(stream_id)
+        with open(path, "rb") as f:
+            return unpack_checkpoint(f.read(), path)[1]
+
+    def close(self) -> None:
+        """Answer what is queued, fold the log into checkpoints (a restart then replays nothing), stop."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is None:
+            try:
+                self._rotate(reopen=False)
+            except OSError as exc:
+                log.warning("state directory not folded into checkpoints at shutdown (the log keeps it): %s", exc)
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fsyncs.shutdown()
+
+    # -- the writer thread -----------------------------------------------------------------------
+    def _path(self, stream_id: str) -> str:
+        return os.path.join(self.directory, stream_id + SUFFIX)
+
+    def _open_segment(self) -> int:
+        path = os.path.join(self.directory, f"wal.{self.segment:08d}.log")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self.size = 0
+        return fd
+
+    def _append(self, data: bytes) -> None:
+        _write_all(self.fd, data)
+        os.fdatasync(self.fd)
+        self.size += len(data)
+
+    def _work(self) -> None:
+        stop = False
+        while not stop:
+            group = [self.queue.get()]
+            while True:
+                try:
+                    group.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in group:
+                stop = True
+                group = [g for g in group if g is not None]
+            self._commit(group)
+
+    def _commit(self, group: list) -> None:
+        waiting = [g for g in group if isinstance(g, tuple)]
+        evicted = [g for g in group if isinstance(g, str)]
+        records, lsns = [], []
+        for (kind, stream_id, owner, position, blob), _, _ in waiting:
+            lsns.append(self.next_lsn)
+            records.append(pack_record(kind, self.next_lsn, stream_id, owner, position, blob))
+            self.next_lsn += 1
+        error = self.error
+        if records and error is None:
+            try:
+                self._append(b"".join(records))
+            except OSError as exc:
+                # After a failed fsync the file's contents are unknown: answer nothing as durable from now on.
+                log.error("the state log cannot be written, no step is answered from now on: %s", exc)
+                self.error = error = exc
+        if error is None:
+            with self.lock:
+                for ((kind, stream_id, owner, position, blob), _, _), lsn in zip(waiting, lsns):
+                    if kind == STATE:
+                        self.latest[stream_id] = (lsn, owner, position, blob)
+                    else:
+                        self.latest.pop(stream_id, None)
+        # One wake-up per event loop and group (each call_soon_threadsafe writes to the loop's pipe).
+        loops: dict = {}
+        for _, loop, fut in waiting:
+            loops.setdefault(loop, []).append(fut)
+        for loop, futures in loops.items():
+            try:
+                loop.call_soon_threadsafe(_settle, futures, error)
+            except RuntimeError:
+                pass  # the event loop has stopped; nobody waits
+        if error is not None:
+            return
+        try:
+            for (kind, stream_id, *_), _, _ in waiting:
+                if kind == DELETE:  # only now: until the delete is durable, the checkpoint may still be needed
+                    self._unlink_checkpoint(stream_id)
+            for stream_id in evicted:
+                self._checkpoint_one(stream_id)
+            if self.size >= self.max_log_bytes:
+                self._rotate()
+        except OSError as exc:
+            log.error("the state directory cannot be written, no step is answered from now on: %s", exc)
+            self.error = exc
+
+    def _checkpoint_one(self, stream_id: str) -> None:
+        # No directory fsync: until the next rotation the log holds this state too.
+        with self.lock:
+            rec = self.latest.get(stream_id)
+        if rec is not None:
+            self._write_checkpoint(stream_id, rec)
+            with self.lock:
+                if self.latest.get(stream_id) is rec:
+                    del self.latest[stream_id]
+
+    def _write_checkpoint(self, stream_id: str, rec: tuple) -> None:
+        lsn, owner, position, blob = rec
+        path = self._path(stream_id)
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, pack_checkpoint({"owner": owner, "position": position, "lsn": lsn}, blob))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def _checkpoint_all(self) -> None:
+        with self.lock:
+            pending = list(self.latest.items())
+        for f in [self.fsyncs.submit(self._write_checkpoint, i, rec) for i, rec in pending]:
+            f.result()
+
+    def _unlink_checkpoint(self, stream_id: str) -> None:
+        try:
+            os.unlink(self._path(stream_id))
+        except FileNotFoundError:
+            pass
+
+    def _rotate(self, reopen: bool = True) -> None:
+        """Every state only in the log to its checkpoint, then a new segment (unless closing) and the old one
+        removed."""
+        self._checkpoint_all()
+        old, old_fd = os.path.join(self.directory, f"wal.{self.segment:08d}.log"), self.fd
+        self.segment += 1
+        self.fd = self._open_segment() if reopen else None
+        _fsync_dir(self.directory)  # the checkpoints and the new segment, before the old segment goes
+        os.close(old_fd)
+        os.unlink(old)
+        _fsync_dir(self.directory)
+        with self.lock:
+            self.latest.clear()  # nothing was appended meanwhile: this thread is the only writer
+        self.rotations += 1
+
+
+def _settle(futures: list, error: OSError | None) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(OSError(error.errno, error.strerror))
