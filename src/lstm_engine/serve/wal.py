@@ -11,9 +11,12 @@ record only over an older state, whatever order files were written in.
 
 One writer thread appends every record queued since its last fsync with one write and one fdatasync,
 then answers them all: concurrent requests share the fsync (group commit), and a request is answered
-only once its record is durable. When the segment passes ``max_log_bytes``, every stream whose newest
-state is only in the log gets a checkpoint, a new segment starts and the old one is removed, so the
-log stays bounded. An evicted stream gets its checkpoint too (its state leaves memory for the disk).
+only once its record is durable. When the segment passes ``max_log_bytes`` a new one starts at once,
+and a checkpoint thread writes every state the old one holds to its stream's checkpoint, then removes
+it: the log stays bounded, and answers never wait for checkpoints (thousands of fsyncs for as many
+streams). An evicted stream gets its checkpoint too (its state leaves memory for the disk). The
+checkpoint thread does its jobs in order, so a deleted stream's checkpoint is removed after any write
+of it that was queued before.
 
 Recovery (``StateLog(directory, check)``): the checkpoints, then the segments' records in order. In
 the last segment the first record whose checksum fails ends the log: it is a write the crash cut
@@ -146,12 +149,17 @@ class StateLog:
         self.lock = threading.Lock()
         self.error: OSError | None = None  # once the log cannot be written, nothing more is answered as durable
         self.rotations = 0
+        self.rotating = False  # an old segment's checkpoints are being written: the next rotation waits
         # A checkpoint's fsync waits on the disk, not the CPU: a few at once amortise its latency.
         self.fsyncs = ThreadPoolExecutor(4, thread_name_prefix="lstm_engine-serve-fsync")
         self.streams = self._recover(check)
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # the writer's: records and evictions
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # the checkpoint thread's, in order
         self.thread = threading.Thread(target=self._work, name="lstm_engine-serve-log", daemon=True)
+        self.checkpointer = threading.Thread(target=self._checkpoint_work, name="lstm_engine-serve-checkpoint",
+                                             daemon=True)
         self.thread.start()
+        self.checkpointer.start()
 
     # -- recovery --------------------------------------------------------------------------------
     def _recover(self, check: Callable[[bytes, str], None]) -> dict[str, tuple[str, int]]:
@@ -160,6 +168,9 @@ class StateLog:
         states: dict[str, tuple] = {}  # id -> (lsn, owner, position, blob, where)
         gone: dict[str, int] = {}  # deleted id -> lsn of its delete record
         segments = []
+        # The sequence number each checkpoint file holds: a write never puts an older state over a newer one
+        # (an eviction's job may read a state logged after the snapshot of a fold queued before it ran).
+        self.written: dict[str, int] = {}
         for name in sorted(os.listdir(d)):
             path = os.path.join(d, name)
             if _TEMP_PATTERN.fullmatch(name):
@@ -170,6 +181,7 @@ class StateLog:
                 with open(path, "rb") as f:
                     meta, blob = unpack_checkpoint(f.read(), path)
                 states[name[:-len(SUFFIX)]] = (int(meta["lsn"]), meta["owner"], int(meta["position"]), blob, path)
+                self.written[name[:-len(SUFFIX)]] = int(meta["lsn"])
         segments.sort()
         replayed = set()
         last_lsn = max((s[0] for s in states.values()), default=0)
@@ -200,8 +212,7 @@ class StateLog:
         self.next_lsn = last_lsn + 1
         # Fold the log into checkpoints and start a fresh segment: the next recovery never reads a torn tail
         # followed by newer records, and the log starts empty.
-        self.latest = {i: states[i][:4] for i in replayed}
-        self._checkpoint_all()
+        self._checkpoint_all({i: states[i][:4] for i in replayed})
         for stream_id in gone:
             self._unlink_checkpoint(stream_id)
         self.segment = segments[-1][0] + 1 if segments else 1
@@ -229,7 +240,7 @@ class StateLog:
     def evict(self, stream_id: str) -> None:
         """Move the stream's newest state from memory to its checkpoint (in the background: ``last_state``
         answers from memory until the file is in place)."""
-        self.queue.put(stream_id)
+        self.queue.put(stream_id)  # through the writer: after the records queued before it
 
     def last_state(self, stream_id: str) -> bytes:
         """The stream's last durable state (OSError or LoadError when its checkpoint cannot be read)."""
@@ -246,9 +257,18 @@ class StateLog:
         """Answer what is queued, fold the log into checkpoints (a restart then replays nothing), stop."""
         self.queue.put(None)
         self.thread.join()
+        self.jobs.put(None)
+        self.checkpointer.join()
         if self.error is None:
             try:
-                self._rotate(reopen=False)
+                with self.lock:
+                    pending = dict(self.latest)
+                self._checkpoint_all(pending)
+                _fsync_dir(self.directory)
+                os.close(self.fd)
+                self.fd = None
+                os.unlink(self._segment_path(self.segment))
+                _fsync_dir(self.directory)
             except OSError as exc:
                 log.warning("state directory not folded into checkpoints at shutdown (the log keeps it): %s", exc)
         if self.fd is not None:
@@ -259,9 +279,11 @@ class StateLog:
     def _path(self, stream_id: str) -> str:
         return os.path.join(self.directory, stream_id + SUFFIX)
 
+    def _segment_path(self, number: int) -> str:
+        return os.path.join(self.directory, f"wal.{number:08d}.log")
+
     def _open_segment(self) -> int:
-        path = os.path.join(self.directory, f"wal.{self.segment:08d}.log")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = os.open(self._segment_path(self.segment), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         self.size = 0
         return fd
 
@@ -318,30 +340,74 @@ class StateLog:
                 pass  # the event loop has stopped; nobody waits
         if error is not None:
             return
-        try:
-            for (kind, stream_id, *_), _, _ in waiting:
-                if kind == DELETE:  # only now: until the delete is durable, the checkpoint may still be needed
-                    self._unlink_checkpoint(stream_id)
-            for stream_id in evicted:
-                self._checkpoint_one(stream_id)
-            if self.size >= self.max_log_bytes:
+        for (kind, stream_id, *_), _, _ in waiting:
+            if kind == DELETE:  # only now: until the delete is durable, the checkpoint may still be needed
+                self.jobs.put(("unlink", stream_id))
+        for stream_id in evicted:
+            self.jobs.put(("evict", stream_id))
+        if self.size >= self.max_log_bytes and not self.rotating:
+            try:
                 self._rotate()
-        except OSError as exc:
-            log.error("the state directory cannot be written, no step is answered from now on: %s", exc)
-            self.error = exc
+            except OSError as exc:
+                log.error("the state log cannot start a new segment, no step is answered from now on: %s", exc)
+                self.error = exc
 
-    def _checkpoint_one(self, stream_id: str) -> None:
-        # No directory fsync: until the next rotation the log holds this state too.
+    def _rotate(self) -> None:
+        """Start a new segment; the checkpoint thread folds the old one into checkpoints and removes it."""
+        self.rotating = True
         with self.lock:
-            rec = self.latest.get(stream_id)
-        if rec is not None:
-            self._write_checkpoint(stream_id, rec)
-            with self.lock:
+            pending = dict(self.latest)  # every state the old segment holds that no checkpoint has yet
+        old = (self._segment_path(self.segment), self.fd)
+        self.segment += 1
+        self.fd = self._open_segment()
+        _fsync_dir(self.directory)  # the new segment's records are answered: its name must be durable first
+        self.jobs.put(("fold", pending, old))
+
+    # -- the checkpoint thread -------------------------------------------------------------------
+    def _checkpoint_work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                if job[0] == "unlink":
+                    self._unlink_checkpoint(job[1])
+                elif job[0] == "evict":
+                    # No directory fsync: until the segment is folded the log holds this state too.
+                    with self.lock:
+                        rec = self.latest.get(job[1])
+                    if rec is not None:
+                        self._write_checkpoint(job[1], rec)
+                        self._forget({job[1]: rec})
+                else:
+                    self._fold(*job[1:])
+            except OSError as exc:
+                log.error("the state directory cannot be written, no step is answered from now on: %s", exc)
+                self.error = exc
+                return
+
+    def _fold(self, pending: dict, old: tuple) -> None:
+        self._checkpoint_all(pending)
+        _fsync_dir(self.directory)  # the checkpoints, before the segment that holds their states goes
+        path, fd = old
+        os.close(fd)
+        os.unlink(path)
+        _fsync_dir(self.directory)
+        self._forget(pending)
+        self.rotations += 1
+        self.rotating = False
+
+    def _forget(self, written: dict) -> None:
+        """Drop states now in their checkpoints from memory, unless a newer one was logged meanwhile."""
+        with self.lock:
+            for stream_id, rec in written.items():
                 if self.latest.get(stream_id) is rec:
                     del self.latest[stream_id]
 
     def _write_checkpoint(self, stream_id: str, rec: tuple) -> None:
         lsn, owner, position, blob = rec
+        if self.written.get(stream_id, -1) >= lsn:
+            return
         path = self._path(stream_id)
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -351,33 +417,18 @@ class StateLog:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        self.written[stream_id] = lsn
 
-    def _checkpoint_all(self) -> None:
-        with self.lock:
-            pending = list(self.latest.items())
-        for f in [self.fsyncs.submit(self._write_checkpoint, i, rec) for i, rec in pending]:
+    def _checkpoint_all(self, pending: dict) -> None:
+        for f in [self.fsyncs.submit(self._write_checkpoint, i, rec) for i, rec in pending.items()]:
             f.result()
 
     def _unlink_checkpoint(self, stream_id: str) -> None:
+        self.written.pop(stream_id, None)
         try:
             os.unlink(self._path(stream_id))
         except FileNotFoundError:
             pass
-
-    def _rotate(self, reopen: bool = True) -> None:
-        """Every state only in the log to its checkpoint, then a new segment (unless closing) and the old one
-        removed."""
-        self._checkpoint_all()
-        old, old_fd = os.path.join(self.directory, f"wal.{self.segment:08d}.log"), self.fd
-        self.segment += 1
-        self.fd = self._open_segment() if reopen else None
-        _fsync_dir(self.directory)  # the checkpoints and the new segment, before the old segment goes
-        os.close(old_fd)
-        os.unlink(old)
-        _fsync_dir(self.directory)
-        with self.lock:
-            self.latest.clear()  # nothing was appended meanwhile: this thread is the only writer
-        self.rotations += 1
 
 
 def _settle(futures: list, error: OSError | None) -> None:
