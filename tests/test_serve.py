@@ -456,6 +456,54 @@ def test_the_log_is_folded_into_checkpoints_and_stays_bounded(files, tmp_path):
             np.testing.assert_array_equal(np.stack(got[k]), want[k])
 
 
+def test_state_log_recovers_the_last_answered_state_across_folds_evictions_and_deletes(tmp_path):
+    """In process, many rotations with evictions and deletes between them, then a stop without the final fold
+    (what a kill -9 leaves once the last fsync returned): every stream recovers its last logged state."""
+    import asyncio
+
+    from lstm_engine.serve.wal import StateLog
+
+    rng = np.random.default_rng(13)
+    ids = [os.urandom(16).hex() for _ in range(6)]
+    want: dict = {}
+
+    async def main() -> StateLog:
+        wal = StateLog(str(tmp_path), lambda blob, where: None, max_log_bytes=2000)
+        for t in range(300):
+            k = int(rng.integers(len(ids)))
+            action = rng.random()
+            if action < 0.05 and ids[k] in want:
+                await wal.delete(ids[k])
+                del want[ids[k]]
+            elif action < 0.15 and ids[k] in want:
+                wal.evict(ids[k])
+            else:
+                blob = rng.bytes(int(rng.integers(1, 200)))
+                await wal.append(ids[k], "owner", t, blob)
+                want[ids[k]] = (t, blob)
+            for sid, (_, blob) in want.items():  # what a stream brought back from eviction would load
+                assert wal.last_state(sid) == blob
+        assert wal.rotations >= 5
+        return wal
+
+    wal = asyncio.run(main())
+    wal.queue.put(None)
+    wal.thread.join()
+    wal.jobs.put(None)
+    wal.checkpointer.join()
+    os.close(wal.fd)
+    wal.fsyncs.shutdown()
+    again = StateLog(str(tmp_path), lambda blob, where: None, max_log_bytes=2000)
+    try:
+        assert again.streams == {sid: ("owner", t) for sid, (t, _) in want.items()}
+        assert {sid: again.last_state(sid) for sid in want} == {sid: blob for sid, (_, blob) in want.items()}
+    finally:
+        again.close()
+    names = os.listdir(tmp_path)
+    assert sorted(n for n in names if n.endswith(".state")) == sorted(f"{sid}.state" for sid in want)
+    assert not [n for n in names if not n.endswith(".state")]  # closed cleanly: the log folded away
+
+
 @pytest.mark.parametrize("state_dir", [True, False], ids=["state-dir", "memory"])
 def test_idle_streams_are_evicted_and_come_back(files, tmp_path, state_dir):
     model = float_model()
