@@ -92,6 +92,11 @@ def _http_protocol() -> Any:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(_OneSend(transport, self.loop))
 
+        def handle_websocket_upgrade(self) -> None:
+            # A WebSocket answers a message with one write already: it gets the transport itself, unwaited.
+            self.transport = self.transport._transport
+            super().handle_websocket_upgrade()
+
     return Protocol
 
 
