@@ -136,37 +136,58 @@ INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const f
 #define MC 128
 #define KC 128
 
+/* Part `part` of `parts` of the KC slice of weights at next, asked of the caches (L2) while the MR
+ * rows of the current slice run: the weights of a step (8 MB for the batch workload, 32 MB for
+ * batch-large) do not stay in a core's 2 MiB L2, and the first rows of each slice waited for it
+ * from L3. A prefetch never faults, so past the last panel it is only wasted. */
+INLINE void prefetch_part(const float *next, int floats, int part, int parts)
+{
+    if (!parts)
+        return;
+    for (int i = (int)((long)floats * part / parts) & ~15; i < (long)floats * (part + 1) / parts; i += 16)
+        __builtin_prefetch(next + i, 0, 2);
+}
+
 /* The loop over a block, shared by every variant: chunks of MC rows, panels, KC-deep slices of
  * the panel, then MR rows at a time. MK(mr, G, K, A, lda, W, tile, accumulate) is the variant's
  * micro-kernel, LSTM_GATES its LSTM gate loop (lstm_gates_fn). Each sum runs over k in the same
  * order whatever the rows or the split between threads, so results never depend on the thread count. */
 #define BLOCK_BODY(MK, MR4, MR3, LSTM_GATES)                                                            \
     {                                                                                                   \
-        int G = j->G, G16 = G * LE_PANEL, MR = G == 4 ? MR4 : MR3, K = j->K;                           \
-        float tiles[MC * TILE] __attribute__((aligned(64)));                                           \
+        int G = j->G, G16 = G * LE_PANEL, MR = G == 4 ? MR4 : MR3, K = j->K;                            \
+        float tiles[MC * TILE] __attribute__((aligned(64)));                                            \
         /* One row is used; 8 rows' room because GCC merges the micro-kernel calls and then warns of */ \
-        /* stores past one row on paths that never run. */                                            \
-        float xtile[8 * TILE] __attribute__((aligned(64)));                                           \
+        /* stores past one row on paths that never run. */                                              \
+        float xtile[8 * TILE] __attribute__((aligned(64)));                                             \
+        int fused = j->A2 && j->mode == MODE_LSTM, calls = 0;                                           \
         for (int rc = r0; rc < r1; rc += MC) {                                                          \
             int rend = rc + MC < r1 ? rc + MC : r1;                                                     \
+            /* A single MR-row call per slice (one row: a GEMV) leaves the weights to the hardware. */   \
+            calls = rend - rc > MR ? (rend - rc + MR - 1) / MR : 0;                                     \
             for (int p = p0; p < p1; p++) {                                                             \
                 const float *W = j->W + (ptrdiff_t)p * K * G16;                                         \
+                const float *W2 = fused ? j->W2 + (ptrdiff_t)p * j->K2 * G16 : NULL;                    \
+                const float *after = fused ? W2 : W + (ptrdiff_t)K * G16;                               \
                 for (int k0 = 0; k0 < K || k0 == 0; k0 += KC) {                                         \
                     int kc = K - k0 < KC ? K - k0 : KC;                                                 \
+                    const float *next = k0 + KC < K ? W + (ptrdiff_t)(k0 + KC) * G16 : after;           \
                     for (int r = rc; r < rend; r += MR) {                                               \
                         int mr = rend - r < MR ? rend - r : MR;                                         \
+                        prefetch_part(next, KC * G16, (r - rc) / MR, calls);                            \
                         MK(mr, G, kc, j->A + r * j->lda + k0, j->lda, W + (ptrdiff_t)k0 * G16,          \
                            tiles + (r - rc) * TILE, k0 > 0);                                            \
                     }                                                                                   \
                 }                                                                                       \
-                if (j->A2 && j->mode == MODE_LSTM) {                                                    \
+                if (fused) {                                                                            \
                     /* The step's input product joins the same tiles (x_t rows, W_ih's panel): */       \
                     /* nothing projected ahead and read back (cpu_steps.c says when). */                \
-                    const float *W2 = j->W2 + (ptrdiff_t)p * j->K2 * G16;                               \
                     for (int k0 = 0; k0 < j->K2; k0 += KC) {                                            \
                         int kc = j->K2 - k0 < KC ? j->K2 - k0 : KC;                                     \
+                        const float *next = k0 + KC < j->K2 ? W2 + (ptrdiff_t)(k0 + KC) * G16           \
+                                                            : W + (ptrdiff_t)K * G16;            \
                         for (int r = rc; r < rend; r += MR) {                                           \
                             int mr = rend - r < MR ? rend - r : MR;                                     \
+                            prefetch_part(next, KC * G16, (r - rc) / MR, calls);                        \
                             MK(mr, G, kc, j->A2 + r * j->lda2 + k0, j->lda2, W2 + (ptrdiff_t)k0 * G16,  \
                                tiles + (r - rc) * TILE, 1);                                             \
                         }                                                                               \
@@ -178,8 +199,7 @@ INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const f
                     if (j->A2 && j->mode == MODE_GRU) {                                                 \
                         /* One row, one step: the input product kept apart (r multiplies only the */    \
                         /* recurrent part of n), its bias added. */                                     \
-                        const float *W2 = j->W2 + (ptrdiff_t)p * j->K2 * G16;                           \
-                        MK(1, G, j->K2, j->A2, 0, W2, xtile, 0);                                        \
+                        MK(1, G, j->K2, j->A2, 0, j->W2 + (ptrdiff_t)p * j->K2 * G16, xtile, 0);        \
                         for (int i = 0; i < G16; i++)                                                   \
                             xtile[i] += j->bias[(ptrdiff_t)p * G16 + i];                                \
                         add = xtile;                                                                    \
