@@ -7,7 +7,10 @@
 
 Phases, in one run: the in-process pool ceiling (asyncio tasks stepping their own streams of
 model.pool()), the server over HTTP keep-alive (one connection per stream), the server over
-WebSocket (one connection per stream), the in-process ceiling again. Each prints aggregate steps/s,
+WebSocket (one connection per stream), the in-process ceiling again. ``--empty-server`` adds the
+same two client phases against an ASGI app that answers the same requests with fixed bytes, under
+the server's own uvicorn settings: the ceiling of the ASGI stack itself on this machine.
+``--rounds N`` repeats the server phases, interleaved, with the load average on every row. Each prints aggregate steps/s,
 the ratio to the in-process ceiling, and client-side p50/p99 latency per step; the server's RSS is
 sampled through the run. The clients run in --client-procs processes on the same machine (they
 compete with the server for its cores: on a 2-core machine that bounds what the server can show).
@@ -355,14 +358,77 @@ def _pool_totals(url: str) -> tuple[float, float]:
                  for name in ("steps", "batches"))
 
 
+# -- the empty server -------------------------------------------------------------------------------
+# What uvicorn costs without the engine: the same routes and answer sizes (a .npy of output_size float32s),
+# no pool, no store, no checks. Served by lstm_engine.serve.run, so the loop, the protocols, the limits and
+# the GIL switch interval are the server's.
+
+def empty_app(output_size: int):
+    import json
+
+    answer = _npy(np.zeros(output_size, np.float32))
+    npy_headers = [(b"content-type", b"application/x-npy"), (b"content-length", str(len(answer)).encode()),
+                   (b"x-stream-position", b"1")]
+    metrics = b"lstm_engine_pool_steps_total 0\nlstm_engine_pool_batches_total 0\n"
+
+    async def read_body(receive) -> bytes:
+        parts = []
+        while True:
+            message = await receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def reply(send, status: int, body: bytes, headers: list) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            while (await receive())["type"] == "websocket.receive":
+                await send({"type": "websocket.send", "bytes": answer})
+            return
+        await read_body(receive)
+        path, method = scope["path"], scope["method"]
+        if path.endswith("/step"):
+            await reply(send, 200, answer, npy_headers)
+        elif path == "/v1/streams":
+            body = json.dumps({"id": os.urandom(16).hex(), "position": 0}).encode()
+            await reply(send, 201, body, [(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(body)).encode())])
+        elif path == "/metrics":
+            await reply(send, 200, metrics, [(b"content-length", str(len(metrics)).encode())])
+        else:
+            await reply(send, 204 if method == "DELETE" else 404, b"", [])
+
+    return app
+
+
+def serve_empty(output_size: int) -> None:
+    import types
+
+    from lstm_engine.serve import Limits, bind, run
+
+    sock = bind("127.0.0.1", 0)
+    host, port = sock.getsockname()[:2]
+    limits = Limits(max_queue=4096)
+    run(types.SimpleNamespace(app=empty_app(output_size), limits=limits), sock,
+        on_ready=lambda: print(f"empty server listening on http://{host}:{port}", file=sys.stderr, flush=True))
+
+
 # -- the server ------------------------------------------------------------------------------------
 
 class ServerProcess:
-    def __init__(self, model_path: str, max_batch: int, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--max-batch",
-             str(max_batch), "--max-queue", "4096", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, command: list[str]) -> None:
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = None
         ready = threading.Event()
 
@@ -412,49 +478,74 @@ def main() -> None:
     ap.add_argument("--body", choices=["npy", "json"], default="npy", help="step bodies and messages")
     ap.add_argument("--model", default="lstm256x2", choices=["lstm256x2", "lstm512"])
     ap.add_argument("--state-dir", action="store_true",
-                    help="serve with --state-dir (a temporary one): every step's new state written and fsynced "
+                    help="serve with --state-dir (a temporary one): every step's new state logged and fsynced "
                          "before its answer")
+    ap.add_argument("--empty-server", action="store_true",
+                    help="also drive an ASGI app that answers with fixed bytes: the ASGI stack's own ceiling")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the server phases, interleaved (default 1)")
+    ap.add_argument("--serve-empty", type=int, default=None, metavar="OUTPUT_SIZE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_empty is not None:
+        return serve_empty(args.serve_empty)
     if not 1 <= args.streams <= 1000:
         ap.error("--streams: 1..1000")
     if not 1 <= args.seconds <= 3600:
         ap.error("--seconds: 1..3600")
+    if not 1 <= args.rounds <= 20:
+        ap.error("--rounds: 1..20")
 
     model = build(args.model)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"# {args.model}, {args.streams} streams, {args.seconds:g} s a phase, max_batch {args.max_batch}, "
-          f"{args.body} bodies, {args.client_procs} client processes"
+          f"{args.body} bodies, {args.client_procs} client processes, {args.rounds} rounds"
           + (", server with --state-dir" if args.state_dir else ""))
     print(f"# CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; kernel variant "
           f"{le.cpu_info()['variant']}; model threads {model.threads} "
           "(the server's too: it loads the same file with the same default); one server process")
     rows = []
+
+    def measure(name: str, result: dict) -> None:
+        result["load"] = os.getloadavg()[0]
+        rows.append((name, result))
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.safetensors")
         le.save(model, path)
-        rows.append(("in-process pool (before)", in_process(model, args.streams, args.seconds, args.max_batch)))
-        server = ServerProcess(path, args.max_batch,
-                               *(["--state-dir", os.path.join(d, "states")] if args.state_dir else []))
-        try:
-            for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
-                rows.append((f"server, {name}", over_network(kind, server.url, args.streams, args.client_procs,
-                                                             args.seconds, args.body, model.input_size,
-                                                             server.proc.pid)))
-        finally:
-            server.stop()
-        rows.append(("in-process pool (after)", in_process(model, args.streams, args.seconds, args.max_batch)))
-    ceiling = (rows[0][1]["steps_s"] + rows[-1][1]["steps_s"]) / 2
+        servers = [("server", [sys.executable, "-m", "lstm_engine.cli", "serve", path, "--port", "0", "--max-batch",
+                               str(args.max_batch), "--max-queue", "4096",
+                               *(["--state-dir", os.path.join(d, "states")] if args.state_dir else [])])]
+        if args.empty_server:
+            servers.insert(0, ("empty ASGI", [sys.executable, os.path.abspath(__file__), "--serve-empty",
+                                              str(model.output_size)]))
+        for _ in range(args.rounds):
+            measure("in-process pool", in_process(model, args.streams, args.seconds, args.max_batch))
+            for label, command in servers:
+                server = ServerProcess(command)
+                try:
+                    for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
+                        measure(f"{label}, {name}", over_network(kind, server.url, args.streams, args.client_procs,
+                                                                 args.seconds, args.body, model.input_size,
+                                                                 server.proc.pid))
+                finally:
+                    server.stop()
+        measure("in-process pool", in_process(model, args.streams, args.seconds, args.max_batch))
+    # Each server row against the mean of the in-process phases just before and after it (interleaved: the
+    # machine's load moves between rounds).
+    pools = [i for i, (name, _) in enumerate(rows) if name == "in-process pool"]
     # CPU time per step is what the machine's load does not change: the pool's process (or the server's), and
     # the clients'.
     print(f"{'way':28s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s} "
-          f"{'batch':>6s} {'CPU us/step':>11s} {'clients':>8s}")
-    for name, r in rows:
+          f"{'batch':>6s} {'CPU us/step':>11s} {'clients':>8s} {'load':>5s}")
+    for i, (name, r) in enumerate(rows):
+        before = max(p for p in pools if p <= i)
+        after = min(p for p in pools if p >= i)
+        ceiling = (rows[before][1]["steps_s"] + rows[after][1]["steps_s"]) / 2
         clients = f"{r['client_cpu_us']:8.0f}" if "client_cpu_us" in r else f"{'-':>8s}"
         print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
               f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['batch']:6.1f} "
-              f"{r['cpu_us']:11.0f} {clients}")
-    rss = server.rss
+              f"{r['cpu_us']:11.0f} {clients} {r['load']:5.1f}")
+    rss = server.rss  # the last server's: the real one
     if rss:
         marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]
         print("server RSS (s: MiB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in marks))

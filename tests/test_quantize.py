@@ -82,6 +82,36 @@ def test_rows_that_are_zero_or_not_finite():
     assert np.isnan(y[1:]).all()  # never a finite wrong number
 
 
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 100])
+def test_int8_row_quantization_and_stores_match_portable_bit_for_bit(quant_variant, K):
+    """Rows whose length is not a multiple of the vector width, with zero and non-finite rows, a bias,
+    whole and partial panels (N = 37): every variant's quantization of the rows and store of the sums
+    give the portable variant's bits."""
+    rng = np.random.default_rng(K)
+    q, s = _int8(rng.standard_normal((37, K)).astype(np.float32))
+    pw = _kernels.PackedWeight("int8", q, s)
+    x = (rng.standard_normal((9, K)) * np.logspace(-30, 30, 9)[:, None]).astype(np.float32)
+    x[1] = 0
+    x[2, K // 2] = np.inf
+    x[3, K - 1] = np.nan
+    x[4, 0] = 0.5 * (x[4, 0] > 0)  # a row whose extreme value quantizes to exactly 127 and others round
+    b = rng.standard_normal(37).astype(np.float32)
+    got = _kernels.dense_packed(pw, x, b, np.empty((9, 37), np.float32), 2)
+    _kernels.set_quant_variant("portable")
+    want = _kernels.dense_packed(pw, x, b, np.empty((9, 37), np.float32), 1)
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.isnan(got[2:4]).all() and np.array_equal(got[1], b)
+
+
+@pytest.mark.parametrize("name", ["lstm-bi-2", "gru-bi", "lstm-proj", "lstm-dense"])
+def test_int8_models_give_the_same_bits_in_every_variant(quant_variant, name):
+    """The accumulating products of the recurrent steps (h . W_hh added to the input projection) too."""
+    q = le.quantize(MODELS[name], "int8")
+    got = q.forward(X, lengths=LENGTHS)[0]
+    _kernels.set_quant_variant("portable")
+    assert np.array_equal(got, q.forward(X, lengths=LENGTHS)[0])
+
+
 def test_packed_weight_refuses_bad_input():
     q, s = _int8(np.ones((4, 4), np.float32))
     with pytest.raises(TypeError):

@@ -311,13 +311,17 @@ def test_websocket_steps_and_generate(files):
 
 # -- durability ------------------------------------------------------------------------------------
 
+def _inputs_and_references(seed: int, n: int, steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """n streams' inputs for the float model, and each one's uninterrupted outputs."""
+    xs = np.random.default_rng(seed).standard_normal((n, steps, 8)).astype(np.float32)
+    model = float_model()
+    return xs, [reference(model, x) for x in xs]
+
+
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
 def test_restart_continues_every_stream_exactly(files, tmp_path, how):
-    model = float_model()
-    rng = np.random.default_rng(4)
     n, T1, T2 = 4, 6, 5
-    xs = rng.standard_normal((n, T1 + T2, 8)).astype(np.float32)
-    want = [reference(model, xs[k]) for k in range(n)]
+    xs, want = _inputs_and_references(4, n, T1 + T2)
     state_dir = str(tmp_path / "states")
     with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
         ids = [c.post("/v1/streams").json()["id"] for _ in range(n)]
@@ -365,6 +369,139 @@ def test_kill_during_a_chunk_leaves_it_all_or_nothing(files, tmp_path):
         y, _ = step(c, sid, probe)
         seen = head if position == 3 else np.concatenate([head, chunk])
         np.testing.assert_allclose(y, reference(model, np.concatenate([seen, probe[None]]))[-1], rtol=0, atol=0)
+
+
+def _segments(state_dir: str) -> list[str]:
+    return sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir) if re.fullmatch(r"wal\.\d{8}\.log", n))
+
+
+def test_a_torn_log_tail_is_dropped_and_a_damaged_segment_refused(files, tmp_path):
+    """The last log record cut short or garbled by a crash was never answered: a restart drops it and the stream
+    continues exactly from the step before. A damaged record in an earlier (complete) segment stops the start."""
+    import shutil
+
+    xs, want = _inputs_and_references(11, 2, 10)
+    state_dir = str(tmp_path / "states")
+    got: list[list] = [[], []]
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        ids = [c.post("/v1/streams").json()["id"] for _ in range(2)]
+        got[1] += [step(c, ids[1], x)[0] for x in xs[1, :3]]
+        got[0] += [step(c, ids[0], x)[0] for x in xs[0, :4]]  # the log's last record: stream 0's 4th step
+        assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
+    (segment,) = _segments(state_dir)
+    with open(segment, "r+b") as f:
+        f.truncate(os.path.getsize(segment) - 7)  # the crash cut the last write short
+    for damage in ("torn", "garbled"):
+        with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+            assert "dropped" in "".join(srv.lines) and "2 streams" in "".join(srv.lines)
+            assert [c.get(f"/v1/streams/{sid}").json()["position"] for sid in ids] == [len(got[0]) - 1, len(got[1])]
+            got[0].pop()  # never answered, as far as the restarted server knows: the client sends it again
+            for k in (1, 0):  # stream 0's step last again
+                got[k] += [step(c, ids[k], x)[0] for x in xs[k, len(got[k]):len(got[k]) + 2]]
+            assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
+        (segment,) = _segments(state_dir)
+        if damage == "torn":
+            with open(segment, "r+b") as f:  # one bit of the last record's state flipped
+                f.seek(-20, os.SEEK_END)
+                byte = f.read(1)
+                f.seek(-20, os.SEEK_END)
+                f.write(bytes([byte[0] ^ 0x10]))
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        assert "dropped" not in "".join(srv.lines)
+        for k, sid in enumerate(ids):
+            assert c.get(f"/v1/streams/{sid}").json()["position"] == len(got[k])
+            got[k] += [step(c, sid, x)[0] for x in xs[k, len(got[k]):]]
+            np.testing.assert_array_equal(np.stack(got[k]), want[k])
+        assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
+    # Two segments exist only when a crash comes mid-rotation; the first was fsynced whole before the second began.
+    (segment,) = _segments(state_dir)
+    earlier = os.path.join(state_dir, "wal.00000000.log")
+    shutil.copy(segment, earlier)
+    with open(earlier, "r+b") as f:
+        f.seek(30)
+        byte = f.read(1)
+        f.seek(30)
+        f.write(bytes([byte[0] ^ 0x01]))
+    proc = subprocess.run([sys.executable, "-m", "lstm_engine.cli", "serve", files["float"], "--port", "0",
+                           "--state-dir", state_dir], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "wal.00000000.log: damaged log record at byte 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_log_is_folded_into_checkpoints_and_stays_bounded(files, tmp_path):
+    """Past --max-log-bytes every state goes to its checkpoint and the log starts again; a kill -9 then
+    continues every stream exactly, and a deleted stream stays deleted."""
+    n, T1, T2 = 3, 40, 4
+    xs, want = _inputs_and_references(12, n, T1 + T2)
+    state_dir = str(tmp_path / "states")
+    limit = 16000  # a record of this model is ~0.6 kB: a few rotations over the run
+    got = []
+    with Server(files["float"], "--state-dir", state_dir, "--max-log-bytes", str(limit)) as srv, srv.client() as c:
+        ids = [c.post("/v1/streams").json()["id"] for _ in range(n + 1)]
+        first_segment = _segments(state_dir)
+        for k, sid in enumerate(ids[:n]):
+            got.append([])
+            for x in xs[k, :T1]:
+                got[k].append(step(c, sid, x)[0])
+                # A new segment starts past the limit; the old one goes once its states are in checkpoints.
+                assert sum(os.path.getsize(s) for s in _segments(state_dir)) < 3 * limit
+        assert first_segment[0] not in _segments(state_dir)  # rotated
+        assert c.delete(f"/v1/streams/{ids[n]}").status_code == 204
+        assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
+    assert sorted(n for n in os.listdir(state_dir) if n.endswith(".state")) == sorted(f"{i}.state" for i in ids[:n])
+    with Server(files["float"], "--state-dir", state_dir, "--max-log-bytes", str(limit)) as srv, srv.client() as c:
+        assert c.get(f"/v1/streams/{ids[n]}").status_code == 404
+        for k, sid in enumerate(ids[:n]):
+            got[k] += [step(c, sid, x)[0] for x in xs[k, T1:]]
+            np.testing.assert_array_equal(np.stack(got[k]), want[k])
+
+
+def test_state_log_recovers_the_last_answered_state_across_folds_evictions_and_deletes(tmp_path):
+    """In process, many rotations with evictions and deletes between them, then a stop without the final fold
+    (what a kill -9 leaves once the last fsync returned): every stream recovers its last logged state."""
+    import asyncio
+
+    from lstm_engine.serve.wal import StateLog
+
+    rng = np.random.default_rng(13)
+    ids = [os.urandom(16).hex() for _ in range(6)]
+    want: dict = {}
+
+    async def main() -> StateLog:
+        wal = StateLog(str(tmp_path), lambda blob, where: None, max_log_bytes=2000)
+        for t in range(300):
+            k = int(rng.integers(len(ids)))
+            action = rng.random()
+            if action < 0.05 and ids[k] in want:
+                await wal.delete(ids[k])
+                del want[ids[k]]
+            elif action < 0.15 and ids[k] in want:
+                wal.evict(ids[k])
+            else:
+                blob = rng.bytes(int(rng.integers(1, 200)))
+                await wal.append(ids[k], "owner", t, blob)
+                want[ids[k]] = (t, blob)
+            for sid, (_, blob) in want.items():  # what a stream brought back from eviction would load
+                assert wal.last_state(sid) == blob
+        assert wal.rotations >= 5
+        return wal
+
+    wal = asyncio.run(main())
+    wal.queue.put(None)
+    wal.thread.join()
+    wal.jobs.put(None)
+    wal.checkpointer.join()
+    os.close(wal.fd)
+    wal.fsyncs.shutdown()
+    again = StateLog(str(tmp_path), lambda blob, where: None, max_log_bytes=2000)
+    try:
+        assert again.streams == {sid: ("owner", t) for sid, (t, _) in want.items()}
+        assert {sid: again.last_state(sid) for sid in want} == {sid: blob for sid, (_, blob) in want.items()}
+    finally:
+        again.close()
+    names = os.listdir(tmp_path)
+    assert sorted(n for n in names if n.endswith(".state")) == sorted(f"{sid}.state" for sid in want)
+    assert not [n for n in names if not n.endswith(".state")]  # closed cleanly: the log folded away
 
 
 @pytest.mark.parametrize("state_dir", [True, False], ids=["state-dir", "memory"])
@@ -656,7 +793,7 @@ def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkey
     """In process: a chunk whose state cannot be written is refused whole, in memory and on disk."""
     import asyncio
 
-    from lstm_engine.serve.store import StreamStore
+    from lstm_engine.serve.store import StreamError, StreamStore
 
     model = float_model()
     xs = np.random.default_rng(9).standard_normal((5, 8)).astype(np.float32)
@@ -685,10 +822,19 @@ def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkey
                     def full(*args):
                         raise OSError(28, "No space left on device")
 
-                    monkeypatch.setattr(store.writer, "_write_one", full)
-                with pytest.raises((RuntimeError, OSError)):
+                    monkeypatch.setattr(store.wal, "_append", full)
+                with pytest.raises((RuntimeError, StreamError)):
                     await store.locked(entry, store.run_steps, xs[2:4], None)
                 monkeypatch.undo()
+                if state_dir is not None:
+                    with pytest.raises(StreamError) as refused:
+                        await store.locked(entry, store.run_steps, xs[2:3], None)
+                    assert refused.value.status == 503 and refused.value.code == "not_durable"
+                    # A log that failed once answers nothing more (its file's contents are unknown): a fresh
+                    # store recovers the last answered state from the directory.
+                    store.close()
+                    store = StreamStore(model, pool, state_dir=state_dir, idle_timeout=60, max_streams_per_owner=4)
+                    entry = store.entries[entry.id]
                 assert entry.position == 2
                 y, pos = await store.locked(entry, store.run_steps, xs[2:], None)
                 return y, pos

@@ -54,9 +54,6 @@ ptrdiff_t le_qgemm_scratch(int M, int K);
 void le_q_lstm_gates(int H, float *q, const float *bias, float *c, float *h);
 void le_q_gru_gates(int H, float *q, const float *hq, const float *bias, const float *bias_hn, float *h);
 
-/* Quantize one row of K floats to u8 (see above); returns its scale (NaN when the row is not finite). */
-float le_quantize_row(const float *a, int K, int Kp, uint8_t *out);
-
 /* The variant in use: the best the CPU has, capped by the float32 variant (LSTM_ENGINE_KERNELS=portable
  * gives portable products too), unless forced. */
 int le_q_level(void);

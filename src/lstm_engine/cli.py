@@ -1109,8 +1109,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
                    help="seconds after which an idle stream leaves the pool for its saved state (default 600)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
-                   help="keep every stream's state here, written after each answered step; a restart resumes "
-                        "every stream")
+                   help="keep every stream's state here: each answered step's new state is in a write-ahead log "
+                        "(fsynced, shared by concurrent requests) before its answer; a restart resumes every stream")
+    p.add_argument("--max-log-bytes", type=int, default=64 << 20, metavar="BYTES",
+                   help="with --state-dir: the log's size past which every state goes to its checkpoint file and "
+                        "the log starts again (default 64 MiB; bounds the disk and the replay at start)")
     p.add_argument("--token-file", default=None, metavar="FILE",
                    help="bearer tokens, one per line; every request must carry one. Read again when the file "
                         "changes (or on SIGHUP): removed tokens are refused from then on")
@@ -1137,7 +1140,7 @@ def run_serve(args: argparse.Namespace) -> int:
         from . import serve
     except ImportError as exc:
         raise UserError(str(exc)) from None
-    for name in ("max_batch", "max_body", "max_chunk", "max_streams_per_token", "max_queue"):
+    for name in ("max_batch", "max_body", "max_chunk", "max_streams_per_token", "max_queue", "max_log_bytes"):
         _positive(getattr(args, name), "--" + name.replace("_", "-"))
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port: expected 0..65535, got {args.port}")
@@ -1157,7 +1160,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     try:
         server = serve.Server(model, max_batch=args.max_batch, idle_timeout=args.idle_timeout,
-                              state_dir=args.state_dir, token_file=args.token_file, limits=limits)
+                              state_dir=args.state_dir, token_file=args.token_file, limits=limits,
+                              max_log_bytes=args.max_log_bytes)
     except BaseException:
         sock.close()
         raise

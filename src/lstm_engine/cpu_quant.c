@@ -66,7 +66,9 @@ void le_qmat_pack(int kind, const void *src, int N, int K, void *out, int32_t *c
 
 /* -- activations to u8 --------------------------------------------------------------------- */
 
-float le_quantize_row(const float *a, int K, int Kp, uint8_t *out)
+/* One row of K floats to u8 (see _quant.h), Kp - K bytes of padding 128; returns its scale (NaN when the row
+ * is not finite). The reference every variant's quantize_row matches bit for bit. */
+static float quantize_row_c(const float *a, int K, int Kp, uint8_t *out)
 {
     float mx = 0.0f, finite = 0.0f;
     for (int k = 0; k < K; k++) {
@@ -164,13 +166,53 @@ static inline uint32_t load_u32(const uint8_t *p)
 
 /* int8: K4 groups of 4; A rows at lda bytes; tile (mr, 16) int32. half: K rows, tile (mr, 16) float. */
 typedef void (*mk_i8_fn)(int mr, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W, int32_t *tile);
+/* Several rows by np <= WIDE_NP panels at W, W + wstride, ...: row s, panel j of the tile at
+ * tile + (s * WIDE_NP + j) * 16. */
+#define WIDE_NP 4
+typedef void (*mk_i8_wide_fn)(int mr, int np, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
+                              ptrdiff_t wstride, int32_t *tile);
 typedef void (*mk_half_fn)(int bf16, int mr, int K, const float *A, ptrdiff_t lda, const uint16_t *W, float *tile);
+typedef void (*mk_half_wide_fn)(int bf16, int mr, int np, int K, const float *A, ptrdiff_t lda, const uint16_t *W,
+                                ptrdiff_t wstride, float *tile);
+
+/* A whole panel (16 values) of one row of C: c = (accumulate ? c : 0) + v (+ b[u] when b), where v is
+ * (float)(t[u] - comp[u]) * (sa * sc[u]) for int8 and t[u] for float sums; each operation rounded once, in
+ * this order, so that every variant stores the same bits. */
+typedef void (*store_i8_fn)(const int32_t *t, const int32_t *comp, const float *sc, float sa, float *c,
+                            const float *b, int accumulate);
+typedef void (*store_f_fn)(const float *t, float *c, const float *b, int accumulate);
+typedef float (*quantize_row_fn)(const float *a, int K, int Kp, uint8_t *out);
 
 typedef struct {
     mk_i8_fn mk_i8;
     mk_half_fn mk_half;
     int mr_i8, mr_half;
+    quantize_row_fn quantize_row;
+    store_i8_fn store_i8;
+    store_f_fn store_f;
+    /* Or NULL: several rows go through mk_i8 / mk_half too. Both take mr_wide rows. */
+    mk_i8_wide_fn mk_i8_wide;
+    int mr_wide;
+    mk_half_wide_fn mk_half_wide;
 } qvariant;
+
+static void store_i8_c(const int32_t *t, const int32_t *comp, const float *sc, float sa, float *c, const float *b,
+                       int accumulate)
+{
+    for (int u = 0; u < QP; u++) {
+        float v = (float)(t[u] - comp[u]) * (sa * sc[u]);
+        float x = accumulate ? c[u] + v : v;
+        c[u] = b ? x + b[u] : x;
+    }
+}
+
+static void store_f_c(const float *t, float *c, const float *b, int accumulate)
+{
+    for (int u = 0; u < QP; u++) {
+        float x = accumulate ? c[u] + t[u] : t[u];
+        c[u] = b ? x + b[u] : x;
+    }
+}
 
 #define MR_SWITCH(BODY, mr, ...)                                                                            \
     switch (mr) {                                                                                           \
@@ -229,7 +271,7 @@ static void mk_half_c(int bf16, int mr, int K, const float *A, ptrdiff_t lda, co
     MR_SWITCH(mk_half_c_body, mr, bf16, K, A, lda, W, tile)
 }
 
-static const qvariant q_portable = {mk_i8_c, mk_half_c, 4, 4};
+static const qvariant q_portable = {mk_i8_c, mk_half_c, 4, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0, NULL};
 
 #ifdef LE_X86
 /* AVX2: 4 rows x 4 k of int8 weights widen to one ymm of int16; vpmaddwd with the row's 4 u8
@@ -333,7 +375,7 @@ Q_AVX2 static void mk_half_avx2(int bf16, int mr, int K, const float *A, ptrdiff
     }
 }
 
-static const qvariant q_avx2 = {mk_i8_avx2, mk_half_avx2, 3, 4};
+static const qvariant q_avx2 = {mk_i8_avx2, mk_half_avx2, 3, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0, NULL};
 
 /* AVX-VNNI: vpdpbusd on ymm, units 0-7 and 8-15 of each group of 4 k in two registers. */
 Q_AVXVNNI INLINE void mk_i8_avxvnni_body(const int MR, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
@@ -370,7 +412,7 @@ Q_AVXVNNI static void mk_i8_avxvnni(int mr, int K4, const uint8_t *A, ptrdiff_t 
     }
 }
 
-static const qvariant q_avxvnni = {mk_i8_avxvnni, mk_half_avx2, 6, 4};
+static const qvariant q_avxvnni = {mk_i8_avxvnni, mk_half_avx2, 6, 4, quantize_row_c, store_i8_c, store_f_c, NULL, 0, NULL};
 
 /* AVX-512 VNNI: one zmm of 16 units per row; one row (a GEMV, bound by reading the weights) keeps
  * four sums over k4 mod 4 so that four vpdpbusd chains hide its latency (integer sums: exact). */
@@ -451,7 +493,168 @@ Q_AVX512 static void mk_half_avx512(int bf16, int mr, int K, const float *A, ptr
     MR_SWITCH(mk_half_avx512_body, mr, bf16, K, A, lda, W, tile)
 }
 
-static const qvariant q_avx512 = {mk_i8_avx512, mk_half_avx512, 8, 8};
+/* The quantization of activations and the stores of sums, vectorised: they took 9 % and 15 % of an int8
+ * batch LSTM in their baseline (SSE2) form. The same bits as quantize_row_c / store_*_c: explicit
+ * rounding (the *_round_ps forms) keeps GCC from contracting a multiply and an add into an FMA, which
+ * rounds once where the reference rounds twice; cvtps_epi32 rounds half to even like the reference's
+ * 1.5 * 2^23 trick (default rounding mode in both). */
+#define RN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+Q_AVX512 static float quantize_row_avx512(const float *a, int K, int Kp, uint8_t *out)
+{
+    __m512 mx = _mm512_setzero_ps(), finite = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16) {
+        __mmask16 in = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(in, a + k);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        finite = _mm512_add_ps(finite, _mm512_mul_ps(v, _mm512_setzero_ps())); /* NaN once one is not finite */
+    }
+    float m = _mm512_reduce_max_ps(mx), f = _mm512_reduce_add_ps(finite);
+    if (f != 0.0f || !(m > 0.0f)) {
+        memset(out, 128, Kp);
+        return f != 0.0f ? NAN : 0.0f;
+    }
+    float inv = 127.0f / m;
+    __m512 vinv = _mm512_set1_ps(inv);
+    __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
+    for (int k = 0; k < K; k += 16) {
+        __mmask16 in = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_round_ps(_mm512_maskz_loadu_ps(in, a + k), vinv, RN));
+        q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), off);
+        _mm512_mask_cvtepi32_storeu_epi8(out + k, in, q);
+    }
+    for (int k = K; k < Kp; k++)
+        out[k] = 128;
+    return m / 127.0f;
+}
+
+Q_AVX512 static void store_i8_avx512(const int32_t *t, const int32_t *comp, const float *sc, float sa, float *c,
+                                     const float *b, int accumulate)
+{
+    __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(t), _mm512_loadu_si512(comp));
+    __m512 scale = _mm512_mul_round_ps(_mm512_set1_ps(sa), _mm512_loadu_ps(sc), RN);
+    __m512 x = _mm512_mul_round_ps(_mm512_cvtepi32_ps(d), scale, RN);
+    if (accumulate)
+        x = _mm512_add_round_ps(_mm512_loadu_ps(c), x, RN);
+    if (b)
+        x = _mm512_add_round_ps(x, _mm512_loadu_ps(b), RN);
+    _mm512_storeu_ps(c, x);
+}
+
+Q_AVX512 static void store_f_avx512(const float *t, float *c, const float *b, int accumulate)
+{
+    __m512 x = _mm512_loadu_ps(t);
+    if (accumulate)
+        x = _mm512_add_round_ps(_mm512_loadu_ps(c), x, RN);
+    if (b)
+        x = _mm512_add_round_ps(x, _mm512_loadu_ps(b), RN);
+    _mm512_storeu_ps(c, x);
+}
+
+/* Several rows (a batch): up to 6 rows by 4 panels in 24 accumulators, so that one broadcast of a
+ * row's 4 activations serves 4 vpdpbusd and one weight load 6 of them (0.42 loads per vpdpbusd;
+ * mk_i8_avx512's 8 rows x 1 panel take 1.1 and were load-bound). The accumulators are named
+ * variables and vpdpbusd is written out: with _mm512_dpbusd_epi32 GCC 12 copies the accumulator
+ * to a new register at every call, and with an array of them it kept the array on the stack. */
+#define DPBUSD512(acc, a, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w))
+#define WROW(s)                                                                                             \
+    if (MR > s) {                                                                                           \
+        __m512i a = _mm512_set1_epi32((int)load_u32(A + s * lda + 4 * k4));                                \
+        DPBUSD512(c##s##0, a, w0);                                                                          \
+        if (NP > 1) DPBUSD512(c##s##1, a, w1);                                                              \
+        if (NP > 2) DPBUSD512(c##s##2, a, w2);                                                              \
+        if (NP > 3) DPBUSD512(c##s##3, a, w3);                                                              \
+    }
+#define WDECL(s) __m512i c##s##0 = _mm512_setzero_si512(), c##s##1 = c##s##0, c##s##2 = c##s##0, c##s##3 = c##s##0;
+#define WSTORE(s)                                                                                           \
+    if (MR > s) {                                                                                           \
+        int32_t *t = tile + s * WIDE_NP * QP;                                                               \
+        _mm512_store_si512(t, c##s##0);                                                                     \
+        if (NP > 1) _mm512_store_si512(t + QP, c##s##1);                                                    \
+        if (NP > 2) _mm512_store_si512(t + 2 * QP, c##s##2);                                                \
+        if (NP > 3) _mm512_store_si512(t + 3 * QP, c##s##3);                                                \
+    }
+
+Q_AVX512 INLINE void mk_i8_wide_avx512_body(const int MR, const int NP, int K4, const uint8_t *A, ptrdiff_t lda,
+                                            const int8_t *W, ptrdiff_t wstride, int32_t *tile)
+{
+    WDECL(0) WDECL(1) WDECL(2) WDECL(3) WDECL(4) WDECL(5)
+    __m512i w0 = _mm512_setzero_si512(), w1 = w0, w2 = w0, w3 = w0;
+    for (int k4 = 0; k4 < K4; k4++) {
+        const int8_t *w = W + (ptrdiff_t)k4 * 4 * QP;
+        w0 = _mm512_load_si512(w);
+        if (NP > 1) w1 = _mm512_load_si512(w + wstride);
+        if (NP > 2) w2 = _mm512_load_si512(w + 2 * wstride);
+        if (NP > 3) w3 = _mm512_load_si512(w + 3 * wstride);
+        WROW(0) WROW(1) WROW(2) WROW(3) WROW(4) WROW(5)
+    }
+    WSTORE(0) WSTORE(1) WSTORE(2) WSTORE(3) WSTORE(4) WSTORE(5)
+}
+
+#define WIDE_CASE(mr, np)                                                                                   \
+    case mr * 8 + np: mk_i8_wide_avx512_body(mr, np, K4, A, lda, W, wstride, tile); break;
+#define WIDE_ROW(mr) WIDE_CASE(mr, 1) WIDE_CASE(mr, 2) WIDE_CASE(mr, 3) WIDE_CASE(mr, 4)
+
+Q_AVX512 static void mk_i8_wide_avx512(int mr, int np, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
+                                       ptrdiff_t wstride, int32_t *tile)
+{
+    switch (mr * 8 + np) {
+        WIDE_ROW(1) WIDE_ROW(2) WIDE_ROW(3) WIDE_ROW(4) WIDE_ROW(5)
+    default: mk_i8_wide_avx512_body(6, 4, K4, A, lda, W, wstride, tile); break;
+    }
+}
+
+/* float16 / bfloat16, several rows: the same 6 x 4 shape, each panel row widened once for 6 rows (one
+ * panel at a time widened it for 8 FMAs behind 9 loads: a float16 batch LSTM ran 1.2x float32). */
+#define HROW(s)                                                                                             \
+    if (MR > s) {                                                                                           \
+        __m512 a = _mm512_set1_ps(A[s * lda + k]);                                                          \
+        h##s##0 = _mm512_fmadd_ps(w0, a, h##s##0);                                                          \
+        if (NP > 1) h##s##1 = _mm512_fmadd_ps(w1, a, h##s##1);                                              \
+        if (NP > 2) h##s##2 = _mm512_fmadd_ps(w2, a, h##s##2);                                              \
+        if (NP > 3) h##s##3 = _mm512_fmadd_ps(w3, a, h##s##3);                                              \
+    }
+#define HDECL(s) __m512 h##s##0 = _mm512_setzero_ps(), h##s##1 = h##s##0, h##s##2 = h##s##0, h##s##3 = h##s##0;
+#define HSTORE(s)                                                                                           \
+    if (MR > s) {                                                                                           \
+        float *t = tile + s * WIDE_NP * QP;                                                                 \
+        _mm512_store_ps(t, h##s##0);                                                                        \
+        if (NP > 1) _mm512_store_ps(t + QP, h##s##1);                                                       \
+        if (NP > 2) _mm512_store_ps(t + 2 * QP, h##s##2);                                                   \
+        if (NP > 3) _mm512_store_ps(t + 3 * QP, h##s##3);                                                   \
+    }
+
+Q_AVX512 INLINE void mk_half_wide_avx512_body(const int MR, const int NP, int bf16, int K, const float *A,
+                                              ptrdiff_t lda, const uint16_t *W, ptrdiff_t wstride, float *tile)
+{
+    HDECL(0) HDECL(1) HDECL(2) HDECL(3) HDECL(4) HDECL(5)
+    __m512 w0 = _mm512_setzero_ps(), w1 = w0, w2 = w0, w3 = w0;
+    for (int k = 0; k < K; k++) {
+        const uint16_t *w = W + (ptrdiff_t)k * QP;
+        w0 = widen16(bf16, w);
+        if (NP > 1) w1 = widen16(bf16, w + wstride);
+        if (NP > 2) w2 = widen16(bf16, w + 2 * wstride);
+        if (NP > 3) w3 = widen16(bf16, w + 3 * wstride);
+        HROW(0) HROW(1) HROW(2) HROW(3) HROW(4) HROW(5)
+    }
+    HSTORE(0) HSTORE(1) HSTORE(2) HSTORE(3) HSTORE(4) HSTORE(5)
+}
+
+#define HWIDE_CASE(mr, np)                                                                                  \
+    case mr * 8 + np: mk_half_wide_avx512_body(mr, np, bf16, K, A, lda, W, wstride, tile); break;
+#define HWIDE_ROW(mr) HWIDE_CASE(mr, 1) HWIDE_CASE(mr, 2) HWIDE_CASE(mr, 3) HWIDE_CASE(mr, 4)
+
+Q_AVX512 static void mk_half_wide_avx512(int bf16, int mr, int np, int K, const float *A, ptrdiff_t lda,
+                                         const uint16_t *W, ptrdiff_t wstride, float *tile)
+{
+    switch (mr * 8 + np) {
+        HWIDE_ROW(1) HWIDE_ROW(2) HWIDE_ROW(3) HWIDE_ROW(4) HWIDE_ROW(5)
+    default: mk_half_wide_avx512_body(6, 4, bf16, K, A, lda, W, wstride, tile); break;
+    }
+}
+
+static const qvariant q_avx512 = {mk_i8_avx512, mk_half_avx512, 8, 8, quantize_row_avx512, store_i8_avx512,
+                                  store_f_avx512, mk_i8_wide_avx512, 6, mk_half_wide_avx512};
 #endif
 
 /* -- which variant ------------------------------------------------------------------------- */
@@ -564,25 +767,37 @@ typedef struct {
 
 #define RC_MAX 64
 
-/* Row r of C, panel p: the dequantized (or float) sums of the tile, plus C and the bias. */
-static void store_row(const qjob *jb, int r, int p, const float *v)
+/* Row r of C, the last panel p when it is not whole: the first N - 16p of the 16 values (int8: dequantized
+ * as store_i8_c does). Whole panels go to the variant's store_i8 / store_f. */
+static void store_partial(const qjob *jb, int r, int p, const int32_t *t, float sa, const float *v)
 {
-    int n0 = p * QP, nn = jb->m->N - n0 < QP ? jb->m->N - n0 : QP;
+    int n0 = p * QP, nn = jb->m->N - n0;
     float *c = jb->C + r * jb->ldc + n0;
     const float *b = jb->bias ? jb->bias + n0 : NULL;
-    /* A whole panel with a constant count: GCC makes the plain-copy case of a variable count a
-     * call to memmove, which took 11 % of an int8 batch LSTM (a call per 64 bytes). */
-    if (nn == QP) {
-        for (int u = 0; u < QP; u++) {
-            float x = jb->accumulate ? c[u] + v[u] : v[u];
-            c[u] = b ? x + b[u] : x;
-        }
-        return;
-    }
     for (int u = 0; u < nn; u++) {
-        float x = jb->accumulate ? c[u] + v[u] : v[u];
+        float x = t ? (float)(t[u] - jb->m->comp[n0 + u]) * (sa * jb->m->scale[n0 + u]) : v[u];
+        x = jb->accumulate ? c[u] + x : x;
         c[u] = b ? x + b[u] : x;
     }
+}
+
+/* Row r of C, panel p, from one row of an int8 tile (t: 16 sums) and the row's activation scale sa. */
+static inline void store_i8_tile(const qjob *jb, int r, int p, const int32_t *t, float sa)
+{
+    if (p < jb->m->N / QP)
+        jb->v->store_i8(t, jb->m->comp + p * QP, jb->m->scale + p * QP, sa, jb->C + r * jb->ldc + p * QP,
+                        jb->bias ? jb->bias + p * QP : NULL, jb->accumulate);
+    else
+        store_partial(jb, r, p, t, sa, NULL);
+}
+
+/* Row r of C, panel p, from one row of a float tile (16 sums). */
+static inline void store_f_tile(const qjob *jb, int r, int p, const float *t)
+{
+    if (p < jb->m->N / QP)
+        jb->v->store_f(t, jb->C + r * jb->ldc + p * QP, jb->bias ? jb->bias + p * QP : NULL, jb->accumulate);
+    else
+        store_partial(jb, r, p, NULL, 0.0f, t);
 }
 
 /* Rows [r0, r1) of A (quantized in abuf with scales sa for int8) by panels [p0, p1). */
@@ -590,36 +805,57 @@ static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const ui
 {
     const le_qmat *m = jb->m;
     const qvariant *v = jb->v;
-    float vals[QP];
     if (m->kind == LE_W_INT8) {
         int Kp = round4(m->K);
-        int32_t tile[8 * QP] __attribute__((aligned(64)));
+        int32_t tile[8 * WIDE_NP * QP] __attribute__((aligned(64)));
+        if (v->mk_i8_wide && r1 - r0 > 1) {
+            for (int p = p0; p < p1; p += WIDE_NP) {
+                int np = p1 - p < WIDE_NP ? p1 - p : WIDE_NP;
+                const int8_t *Wp = (const int8_t *)m->w + (ptrdiff_t)p * Kp * QP;
+                for (int r = r0; r < r1; r += v->mr_wide) {
+                    int mr = r1 - r < v->mr_wide ? r1 - r : v->mr_wide;
+                    v->mk_i8_wide(mr, np, Kp / 4, abuf + (ptrdiff_t)(r - r0) * Kp, Kp, Wp, (ptrdiff_t)Kp * QP, tile);
+                    for (int s = 0; s < mr; s++)
+                        for (int j = 0; j < np; j++)
+                            store_i8_tile(jb, r + s, p + j, tile + (s * WIDE_NP + j) * QP, sa[r - r0 + s]);
+                }
+            }
+            return;
+        }
         for (int p = p0; p < p1; p++) {
             const int8_t *Wp = (const int8_t *)m->w + (ptrdiff_t)p * Kp * QP;
-            const float *sc = m->scale + p * QP;
-            const int32_t *comp = m->comp + p * QP;
             for (int r = r0; r < r1; r += v->mr_i8) {
                 int mr = r1 - r < v->mr_i8 ? r1 - r : v->mr_i8;
                 v->mk_i8(mr, Kp / 4, abuf + (ptrdiff_t)(r - r0) * Kp, Kp, Wp, tile);
-                for (int s = 0; s < mr; s++) {
-                    float rs = sa[r - r0 + s];
-                    for (int u = 0; u < QP; u++)
-                        vals[u] = (float)(tile[s * QP + u] - comp[u]) * (rs * sc[u]);
-                    store_row(jb, r + s, p, vals);
-                }
+                for (int s = 0; s < mr; s++)
+                    store_i8_tile(jb, r + s, p, tile + s * QP, sa[r - r0 + s]);
             }
         }
         return;
     }
     int bf16 = m->kind == LE_W_BFLOAT16;
-    float tile[8 * QP] __attribute__((aligned(64)));
+    float tile[8 * WIDE_NP * QP] __attribute__((aligned(64)));
+    if (v->mk_half_wide && r1 - r0 > 1) {
+        for (int p = p0; p < p1; p += WIDE_NP) {
+            int np = p1 - p < WIDE_NP ? p1 - p : WIDE_NP;
+            const uint16_t *Wp = (const uint16_t *)m->w + (ptrdiff_t)p * m->K * QP;
+            for (int r = r0; r < r1; r += v->mr_wide) {
+                int mr = r1 - r < v->mr_wide ? r1 - r : v->mr_wide;
+                v->mk_half_wide(bf16, mr, np, m->K, jb->A + r * jb->lda, jb->lda, Wp, (ptrdiff_t)m->K * QP, tile);
+                for (int s = 0; s < mr; s++)
+                    for (int j = 0; j < np; j++)
+                        store_f_tile(jb, r + s, p + j, tile + (s * WIDE_NP + j) * QP);
+            }
+        }
+        return;
+    }
     for (int p = p0; p < p1; p++) {
         const uint16_t *Wp = (const uint16_t *)m->w + (ptrdiff_t)p * m->K * QP;
         for (int r = r0; r < r1; r += v->mr_half) {
             int mr = r1 - r < v->mr_half ? r1 - r : v->mr_half;
             v->mk_half(bf16, mr, m->K, jb->A + r * jb->lda, jb->lda, Wp, tile);
             for (int s = 0; s < mr; s++)
-                store_row(jb, r + s, p, tile + s * QP);
+                store_f_tile(jb, r + s, p, tile + s * QP);
         }
     }
 }
@@ -664,7 +900,7 @@ int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, p
         uint8_t *au8 = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
         float *sa = (float *)(au8 + (ptrdiff_t)M * Kp);
         for (int r = 0; r < M; r++)
-            sa[r] = le_quantize_row(A + r * lda, m->K, Kp, au8 + (ptrdiff_t)r * Kp);
+            sa[r] = jb.v->quantize_row(A + r * lda, m->K, Kp, au8 + (ptrdiff_t)r * Kp);
         jb.au8 = au8;
         jb.sa = sa;
     }

@@ -42,6 +42,7 @@ from ..generate import check_language_model, check_sampling
 from ..stream import check_streamable
 from .metrics import Metrics
 from .store import StreamError, StreamStore
+from .wal import MAX_LOG_BYTES
 from .wire import NPY, Inputs, array_from_json, check_position, parse_json, parse_npy, to_npy
 
 log = logging.getLogger("lstm_engine.serve")
@@ -138,8 +139,9 @@ class Server:
 
     def __init__(self, model: Any, *, max_batch: int = 64, idle_timeout: float = 600.0, state_dir: str | None = None,
                  tokens: dict[str, str] | None = None, token_file: str | None = None, limits: Limits | None = None,
-                 dtype: Any = None) -> None:
-        """``tokens`` ({sha256 hex digest: owner}) or ``token_file`` (reloaded when it changes, and on SIGHUP)."""
+                 dtype: Any = None, max_log_bytes: int = MAX_LOG_BYTES) -> None:
+        """``tokens`` ({sha256 hex digest: owner}) or ``token_file`` (reloaded when it changes, and on SIGHUP);
+        ``max_log_bytes``: the state directory's log size past which its states go to checkpoint files."""
         self.model = model
         self.limits = limits or Limits()
         self.token_file = TokenFile(token_file) if token_file is not None else None
@@ -157,7 +159,7 @@ class Server:
             try:
                 self.store = StreamStore(model, self.pool, state_dir=state_dir, idle_timeout=idle_timeout,
                                          max_streams_per_owner=self.limits.max_streams_per_token,
-                                         on_step=self.metrics.observe_step)
+                                         on_step=self.metrics.observe_step, max_log_bytes=max_log_bytes)
             except BaseException:
                 self.pool.close()
                 raise
@@ -215,7 +217,7 @@ class Server:
             self.close()
 
     def close(self) -> None:
-        """Stop the writer and the pool (every answered step is already on disk)."""
+        """Stop the state log (folding it into checkpoints) and the pool (every answered step is already on disk)."""
         self.store.close()
         self.pool.close()
 

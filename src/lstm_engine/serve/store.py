@@ -1,38 +1,24 @@
-"""The server's streams: who owns each, its pool stream or saved state, and its durable state file.
+"""The server's streams: who owns each, its pool stream or saved state, and its durable state.
 
 Every stream's steps run under its own asyncio lock, in the order they arrive. With a state
-directory, a request is answered only after the stream's new state is on disk (temp file, fsync,
-rename, fsync of the directory), so an answered step survives a crash and an unanswered one leaves
-the last answered state in place. Idle streams leave the pool for their file (or, without a state
-directory, for bytes in memory) and come back on their next request.
+directory, a request is answered only after the stream's new state is in the write-ahead log and
+fsynced (wal.py: one fsync for every request answered together), so an answered step survives a
+crash and an unanswered one leaves the last answered state in place. Idle streams leave the pool
+for their checkpoint file (or, without a state directory, for bytes in memory) and come back on
+their next request.
 """
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import queue
-import re
 import secrets
-import struct
-import threading
 import time
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import LoadError
 from ..generate import sample_next
-
-ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # 128 random bits, hex
-_FILE_MAGIC = b"LESERVE\0"
-_FILE_VERSION = 1
-_FILE_HEAD = struct.Struct("<8sII")  # magic, format version, metadata length
-_CRC = struct.Struct("<I")
-_SUFFIX = ".state"
-_TEMP_PATTERN = re.compile(r"[0-9a-f]{32}\.state\.[0-9a-f]{8}\.tmp")  # what _Writer writes before renaming
+from .wal import ID_PATTERN, MAX_LOG_BYTES, StateLog
 
 
 class StreamError(Exception):
@@ -60,132 +46,17 @@ class Entry:
         self.waiting = 0  # requests queued on the lock
 
 
-def _pack(meta: dict, blob: bytes) -> bytes:
-    head = json.dumps(meta, separators=(",", ":")).encode()
-    data = _FILE_HEAD.pack(_FILE_MAGIC, _FILE_VERSION, len(head)) + head + blob
-    return data + _CRC.pack(zlib.crc32(data))
-
-
-def _unpack(data: bytes, path: str) -> tuple[dict, bytes]:
-    head = _FILE_HEAD.size
-    if len(data) < head + _CRC.size or data[:8] != _FILE_MAGIC:
-        raise LoadError(f"{path}: not an lstm-engine serve state file")
-    _, version, hlen = _FILE_HEAD.unpack_from(data)
-    if version != _FILE_VERSION:
-        raise LoadError(f"{path}: state file version {version}, this lstm_engine reads {_FILE_VERSION}")
-    if zlib.crc32(data[:-_CRC.size]) != _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
-        raise LoadError(f"{path}: the state file is truncated or corrupted (checksum mismatch)")
-    try:
-        meta = json.loads(data[head:head + hlen])
-        meta["owner"], meta["position"]  # noqa: B018 - both must be there
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LoadError(f"{path}: the state file's metadata is corrupted") from exc
-    return meta, data[head + hlen:-_CRC.size]
-
-
-class _Writer:
-    """Writes state files atomically in a thread, many at a time with one directory fsync per group."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        # fsync waits on the disk, not the CPU: a few at once amortise its latency.
-        self.fsyncs = ThreadPoolExecutor(4, thread_name_prefix="lstm_engine-serve-fsync")
-        self.thread = threading.Thread(target=self._work, name="lstm_engine-serve-writer", daemon=True)
-        self.thread.start()
-
-    def submit(self, name: str, data: bytes | None) -> asyncio.Future:
-        """Write data to name (None: delete it); the future is done when it is durable."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.queue.put((name, data, loop, fut))
-        return fut
-
-    def _write_one(self, name: str, data: bytes | None) -> None:
-        path = os.path.join(self.directory, name)
-        if data is None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-
-    def _work(self) -> None:
-        while True:
-            group = [self.queue.get()]
-            if group[0] is None:
-                return
-            while True:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.queue.put(None)  # stop after this group
-                    break
-                group.append(item)
-            futures = [self.fsyncs.submit(self._write_one, name, data) for name, data, _, _ in group]
-            errors = []
-            for f in futures:
-                try:
-                    f.result()
-                    errors.append(None)
-                except OSError as exc:
-                    errors.append(exc)
-            try:
-                # The renames are durable once the directory is.
-                fd = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                errors = [e or exc for e in errors]
-            # One wake-up per event loop and group (each call_soon_threadsafe writes to the loop's pipe).
-            loops: dict = {}
-            for (_, _, loop, fut), error in zip(group, errors):
-                loops.setdefault(loop, []).append((fut, error))
-            for loop, settled in loops.items():
-                try:
-                    loop.call_soon_threadsafe(_settle, settled)
-                except RuntimeError:
-                    pass  # the event loop has stopped; nobody waits
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self.fsyncs.shutdown()
-
-
-def _settle(settled: list) -> None:
-    for fut, error in settled:
-        if fut.done():
-            continue
-        if error is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(error)
-
-
 class StreamStore:
     """Streams of one pool, by id, with owners, positions, eviction and (optionally) state files.
 
     ``state_dir`` None keeps everything in memory. ``on_step(seconds)`` is told how long each pool
-    step took from submission to result (for the metrics).
+    step took from submission to result (for the metrics). ``max_log_bytes``: the log segment's size
+    past which its states go to checkpoints and it starts again (wal.py).
     """
 
     def __init__(self, model: Any, pool: Any, *, state_dir: str | None, idle_timeout: float,
-                 max_streams_per_owner: int, on_step: Callable[[float], None] | None = None) -> None:
+                 max_streams_per_owner: int, on_step: Callable[[float], None] | None = None,
+                 max_log_bytes: int = MAX_LOG_BYTES) -> None:
         self.model = model
         self.pool = pool
         self.output_size = model.output_size
@@ -196,40 +67,29 @@ class StreamStore:
         self.entries: dict[str, Entry] = {}
         self.per_owner: dict[str, int] = {}
         self.evictions = 0
-        self.writer: _Writer | None = None
+        self.wal: StateLog | None = None
         if state_dir is not None:
-            self._recover(state_dir)
-            self.writer = _Writer(state_dir)
+            self._recover(state_dir, max_log_bytes)
 
     # -- recovery --------------------------------------------------------------------------------
-    def _recover(self, directory: str) -> None:
-        """Register every stream found in the state directory (evicted: loaded on first use).
+    def _recover(self, directory: str, max_log_bytes: int) -> None:
+        """Register every stream the state directory holds (evicted: loaded on first use).
 
-        Leftover temp files are writes that were never answered; they are removed. A file that is
-        damaged or holds another model's state stops the start-up, naming it: serving without it
-        would lose that stream silently.
+        A state that is damaged or belongs to another model stops the start-up, naming its file:
+        serving without it would lose that stream silently.
         """
-        os.makedirs(directory, exist_ok=True)
         with self.pool.open() as probe:
-            for name in sorted(os.listdir(directory)):
-                self._register(directory, name, probe)
+            def check(blob: bytes, where: str) -> None:
+                try:
+                    probe.load_state(blob)
+                except ValueError as exc:
+                    raise LoadError(f"{where}: {exc} (move it away to start without this stream)") from None
 
-    def _register(self, directory: str, name: str, probe: Any) -> None:
-        path = os.path.join(directory, name)
-        if _TEMP_PATTERN.fullmatch(name):
-            os.unlink(path)
-            return
-        if not name.endswith(_SUFFIX) or not ID_PATTERN.fullmatch(name[:-len(_SUFFIX)]):
-            return
-        with open(path, "rb") as f:
-            meta, blob = _unpack(f.read(), path)
-        try:
-            probe.load_state(blob)
-        except ValueError as exc:
-            raise LoadError(f"{path}: {exc} (move it away to start without this stream)") from None
-        entry = Entry(name[:-len(_SUFFIX)], meta["owner"], int(meta["position"]))
-        self.entries[entry.id] = entry
-        self.per_owner[entry.owner] = self.per_owner.get(entry.owner, 0) + 1
+            self.wal = StateLog(directory, check, max_log_bytes)
+        for stream_id, (owner, position) in self.wal.streams.items():
+            self.entries[stream_id] = Entry(stream_id, owner, position)
+            self.per_owner[owner] = self.per_owner.get(owner, 0) + 1
+        self.wal.streams = {}
 
     # -- lookup ----------------------------------------------------------------------------------
     def get(self, stream_id: str, owner: str) -> Entry:
@@ -245,10 +105,9 @@ class StreamStore:
         if entry.stream is None:
             if entry.saved is not None:
                 blob = entry.saved
-            elif self.state_dir is not None:
+            elif self.wal is not None:
                 try:
-                    with open(self._path(entry.id), "rb") as f:
-                        blob = _unpack(f.read(), self._path(entry.id))[1]
+                    blob = self.wal.last_state(entry.id)
                 except (OSError, LoadError) as exc:
                     # Not the client's doing: the file went missing or bad behind the server's back.
                     raise StreamError(503, "state_unavailable", f"the stream's saved state cannot be read: {exc}") \
@@ -267,13 +126,18 @@ class StreamStore:
         entry.last_used = time.monotonic()
         return entry.stream
 
-    def _path(self, stream_id: str) -> str:
-        return os.path.join(self.state_dir, stream_id + _SUFFIX)
-
     async def _persist(self, entry: Entry, position: int) -> None:
-        if self.writer is not None:
-            data = _pack({"owner": entry.owner, "position": position}, entry.stream.save_state())
-            await self.writer.submit(entry.id + _SUFFIX, data)
+        if self.wal is not None:
+            await self._durable(self.wal.append(entry.id, entry.owner, position, entry.stream.save_state()))
+
+    @staticmethod
+    async def _durable(logged: asyncio.Future) -> None:
+        try:
+            await logged
+        except OSError as exc:
+            # The disk, not the client: retrying cannot help until the server is restarted on a sound disk.
+            raise StreamError(503, "not_durable", f"the state directory cannot be written ({exc}); nothing is "
+                                                  "answered until the server is restarted") from None
 
     # -- the requests ----------------------------------------------------------------------------
     async def create(self, owner: str) -> Entry:
@@ -335,7 +199,7 @@ class StreamStore:
         """Run the steps xs and make the new state durable, or, on any failure, leave the last answered state."""
         # A failed step leaves its stream's state as it was (the pool scatters states back only after a
         # batch ran), so only the earlier steps of a chunk can need undoing.
-        before = None if self.writer is not None or len(xs) == 1 else stream.save_state()
+        before = None if self.wal is not None or len(xs) == 1 else stream.save_state()
         out = np.empty((len(xs), self.output_size), self.pool.dtype)
         try:
             for t, x in enumerate(xs):
@@ -370,11 +234,11 @@ class StreamStore:
         stream = entry.stream
         if stream is None or stream.closed:
             return
-        if self.writer is None:
+        if self.wal is None:
             if before is not None:
                 stream.load_state(before)
         else:
-            # The file holds the last answered state: the next request reloads it.
+            # The log (or the checkpoint) holds the last answered state: the next request reloads it.
             stream.close()
             entry.stream = None
 
@@ -382,7 +246,7 @@ class StreamStore:
         return stream.save_state()
 
     async def import_state(self, entry: Entry, stream: Any, blob: bytes) -> int:
-        before = None if self.writer is not None else stream.save_state()
+        before = None if self.wal is not None else stream.save_state()
         try:
             stream.load_state(blob)  # checks everything before it changes anything
         except (ValueError, TypeError) as exc:
@@ -395,8 +259,8 @@ class StreamStore:
         return entry.position
 
     async def delete(self, entry: Entry, stream: Any) -> None:
-        if self.writer is not None:
-            await self.writer.submit(entry.id + _SUFFIX, None)
+        if self.wal is not None:
+            await self._durable(self.wal.delete(entry.id))
         self._forget(entry)
 
     # -- housekeeping ----------------------------------------------------------------------------
@@ -407,9 +271,12 @@ class StreamStore:
         for entry in list(self.entries.values()):
             if entry.stream is None or entry.lock.locked() or now - entry.last_used < self.idle_timeout:
                 continue
-            if self.writer is None:
+            if self.wal is None:
                 entry.saved = entry.stream.save_state()
-            # With a state directory the file already holds this state: it was written after the last step.
+            else:
+                # The log already holds this state (it was logged before the last answer): it moves to its
+                # checkpoint file, out of memory.
+                self.wal.evict(entry.id)
             entry.stream.close()
             entry.stream = None
             evicted += 1
@@ -421,5 +288,5 @@ class StreamStore:
         return sum(1 for e in self.entries.values() if e.stream is not None)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.wal is not None:
+            self.wal.close()
