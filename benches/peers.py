@@ -445,9 +445,11 @@ def main() -> None:
     rows = []
     for w in chosen:
         weights = wl.make_weights(w)
-        runners = {"lstm_engine": wl.engine_runner(w, wl.engine_model(w, weights))}
+        # The engine on the same threads as the peers (its default is every core it may use).
+        runners = {"lstm_engine": wl.engine_runner(w, wl.engine_model(w, weights, threads=args.threads))}
         if len(engines) > 1:
-            runners["lstm_engine[avx2]"] = with_variant(wl.engine_runner(w, wl.engine_model(w, weights)), "avx2")
+            runners["lstm_engine[avx2]"] = with_variant(
+                wl.engine_runner(w, wl.engine_model(w, weights, threads=args.threads)), "avx2")
         runners["torch"] = torch_runner(w, weights)
         runners["onnxruntime"] = ort_runner(w, weights, args.threads)
         inputs = wl.make_inputs(w, calls=4 if w.stateful else 1)

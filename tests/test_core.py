@@ -88,6 +88,35 @@ def test_matches_pytorch(cell, num_layers, bidirectional, bias, batch, T, kernel
             np.testing.assert_allclose(got, want, rtol=0, atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("batch", [32, 37, 133])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_rows_match_pytorch(batch, threads, kernel_variant):
+    """From 32 rows an LSTM step computes its input product in the same tiles as the recurrent one (no
+    projection ahead): rows not a multiple of the micro-kernel's, over one row chunk (133), both
+    directions, packed lengths and a given state, on one and two threads."""
+    from lstm_engine import _kernels
+
+    torch.manual_seed(batch)
+    rng = np.random.default_rng(batch)
+    module = torch.nn.LSTM(24, 40, num_layers=2, bidirectional=True, batch_first=True).eval()
+    model = le.from_torch(module)
+    model.threads = threads
+    x = rng.standard_normal((batch, 9, 24)).astype(np.float32)
+    lengths = rng.integers(1, 10, size=batch)
+    tstate = tuple(torch.from_numpy(rng.standard_normal((4, batch, 40)).astype(np.float32)) for _ in range(2))
+    min_bytes = _kernels.set_parallel_min_bytes(0)  # split this small layer, to test the split
+    try:
+        for lens in (None, lengths):
+            y_ref, st_ref = torch_run(module, x, lens, tstate)
+            init = torch_state_to_engine(model, [t.numpy() for t in tstate])
+            y, state = model.forward(x, lengths=lens, initial_state=init)
+            np.testing.assert_allclose(y, y_ref, rtol=0, atol=TOL[np.float32])
+            for got, want in zip(engine_state_to_torch(state), st_ref):
+                np.testing.assert_allclose(got, want, rtol=0, atol=TOL[np.float32])
+    finally:
+        _kernels.set_parallel_min_bytes(min_bytes)
+
+
 def test_cells_and_lstm_cell_modules():
     torch.manual_seed(1)
     x = np.random.default_rng(1).standard_normal((3, 1, 5)).astype(np.float32)

@@ -27,10 +27,11 @@ typedef struct {
     ptrdiff_t lda;
     int K;
     const float *W;            /* packed, panel p at W + p * K * G * 16 */
-    /* A second product summed into the same tile before the epilogue (one row, one step: W_ih . x
-     * and W_hh . h in one pass, nothing projected ahead). For GRU it is kept apart: r multiplies
-     * only the recurrent part of n. */
+    /* A second product summed into the same tile before the epilogue: W_ih . x_t and W_hh . h in
+     * one pass, nothing projected ahead (LSTM: rows at A2 + r * lda2; GRU: one row, kept apart, as
+     * r multiplies only the recurrent part of n). */
     const float *A2, *W2;
+    ptrdiff_t lda2;
     int K2;
     const float *add;          /* per row: + r * ld_add (0: the same vector for each row), + p * G * 16 */
     ptrdiff_t ld_add;

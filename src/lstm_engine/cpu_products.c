@@ -91,8 +91,12 @@ INLINE void gru_gates_body(int n, const float *restrict xq, const float *restric
 
 /* -- what a tile of sums becomes ------------------------------------------------------------ */
 
-/* Row r's tile (G * 16 sums of panel p) is stored, or turned into the new state and output. */
-INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const float *add)
+typedef void (*lstm_gates_fn)(int n, const float *restrict pre, const float *restrict add, float *restrict c,
+                              float *restrict h);
+
+/* Row r's tile (G * 16 sums of panel p) is stored, or turned into the new state and output by the
+ * variant's LSTM gate loop (a constant where BLOCK_BODY inlines this, so the call is inlined too). */
+INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const float *add, lstm_gates_fn lstm_gates)
 {
     int G16 = j->G * LE_PANEL, u0 = p * LE_PANEL;
     if (j->mode == MODE_PROJECT) {
@@ -116,7 +120,7 @@ INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const f
         return;
     }
     if (j->mode == MODE_LSTM)
-        lstm_gates_body(n, tile, add, j->c + (ptrdiff_t)r * j->H + u0, hout);
+        lstm_gates(n, tile, add, j->c + (ptrdiff_t)r * j->H + u0, hout);
     else
         gru_gates_body(n, add, tile, j->bias_hn + u0, hin, hout);
     memcpy(y, hout, n * sizeof(float));
@@ -126,47 +130,81 @@ INLINE void epilogue(const le_block *j, int r, const float *tile, int p, const f
 /* Row chunks and panel depth. A chunk's tiles (MC rows) stay in L1/L2 while a KC-deep slice of a
  * panel (KC * G * 16 floats: 32 KB for LSTM) stays in L1 for every MR rows of the chunk: without
  * the K split each MR rows read the whole panel (128 KB at K = 512) from L2 again, and the weight
- * loads were the hot spots of the loop (perf). */
-#define MC 96
+ * loads were the hot spots of the loop (perf). 128 rows: the batch-large workload's 128 in one
+ * chunk, each slice of the weights read once a step (96 read them twice: 129-131 against 135
+ * GFLOP/s, one thread, busy machine). */
+#define MC 128
 #define KC 128
+
+/* Part `part` of `parts` of the KC slice of weights at next, asked of the caches (L2) while the MR
+ * rows of the current slice run: the weights of a step (8 MB for the batch workload, 32 MB for
+ * batch-large) do not stay in a core's 2 MiB L2, and the first rows of each slice waited for it
+ * from L3. A prefetch never faults, so past the last panel it is only wasted. */
+INLINE void prefetch_part(const float *next, int floats, int part, int parts)
+{
+    if (!parts)
+        return;
+    for (int i = (int)((long)floats * part / parts) & ~15; i < (long)floats * (part + 1) / parts; i += 16)
+        __builtin_prefetch(next + i, 0, 2);
+}
 
 /* The loop over a block, shared by every variant: chunks of MC rows, panels, KC-deep slices of
  * the panel, then MR rows at a time. MK(mr, G, K, A, lda, W, tile, accumulate) is the variant's
- * micro-kernel. Each sum runs over k in the same order whatever the rows or the split between
- * threads, so results never depend on the thread count. */
-#define BLOCK_BODY(MK, MR4, MR3)                                                                        \
+ * micro-kernel, LSTM_GATES its LSTM gate loop (lstm_gates_fn). Each sum runs over k in the same
+ * order whatever the rows or the split between threads, so results never depend on the thread count. */
+#define BLOCK_BODY(MK, MR4, MR3, LSTM_GATES)                                                            \
     {                                                                                                   \
-        int G = j->G, G16 = G * LE_PANEL, MR = G == 4 ? MR4 : MR3, K = j->K;                           \
-        float tiles[MC * TILE] __attribute__((aligned(64)));                                           \
-        float xtile[TILE] __attribute__((aligned(64)));                                                \
+        int G = j->G, G16 = G * LE_PANEL, MR = G == 4 ? MR4 : MR3, K = j->K;                            \
+        float tiles[MC * TILE] __attribute__((aligned(64)));                                            \
+        /* One row is used; 8 rows' room because GCC merges the micro-kernel calls and then warns of */ \
+        /* stores past one row on paths that never run. */                                              \
+        float xtile[8 * TILE] __attribute__((aligned(64)));                                             \
+        int fused = j->A2 && j->mode == MODE_LSTM, calls = 0;                                           \
         for (int rc = r0; rc < r1; rc += MC) {                                                          \
             int rend = rc + MC < r1 ? rc + MC : r1;                                                     \
+            /* A single MR-row call per slice (one row: a GEMV) leaves the weights to the hardware. */   \
+            calls = rend - rc > MR ? (rend - rc + MR - 1) / MR : 0;                                     \
             for (int p = p0; p < p1; p++) {                                                             \
                 const float *W = j->W + (ptrdiff_t)p * K * G16;                                         \
+                const float *W2 = fused ? j->W2 + (ptrdiff_t)p * j->K2 * G16 : NULL;                    \
+                const float *after = fused ? W2 : W + (ptrdiff_t)K * G16;                               \
                 for (int k0 = 0; k0 < K || k0 == 0; k0 += KC) {                                         \
                     int kc = K - k0 < KC ? K - k0 : KC;                                                 \
+                    const float *next = k0 + KC < K ? W + (ptrdiff_t)(k0 + KC) * G16 : after;           \
                     for (int r = rc; r < rend; r += MR) {                                               \
                         int mr = rend - r < MR ? rend - r : MR;                                         \
+                        prefetch_part(next, KC * G16, (r - rc) / MR, calls);                            \
                         MK(mr, G, kc, j->A + r * j->lda + k0, j->lda, W + (ptrdiff_t)k0 * G16,          \
                            tiles + (r - rc) * TILE, k0 > 0);                                            \
+                    }                                                                                   \
+                }                                                                                       \
+                if (fused) {                                                                            \
+                    /* The step's input product joins the same tiles (x_t rows, W_ih's panel): */       \
+                    /* nothing projected ahead and read back (cpu_steps.c says when). */                \
+                    for (int k0 = 0; k0 < j->K2; k0 += KC) {                                            \
+                        int kc = j->K2 - k0 < KC ? j->K2 - k0 : KC;                                     \
+                        const float *next = k0 + KC < j->K2 ? W2 + (ptrdiff_t)(k0 + KC) * G16           \
+                                                            : W + (ptrdiff_t)K * G16;            \
+                        for (int r = rc; r < rend; r += MR) {                                           \
+                            int mr = rend - r < MR ? rend - r : MR;                                     \
+                            prefetch_part(next, KC * G16, (r - rc) / MR, calls);                        \
+                            MK(mr, G, kc, j->A2 + r * j->lda2 + k0, j->lda2, W2 + (ptrdiff_t)k0 * G16,  \
+                               tiles + (r - rc) * TILE, 1);                                             \
+                        }                                                                               \
                     }                                                                                   \
                 }                                                                                       \
                 for (int r = rc; r < rend; r++) {                                                       \
                     float *tile = tiles + (r - rc) * TILE;                                              \
                     const float *add = j->add + (ptrdiff_t)p * G16 + r * j->ld_add;                     \
-                    if (j->A2) {                                                                        \
-                        /* One row, one step: the input product joins here. */                          \
-                        const float *W2 = j->W2 + (ptrdiff_t)p * j->K2 * G16;                           \
-                        if (j->mode == MODE_GRU) {                                                      \
-                            MK(1, G, j->K2, j->A2, 0, W2, xtile, 0);                                    \
-                            for (int i = 0; i < G16; i++)                                               \
-                                xtile[i] += j->bias[(ptrdiff_t)p * G16 + i];                            \
-                            add = xtile;                                                                \
-                        } else {                                                                        \
-                            MK(1, G, j->K2, j->A2, 0, W2, tile, 1);                                     \
-                        }                                                                               \
+                    if (j->A2 && j->mode == MODE_GRU) {                                                 \
+                        /* One row, one step: the input product kept apart (r multiplies only the */    \
+                        /* recurrent part of n), its bias added. */                                     \
+                        MK(1, G, j->K2, j->A2, 0, j->W2 + (ptrdiff_t)p * j->K2 * G16, xtile, 0);        \
+                        for (int i = 0; i < G16; i++)                                                   \
+                            xtile[i] += j->bias[(ptrdiff_t)p * G16 + i];                                \
+                        add = xtile;                                                                    \
                     }                                                                                   \
-                    epilogue(j, r, tile, p, add);                                                       \
+                    epilogue(j, r, tile, p, add, LSTM_GATES);                                           \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
@@ -208,7 +246,13 @@ static void mk_c(int mr, int G, int K, const float *A, ptrdiff_t lda, const floa
     }
 }
 
-static void block_c(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_c, 4, 4)
+static void lstm_gates_c(int n, const float *restrict pre, const float *restrict add, float *restrict c,
+                         float *restrict h)
+{
+    lstm_gates_body(n, pre, add, c, h);
+}
+
+static void block_c(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_c, 4, 4, lstm_gates_c)
 
 /* Portable row-major GEMV: a dot product per row (le_dot_c). */
 static void gemv_c(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
@@ -270,7 +314,13 @@ AVX2 static void mk_avx2(int mr, int G, int K, const float *A, ptrdiff_t lda, co
     }
 }
 
-AVX2 static void block_avx2(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_avx2, 3, 4)
+AVX2 INLINE void lstm_gates_avx2(int n, const float *restrict pre, const float *restrict add, float *restrict c,
+                                 float *restrict h)
+{
+    lstm_gates_body(n, pre, add, c, h);
+}
+
+AVX2 static void block_avx2(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_avx2, 3, 4, lstm_gates_avx2)
 
 /* Row-major GEMV, eight rows at a time: one load of x feeds eight FMAs, and the eight sums come out
  * of one horizontal-add tree as a single vector. */
@@ -394,10 +444,69 @@ AVX512 static void mk_avx512(int mr, int G, int K, const float *A, ptrdiff_t lda
     }
 }
 
-AVX512 static void block_avx512(const le_block *j, int r0, int r1, int p0, int p1) BLOCK_BODY(mk_avx512, 6, 8)
+/* The LSTM gates of 16 units in one register each. The auto-vectorised scalar loop divided (vdivps,
+ * ~16 cycles a zmm) five times per 16 units and blended its clamps: with B 64 the gate epilogue was
+ * 13 % of the batch workload's time (perf). Here 1/q is rcp14 refined by one Newton step (relative
+ * error ~2^-27, below float32's rounding), the same rational otherwise. */
+AVX512 INLINE __m512 tanh16(__m512 x)
+{
+    const __m512 one = _mm512_set1_ps(1.0f), lim = _mm512_set1_ps(TANH_CLAMP);
+    /* min/max return their second operand when one is NaN: the constant goes first, NaN passes. */
+    __m512 xc = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), _mm512_min_ps(lim, x));
+    __m512 s = _mm512_mul_ps(xc, xc);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(P4), s, _mm512_set1_ps(P3));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(P2));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(P1));
+    p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(P0));
+    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(Q4), s, _mm512_set1_ps(Q3));
+    q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(Q2));
+    q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(Q1));
+    q = _mm512_fmadd_ps(q, s, one);
+    /* q >= 1: rcp14 is within 2^-14 and one Newton step squares that. */
+    __m512 y = _mm512_rcp14_ps(q);
+    y = _mm512_fmadd_ps(y, _mm512_fnmadd_ps(q, y, one), y);
+    __m512 r = _mm512_mul_ps(_mm512_mul_ps(xc, p), y);
+    r = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), one), _mm512_min_ps(one, r));
+    /* Saturated inputs give exactly +-1, as the scalar tanh_fast. */
+    r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lim, _CMP_GE_OQ), r, one);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_sub_ps(_mm512_setzero_ps(), lim), _CMP_LE_OQ), r,
+                                _mm512_sub_ps(_mm512_setzero_ps(), one));
+}
 
-AVX512 static void tanh_avx512(const float *x, float *y, ptrdiff_t n) { tanh_body(x, y, n); }
-AVX512 static void sigmoid_avx512(const float *x, float *y, ptrdiff_t n) { sigmoid_body(x, y, n); }
+AVX512 INLINE __m512 sigmoid16(__m512 x)
+{
+    const __m512 half = _mm512_set1_ps(0.5f);
+    return _mm512_fmadd_ps(half, tanh16(_mm512_mul_ps(half, x)), half);
+}
+
+/* lstm_gates_body for the 16 units of a panel (n < 16 at the last one: masked, nothing read past). */
+AVX512 INLINE void lstm_gates_avx512(int n, const float *restrict pre, const float *restrict add, float *restrict c,
+                                     float *restrict h)
+{
+    __mmask16 m = n >= LE_PANEL ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    __m512 i = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(pre), _mm512_loadu_ps(add)));
+    __m512 f = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(pre + LE_PANEL), _mm512_loadu_ps(add + LE_PANEL)));
+    __m512 g = tanh16(_mm512_add_ps(_mm512_loadu_ps(pre + 2 * LE_PANEL), _mm512_loadu_ps(add + 2 * LE_PANEL)));
+    __m512 o = sigmoid16(_mm512_add_ps(_mm512_loadu_ps(pre + 3 * LE_PANEL), _mm512_loadu_ps(add + 3 * LE_PANEL)));
+    __m512 cc = _mm512_fmadd_ps(f, _mm512_maskz_loadu_ps(m, c), _mm512_mul_ps(i, g));
+    _mm512_mask_storeu_ps(c, m, cc);
+    _mm512_mask_storeu_ps(h, m, _mm512_mul_ps(o, tanh16(cc)));
+}
+
+AVX512 static void block_avx512(const le_block *j, int r0, int r1, int p0, int p1)
+    BLOCK_BODY(mk_avx512, 6, 8, lstm_gates_avx512)
+
+/* The array forms run tanh16/sigmoid16, so that tests/test_kernels_math.py's libm checks cover them. */
+#define ARRAY_AVX512(F16)                                                                               \
+    {                                                                                                   \
+        for (ptrdiff_t i = 0; i < n; i += LE_PANEL) {                                                   \
+            __mmask16 m = n - i >= LE_PANEL ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);     \
+            _mm512_mask_storeu_ps(y + i, m, F16(_mm512_maskz_loadu_ps(m, x + i)));                     \
+        }                                                                                               \
+    }
+
+AVX512 static void tanh_avx512(const float *x, float *y, ptrdiff_t n) ARRAY_AVX512(tanh16)
+AVX512 static void sigmoid_avx512(const float *x, float *y, ptrdiff_t n) ARRAY_AVX512(sigmoid16)
 
 /* The GEMV is bound by reading the weights: the AVX2 one already keeps up with the caches. */
 const le_variant le_variant_avx512 = {tanh_avx512, sigmoid_avx512, block_avx512, gemv_avx2};

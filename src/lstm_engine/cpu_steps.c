@@ -211,7 +211,8 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
     blk->zero_masked = a->zero_masked;
     blk->first = s == 0;
     if (job->fused) {
-        blk->A2 = a->x;
+        blk->A2 = a->x + (ptrdiff_t)t * In;
+        blk->lda2 = (ptrdiff_t)T * In;
         blk->W2 = a->w_ih;
         blk->K2 = In;
         blk->bias = a->bias;
@@ -220,6 +221,25 @@ static void phase_block(steps_job *job, le_block *blk, int phase)
         blk->add = job->xp + (ptrdiff_t)t * a->B * job->GHp;
         blk->ld_add = job->GHp;
     }
+}
+
+/* Whether each step computes its own input product with the recurrent one, in the same tiles (no
+ * phase 0): one row and one step (nothing to batch), and an LSTM over many rows. There the product
+ * of a step is a GEMM either way, and projecting every step ahead wrote T * B * G * Hp floats
+ * (32 MB for the batch workload) that each step then read back from beyond L2: with their page
+ * faults, 10 % of that workload's time (perf). A few rows keep the projection: their step is bound
+ * by reading the weights, which the fused step reads twice as many of. GRU keeps it over many
+ * rows (its input part is kept apart from the recurrent one, a tile per row). The work buffer
+ * keeps room for the projections either way: its pages are never touched when unused. */
+#define FUSE_MIN_ROWS 32
+
+static int fuse_steps(const le_steps_args *a)
+{
+    if (a->table)
+        return 0;
+    if (a->B == 1 && a->T == 1)
+        return 1;
+    return a->cell == CELL_LSTM && (a->T == 1 || a->B >= FUSE_MIN_ROWS);
 }
 
 static void steps_run(void *arg, int tid, int nth)
@@ -269,7 +289,7 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
     job.a = a;
     job.v = le_variant_in_use();
     job.P = P;
-    job.fused = a->B == 1 && a->T == 1 && !a->table;
+    job.fused = fuse_steps(a);
     steps_work w = steps_work_layout(a->cell, a->B, a->H, a->T);
     job.GHp = w.GHp;
     job.xp = a->work + w.xp; /* (T, B, G * Hp) */
