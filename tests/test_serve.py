@@ -448,12 +448,16 @@ def test_the_log_is_folded_into_checkpoints_and_stays_bounded(files, tmp_path):
         assert first_segment[0] not in _segments(state_dir)  # rotated
         assert c.delete(f"/v1/streams/{ids[n]}").status_code == 204
         assert srv.signal(signal.SIGKILL) == -signal.SIGKILL
-    assert sorted(n for n in os.listdir(state_dir) if n.endswith(".state")) == sorted(f"{i}.state" for i in ids[:n])
+    # Which checkpoints are on disk at the kill depends on how far the checkpoint thread got (the deleted
+    # stream's may still be there, a rotation's may not be written yet): recovery must not care.
     with Server(files["float"], "--state-dir", state_dir, "--max-log-bytes", str(limit)) as srv, srv.client() as c:
         assert c.get(f"/v1/streams/{ids[n]}").status_code == 404
         for k, sid in enumerate(ids[:n]):
             got[k] += [step(c, sid, x)[0] for x in xs[k, T1:]]
             np.testing.assert_array_equal(np.stack(got[k]), want[k])
+        assert srv.signal(signal.SIGTERM) in (0, -signal.SIGTERM)
+    # A clean stop folds the log: a checkpoint for every live stream, none for the deleted one.
+    assert sorted(n for n in os.listdir(state_dir) if n.endswith(".state")) == sorted(f"{i}.state" for i in ids[:n])
 
 
 def test_state_log_recovers_the_last_answered_state_across_folds_evictions_and_deletes(tmp_path):
