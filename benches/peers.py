@@ -465,7 +465,7 @@ def main() -> None:
     head = " | ".join(f"{e} µs" for e in engines)
     ratios = " | ".join(f"{e} / best peer" for e in engines)
     print(f"| workload | {head} | PyTorch µs | ONNX Runtime µs | {ratios} | target | met ({', '.join(engines)}) |")
-    print("| --- " * (6 + 2 * len(engines)) + "|")
+    print("| --- " * (5 + 2 * len(engines)) + "|")
     for r in rows:
         w, t, o = r["w"], r["torch"], r["onnxruntime"]
         best = min(t, o)
