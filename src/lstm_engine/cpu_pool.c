@@ -32,8 +32,12 @@
  * Back-to-back streaming calls and the next layer of a step find it spinning. A short job is
  * offered only to workers spinning tightly, known to be on a core: waking a sleeper costs a short
  * job more than the worker's help is worth, so that call runs on one thread and the workers,
- * poked, spin tightly for the next. */
-#define IDLE_PAUSE_NS 20000L
+ * poked, spin tightly for the next. Tightly for 200 us: a streaming step of a model whose weights
+ * outgrow one L2 (LSTM 256 x2, 4.2 MB) takes ~35 us with both cores, each keeping its half of the
+ * weights, plus the caller's Python between steps; at 20 us the worker had often stopped spinning
+ * by the next step, which then ran on one core from L3 (35-145 us a step, 1.8x ONNX Runtime's
+ * two threads; 35-40 us with 200). While contended, idle workers sleep at once anyway. */
+#define IDLE_PAUSE_NS 200000L
 #define IDLE_YIELD_NS 500000L
 /* A thread waiting for others (the end of a step) yields its core once the wait passes this. */
 #define WAIT_YIELD_NS 50000L
