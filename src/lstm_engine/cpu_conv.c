@@ -72,6 +72,15 @@ static void products_c(int M, int K, int Lo, const float *W, const float *Wp, co
 #ifdef LE_X86
 /* The walk of both SIMD variants over the weight's panels, NP at a time, and the columns, NL at a time (NP, NL
  * set by the variant for its registers): TILE(np) runs one tile of np panels by nl columns. */
+/* One call of a variant's panel_tile with literal panel and column counts, so each is a tile of its own. */
+#define TILE_COLUMNS(TILE, NP)                                                                          \
+    switch (nl) {                                                                                       \
+    case 4: TILE(NP, 4, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                                  \
+    case 3: TILE(NP, 3, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                                  \
+    case 2: TILE(NP, 2, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                                  \
+    default: TILE(NP, 1, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                                 \
+    }
+
 #define WALK_PANELS(TILE)                                                                               \
     int panels = (M + LE_CONV_PANEL - 1) / LE_CONV_PANEL;                                               \
     for (int p = 0; p < panels; p += NP) {                                                              \
@@ -79,10 +88,10 @@ static void products_c(int M, int K, int Lo, const float *W, const float *Wp, co
         for (int l = 0; l < Lo; l += NL) {                                                              \
             int nl = Lo - l < NL ? Lo - l : NL;                                                         \
             switch (np) {                                                                               \
-            case 4: TILE(4) break;                                                                      \
-            case 3: TILE(3) break;                                                                      \
-            case 2: TILE(2) break;                                                                      \
-            default: TILE(1) break;                                                                     \
+            case 4: TILE_COLUMNS(TILE, 4) break;                                                        \
+            case 3: TILE_COLUMNS(TILE, 3) break;                                                        \
+            case 2: TILE_COLUMNS(TILE, 2) break;                                                        \
+            default: TILE_COLUMNS(TILE, 1) break;                                                       \
             }                                                                                           \
         }                                                                                               \
     }
@@ -121,20 +130,12 @@ AVX2 INLINE void panel_tile_avx2(const int NP, const int NL, int M, int K, const
     }
 }
 
-#define PANELS2(NP)                                                                                     \
-    switch (nl) {                                                                                       \
-    case 4: panel_tile_avx2(NP, 4, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                       \
-    case 3: panel_tile_avx2(NP, 3, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                       \
-    case 2: panel_tile_avx2(NP, 2, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                       \
-    default: panel_tile_avx2(NP, 1, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                      \
-    }
-
 AVX2 static void products_avx2(int M, int K, int Lo, const float *W, const float *Wp, const float *cols,
                                const float *b, int relu, float *y, ptrdiff_t ldy)
 {
     (void)W;
     int NL = Lo >= 4 ? 4 : Lo, NP = NL >= 3 ? 1 : NL == 2 ? 2 : 4;
-    WALK_PANELS(PANELS2)
+    WALK_PANELS(panel_tile_avx2)
 }
 
 /* -- AVX-512: output channels in the lanes, NP panels of 16 x NL columns (at most 4 x 2 or 2 x 4: 8 sums) --
@@ -176,21 +177,13 @@ AVX512 INLINE void panel_tile_avx512(const int NP, const int NL, int M, int K, c
     }
 }
 
-#define PANELS512(NP)                                                                                   \
-    switch (nl) {                                                                                       \
-    case 4: panel_tile_avx512(NP, 4, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                     \
-    case 3: panel_tile_avx512(NP, 3, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                     \
-    case 2: panel_tile_avx512(NP, 2, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                     \
-    default: panel_tile_avx512(NP, 1, M, K, Wp, cols, b, relu, y, ldy, p, l); break;                    \
-    }
-
 AVX512 static void products_avx512(int M, int K, int Lo, const float *W, const float *Wp, const float *cols,
                                    const float *b, int relu, float *y, ptrdiff_t ldy)
 {
     (void)W;
     /* Four columns at a time with two panels, fewer columns with four panels: eight sums in flight. */
     int NL = Lo >= 4 ? 4 : Lo, NP = NL >= 3 ? 2 : 4;
-    WALK_PANELS(PANELS512)
+    WALK_PANELS(panel_tile_avx512)
 }
 #endif
 
