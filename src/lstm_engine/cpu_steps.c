@@ -242,18 +242,20 @@ static int fuse_steps(const le_steps_args *a)
     return a->cell == CELL_LSTM && (a->T == 1 || a->B >= FUSE_MIN_ROWS);
 }
 
-static long worked_now(long started) { return le_now_ns() - started; }
-
 /* Before taking units of another thread's range, give its owner as long as this thread took for its
  * own range to begin it: a worker that joins a moment after the caller then still runs its own
  * panels, whose weights are in its own L2; taking them would move them to the other core's. A
  * worker that does not begin in that time lost its core (or never came): its units are taken. */
-static void owner_head_start(steps_job *job, int r, int phase, long own)
+typedef struct {
+    steps_job *job;
+    int r, untouched;
+    long until;
+} head_start;
+
+static int owner_began_or_late(void *p)
 {
-    int untouched = claims_before(job, r, phase);
-    long until = le_now_ns() + own;
-    while (atomic_load_explicit(&job->next[r], memory_order_relaxed) == untouched && le_now_ns() < until)
-        ;
+    head_start *h = p;
+    return atomic_load_explicit(&h->job->next[h->r], memory_order_relaxed) != h->untouched || le_now_ns() >= h->until;
 }
 
 static void steps_run(void *arg, int tid, int nth)
@@ -282,8 +284,11 @@ static void steps_run(void *arg, int tid, int nth)
         /* Own range first, then the others' leftovers. */
         for (int k = 0; k < nth; k++) {
             int r = (tid + k) % nth, u;
-            if (k > 0)
-                owner_head_start(job, r, phase, worked_now(started));
+            if (k > 0) {
+                long now = le_now_ns();
+                head_start h = {job, r, claims_before(job, r, phase), now + (now - started)};
+                le_wait_until(owner_began_or_late, &h);
+            }
             while ((u = claim(job, r, phase)) >= 0) {
                 run_unit(job, &blk, phase, u, active);
                 atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
