@@ -117,6 +117,38 @@ def test_many_rows_match_pytorch(batch, threads, kernel_variant):
         _kernels.set_parallel_min_bytes(min_bytes)
 
 
+@pytest.mark.parametrize("cls", [torch.nn.LSTM, torch.nn.GRU])
+def test_step_order_and_threads_do_not_change_results(cls, kernel_variant):
+    """Every other step runs a thread's panels last to first (cpu_steps.c: the previous step's last
+    weights are still in L2), and a streaming call turns around from the last call on the same
+    weights: an odd number of steps makes each call start the other way. Whatever the order and the
+    threads, the same bits, and PyTorch's results."""
+    from lstm_engine import _kernels
+
+    torch.manual_seed(3)
+    module = cls(16, 72, batch_first=True).eval()  # 5 panels: uneven ranges on 2 threads
+    model = le.from_torch(module)
+    x = np.random.default_rng(3).standard_normal((1, 7, 16)).astype(np.float32)
+    with torch.no_grad():
+        y_ref = module(torch.from_numpy(x))[0].numpy()
+    min_bytes = _kernels.set_parallel_min_bytes(0)
+    try:
+        runs = []
+        for threads in (1, 2, 1, 2):
+            model.threads = threads
+            runs.append(model.forward(x)[0])
+            session = model.session(batch_size=1)
+            runs.append(np.stack([session.step(x[:, t]) for t in range(x.shape[1])], axis=1))
+    finally:
+        _kernels.set_parallel_min_bytes(min_bytes)
+    for got in runs[2::2]:
+        np.testing.assert_array_equal(got, runs[0])
+    for got in runs[3::2]:
+        np.testing.assert_array_equal(got, runs[1])
+    for got in runs[:2]:
+        np.testing.assert_allclose(got, y_ref, rtol=0, atol=TOL[np.float32])
+
+
 def test_cells_and_lstm_cell_modules():
     torch.manual_seed(1)
     x = np.random.default_rng(1).standard_normal((3, 1, 5)).astype(np.float32)
