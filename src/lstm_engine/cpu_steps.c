@@ -84,9 +84,9 @@ typedef struct {
     int chunks, groups, U0;     /* projection units: chunks of rows x groups of panels */
     float *xp, *hbuf[2];
     ptrdiff_t GHp;
-    /* Each counter on its own cache line, written by one thread but when a range's leftovers are
-     * taken: the counters of every range and the one count of units done shared a line or two,
-     * which then moved between the cores at each unit of either thread (twice, claim and done). */
+    /* Each counter on its own cache line, written by one thread (a range's claims by another only
+     * when it takes the leftovers): the counters of every range and one count of units done shared
+     * a line or two, which moved between the cores at each unit of either thread (claim and done). */
     struct {
         _Alignas(64) atomic_int v;
     } next[MAX_PARTS],             /* claims made in range r so far, over every phase */
