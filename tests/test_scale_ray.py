@@ -246,3 +246,37 @@ def test_a_stream_moves_between_actors(ray, data, tmp_path):
         stay = pool.open()
         assert np.array_equal(np.concatenate([first, rest]), np.stack([stay.step(v) for v in x[0]]))
 
+
+
+@pytest.mark.cluster
+def test_run_on_ray_survives_an_actor_killed_mid_job(ray, data):
+    import os
+    import signal
+
+    import psutil
+
+    from lstm_engine.ray import score_chunks
+
+    x, lengths, path = data
+    batch = 4  # 16 batches: some still to come when an actor dies
+    killed = []
+
+    def batches():
+        for lo in range(0, len(x), batch):
+            if lo == 6 * batch:  # the first results are in: the actors are up and busy
+                # This instance's processes are this process's children; other Ray instances on the machine are not.
+                scorers = [p for p in psutil.Process().children(recursive=True)
+                           if p.cmdline()[:1] == ["ray::_Scorer"] or p.cmdline()[:1] == ["ray::_Scorer.forward"]]
+                assert scorers, [p.cmdline()[:1] for p in psutil.Process().children(recursive=True)]
+                os.kill(scorers[0].pid, signal.SIGKILL)
+                killed.append(scorers[0].pid)
+            yield lo, x[lo:lo + batch], lengths[lo:lo + batch]
+
+    results = sorted(score_chunks("auto", le.load(path), batches()), key=lambda r: r[0])
+    assert killed
+    assert [lo for lo, _, _ in results] == list(range(0, len(x), batch))
+    model = lstm_model()
+    for lo, y, state in results:
+        want_y, want_state = model.forward(x[lo:lo + batch], lengths[lo:lo + batch])
+        assert np.array_equal(y, want_y), lo
+        assert all(np.array_equal(a, b) for got, want in zip(state, want_state) for a, b in zip(got, want)), lo
