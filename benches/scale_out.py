@@ -89,7 +89,7 @@ class Tree:
                 cpu = times.user + times.system
                 # Ray renames its worker processes as they take a role (ray::IDLE, then ray::MapWorker(...)):
                 # the last name seen is the one the process did its work under.
-                self.names[key] = " ".join(proc.cmdline())[:60] or proc.name()
+                self.names[key] = process_name(proc.cmdline()) or proc.name()
             except self.psutil.Error:
                 continue
             wait = 0.0
@@ -152,6 +152,20 @@ class Tree:
         threads = {n: c - self.threads_start.get(n, 0.0) for n, c in self.threads.items()}
         threads.pop(self.thread.name, None)
         return rows + [(c, None, f"  thread {n}") for n, c in sorted(threads.items(), key=lambda t: -t[1]) if c >= 0.05]
+
+
+def process_name(cmdline: list) -> str:
+    """What a process is, in a few words: Ray's own title (ray::...), else its program and, for Python, its script
+    or module (Ray's raylet, gcs_server, log_monitor.py, monitor.py; multiprocessing's and Dask's spawned workers)."""
+    if not cmdline:
+        return ""
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split(".", 1)[0] if cmdline[0].count("(") == 0 else cmdline[0]
+    words = [os.path.basename(cmdline[0])]
+    rest = [a for a in cmdline[1:] if not a.startswith("-")]
+    if words[0].startswith("python") and rest:
+        words.append(os.path.basename(rest[0]) if rest[0].endswith(".py") else rest[0][:30])
+    return " ".join(words)
 
 
 def build(path: str, features: int, hidden: int, seed: int = 0) -> le.Model:
