@@ -84,14 +84,9 @@ typedef struct {
     int chunks, groups, U0;     /* projection units: chunks of rows x groups of panels */
     float *xp, *hbuf[2];
     ptrdiff_t GHp;
-    /* Each counter on its own cache line, written by one thread (a range's claims by another only
-     * when it takes the leftovers): the counters of every range and one count of units done shared
-     * a line or two, which moved between the cores at each unit of either thread (claim and done). */
-    struct {
-        _Alignas(64) atomic_int v;
-    } next[MAX_PARTS],             /* claims made in range r so far, over every phase */
-        done[MAX_PARTS];           /* units thread tid finished, over every phase */
-    _Alignas(64) atomic_int phase; /* the latest phase begun: where a late worker starts */
+    atomic_int next[MAX_PARTS]; /* claims made in range r so far, over every phase */
+    atomic_int done;            /* units finished, over every phase */
+    atomic_int phase;           /* the latest phase begun: where a late worker starts */
 } steps_job;
 
 static int range_start(int U, int r, int nth) { return (int)((long)U * r / nth); }
@@ -127,9 +122,9 @@ static int claim(steps_job *job, int r, int phase)
 {
     int U = units_in(job, phase), first = range_start(U, r, job->nth), n = range_start(U, r + 1, job->nth) - first;
     int base = claims_before(job, r, phase), end = base + n;
-    int v = atomic_load_explicit(&job->next[r].v, memory_order_relaxed);
+    int v = atomic_load_explicit(&job->next[r], memory_order_relaxed);
     while (v < end)
-        if (atomic_compare_exchange_weak_explicit(&job->next[r].v, &v, v + 1, memory_order_relaxed,
+        if (atomic_compare_exchange_weak_explicit(&job->next[r], &v, v + 1, memory_order_relaxed,
                                                   memory_order_relaxed))
             return first + (backwards(job, phase) ? n - 1 - (v - base) : v - base);
     return -1;
@@ -143,10 +138,7 @@ typedef struct {
 static int reached(void *p)
 {
     done_wait *w = p;
-    long sum = 0;
-    for (int tid = 0; tid < w->job->nth; tid++)
-        sum += atomic_load_explicit(&w->job->done[tid].v, memory_order_acquire);
-    return sum >= w->target;
+    return atomic_load_explicit(&w->job->done, memory_order_acquire) >= w->target;
 }
 
 /* Rows still going at step t: with lengths (sorted longest first) a prefix of the batch. */
@@ -276,7 +268,7 @@ typedef struct {
 static int owner_began_or_late(void *p)
 {
     head_start *h = p;
-    return atomic_load_explicit(&h->job->next[h->r].v, memory_order_relaxed) != h->untouched || le_now_ns() >= h->until;
+    return atomic_load_explicit(&h->job->next[h->r], memory_order_relaxed) != h->untouched || le_now_ns() >= h->until;
 }
 
 static void steps_run(void *arg, int tid, int nth)
@@ -312,7 +304,7 @@ static void steps_run(void *arg, int tid, int nth)
             }
             while ((u = claim(job, r, phase)) >= 0) {
                 run_unit(job, &blk, phase, u, active);
-                atomic_fetch_add_explicit(&job->done[tid].v, 1, memory_order_release);
+                atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
             }
         }
         worked = le_now_ns() - started;
@@ -370,10 +362,9 @@ int le_run_steps_f32(le_steps_args *a, int nthreads)
         job.groups = job.groups < 1 ? 1 : (job.groups > P ? P : job.groups);
         job.U0 = job.chunks * job.groups;
     }
-    for (int r = 0; r < MAX_PARTS; r++) {
-        atomic_init(&job.next[r].v, 0);
-        atomic_init(&job.done[r].v, 0);
-    }
+    for (int r = 0; r < MAX_PARTS; r++)
+        atomic_init(&job.next[r], 0);
+    atomic_init(&job.done, 0);
     atomic_init(&job.phase, 0);
     le_pool_run(steps_run, &job, used);
     memcpy(a->h, job.hbuf[a->T & 1], BH * sizeof(float));
