@@ -942,6 +942,53 @@ def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkey
         np.testing.assert_array_equal(y, reference(model, xs)[2:])
 
 
+def test_a_cancelled_request_finishes_the_work_it_began():
+    """uvicorn cancels the requests still running at the end of a graceful shutdown: work that has begun runs to its
+    end (what it waits for is not cancelled) and the cancellation is raised after it; a request still waiting for
+    the stream's lock is cancelled at once, before it begins."""
+    import asyncio
+
+    from lstm_engine.serve.store import StreamStore
+
+    model = float_model()
+    xs = np.random.default_rng(14).standard_normal((3, 8)).astype(np.float32)
+
+    async def main() -> None:
+        with model.pool() as pool:
+            store = StreamStore(model, pool, state_dir=None, idle_timeout=60, max_streams_per_owner=4)
+            entry = await store.create("")
+            gate = asyncio.get_running_loop().create_future()  # what the work waits for first (a log append, say)
+            done = []
+
+            async def work(entry, stream, x):
+                await gate
+                y = await stream.astep(x)
+                await asyncio.sleep(0)
+                done.append(y)
+                return y
+
+            first = asyncio.ensure_future(store.locked(entry, work, xs[0]))
+            second = asyncio.ensure_future(store.locked(entry, work, xs[1]))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            first.cancel()
+            second.cancel()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert second.cancelled() and not first.done() and not gate.cancelled()
+            gate.set_result(None)
+            first.cancel()  # again, now while the pool runs its step
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert len(done) == 1 and entry.waiting == 0 and not entry.lock.locked()
+            y, position = await store.locked(entry, store.run_steps, xs[1:], None)
+            np.testing.assert_array_equal(np.concatenate([done[0][None], y]), reference(model, xs))
+            assert position == 2  # the work above was not run_steps: it took a step without counting it
+            store.close()
+
+    asyncio.run(main())
+
+
 def test_a_model_that_cannot_stream_serves_forward_only(tmp_path):
     rng = np.random.default_rng(10)
     H = 6

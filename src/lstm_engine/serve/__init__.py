@@ -108,7 +108,10 @@ def run(server: Server, sock: socket.socket, *, log_level: str = "warning",
     limits = server.limits
     config = uvicorn.Config(server.app, interface="asgi3", log_level=log_level, access_log=False, lifespan="on",
                             ws_max_size=limits.max_body, limit_concurrency=limits.max_connections,
-                            timeout_graceful_shutdown=10, server_header=False, http=_http_protocol())
+                            timeout_graceful_shutdown=10, server_header=False, http=_http_protocol(),
+                            # No X-Forwarded-* rewriting of the client's address: nothing here reads it, and the
+                            # middleware cost every request and message ~2 % of the event loop's time.
+                            proxy_headers=False)
     uv = uvicorn.Server(config)
 
     async def main() -> None:
