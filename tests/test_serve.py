@@ -989,6 +989,22 @@ def test_a_cancelled_request_finishes_the_work_it_began():
     asyncio.run(main())
 
 
+def test_finite_steps_whose_sum_overflows_are_accepted_and_nan_or_infinity_refused():
+    from lstm_engine.serve.store import StreamError
+    from lstm_engine.serve.wire import Inputs
+
+    inputs = Inputs(float_model(), np.dtype(np.float32), 16)
+    big = np.full((2, 8), 3e38, np.float32)  # finite, but their float32 sum is infinite
+    steps, single = inputs.check(big, "x")
+    assert not single and np.array_equal(steps, big)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros(8, np.float32)
+        x[5] = bad
+        with pytest.raises(StreamError) as refused:
+            inputs.check(x, "x")
+        assert (refused.value.status, refused.value.code) == (422, "not_finite")
+
+
 def test_a_model_that_cannot_stream_serves_forward_only(tmp_path):
     rng = np.random.default_rng(10)
     H = 6

@@ -175,14 +175,15 @@ class StreamStore:
         """
         entry.waiting += 1
         try:
-            async with entry.lock:
+            await entry.lock.acquire()  # not `async with`: two coroutines fewer a request
+            try:
                 if entry.deleted:
                     raise StreamError(404, "unknown_stream", f"no stream {entry.id!r} (it was deleted)")
                 stream = self._attach(entry)
-                try:
-                    return await _ToTheEnd(work(entry, stream, *args))
-                finally:
-                    entry.last_used = time.monotonic()
+                return await _ToTheEnd(work(entry, stream, *args))
+            finally:
+                entry.last_used = time.monotonic()
+                entry.lock.release()
         finally:
             entry.waiting -= 1
 
