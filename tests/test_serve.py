@@ -23,7 +23,7 @@ import lstm_engine as le
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the test extra)")
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="the serve tests need websockets")
 websockets_exceptions = pytest.importorskip("websockets.exceptions")
-for _mod in ("starlette", "uvicorn", "prometheus_client"):
+for _mod in ("starlette", "uvicorn", "prometheus_client", "orjson"):
     pytest.importorskip(_mod, reason="lstm-engine serve needs the [serve] extra")
 
 pytestmark = pytest.mark.timeout(300)
@@ -874,7 +874,7 @@ def test_server_errors_at_start_are_one_line(files, tmp_path):
 
 def test_core_does_not_import_the_server_stack(files):
     code = ("import sys, lstm_engine, lstm_engine.cli\n"
-            "stack = ('starlette', 'uvicorn', 'prometheus_client', 'lstm_engine.serve')\n"
+            "stack = ('starlette', 'uvicorn', 'prometheus_client', 'orjson', 'lstm_engine.serve')\n"
             "bad = [m for m in stack if m in sys.modules]\n"
             "assert not bad, bad\n"
             "sys.modules['starlette'] = None\n"  # as if the [serve] extra were not installed
@@ -1003,6 +1003,24 @@ def test_finite_steps_whose_sum_overflows_are_accepted_and_nan_or_infinity_refus
         with pytest.raises(StreamError) as refused:
             inputs.check(x, "x")
         assert (refused.value.status, refused.value.code) == (422, "not_finite")
+
+
+def test_json_that_orjson_refuses_is_judged_by_json():
+    """Bodies are read by orjson; what it refuses gets json's verdict, as before it was used."""
+    import json as stdlib_json
+
+    from lstm_engine.serve.store import StreamError
+    from lstm_engine.serve.wire import parse_json
+
+    body = b'{"x": [0.1, -2.5e-3, 7, 1e308], "at": 3}'
+    assert parse_json(body) == stdlib_json.loads(body)
+    assert parse_json(b'{"x": [1e999]}') == {"x": [float("inf")]}  # then refused as "not_finite"
+    for bad, says in ((b'{"x": [NaN]}', "NaN is not a JSON number"), (b'{"x": [1,]}', "not valid JSON"),
+                      (b"[" * 100000 + b"]" * 100000, "nested too deeply"), (b"[1, 2]", "got list"),
+                      (b'{"x": "\xff"}', "not valid JSON")):
+        with pytest.raises(StreamError) as refused:
+            parse_json(bad)
+        assert refused.value.status == 400 and says in refused.value.message, (bad[:20], refused.value.message)
 
 
 def test_a_model_that_cannot_stream_serves_forward_only(tmp_path):
