@@ -14,9 +14,10 @@ then answers them all: concurrent requests share the fsync (group commit), and a
 only once its record is durable. When the segment passes ``max_log_bytes`` a new one starts at once,
 and a checkpoint thread writes every state the old one holds to its stream's checkpoint, then removes
 it: the log stays bounded, and answers never wait for checkpoints (thousands of fsyncs for as many
-streams). An evicted stream gets its checkpoint too (its state leaves memory for the disk). The
-checkpoint thread does its jobs in order, so a deleted stream's checkpoint is removed after any write
-of it that was queued before.
+streams). An evicted stream gets its checkpoint too (its state leaves memory for the disk). A durable
+delete removes the stream's checkpoint only if that file holds an older state than the delete: an
+eviction queued before the delete writes the newest state when it runs, which may be that of a stream
+made again under the same id after the delete, and that file must stay.
 
 Recovery (``StateLog(directory, check)``): the checkpoints, then the segments' records in order. In
 the last segment the first record whose checksum fails ends the log: it is a write the crash cut
@@ -203,6 +204,7 @@ class StateLog:
                 if kind == STATE:
                     states[stream_id] = (lsn, owner, position, blob, f"{path} (record {lsn})")
                     replayed.add(stream_id)
+                    gone.pop(stream_id, None)  # made again after its delete: its new checkpoint stays
                 else:
                     states.pop(stream_id, None)
                     gone[stream_id] = lsn
@@ -213,8 +215,8 @@ class StateLog:
         # Fold the log into checkpoints and start a fresh segment: the next recovery never reads a torn tail
         # followed by newer records, and the log starts empty.
         self._checkpoint_all({i: states[i][:4] for i in replayed})
-        for stream_id in gone:
-            self._unlink_checkpoint(stream_id)
+        for stream_id, lsn in gone.items():
+            self._unlink_checkpoint(stream_id, lsn)
         self.segment = segments[-1][0] + 1 if segments else 1
         self.fd = self._open_segment()
         _fsync_dir(d)  # the checkpoints and the new segment, before the old segments go
@@ -340,9 +342,9 @@ class StateLog:
                 pass  # the event loop has stopped; nobody waits
         if error is not None:
             return
-        for (kind, stream_id, *_), _, _ in waiting:
+        for ((kind, stream_id, *_), _, _), lsn in zip(waiting, lsns):
             if kind == DELETE:  # only now: until the delete is durable, the checkpoint may still be needed
-                self.jobs.put(("unlink", stream_id))
+                self.jobs.put(("unlink", stream_id, lsn))
         for stream_id in evicted:
             self.jobs.put(("evict", stream_id))
         if self.size >= self.max_log_bytes and not self.rotating:
@@ -371,7 +373,7 @@ class StateLog:
                 return
             try:
                 if job[0] == "unlink":
-                    self._unlink_checkpoint(job[1])
+                    self._unlink_checkpoint(job[1], job[2])
                 elif job[0] == "evict":
                     # No directory fsync: until the segment is folded the log holds this state too.
                     with self.lock:
@@ -423,7 +425,11 @@ class StateLog:
         for f in [self.fsyncs.submit(self._write_checkpoint, i, rec) for i, rec in pending.items()]:
             f.result()
 
-    def _unlink_checkpoint(self, stream_id: str) -> None:
+    def _unlink_checkpoint(self, stream_id: str, lsn: int) -> None:
+        """Remove the checkpoint of a stream deleted at ``lsn``, unless it holds a newer state (the same id made
+        again after the delete, written by an eviction queued before it)."""
+        if self.written.get(stream_id, -1) > lsn:
+            return
         self.written.pop(stream_id, None)
         try:
             os.unlink(self._path(stream_id))
