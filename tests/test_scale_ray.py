@@ -122,6 +122,30 @@ def test_map_batches_is_bit_identical(ray, data):
 
 
 @pytest.mark.cluster
+def test_read_numpy_in_blocks_of_the_batch_size_is_bit_identical(ray, data, tmp_path):
+    # The README's recipe for a .npy file: read_numpy's blocks re-cut into blocks of exactly the batch size, so
+    # that each batch holds the rows the one-process run batches together. Read as they come (3 blocks: 17, 16
+    # and 16 rows), the first block's 17th row would run alone, through the one-sequence path, which rounds
+    # differently from a batch of 16.
+    x, _, path = data
+    x = x[:49]
+    np.save(tmp_path / "x.npy", x)
+    context = ray.data.DataContext.get_current()
+    ordered = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        ds = ray.data.read_numpy(str(tmp_path / "x.npy"), override_num_blocks=3)
+        ds = ds.repartition(target_num_rows_per_block=BATCH, strict=True)
+        # one actor: the instance's other CPU runs the read and repartition tasks
+        scored = ds.map_batches(Predictor, fn_constructor_args=(path,), fn_constructor_kwargs={"column": "data"},
+                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=BATCH)
+        got = np.concatenate([b["y"] for b in scored.iter_batches(batch_size=None)])
+    finally:
+        context.execution_options.preserve_order = ordered
+    assert np.array_equal(got, batched_forward(lstm_model(), x))
+
+
+@pytest.mark.cluster
 def test_map_batches_with_quantized_and_graph_models(ray, data, tmp_path):
     torch = pytest.importorskip("torch")
     from test_graph import lstm_head_graph
@@ -246,3 +270,37 @@ def test_a_stream_moves_between_actors(ray, data, tmp_path):
         stay = pool.open()
         assert np.array_equal(np.concatenate([first, rest]), np.stack([stay.step(v) for v in x[0]]))
 
+
+
+@pytest.mark.cluster
+def test_run_on_ray_survives_an_actor_killed_mid_job(ray, data):
+    import os
+    import signal
+
+    import psutil
+
+    from lstm_engine.ray import score_chunks
+
+    x, lengths, path = data
+    batch = 4  # 16 batches: some still to come when an actor dies
+    killed = []
+
+    def batches():
+        for lo in range(0, len(x), batch):
+            if lo == 6 * batch:  # the first results are in: the actors are up and busy
+                # This instance's processes are this process's children; other Ray instances on the machine are not.
+                scorers = [p for p in psutil.Process().children(recursive=True)
+                           if p.cmdline()[:1] == ["ray::_Scorer"] or p.cmdline()[:1] == ["ray::_Scorer.forward"]]
+                assert scorers, [p.cmdline()[:1] for p in psutil.Process().children(recursive=True)]
+                os.kill(scorers[0].pid, signal.SIGKILL)
+                killed.append(scorers[0].pid)
+            yield lo, x[lo:lo + batch], lengths[lo:lo + batch]
+
+    results = sorted(score_chunks("auto", le.load(path), batches()), key=lambda r: r[0])
+    assert killed
+    assert [lo for lo, _, _ in results] == list(range(0, len(x), batch))
+    model = lstm_model()
+    for lo, y, state in results:
+        want_y, want_state = model.forward(x[lo:lo + batch], lengths[lo:lo + batch])
+        assert np.array_equal(y, want_y), lo
+        assert all(np.array_equal(a, b) for got, want in zip(state, want_state) for a, b in zip(got, want)), lo
