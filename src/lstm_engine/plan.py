@@ -617,7 +617,7 @@ def chain_step(plan: Plan, states: list, rows: int) -> Any:
     The step runs what the plan's own steps run for one step (the same kernels, packed weights and
     token table), in one call into C: a session's step() through it costs little more than the
     recurrent step itself. Heads: float32 Dense with linear or relu activation, up to 8 rows (each
-    row is a GEMV on this thread); a chain of recurrent layers alone in any dtype.
+    row is a GEMV on the engine's threads); a chain of recurrent layers alone in any dtype.
     """
     from .layers import Dense
 
