@@ -113,12 +113,14 @@ def in_process(model: le.Model, streams: int, seconds: float, max_batch: int) ->
     # The server's GIL switch interval, for the same handoffs between the event loop and the pool's worker.
     switch = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
-    cpu = time.process_time()
+    cpu, wall = time.process_time(), time.monotonic()
     try:
         summary = _run_loop(main())
     finally:
         sys.setswitchinterval(switch)
-    summary["cpu_us"] = (time.process_time() - cpu) / summary["total"] * 1e6
+    cpu = time.process_time() - cpu
+    summary["cpu_us"] = cpu / summary["total"] * 1e6
+    summary["cores"] = cpu / (time.monotonic() - wall)
     return summary
 
 
@@ -309,15 +311,16 @@ def _client(kind: str, url: str, n: int, seconds: float, body: str, input_size: 
         conn.send({"failed": f"{type(exc).__name__}: {exc}"})
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
+def _cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """A process's CPU time (user + system), or one of its threads' (the main thread's id is the pid)."""
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, body: str, input_size: int,
                  server_pid: int) -> dict:
-    server_cpu = _cpu_seconds(server_pid)
+    server_cpu, loop_cpu, wall = _cpu_seconds(server_pid), _cpu_seconds(server_pid, server_pid), time.monotonic()
     pool_before = _pool_totals(url)
     ctx = mp.get_context("spawn")
     shares = [streams // procs + (i < streams % procs) for i in range(procs)]
@@ -341,8 +344,15 @@ def over_network(kind: str, url: str, streams: int, procs: int, seconds: float, 
     summary = _summary([r["lats"] for r in results], sum(r["steps"] for r in results), seconds)
     summary["errors"] = sum(r["errors"] for r in results)
     total = sum(r["total"] for r in results)
-    summary["cpu_us"] = (_cpu_seconds(server_pid) - server_cpu) / total * 1e6
-    summary["client_cpu_us"] = sum(r["cpu"] for r in results) / total * 1e6
+    server_cpu = _cpu_seconds(server_pid) - server_cpu
+    loop_cpu = _cpu_seconds(server_pid, server_pid) - loop_cpu  # the event loop's thread: uvicorn and the handlers
+    client_cpu = sum(r["cpu"] for r in results)
+    wall = time.monotonic() - wall
+    summary["cpu_us"] = server_cpu / total * 1e6
+    summary["client_cpu_us"] = client_cpu / total * 1e6
+    summary["loop_cpu_us"] = loop_cpu / total * 1e6
+    # How much of the machine's cores each side took over the phase (the clients share them with the server).
+    summary["cores"], summary["client_cores"] = server_cpu / wall, client_cpu / wall
     pool_after = _pool_totals(url)
     summary["batch"] = (pool_after[0] - pool_before[0]) / max(1, pool_after[1] - pool_before[1])
     return summary
@@ -533,18 +543,21 @@ def main() -> None:
     # Each server row against the mean of the in-process phases just before and after it (interleaved: the
     # machine's load moves between rounds).
     pools = [i for i, (name, _) in enumerate(rows) if name == "in-process pool"]
-    # CPU time per step is what the machine's load does not change: the pool's process (or the server's), and
-    # the clients'.
+    # CPU time per step is what the machine's load changes least: the pool's process (or the server's, and of it
+    # the event loop's thread), and the clients'. Cores: CPU seconds over the phase's seconds, each side's.
     print(f"{'way':28s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s} "
-          f"{'batch':>6s} {'CPU us/step':>11s} {'clients':>8s} {'load':>5s}")
+          f"{'batch':>6s} {'CPU us/step':>11s} {'of it loop':>10s} {'clients':>8s} {'cores':>5s} {'clients':>7s} "
+          f"{'load':>5s}")
     for i, (name, r) in enumerate(rows):
         before = max(p for p in pools if p <= i)
         after = min(p for p in pools if p >= i)
         ceiling = (rows[before][1]["steps_s"] + rows[after][1]["steps_s"]) / 2
         clients = f"{r['client_cpu_us']:8.0f}" if "client_cpu_us" in r else f"{'-':>8s}"
+        client_cores = f"{r['client_cores']:7.2f}" if "client_cores" in r else f"{'-':>7s}"
+        loop = f"{r['loop_cpu_us']:10.0f}" if "loop_cpu_us" in r else f"{'-':>10s}"
         print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
               f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['batch']:6.1f} "
-              f"{r['cpu_us']:11.0f} {clients} {r['load']:5.1f}")
+              f"{r['cpu_us']:11.0f} {loop} {clients} {r['cores']:5.2f} {client_cores} {r['load']:5.1f}")
     rss = server.rss  # the last server's: the real one
     if rss:
         marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]

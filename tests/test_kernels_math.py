@@ -254,7 +254,7 @@ def test_default_threads_follow_affinity_and_omp_num_threads():
     assert _in_child(code, OMP_NUM_THREADS="")[1] == "1 | 1 core(s) in the process's affinity mask"
 
 
-@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (10000, 512), (33, 37)])
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (10000, 512), (33, 37), (1000, 129)])
 def test_dense_row_matches_numpy(N, K, kernel_variant):
     rng = np.random.default_rng(N * K)
     w = rng.standard_normal((N, K)).astype(np.float32)
@@ -270,5 +270,13 @@ def test_dense_row_matches_numpy(N, K, kernel_variant):
     one, _ = layer.forward(x[None, None], None)
     many, _ = layer.forward(np.stack([x, x])[None], None)
     np.testing.assert_allclose(one[0, 0], many[0, 0], rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    # Rows split over the engine's threads: each row summed as on one thread, bit for bit (repeated, as
+    # a call runs on one thread when no worker is spinning yet).
+    min_bytes = _kernels.set_parallel_min_bytes(0)
+    try:
+        for _ in range(20):
+            np.testing.assert_array_equal(_kernels.dense_row(w, x, b, np.empty(N, np.float32), 2), got)
+    finally:
+        _kernels.set_parallel_min_bytes(min_bytes)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         _kernels.dense_row(w, x[:-1] if K > 1 else np.zeros(2, np.float32), b, np.empty(N, np.float32))

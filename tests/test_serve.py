@@ -23,7 +23,7 @@ import lstm_engine as le
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the test extra)")
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="the serve tests need websockets")
 websockets_exceptions = pytest.importorskip("websockets.exceptions")
-for _mod in ("starlette", "uvicorn", "prometheus_client"):
+for _mod in ("starlette", "uvicorn", "prometheus_client", "orjson"):
     pytest.importorskip(_mod, reason="lstm-engine serve needs the [serve] extra")
 
 pytestmark = pytest.mark.timeout(300)
@@ -874,7 +874,7 @@ def test_server_errors_at_start_are_one_line(files, tmp_path):
 
 def test_core_does_not_import_the_server_stack(files):
     code = ("import sys, lstm_engine, lstm_engine.cli\n"
-            "stack = ('starlette', 'uvicorn', 'prometheus_client', 'lstm_engine.serve')\n"
+            "stack = ('starlette', 'uvicorn', 'prometheus_client', 'orjson', 'lstm_engine.serve')\n"
             "bad = [m for m in stack if m in sys.modules]\n"
             "assert not bad, bad\n"
             "sys.modules['starlette'] = None\n"  # as if the [serve] extra were not installed
@@ -940,6 +940,87 @@ def test_a_failed_request_leaves_the_last_answered_state(files, tmp_path, monkey
         y, pos = asyncio.run(main(state_dir))
         assert pos == 5
         np.testing.assert_array_equal(y, reference(model, xs)[2:])
+
+
+def test_a_cancelled_request_finishes_the_work_it_began():
+    """uvicorn cancels the requests still running at the end of a graceful shutdown: work that has begun runs to its
+    end (what it waits for is not cancelled) and the cancellation is raised after it; a request still waiting for
+    the stream's lock is cancelled at once, before it begins."""
+    import asyncio
+
+    from lstm_engine.serve.store import StreamStore
+
+    model = float_model()
+    xs = np.random.default_rng(14).standard_normal((3, 8)).astype(np.float32)
+
+    async def main() -> None:
+        with model.pool() as pool:
+            store = StreamStore(model, pool, state_dir=None, idle_timeout=60, max_streams_per_owner=4)
+            entry = await store.create("")
+            gate = asyncio.get_running_loop().create_future()  # what the work waits for first (a log append, say)
+            done = []
+
+            async def work(entry, stream, x):
+                await gate
+                y = await stream.astep(x)
+                await asyncio.sleep(0)
+                done.append(y)
+                return y
+
+            first = asyncio.ensure_future(store.locked(entry, work, xs[0]))
+            second = asyncio.ensure_future(store.locked(entry, work, xs[1]))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            first.cancel()
+            second.cancel()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert second.cancelled() and not first.done() and not gate.cancelled()
+            gate.set_result(None)
+            first.cancel()  # again, now while the pool runs its step
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert len(done) == 1 and entry.waiting == 0 and not entry.lock.locked()
+            y, position = await store.locked(entry, store.run_steps, xs[1:], None)
+            np.testing.assert_array_equal(np.concatenate([done[0][None], y]), reference(model, xs))
+            assert position == 2  # the work above was not run_steps: it took a step without counting it
+            store.close()
+
+    asyncio.run(main())
+
+
+def test_finite_steps_whose_sum_overflows_are_accepted_and_nan_or_infinity_refused():
+    from lstm_engine.serve.store import StreamError
+    from lstm_engine.serve.wire import Inputs
+
+    inputs = Inputs(float_model(), np.dtype(np.float32), 16)
+    big = np.full((2, 8), 3e38, np.float32)  # finite, but their float32 sum is infinite
+    steps, single = inputs.check(big, "x")
+    assert not single and np.array_equal(steps, big)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros(8, np.float32)
+        x[5] = bad
+        with pytest.raises(StreamError) as refused:
+            inputs.check(x, "x")
+        assert (refused.value.status, refused.value.code) == (422, "not_finite")
+
+
+def test_json_that_orjson_refuses_is_judged_by_json():
+    """Bodies are read by orjson; what it refuses gets json's verdict, as before it was used."""
+    import json as stdlib_json
+
+    from lstm_engine.serve.store import StreamError
+    from lstm_engine.serve.wire import parse_json
+
+    body = b'{"x": [0.1, -2.5e-3, 7, 1e308], "at": 3}'
+    assert parse_json(body) == stdlib_json.loads(body)
+    assert parse_json(b'{"x": [1e999]}') == {"x": [float("inf")]}  # then refused as "not_finite"
+    for bad, says in ((b'{"x": [NaN]}', "NaN is not a JSON number"), (b'{"x": [1,]}', "not valid JSON"),
+                      (b"[" * 100000 + b"]" * 100000, "nested too deeply"), (b"[1, 2]", "got list"),
+                      (b'{"x": "\xff"}', "not valid JSON")):
+        with pytest.raises(StreamError) as refused:
+            parse_json(bad)
+        assert refused.value.status == 400 and says in refused.value.message, (bad[:20], refused.value.message)
 
 
 def test_a_model_that_cannot_stream_serves_forward_only(tmp_path):

@@ -92,9 +92,12 @@ int le_blas_bind(void);
 int le_blas_threads(void);
 void le_blas_set_threads(int n);
 
-/* y[N] = W[N, K] . x[K] + b (row-major W, b may be NULL) on one thread with the best variant: the Dense
- * head of a one-row step, which a 2-thread BLAS call makes slower on a busy machine. */
-void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y);
+/* y[N] = W[N, K] . x[K] + b (row-major W, b may be NULL) with the best variant: the Dense head of a
+ * one-row step (cpu_steps.c). On up to nthreads of the engine's threads (rows split between them, each
+ * thread the same rows at every call; one thread under contention, as the steps), never through a BLAS
+ * call's threads, which wait for a core on a busy machine. Results do not depend on the threads used;
+ * returns that number. */
+int le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y, int nthreads);
 
 /* ONNX Conv, 1-D, of float32 rows (cpu_conv.c), one group: y[n, m, l] = b[m] + sum over c, j of
  * W[m, c * k + j] * x[n, c, l * stride + j * dilation - pad0], then max(y, 0) if relu. Outside [0, L) the input

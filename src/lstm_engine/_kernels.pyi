@@ -75,6 +75,7 @@ def dense_row(
     x: npt.NDArray[np.float32],  # (K,)
     bias: npt.NDArray[np.float32] | None,  # (N,)
     out: npt.NDArray[np.float32],  # (N,), written and returned
+    threads: int = 1,  # the engine's threads it may use
 ) -> npt.NDArray[np.float32]: ...
 def magnitude(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...  # sqrt(a*a + b*b)
 class Conv1d:  # ONNX Conv 1-D of one group, float32; reflect: a reflect Pad of (pad0, pad1) folded in

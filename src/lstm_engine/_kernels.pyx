@@ -55,7 +55,8 @@ cdef extern from "_cpu.h" nogil:
     int le_blas_bind()
     int le_blas_threads()
     void le_blas_set_threads(int n)
-    void le_gemv_f32(int N, int K, const float* W, Py_ssize_t ldw, const float* x, const float* b, float* y)
+    int le_gemv_f32(int N, int K, const float* W, Py_ssize_t ldw, const float* x, const float* b, float* y,
+                    int nthreads)
     ctypedef struct le_conv1d_args:
         int N, C, L, M, k, stride, dilation, pad0, Lo, relu, reflect
         const float* x
@@ -643,13 +644,14 @@ def set_parallel_min_bytes(Py_ssize_t n):
 
 
 
-def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out):
-    """out = weight @ x (+ bias) for one float32 row, on this thread with the engine's own GEMV.
+def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out, int threads=1):
+    """out = weight @ x (+ bias) for one float32 row, with the engine's own GEMV on up to ``threads``
+    of its threads (one under contention, or when the weight is small).
 
     weight (N, K), x (K,), bias (N,) or None, out (N,): float32, C-contiguous (the caller checks;
     a mismatch raises ValueError here rather than reading out of bounds). A batch-1 Dense head
     (10000 x 512) through a 2-thread BLAS call is slower on a busy machine: its second thread
-    waits for a core (benches/RESULTS.md)."""
+    waits for a core (benches/RESULTS.md); the engine's threads do not wait for one."""
     cdef int N, K
     cdef const float* b = NULL
     if (cnp.PyArray_NDIM(weight) != 2 or cnp.PyArray_TYPE(weight) != cnp.NPY_FLOAT32
@@ -664,9 +666,11 @@ def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out):
                              "elements")
     if bias is not None:
         b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    if <Py_ssize_t>N * K * <Py_ssize_t>sizeof(float) < parallel_min_bytes:
+        threads = 1
     with nogil:
         le_gemv_f32(N, K, <const float*>cnp.PyArray_DATA(weight), K, <const float*>cnp.PyArray_DATA(x), b,
-                    <float*>cnp.PyArray_DATA(out))
+                    <float*>cnp.PyArray_DATA(out), threads)
     return out
 
 
@@ -1161,8 +1165,8 @@ cdef class ChainStep:
     plan): the same kernels, packed weights and table as the plan's own steps, with every buffer
     bound once. Layers on the C kernels (float32 LSTM/GRU) run from here without Python; the others
     (float64, proj_size, RNN, GRU reset before, quantized, general gates) through their run().
-    Heads (float32 only): Dense with a linear or relu activation, each row on the engine's GEMV on
-    this thread.
+    Heads (float32 only): Dense with a linear or relu activation, each row on the engine's GEMV over
+    the last layer's threads (dense_row).
     """
     cdef int B, n_layers, n_heads, takes_ids, in_size, out_size, typenum
     cdef Py_ssize_t vocab
@@ -1310,6 +1314,7 @@ cdef class ChainStep:
                 x3 = xa.reshape(B, 1, self.in_size) if i == 0 else self.runs[i - 1][4]
                 run(x3, out if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
         if self.n_heads:
+            threads = (<RecurrentKernel>self.kernels[n - 1]).threads
             y = <float*>cnp.PyArray_DATA(oa)
             src = <float*>cnp.PyArray_DATA(<cnp.ndarray>self.runs[n - 1][4])
             with nogil:
@@ -1318,7 +1323,9 @@ cdef class ChainStep:
                     for r in range(B):
                         le_gemv_f32(self.head_n[i], self.head_k[i], self.head_w[i], self.head_k[i],
                                     src + <Py_ssize_t>r * self.head_k[i], self.head_b[i],
-                                    dst + <Py_ssize_t>r * self.head_n[i])
+                                    dst + <Py_ssize_t>r * self.head_n[i],
+                                    threads if <Py_ssize_t>self.head_n[i] * self.head_k[i] * <Py_ssize_t>sizeof(float)
+                                    >= parallel_min_bytes else 1)
                     if self.head_relu[i]:
                         for j in range(B * self.head_n[i]):
                             if dst[j] < 0:

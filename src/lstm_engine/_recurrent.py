@@ -17,9 +17,13 @@ MERGE_MODES = ("concat", "sum", "ave", "mul")
 _SPARE_WORK_BYTES = 64 << 20
 
 
+def _is_aligned(a: np.ndarray, alignment: int = 64) -> bool:
+    return a.ctypes.data % alignment == 0
+
+
 def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     """a itself if it starts on an `alignment`-byte boundary, else an aligned copy."""
-    if a.ctypes.data % alignment == 0:
+    if _is_aligned(a, alignment):
         return a
     buf = np.empty(a.nbytes + alignment, np.uint8)
     start = -buf.ctypes.data % alignment
@@ -162,9 +166,6 @@ class RecurrentLayer(Layer):
         self.zero_output_for_mask = bool(zero_output_for_mask)
         self._state_out = P  # h's width
         self.output_size = P * (D if merge_mode == "concat" else 1)
-        # Cache-line aligned: the float32 kernels' 32-byte loads then never straddle two lines
-        # (NumPy's large arrays start 16 bytes into a page; measured 10-20% on the batch GEMMs).
-        w_ih, hh = _aligned(w_ih), _aligned(hh)
         self._weights = {"weight_ih": w_ih, "weight_hh": hh, "bias_ih": biases[0],
                          "bias_hh": biases[1], "weight_hr": hr, "peephole": peephole}
         self.uses_options = self._uses_options()
@@ -178,6 +179,13 @@ class RecurrentLayer(Layer):
             # The float32 kernels run on their packed copies alone: keeping PyTorch's layout as well
             # would hold every recurrent weight twice. weights() lays it out again when asked.
             self._weights["weight_ih"] = self._weights["weight_hh"] = None
+        elif quantization is None and not (_is_aligned(w_ih) and _is_aligned(hh)):
+            # Kernels that read these arrays (BLAS): cache-line aligned, so that 32-byte loads never
+            # straddle two lines (NumPy's large arrays start 16 bytes into a page; measured 10-20% on
+            # the batch GEMMs). Only here: a packed-only layer's aligned copy was freed at once, and the
+            # heap kept it (token-lm: 8 MB of its resident footprint).
+            self._weights["weight_ih"], self._weights["weight_hh"] = _aligned(w_ih), _aligned(hh)
+            self._kernels = {dt: self._build_kernel(dt) for dt in self.dtypes}
         if quantization is not None:
             # Kept once, as stored: weights() widens them when asked.
             for k in quantization.stored:

@@ -515,7 +515,3 @@ const le_variant le_variant_avx512 = {tanh_avx512, sigmoid_avx512, block_avx512,
 void le_tanh_f32(const float *x, float *y, ptrdiff_t n) { le_variant_in_use()->tanh(x, y, n); }
 void le_sigmoid_f32(const float *x, float *y, ptrdiff_t n) { le_variant_in_use()->sigmoid(x, y, n); }
 
-void le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
-{
-    le_variant_in_use()->gemv(N, K, W, ldw, x, b, y);
-}

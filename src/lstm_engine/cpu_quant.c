@@ -598,8 +598,10 @@ Q_AVX512 INLINE void mk_i8_wide_avx512_body(const int MR, const int NP, int K4, 
 Q_AVX512 static void mk_i8_wide_avx512(int mr, int np, int K4, const uint8_t *A, ptrdiff_t lda, const int8_t *W,
                                        ptrdiff_t wstride, int32_t *tile)
 {
+    /* Every shape has its case: the 6 x 4 one read 4 panels for a last group of fewer, past the weight's
+     * end (a segfault once units of a few panels made that group start near the end). */
     switch (mr * 8 + np) {
-        WIDE_ROW(1) WIDE_ROW(2) WIDE_ROW(3) WIDE_ROW(4) WIDE_ROW(5)
+        WIDE_ROW(1) WIDE_ROW(2) WIDE_ROW(3) WIDE_ROW(4) WIDE_ROW(5) WIDE_CASE(6, 1) WIDE_CASE(6, 2) WIDE_CASE(6, 3)
     default: mk_i8_wide_avx512_body(6, 4, K4, A, lda, W, wstride, tile); break;
     }
 }
@@ -647,8 +649,9 @@ Q_AVX512 INLINE void mk_half_wide_avx512_body(const int MR, const int NP, int bf
 Q_AVX512 static void mk_half_wide_avx512(int bf16, int mr, int np, int K, const float *A, ptrdiff_t lda,
                                          const uint16_t *W, ptrdiff_t wstride, float *tile)
 {
-    switch (mr * 8 + np) {
+    switch (mr * 8 + np) { /* every shape has its case, as mk_i8_wide_avx512's */
         HWIDE_ROW(1) HWIDE_ROW(2) HWIDE_ROW(3) HWIDE_ROW(4) HWIDE_ROW(5)
+        HWIDE_CASE(6, 1) HWIDE_CASE(6, 2) HWIDE_CASE(6, 3)
     default: mk_half_wide_avx512_body(6, 4, bf16, K, A, lda, W, wstride, tile); break;
     }
 }
@@ -761,8 +764,7 @@ typedef struct {
     float *C;
     const uint8_t *au8;  /* int8: the rows of A quantized, Kp bytes each */
     const float *sa;     /* and their scales */
-    int units, per_unit; /* blocks of panels, claimed by whichever threads come (the pool's contract) */
-    atomic_int next;
+    int per_unit;        /* panels of a unit (le_run_units) */
 } qjob;
 
 #define RC_MAX 64
@@ -860,22 +862,15 @@ static void qgemm_block(const qjob *jb, int r0, int r1, int p0, int p1, const ui
     }
 }
 
-static void qgemm_run(void *arg, int tid, int nth)
+static void qgemm_unit(void *arg, int u)
 {
-    qjob *jb = arg;
+    const qjob *jb = arg;
     int P = panels(jb->m->N), Kp = round4(jb->m->K);
-    (void)tid;
-    (void)nth;
-    for (;;) {
-        int u = atomic_fetch_add_explicit(&jb->next, 1, memory_order_relaxed);
-        if (u >= jb->units)
-            return;
-        int p0 = u * jb->per_unit, p1 = p0 + jb->per_unit < P ? p0 + jb->per_unit : P;
-        /* Row chunks: the panels of a unit are read from L2 once per chunk. */
-        for (int r0 = 0; r0 < jb->M; r0 += RC_MAX) {
-            int r1 = r0 + RC_MAX < jb->M ? r0 + RC_MAX : jb->M;
-            qgemm_block(jb, r0, r1, p0, p1, jb->au8 + (ptrdiff_t)r0 * Kp, jb->sa + r0);
-        }
+    int p0 = u * jb->per_unit, p1 = p0 + jb->per_unit < P ? p0 + jb->per_unit : P;
+    /* Row chunks: the panels of a unit are read from L2 once per chunk. */
+    for (int r0 = 0; r0 < jb->M; r0 += RC_MAX) {
+        int r1 = r0 + RC_MAX < jb->M ? r0 + RC_MAX : jb->M;
+        qgemm_block(jb, r0, r1, p0, p1, jb->au8 + (ptrdiff_t)r0 * Kp, jb->sa + r0);
     }
 }
 
@@ -891,7 +886,7 @@ ptrdiff_t le_qgemm_scratch(int M, int K)
 int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, ptrdiff_t ldc, int accumulate,
              const float *bias, int nthreads, void *scratch)
 {
-    qjob jb = {m, q_in_use(), M, accumulate, A, bias, lda, ldc, C, NULL, NULL, 0, 0, 0};
+    qjob jb = {m, q_in_use(), M, accumulate, A, bias, lda, ldc, C, NULL, NULL, 0};
     if (M <= 0)
         return 0;
     if (m->kind == LE_W_INT8) {
@@ -909,12 +904,10 @@ int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, p
         nthreads = 1;
     if (nthreads > panels(m->N))
         nthreads = panels(m->N);
-    int used = le_pool_acquire(nthreads, bytes * 8, bytes * 8); /* one step: the product */
-    /* A few units per thread: one that joins late, or never, leaves little for the others. */
-    int P = panels(m->N), want = used > 1 ? 4 * used : 1;
+    /* A few units per thread: one that joins late, or never, leaves little for the others. Each
+     * thread owns a range of them (le_run_units): a layer's step reads the same panels on the same
+     * core at every step. */
+    int P = panels(m->N), want = nthreads > 1 ? 4 * nthreads : 1;
     jb.per_unit = (P + want - 1) / want;
-    jb.units = (P + jb.per_unit - 1) / jb.per_unit;
-    atomic_init(&jb.next, 0);
-    le_pool_run(qgemm_run, &jb, used);
-    return used;
+    return le_run_units((P + jb.per_unit - 1) / jb.per_unit, qgemm_unit, &jb, nthreads, bytes * 8);
 }

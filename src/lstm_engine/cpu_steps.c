@@ -389,3 +389,72 @@ void le_project_f32(int cell, int H, int In, const float *x, int rows, const flo
     if (rows > 0)
         le_variant_in_use()->block(&blk, 0, rows, 0, panels_of(H));
 }
+
+/* One product over the threads, in the steps' owner ranges: units 0..U-1 split in nth ranges, a
+ * thread takes its own range first (the same units at every call, so the same weights stay in its
+ * L2), then what is left of the others' after their head start. unit(ctx, u) must compute unit u
+ * the same way whichever thread runs it. */
+typedef struct {
+    steps_job units; /* U0 units, one phase: only its claims are used */
+    void (*unit)(void *ctx, int u);
+    void *ctx;
+} units_job;
+
+static void units_run(void *arg, int tid, int nth)
+{
+    units_job *g = arg;
+    steps_job *job = &g->units;
+    long started = le_now_ns();
+    for (int k = 0; k < nth; k++) {
+        int r = (tid + k) % nth, u;
+        if (k > 0) {
+            long now = le_now_ns();
+            head_start h = {job, r, 0, now + (now - started)};
+            le_wait_until(owner_began_or_late, &h);
+        }
+        while ((u = claim(job, r, 0)) >= 0)
+            g->unit(g->ctx, u);
+    }
+    /* le_pool_run returns once every thread that joined has finished: every claimed unit is done. */
+}
+
+int le_run_units(int U, void (*unit)(void *ctx, int u), void *ctx, int nthreads, double flops)
+{
+    units_job g = {.unit = unit, .ctx = ctx};
+    g.units.U0 = U;
+    if (nthreads > U)
+        nthreads = U;
+    if (nthreads > MAX_PARTS)
+        nthreads = MAX_PARTS;
+    int used = le_pool_acquire(nthreads, flops, flops); /* one step: the product */
+    g.units.nth = used;
+    for (int r = 0; r < MAX_PARTS; r++)
+        atomic_init(&g.units.next[r], 0);
+    le_pool_run(units_run, &g, used);
+    return used;
+}
+
+/* The Dense head of a one-row step: units of GEMV_ROWS rows, a multiple of the variants' 8-row GEMV
+ * block, so every row is summed as one call over all the rows sums it, whichever thread runs it. */
+#define GEMV_ROWS 64
+
+typedef struct {
+    const le_variant *v;
+    int N, K;
+    const float *W, *x, *b;
+    ptrdiff_t ldw;
+    float *y;
+} gemv_job;
+
+static void gemv_unit(void *ctx, int u)
+{
+    const gemv_job *g = ctx;
+    int n0 = u * GEMV_ROWS, n = g->N - n0 < GEMV_ROWS ? g->N - n0 : GEMV_ROWS;
+    g->v->gemv(n, g->K, g->W + n0 * g->ldw, g->ldw, g->x, g->b ? g->b + n0 : NULL, g->y + n0);
+}
+
+int le_gemv_f32(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y, int nthreads)
+{
+    gemv_job g = {.v = le_variant_in_use(), .N = N, .K = K, .W = W, .x = x, .b = b, .ldw = ldw, .y = y};
+    return le_run_units((N + GEMV_ROWS - 1) / GEMV_ROWS, gemv_unit, &g, nthreads, 2.0 * N * K);
+}

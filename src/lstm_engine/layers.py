@@ -100,7 +100,7 @@ class Dense(_Weighted):
         self._keep(dtype, weight=weight, bias=bias)
         self.output_size, self.input_size = self._weights["weight"].shape
         self._packed = None
-        self.threads = _kernels.cpu_count()  # the model's, when a quantized product runs on the engine's threads
+        self.threads = _kernels.cpu_count()  # the model's: the products run on the engine's threads
         if quantization is not None:
             self._store_quantized(quantization)
             self._packed = quantization.packed("weight")
@@ -116,8 +116,9 @@ class Dense(_Weighted):
             y = _kernels.dense_packed(self._packed, rows, w["bias"], np.empty((rows.shape[0], self.output_size),
                                       np.float32), self.threads).reshape(x.shape[:-1] + (self.output_size,))
         elif x.dtype == np.float32 and x.size == x.shape[-1] and x.flags.c_contiguous:
-            # One row (a batch-1 step): the engine's GEMV on this thread, not a BLAS call's threads.
-            y = _kernels.dense_row(w["weight"], x, w["bias"], np.empty(x.shape[:-1] + (self.output_size,), x.dtype))
+            # One row (a batch-1 step): the engine's GEMV on its own threads, not a BLAS call's.
+            y = _kernels.dense_row(w["weight"], x, w["bias"], np.empty(x.shape[:-1] + (self.output_size,), x.dtype),
+                                   self.threads)
         else:
             with one_blas_thread() if 2 * x.size * self.output_size < SMALL_PRODUCT_FLOPS else nullcontext():
                 y = x @ w["weight"].T

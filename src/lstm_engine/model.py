@@ -10,6 +10,7 @@ from . import _kernels
 from ._base import FLOAT_DTYPES, Layer, as_real_array
 from ._threads import default_threads
 from .graph import Graph, Node, ValueInfo, build_structure
+from .layers import Dense
 from .plan import Call, Plan, check_lengths, check_state
 
 if TYPE_CHECKING:  # imported by the methods that make them
@@ -176,7 +177,7 @@ class Model:
             for kernel in getattr(layer, "_kernels", {}).values():
                 kernel.threads = self._threads
         for layer in self.layers:
-            if getattr(layer, "_packed", None) is not None:  # a quantized Dense head
+            if isinstance(layer, Dense):  # its one-row GEMV and quantized products run on the engine's threads
                 layer.threads = self._threads
 
     @property

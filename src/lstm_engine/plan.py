@@ -329,9 +329,9 @@ def _layer_step(node: Node, layer: Any, pos: int, ins: list[int], outs: list[int
             y2 = y.reshape(-1, width)
             x2 = x.reshape(-1, x.shape[-1])
             if one_row_gemv and x2.shape[0] == 1 and y2.flags.c_contiguous:
-                # One row (a batch-1 step): the engine's GEMV on this thread; a 2-thread BLAS call
+                # One row (a batch-1 step): the engine's GEMV on its own threads; a 2-thread BLAS call
                 # waits for a core on a busy machine (10000 x 512: 2.2 ms against 15 ms).
-                _kernels.dense_row(weight, np.ascontiguousarray(x2[0]), bias, y2[0])
+                _kernels.dense_row(weight, np.ascontiguousarray(x2[0]), bias, y2[0], layer.threads)
             else:
                 with one_blas_thread() if 2 * y2.size * x2.shape[1] < SMALL_PRODUCT_FLOPS else nullcontext():
                     np.matmul(x2, wT, out=y2)
@@ -617,7 +617,7 @@ def chain_step(plan: Plan, states: list, rows: int) -> Any:
     The step runs what the plan's own steps run for one step (the same kernels, packed weights and
     token table), in one call into C: a session's step() through it costs little more than the
     recurrent step itself. Heads: float32 Dense with linear or relu activation, up to 8 rows (each
-    row is a GEMV on this thread); a chain of recurrent layers alone in any dtype.
+    row is a GEMV on the engine's threads); a chain of recurrent layers alone in any dtype.
     """
     from .layers import Dense
 

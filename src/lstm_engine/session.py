@@ -10,7 +10,6 @@ weights are shared read-only by all its sessions.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import threading
@@ -63,6 +62,8 @@ def _fingerprint(model: Any) -> str:
         tensors: dict = {}
         desc = {"layers": desc, "graph": describe(model.graph, list(model.layers), tensors),
                 "constants": {k: [str(v.dtype), list(v.shape)] for k, v in tensors.items()}}
+    import hashlib  # here, not at import: it loads OpenSSL's libcrypto, 3.6 MB resident in every process
+
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -72,6 +73,8 @@ def weights_digest(model: Any) -> str:
     with _digest_lock:
         digest = _weights_digests.get(model)
         if digest is None:
+            import hashlib  # as in _fingerprint: only a saved or restored state needs it
+
             h = hashlib.blake2b(digest_size=16)
             for layer in model.layers:
                 for name, value in sorted(layer.weights().items()):

@@ -32,6 +32,7 @@ from urllib.parse import parse_qsl
 
 import anyio
 import numpy as np
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -405,7 +406,7 @@ class Server:
             if npy or NPY in headers.get("accept", ""):
                 body, ctype = to_npy(y), NPY.encode()
             else:
-                body, ctype = _dumps({"y": y.tolist(), "position": position}).encode(), b"application/json"
+                body, ctype = _outputs_json(y, position), b"application/json"
         except StreamError as exc:
             response = _error(exc.status, exc.code, exc.message, getattr(exc, "retry_after", None))
             if exc.status == 405:
@@ -558,7 +559,7 @@ class Server:
                                                     "(or a 'generate' request)")
         steps, single = self.inputs.from_json(obj["x"], text)
         y, position = await self._queued(entry, self.store.run_steps, steps, check_position(obj.get("at")))
-        await send_text(_dumps({"y": (y[0] if single else y).tolist(), "position": position}))
+        await send_text(_outputs_json(y[0] if single else y, position).decode())
 
     async def _generate(self, send_text: Any, entry: Any, spec: Any) -> None:
         if not isinstance(spec, dict):
@@ -576,7 +577,8 @@ class Server:
                                                 f"got {sampling[0]}")
         if "prompt" not in spec:
             raise StreamError(422, "missing_field", "generate.prompt: missing; expected the token ids to start from")
-        prompt, _ = self.inputs.from_json(spec["prompt"], _dumps(spec["prompt"]), "generate.prompt")
+        # json, not orjson: a prompt parsed by json's fallback may hold integers past 64 bits.
+        prompt, _ = self.inputs.from_json(spec["prompt"], json.dumps(spec["prompt"]), "generate.prompt")
 
         async def send(token: int, position: int) -> None:
             await send_text(_dumps({"token": token, "position": position}))
@@ -635,4 +637,13 @@ def _int(text: str, what: str) -> int:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    """Compact JSON text (orjson: ~30x faster than json for a step's outputs)."""
+    return orjson.dumps(value).decode()
+
+
+def _outputs_json(y: np.ndarray, position: int) -> bytes:
+    """A step's answer: its outputs as the numbers json writes for y.tolist() (each float32 as the double it is)."""
+    if np.isfinite(y).all():
+        return orjson.dumps({"y": y.tolist(), "position": position})
+    # orjson writes NaN and infinities as null: a client must see what the model gave, as json writes it.
+    return json.dumps({"y": y.tolist(), "position": position}, separators=(",", ":")).encode()

@@ -12,6 +12,7 @@ import numbers
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..graph import id_range
 from .store import StreamError
@@ -26,14 +27,24 @@ def _no_constant(name: str) -> float:
 def parse_json(body: bytes | str) -> dict:
     """A JSON object; 400 for anything that is not one (NaN and Infinity included: they are not JSON)."""
     try:
-        value = json.loads(body, parse_constant=_no_constant)
+        # orjson reads a step of 256 numbers ~10x faster than json (15 vs 170 us on a loaded machine). What it
+        # refuses (NaN, 1e999, depth past 1024, bad UTF-8...) goes to json, whose answers are the errors below,
+        # or a value the checks after refuse by name (1e999 is an infinity: "not_finite").
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        value = _parse_json_slowly(body)
+    if not isinstance(value, dict):
+        raise StreamError(400, "bad_json", f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parse_json_slowly(body: bytes | str) -> Any:
+    try:
+        return json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise StreamError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise StreamError(400, "bad_json", "the body's JSON is nested too deeply") from None
-    if not isinstance(value, dict):
-        raise StreamError(400, "bad_json", f"expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 # Parsing a .npy header means ast.literal_eval (compile() on every request: a third of a step message's
