@@ -285,13 +285,20 @@ def test_run_on_ray_survives_an_actor_killed_mid_job(ray, data):
     batch = 4  # 16 batches: some still to come when an actor dies
     killed = []
 
+    def command(p):
+        # Ray's short-lived helpers may exit (or linger as zombies) between the listing and the read.
+        try:
+            return p.cmdline()[0]
+        except (psutil.Error, IndexError):
+            return None
+
     def batches():
         for lo in range(0, len(x), batch):
             if lo == 6 * batch:  # the first results are in: the actors are up and busy
                 # This instance's processes are this process's children; other Ray instances on the machine are not.
-                scorers = [p for p in psutil.Process().children(recursive=True)
-                           if p.cmdline()[:1] == ["ray::_Scorer"] or p.cmdline()[:1] == ["ray::_Scorer.forward"]]
-                assert scorers, [p.cmdline()[:1] for p in psutil.Process().children(recursive=True)]
+                seen = [(p, command(p)) for p in psutil.Process().children(recursive=True)]
+                scorers = [p for p, c in seen if c in ("ray::_Scorer", "ray::_Scorer.forward")]
+                assert scorers, [c for _, c in seen]
                 os.kill(scorers[0].pid, signal.SIGKILL)
                 killed.append(scorers[0].pid)
             yield lo, x[lo:lo + batch], lengths[lo:lo + batch]
