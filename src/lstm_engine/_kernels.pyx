@@ -170,6 +170,11 @@ le_blas_bind()  # NumPy's OpenBLAS, which the Dense heads use
 cdef Py_ssize_t parallel_min_bytes = 256 * 1024
 
 
+cdef inline int threads_for(Py_ssize_t step_bytes, int threads) noexcept nogil:
+    """The threads a product reading step_bytes of weights may use: one below parallel_min_bytes."""
+    return threads if step_bytes >= parallel_min_bytes else 1
+
+
 cdef int one_inc = 1
 
 # ---------------------------------------------------------------------------------------------
@@ -528,7 +533,7 @@ cdef int run_fast_direction(Dims* d, int dirn, float* x, float* y, float* h, flo
     a.bias = bias
     a.bias_hn = bias_hn
     a.work = work
-    return le_run_steps_f32(&a, threads if step_bytes >= parallel_min_bytes else 1)
+    return le_run_steps_f32(&a, threads_for(step_bytes, threads))
 
 
 VARIANTS = tuple(le_simd_name(level).decode() for level in range(LE_NUM_VARIANTS))
@@ -666,8 +671,7 @@ def dense_row(cnp.ndarray weight, cnp.ndarray x, object bias, cnp.ndarray out, i
                              "elements")
     if bias is not None:
         b = <const float*>cnp.PyArray_DATA(<cnp.ndarray>bias)
-    if <Py_ssize_t>N * K * <Py_ssize_t>sizeof(float) < parallel_min_bytes:
-        threads = 1
+    threads = threads_for(<Py_ssize_t>N * K * <Py_ssize_t>sizeof(float), threads)
     with nogil:
         le_gemv_f32(N, K, <const float*>cnp.PyArray_DATA(weight), K, <const float*>cnp.PyArray_DATA(x), b,
                     <float*>cnp.PyArray_DATA(out), threads)
@@ -1303,7 +1307,7 @@ cdef class ChainStep:
         for i in range(n):
             k = self.kernels[i]
             if self.c_steps[i]:
-                threads = k.threads if self.step_bytes[i] >= parallel_min_bytes else 1
+                threads = threads_for(self.step_bytes[i], k.threads)
                 if i == n - 1 and last_writes_out:
                     self.args[i].y = <float*>cnp.PyArray_DATA(oa)
                 with nogil:
@@ -1324,8 +1328,8 @@ cdef class ChainStep:
                         le_gemv_f32(self.head_n[i], self.head_k[i], self.head_w[i], self.head_k[i],
                                     src + <Py_ssize_t>r * self.head_k[i], self.head_b[i],
                                     dst + <Py_ssize_t>r * self.head_n[i],
-                                    threads if <Py_ssize_t>self.head_n[i] * self.head_k[i] * <Py_ssize_t>sizeof(float)
-                                    >= parallel_min_bytes else 1)
+                                    threads_for(<Py_ssize_t>self.head_n[i] * self.head_k[i] * <Py_ssize_t>sizeof(float),
+                                                threads))
                     if self.head_relu[i]:
                         for j in range(B * self.head_n[i]):
                             if dst[j] < 0:

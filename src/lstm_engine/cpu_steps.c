@@ -271,6 +271,15 @@ static int owner_began_or_late(void *p)
     return atomic_load_explicit(&h->job->next[h->r], memory_order_relaxed) != h->untouched || le_now_ns() >= h->until;
 }
 
+/* Wait, before taking range r's units in this phase, until its owner began them or had as long as this
+ * thread took (since `started`) to begin its own. */
+static void give_head_start(steps_job *job, int r, int phase, long started)
+{
+    long now = le_now_ns();
+    head_start h = {job, r, claims_before(job, r, phase), now + (now - started)};
+    le_wait_until(owner_began_or_late, &h);
+}
+
 static void steps_run(void *arg, int tid, int nth)
 {
     steps_job *job = arg;
@@ -297,11 +306,8 @@ static void steps_run(void *arg, int tid, int nth)
         /* Own range first, then the others' leftovers. */
         for (int k = 0; k < nth; k++) {
             int r = (tid + k) % nth, u;
-            if (k > 0) {
-                long now = le_now_ns();
-                head_start h = {job, r, claims_before(job, r, phase), now + (now - started)};
-                le_wait_until(owner_began_or_late, &h);
-            }
+            if (k > 0)
+                give_head_start(job, r, phase, started);
             while ((u = claim(job, r, phase)) >= 0) {
                 run_unit(job, &blk, phase, u, active);
                 atomic_fetch_add_explicit(&job->done, 1, memory_order_release);
@@ -407,11 +413,8 @@ static void units_run(void *arg, int tid, int nth)
     long started = le_now_ns();
     for (int k = 0; k < nth; k++) {
         int r = (tid + k) % nth, u;
-        if (k > 0) {
-            long now = le_now_ns();
-            head_start h = {job, r, 0, now + (now - started)};
-            le_wait_until(owner_began_or_late, &h);
-        }
+        if (k > 0)
+            give_head_start(job, r, 0, started);
         while ((u = claim(job, r, 0)) >= 0)
             g->unit(g->ctx, u);
     }
