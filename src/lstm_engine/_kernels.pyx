@@ -1169,7 +1169,8 @@ cdef class ChainStep:
 
     What a session's step() runs for such a chain (lstm_engine.plan.chain_step builds it from the
     plan): the same kernels, packed weights and table as the plan's own steps, with every buffer
-    bound once. Layers on the C kernels (float32 LSTM/GRU) run from here without Python; the others
+    bound once. Layers on the C kernels (float32 LSTM/GRU) run from here without Python, those that
+    follow each other as one job on the engine's threads (le_run_chain_f32); the others
     (float64, proj_size, RNN, GRU reset before, quantized, general gates) through their run().
     Heads (float32 only): Dense with a linear or relu activation, each row on the engine's GEMV over
     the last layer's threads (dense_row).
@@ -1178,7 +1179,7 @@ cdef class ChainStep:
     cdef Py_ssize_t vocab
     cdef Py_ssize_t step_bytes[CHAIN_MAX]
     cdef le_steps_args args[CHAIN_MAX]
-    cdef bint c_steps[CHAIN_MAX]  # the layer runs on le_run_steps_f32 from here
+    cdef bint c_steps[CHAIN_MAX]  # the layer runs on the C kernels from here (le_run_chain_f32)
     cdef const float* head_w[CHAIN_MAX]
     cdef const float* head_b[CHAIN_MAX]
     cdef float* head_out[CHAIN_MAX]
