@@ -7,7 +7,11 @@ equal (streaming ones over several carried steps), then each system is timed in 
 drift on a shared machine hits them alike. Prints the CPU (model, flags) and the engine's kernel variant, this
 machine's NumPy sgemm (2048^3) on the same threads, median microseconds per call, the ratios to the best peer
 and the targets, and the fraction of that sgemm each system reaches on the batched workloads. On an AVX-512 CPU the engine
-also runs with its AVX2 variant forced, in the same rounds (the column `lstm_engine[avx2]`).
+also runs with its AVX2 variant forced, in the same rounds (the column `lstm_engine[avx2]`); that column
+sets the engine's AVX2 code against AVX-512 peers. --isa avx2 runs the whole table as on an AVX2-only CPU
+where the libraries allow it: the engine (LSTM_ENGINE_KERNELS), PyTorch (ATEN_CPU_CAPABILITY,
+ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) and NumPy's sgemm (OPENBLAS_CORETYPE) are held to AVX2; ONNX
+Runtime has no such switch (MLAS picks its kernels from CPUID), so its figures stay AVX-512's.
 --quantized adds the engine's int8/float16/bfloat16 models against PyTorch's and ONNX Runtime's
 quantize_dynamic on the same weights, timed interleaved with the float32 ones.
 """
@@ -44,6 +48,10 @@ TARGETS = {
 SGEMM_TARGETS = {"batch": 0.85, "pool-step": 0.6}
 LABEL = {"torch": "PyTorch", "onnxruntime": "ORT"}
 SETTLE_S = 0.2
+# What holds each library to AVX2 for --isa avx2; each is read when the library loads, so they are set
+# before this script starts again.
+AVX2_ONLY = {"LSTM_ENGINE_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
@@ -409,7 +417,11 @@ def main() -> None:
     parser.add_argument("--no-footprint", action="store_true", help="skip import time and memory")
     parser.add_argument("--quantized", action="store_true", help="also time int8/float16/bfloat16 models and the "
                         "peers' quantize_dynamic ones")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: hold the engine, PyTorch and NumPy to AVX2 (ONNX Runtime cannot be)")
     args = parser.parse_args()
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
 
     import onnxruntime
     import torch
@@ -428,9 +440,11 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  commit {commit}{' (+ uncommitted changes)' if dirty else ''}")
     print(f"{machine()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
           f"lstm_engine {le.__version__}; {args.threads} threads; BLAS: {'; '.join(blas)}")
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    env = {k: os.environ[k] for k in ("OPENBLAS_L2_SIZE", *AVX2_ONLY) if k in os.environ}
     if env:
         print(f"environment: {env}")
+    if args.isa == "avx2":
+        print("held to AVX2: lstm_engine, PyTorch, NumPy's sgemm; ONNX Runtime runs its AVX-512 kernels (no switch)")
 
     info = le.cpu_info()
     print(f"lstm_engine kernels: {info['variant']} ({info['reason']}); default threads {info['threads']} "
