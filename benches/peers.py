@@ -6,7 +6,9 @@ Every workload is built in the three systems from the same weights (workloads.py
 equal (streaming ones over several carried steps), then each system is timed in turn, round after round, so
 drift on a shared machine hits them alike. Prints the CPU (model, flags) and the engine's kernel variant, this
 machine's NumPy sgemm (2048^3) on the same threads, median microseconds per call, the ratios to the best peer
-and the targets, and the fraction of that sgemm each system reaches on the batched workloads. On an AVX-512 CPU the engine
+and the targets, and the fraction of that sgemm each system reaches on the batched workloads. For batch-1
+workloads it prints their floor: the time to read, on the same threads, the weights a call reads
+(benches/read_floor.c, built with the system's cc) — no engine can step faster, whatever the target says. On an AVX-512 CPU the engine
 also runs with its AVX2 variant forced, in the same rounds (the column `lstm_engine[avx2]`); that column
 sets the engine's AVX2 code against AVX-512 peers. --isa avx2 runs the whole table as on an AVX2-only CPU
 where the libraries allow it: the engine (LSTM_ENGINE_KERNELS), PyTorch (ATEN_CPU_CAPABILITY,
@@ -370,8 +372,39 @@ def quantized_rows(args, chosen: list) -> None:
         verdicts = "; ".join(f"{a}/{b} {med[a] / med[b]:.2f} ≤ {lim} {'met' if med[a] / med[b] <= lim else 'MISSED'}"
                              for a, b, lim in QUANT_TARGETS[w.name] if b in med)
         cell = lambda k: f"{med[k]:,.1f} ({med[k] / med['float32']:.2f}×)" if k in med else "–"  # noqa: E731
+        floor = call_floor(w, args.threads, itemsize=1) if w.batch == 1 else None
+        if floor:
+            verdicts = "; ".join(filter(None, [verdicts, f"int8 floor {floor:,.1f} µs = "
+                                                         f"{floor / med['torch-q']:.2f} × torch qd"]))
         print(f"| {w.name} | {med['float32']:,.1f} | {cell('int8')} | {cell('float16')} | {cell('bfloat16')} | "
               f"{cell('torch-q')} | {cell('ort-q')} | {verdicts} |", flush=True)
+
+
+# -- the floor of memory-bound calls ----------------------------------------------------------
+_FLOOR: dict = {}
+
+
+def read_floor(nbytes: int, threads: int) -> float | None:
+    """Best µs to read nbytes once with `threads` threads (benches/read_floor.c, compiled here with the
+    system's cc; AVX-512 loads where the CPU has them), or None without a compiler."""
+    if "exe" not in _FLOOR:
+        flags = open("/proc/cpuinfo").read().split("\n\n")[0] if os.path.exists("/proc/cpuinfo") else ""
+        exe = Path(tempfile.mkdtemp()) / "read_floor"
+        isa = "-mavx512f" if " avx512f" in flags and os.environ.get("LSTM_ENGINE_KERNELS") != "avx2" else "-mavx2"
+        built = subprocess.run(["cc", "-O2", isa, "-pthread", str(Path(__file__).parent / "read_floor.c"),
+                                "-o", str(exe)], capture_output=True)
+        _FLOOR["exe"] = exe if built.returncode == 0 else None
+    if _FLOOR["exe"] is None or nbytes <= 0:
+        return None if _FLOOR["exe"] is None else 0.0
+    out = subprocess.run([str(_FLOOR["exe"]), str(nbytes), str(threads)], capture_output=True, text=True)
+    return float(out.stdout) if out.returncode == 0 else None
+
+
+def call_floor(w: wl.Workload, threads: int, itemsize: int = 4) -> float | None:
+    """The floor of one batch-1 call: its steps each read the recurrent weights, and the rest once."""
+    every, once = w.weight_bytes(itemsize)
+    parts = [read_floor(every, threads), read_floor(once, threads)]
+    return None if None in parts else w.steps * parts[0] + parts[1]
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -506,6 +539,12 @@ def main() -> None:
         for r in big:
             f = r["w"].flops() / 1e3  # per µs -> GFLOP/s
             print(f"| {r['w'].name} | " + " | ".join(f"{f / r[k]:.1f} ({f / r[k] / peak:.0%})" for k in systems) + " |")
+    floors = [(r, call_floor(r["w"], args.threads)) for r in rows if r["w"].batch == 1]
+    if floors and floors[0][1] is not None:
+        print()
+        print(f"floor: reading the weights a call reads once per step, {args.threads} threads (read_floor.c): "
+              + ", ".join(f"{r['w'].name} {f:,.1f} µs = {f / min(r['torch'], r['onnxruntime']):.2f} × best peer"
+                          for r, f in floors))
     print()
     print("max |output - PyTorch|: " + ", ".join(f"{r['w'].name} {r['err']:.1e}" for r in rows))
     if args.quantized:
