@@ -533,7 +533,7 @@ def main() -> None:
     if big:
         print()
         systems = engines + ["torch", "onnxruntime"]
-        print(f"| workload | " + " | ".join(f"{LABEL.get(k, k)} GFLOP/s (of sgemm {peak:.0f})" for k in systems)
+        print("| workload | " + " | ".join(f"{LABEL.get(k, k)} GFLOP/s (of sgemm {peak:.0f})" for k in systems)
               + " |")
         print("| --- " * (1 + len(systems)) + "|")
         for r in big:
