@@ -479,6 +479,53 @@ class ServerProcess:
         self.proc.wait(30)
 
 
+# Issue 15's targets: the server's steps/s as a share of the in-process pool's, per way.
+TARGETS = {"HTTP keep-alive": 0.50, "WebSocket": 0.70}
+
+
+def bound(ceiling: float, share: float, cores: int, client_us: float, pool_us: float) -> dict:
+    """What a target allows each step, if server, pool and clients had the machine's cores to themselves.
+
+    At ``share`` of the in-process pool's ``ceiling`` steps/s the machine has ``cores`` x 1e6 / rate core-us a
+    step; the clients take ``client_us`` of it and the server's pool (its worker and kernel threads, at the
+    batch sizes the server saw) ``pool_us``; what is left is the event loop's thread's, which, one thread,
+    also gets at most one core: 1e6 / rate us a step.
+    """
+    rate = share * ceiling
+    machine = cores * 1e6 / rate
+    server = machine - client_us
+    return {"rate": rate, "machine": machine, "server": server, "loop": min(1e6 / rate, server - pool_us)}
+
+
+def print_bounds(rows: list, pools: list) -> None:
+    """For each server row, the arithmetic of its target from figures measured in this run."""
+    cores = os.cpu_count() or 1
+    printed = False
+    for i, (name, r) in enumerate(rows):
+        label, _, way = name.partition(", ")
+        if label != "server" or way not in TARGETS:
+            continue
+        before, after = max(p for p in pools if p <= i), min(p for p in pools if p >= i)
+        ceiling = (rows[before][1]["steps_s"] + rows[after][1]["steps_s"]) / 2
+        pool_inproc = (rows[before][1]["cpu_us"] + rows[after][1]["cpu_us"]) / 2
+        pool_us = r["cpu_us"] - r["loop_cpu_us"]  # the server's other threads: the pool's worker and kernels
+        b = bound(ceiling, TARGETS[way], cores, r["client_cpu_us"], pool_us)
+        if not printed:
+            print(f"# What the targets allow a step on {cores} cores shared by the server, its pool and the clients "
+                  "(core-us; measured in this run; 'pool' is the server's threads other than the event loop's, at "
+                  "its batch sizes; the in-process pool's whole process in brackets):")
+            printed = True
+        if b["loop"] <= 0:
+            verdict = "out of reach even with a loop thread that cost nothing"
+        else:
+            gap = "met" if r["loop_cpu_us"] <= b["loop"] else f"needs {1 - b['loop'] / r['loop_cpu_us']:.0%} less"
+            verdict = f"loop thread <= {b['loop']:.0f} (measured {r['loop_cpu_us']:.0f}: {gap})"
+        print(f"#   {way} {TARGETS[way]:.0%} of {ceiling:,.0f} = {b['rate']:,.0f} steps/s: machine {b['machine']:.0f} "
+              f"- clients {r['client_cpu_us']:.0f} = server <= {b['server']:.0f} (measured {r['cpu_us']:.0f}); "
+              f"- pool {pool_us:.0f} at batch {r['batch']:.1f} [{pool_inproc:.0f} at "
+              f"{rows[before][1]['batch']:.1f}] -> {verdict}; load {r['load']:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=200)
@@ -558,6 +605,7 @@ def main() -> None:
         print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
               f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['batch']:6.1f} "
               f"{r['cpu_us']:11.0f} {loop} {clients} {r['cores']:5.2f} {client_cores} {r['load']:5.1f}")
+    print_bounds(rows, pools)
     rss = server.rss  # the last server's: the real one
     if rss:
         marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]
