@@ -10,7 +10,8 @@ model.pool()), the server over HTTP keep-alive (one connection per stream), the 
 WebSocket (one connection per stream), the in-process ceiling again. ``--empty-server`` adds the
 same two client phases against an ASGI app that answers the same requests with fixed bytes, under
 the server's own uvicorn settings: the ceiling of the ASGI stack itself on this machine.
-``--rounds N`` repeats the server phases, interleaved, with the load average on every row. Each prints aggregate steps/s,
+``--rounds N`` repeats the server phases, interleaved, with the load average on every row; ``--baseline DIR``
+adds the server of another built checkout to each round (an A/B of the server's code under the same load). Each prints aggregate steps/s,
 the ratio to the in-process ceiling, and client-side p50/p99 latency per step; the server's RSS is
 sampled through the run. The clients run in --client-procs processes on the same machine (they
 compete with the server for its cores: on a 2-core machine that bounds what the server can show).
@@ -437,8 +438,8 @@ def serve_empty(output_size: int) -> None:
 # -- the server ------------------------------------------------------------------------------------
 
 class ServerProcess:
-    def __init__(self, command: list[str]) -> None:
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, command: list[str], env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.url = None
         ready = threading.Event()
 
@@ -498,7 +499,11 @@ def bound(ceiling: float, share: float, cores: int, client_us: float, pool_us: f
 
 
 def print_bounds(rows: list, pools: list) -> None:
-    """For each server row, the arithmetic of its target from figures measured in this run."""
+    """For each server row, the arithmetic of its target from figures measured in this run.
+
+    Twice: with every core of the machine (what the target needs on a machine of one's own), and with the
+    cores the server and its clients got in that phase (what it needed in this run, others' jobs included).
+    """
     cores = os.cpu_count() or 1
     printed = False
     for i, (name, r) in enumerate(rows):
@@ -509,21 +514,25 @@ def print_bounds(rows: list, pools: list) -> None:
         ceiling = (rows[before][1]["steps_s"] + rows[after][1]["steps_s"]) / 2
         pool_inproc = (rows[before][1]["cpu_us"] + rows[after][1]["cpu_us"]) / 2
         pool_us = r["cpu_us"] - r["loop_cpu_us"]  # the server's other threads: the pool's worker and kernels
-        b = bound(ceiling, TARGETS[way], cores, r["client_cpu_us"], pool_us)
         if not printed:
-            print(f"# What the targets allow a step on {cores} cores shared by the server, its pool and the clients "
-                  "(core-us; measured in this run; 'pool' is the server's threads other than the event loop's, at "
-                  "its batch sizes; the in-process pool's whole process in brackets):")
+            print("# What the targets allow a step (core-us, from this run's figures; 'pool': the server's threads "
+                  "other than the event loop's, at the batch sizes it saw, the in-process pool's whole process in "
+                  "brackets; the loop thread also gets at most one core):")
             printed = True
-        if b["loop"] <= 0:
-            verdict = "out of reach even with a loop thread that cost nothing"
-        else:
-            gap = "met" if r["loop_cpu_us"] <= b["loop"] else f"needs {1 - b['loop'] / r['loop_cpu_us']:.0%} less"
-            verdict = f"loop thread <= {b['loop']:.0f} (measured {r['loop_cpu_us']:.0f}: {gap})"
-        print(f"#   {way} {TARGETS[way]:.0%} of {ceiling:,.0f} = {b['rate']:,.0f} steps/s: machine {b['machine']:.0f} "
-              f"- clients {r['client_cpu_us']:.0f} = server <= {b['server']:.0f} (measured {r['cpu_us']:.0f}); "
-              f"- pool {pool_us:.0f} at batch {r['batch']:.1f} [{pool_inproc:.0f} at "
-              f"{rows[before][1]['batch']:.1f}] -> {verdict}; load {r['load']:.1f}")
+        rate = TARGETS[way] * ceiling
+        print(f"#   {way} {TARGETS[way]:.0%} of {ceiling:,.0f} = {rate:,.0f} steps/s; clients {r['client_cpu_us']:.0f}, "
+              f"pool {pool_us:.0f} at batch {r['batch']:.1f} [{pool_inproc:.0f} at {rows[before][1]['batch']:.1f}], "
+              f"load {r['load']:.1f}:")
+        for what, n in ((f"all {cores} cores", cores), (f"the {r['cores'] + r['client_cores']:.2f} cores server and "
+                                                        "clients got", r["cores"] + r["client_cores"])):
+            b = bound(ceiling, TARGETS[way], n, r["client_cpu_us"], pool_us)
+            if b["loop"] <= 0:
+                verdict = "out of reach even with a loop thread that cost nothing"
+            else:
+                gap = "met" if r["loop_cpu_us"] <= b["loop"] else f"needs {1 - b['loop'] / r['loop_cpu_us']:.0%} less"
+                verdict = f"loop thread <= {b['loop']:.0f} (measured {r['loop_cpu_us']:.0f}: {gap})"
+            print(f"#     on {what}: {b['machine']:.0f} a step - clients = server <= {b['server']:.0f} (measured "
+                  f"{r['cpu_us']:.0f}); - pool -> {verdict}")
 
 
 def main() -> None:
@@ -540,6 +549,9 @@ def main() -> None:
     ap.add_argument("--empty-server", action="store_true",
                     help="also drive an ASGI app that answers with fixed bytes: the ASGI stack's own ceiling")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the server phases, interleaved (default 1)")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also serve from another built checkout (its src/ first on PYTHONPATH), interleaved with "
+                         "this one: an A/B of the server's code under the same load")
     ap.add_argument("--serve-empty", type=int, default=None, metavar="OUTPUT_SIZE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_empty is not None:
@@ -550,6 +562,8 @@ def main() -> None:
         ap.error("--seconds: 1..3600")
     if not 1 <= args.rounds <= 20:
         ap.error("--rounds: 1..20")
+    if args.baseline and not os.path.isdir(os.path.join(args.baseline, "src", "lstm_engine")):
+        ap.error(f"--baseline: {args.baseline} has no src/lstm_engine (a built checkout, e.g. a clone of main)")
 
     model = build(args.model)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -569,16 +583,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.safetensors")
         le.save(model, path)
-        servers = [("server", [sys.executable, "-m", "lstm_engine.cli", "serve", path, "--port", "0", "--max-batch",
-                               str(args.max_batch), "--max-queue", "4096",
-                               *(["--state-dir", os.path.join(d, "states")] if args.state_dir else [])])]
+        serve = [sys.executable, "-m", "lstm_engine.cli", "serve", path, "--port", "0", "--max-batch",
+                 str(args.max_batch), "--max-queue", "4096",
+                 *(["--state-dir", os.path.join(d, "states")] if args.state_dir else [])]
+        servers = [("server", serve, None)]  # last: its RSS is the one printed
+        if args.baseline:
+            servers.insert(0, ("baseline", serve, {**os.environ, "PYTHONPATH": os.path.join(args.baseline, "src")}))
         if args.empty_server:
             servers.insert(0, ("empty ASGI", [sys.executable, os.path.abspath(__file__), "--serve-empty",
-                                              str(model.output_size)]))
+                                              str(model.output_size)], None))
         for _ in range(args.rounds):
             measure("in-process pool", in_process(model, args.streams, args.seconds, args.max_batch))
-            for label, command in servers:
-                server = ServerProcess(command)
+            for label, command, env in servers:
+                server = ServerProcess(command, env)
                 try:
                     for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
                         measure(f"{label}, {name}", over_network(kind, server.url, args.streams, args.client_procs,
