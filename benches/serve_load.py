@@ -586,16 +586,19 @@ def main() -> None:
         serve = [sys.executable, "-m", "lstm_engine.cli", "serve", path, "--port", "0", "--max-batch",
                  str(args.max_batch), "--max-queue", "4096",
                  *(["--state-dir", os.path.join(d, "states")] if args.state_dir else [])]
-        servers = [("server", serve, None)]  # last: its RSS is the one printed
+        servers = [("server", serve, None)]
         if args.baseline:
             servers.insert(0, ("baseline", serve, {**os.environ, "PYTHONPATH": os.path.join(args.baseline, "src")}))
         if args.empty_server:
             servers.insert(0, ("empty ASGI", [sys.executable, os.path.abspath(__file__), "--serve-empty",
                                               str(model.output_size)], None))
-        for _ in range(args.rounds):
+        for k in range(args.rounds):
             measure("in-process pool", in_process(model, args.streams, args.seconds, args.max_batch))
-            for label, command, env in servers:
+            # Every other round in the reverse order, so that no server always runs first after the pool's phase.
+            for label, command, env in servers if k % 2 == 0 else servers[::-1]:
                 server = ServerProcess(command, env)
+                if label == "server":
+                    served = server
                 try:
                     for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
                         measure(f"{label}, {name}", over_network(kind, server.url, args.streams, args.client_procs,
@@ -623,7 +626,7 @@ def main() -> None:
               f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['batch']:6.1f} "
               f"{r['cpu_us']:11.0f} {loop} {clients} {r['cores']:5.2f} {client_cores} {r['load']:5.1f}")
     print_bounds(rows, pools)
-    rss = server.rss  # the last server's: the real one
+    rss = served.rss  # the last run of this checkout's server
     if rss:
         marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]
         print("server RSS (s: MiB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in marks))
