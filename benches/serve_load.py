@@ -10,10 +10,11 @@ model.pool()), the server over HTTP keep-alive (one connection per stream), the 
 WebSocket (one connection per stream), the in-process ceiling again. ``--empty-server`` adds the
 same two client phases against an ASGI app that answers the same requests with fixed bytes, under
 the server's own uvicorn settings: the ceiling of the ASGI stack itself on this machine.
-``--rounds N`` repeats the server phases, interleaved, with the load average on every row; ``--baseline DIR``
-adds the server of another built checkout to each round (an A/B of the server's code under the same load). Each prints aggregate steps/s,
-the ratio to the in-process ceiling, and client-side p50/p99 latency per step; the server's RSS is
-sampled through the run. The clients run in --client-procs processes on the same machine (they
+``--rounds N`` repeats the server phases, interleaved, with the load average on every row;
+``--baseline DIR`` adds the server of another built checkout to each round (an A/B of the server's code
+under the same load). Each prints aggregate steps/s, the ratio to the in-process ceiling, and
+client-side p50/p99 latency per step, then what the targets allow each step (print_bounds); the
+server's RSS is sampled through the run. The clients run in --client-procs processes on the same machine (they
 compete with the server for its cores: on a 2-core machine that bounds what the server can show).
 Everything is bounded: the streams (<= 1000), each phase's seconds, and the server is killed at the end.
 """
@@ -520,9 +521,9 @@ def print_bounds(rows: list, pools: list) -> None:
                   "brackets; the loop thread also gets at most one core):")
             printed = True
         rate = TARGETS[way] * ceiling
-        print(f"#   {way} {TARGETS[way]:.0%} of {ceiling:,.0f} = {rate:,.0f} steps/s; clients {r['client_cpu_us']:.0f}, "
-              f"pool {pool_us:.0f} at batch {r['batch']:.1f} [{pool_inproc:.0f} at {rows[before][1]['batch']:.1f}], "
-              f"load {r['load']:.1f}:")
+        print(f"#   {way} {TARGETS[way]:.0%} of {ceiling:,.0f} = {rate:,.0f} steps/s; "
+              f"clients {r['client_cpu_us']:.0f}, pool {pool_us:.0f} at batch {r['batch']:.1f} "
+              f"[{pool_inproc:.0f} at {rows[before][1]['batch']:.1f}], load {r['load']:.1f}:")
         for what, n in ((f"all {cores} cores", cores), (f"the {r['cores'] + r['client_cores']:.2f} cores server and "
                                                         "clients got", r["cores"] + r["client_cores"])):
             b = bound(ceiling, TARGETS[way], n, r["client_cpu_us"], pool_us)
