@@ -639,6 +639,82 @@ def set_blas_threads(int n):
     le_blas_set_threads(n)
 
 
+cdef Py_ssize_t row_bytes(cnp.ndarray a, cnp.ndarray b, str what) except -1:
+    """The bytes of a row of 2-D C-contiguous a and b, which must agree in dtype and width."""
+    if (cnp.PyArray_NDIM(a) != 2 or cnp.PyArray_NDIM(b) != 2 or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b)
+            or a.shape[1] != b.shape[1] or not cnp.PyArray_ISWRITEABLE(b)):
+        raise ValueError(f"{what}: expected 2-D C-contiguous arrays of one dtype and width, the target writeable")
+    return a.shape[1] * cnp.PyArray_ITEMSIZE(a)
+
+
+cdef const Py_ssize_t* checked_rows(cnp.ndarray idx, Py_ssize_t n, Py_ssize_t rows, str what) except NULL:
+    """idx's data: a C-contiguous 1-D intp array of n row numbers in [0, rows)."""
+    cdef Py_ssize_t i
+    cdef const Py_ssize_t* p
+    if cnp.PyArray_TYPE(idx) != cnp.NPY_INTP or cnp.PyArray_NDIM(idx) != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(idx):
+        raise ValueError(f"{what}: idx must be a C-contiguous 1-D intp array")
+    p = <const Py_ssize_t*>cnp.PyArray_DATA(idx)
+    for i in range(n):
+        if p[i] < 0 or p[i] >= rows:
+            raise ValueError(f"{what}: row {p[i]} out of range [0, {rows})")
+    return p
+
+
+cdef move_rows(cnp.ndarray src, cnp.ndarray idx, cnp.ndarray dst, bint put):
+    """take: dst[:len(idx)] = src[idx]; put: dst[idx] = src[:len(idx)]."""
+    what = "put_rows" if put else "take_rows"
+    cdef Py_ssize_t i, n = idx.shape[0], size = row_bytes(src, dst, what)
+    cdef const Py_ssize_t* p = checked_rows(idx, n, (dst if put else src).shape[0], what)
+    cdef const char* s = <const char*>cnp.PyArray_DATA(src)
+    cdef char* d = <char*>cnp.PyArray_DATA(dst)
+    if n > (src if put else dst).shape[0]:
+        raise ValueError(f"{what}: {n} rows, the packed side has {(src if put else dst).shape[0]}")
+    with nogil:
+        for i in range(n):
+            if put:
+                memcpy(d + p[i] * size, s + i * size, size)
+            else:
+                memcpy(d + i * size, s + p[i] * size, size)
+
+
+def take_rows(cnp.ndarray src, cnp.ndarray idx, cnp.ndarray dst):
+    """dst[:len(idx)] = src[idx] for 2-D C-contiguous arrays of one dtype and width: the pool's gather of its
+    streams' states (np.take with out= costs a few microseconds a call, most of it before the copy)."""
+    move_rows(src, idx, dst, False)
+
+
+def put_rows(cnp.ndarray src, cnp.ndarray idx, cnp.ndarray dst):
+    """dst[idx] = src[:len(idx)]: take_rows' scatter back."""
+    move_rows(src, idx, dst, True)
+
+
+def stack_rows(list xs, cnp.ndarray dst):
+    """dst[i] = xs[i] for 1-D C-contiguous arrays of dst's dtype and width (the pool's inputs, each a
+    stream's step); False, with nothing written, when any of them is not such an array (then the caller
+    stacks them with NumPy)."""
+    cdef Py_ssize_t i, n = len(xs), width
+    cdef Py_ssize_t size
+    cdef cnp.ndarray a
+    cdef char* d
+    if (cnp.PyArray_NDIM(dst) != 2 or not cnp.PyArray_IS_C_CONTIGUOUS(dst) or not cnp.PyArray_ISWRITEABLE(dst)
+            or n > dst.shape[0]):
+        raise ValueError("stack_rows: dst must be a writeable 2-D C-contiguous array of at least len(xs) rows")
+    width = dst.shape[1]
+    for x in xs:
+        if type(x) is not np.ndarray:
+            return False
+        a = <cnp.ndarray>x
+        if (cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(dst) or cnp.PyArray_NDIM(a) != 1 or a.shape[0] != width
+                or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISBEHAVED_RO(a)):
+            return False
+    size = width * cnp.PyArray_ITEMSIZE(dst)
+    d = <char*>cnp.PyArray_DATA(dst)
+    for i in range(n):
+        memcpy(d + i * size, cnp.PyArray_DATA(<cnp.ndarray>xs[i]), size)
+    return True
+
+
 def set_parallel_min_bytes(Py_ssize_t n):
     """Weights read per step (times the batch) below which a run stays on one thread; returns the old value.
 
@@ -1270,11 +1346,14 @@ cdef class ChainStep:
         self.out_size = size
         self._keep = tuple(keep)
 
-    def step(self, object x, object out):
-        """Run one step of valid input x into out (B, out); False, with nothing touched, when x or out
-        is not what this step takes as it is (then the caller checks and converts them)."""
+    def step(self, object x, object out, int rows=-1):
+        """Run one step of valid input x into out (rows, out); False, with nothing touched, when x or out
+        is not what this step takes as it is (then the caller checks and converts them).
+
+        rows (default: the batch it was built for) runs the first rows of the bound states only: the
+        pool binds its gather buffers once and steps batches of any size up to them."""
         cdef cnp.ndarray xa, oa
-        cdef int i, r, j, n = self.n_layers, B = self.B
+        cdef int i, r, j, n = self.n_layers, B = self.B if rows < 0 else rows
         cdef Py_ssize_t V = self.vocab
         cdef const Py_ssize_t* ids
         cdef float* src
@@ -1283,7 +1362,7 @@ cdef class ChainStep:
         cdef RecurrentKernel k
         cdef int threads
         cdef bint last_writes_out = self.n_heads == 0
-        if type(x) is not np.ndarray or type(out) is not np.ndarray:
+        if type(x) is not np.ndarray or type(out) is not np.ndarray or not 0 < B <= self.B:
             return False
         xa = <cnp.ndarray>x
         oa = <cnp.ndarray>out
@@ -1307,15 +1386,18 @@ cdef class ChainStep:
         for i in range(n):
             k = self.kernels[i]
             if self.c_steps[i]:
-                threads = threads_for(self.step_bytes[i], k.threads)
+                threads = threads_for(self.step_bytes[i] // self.B * B, k.threads)
+                self.args[i].B = B
                 if i == n - 1 and last_writes_out:
                     self.args[i].y = <float*>cnp.PyArray_DATA(oa)
                 with nogil:
                     le_run_steps_f32(&self.args[i], threads)
             else:
                 run, h, c, work, buf = self.runs[i]
+                if B < self.B:
+                    h, c, buf = h[:, :B], c[:, :B], buf[:B]
                 # run() takes x as (B, 1, in); y only needs the right size (out is (B, out)).
-                x3 = xa.reshape(B, 1, self.in_size) if i == 0 else self.runs[i - 1][4]
+                x3 = xa.reshape(B, 1, self.in_size) if i == 0 else (<tuple>self.runs[i - 1])[4][:B]
                 run(x3, out if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
         if self.n_heads:
             threads = (<RecurrentKernel>self.kernels[n - 1]).threads
