@@ -306,3 +306,43 @@ def test_stacks_mixing_c_kernels_and_others_step_in_one_call(dtype):
     got = np.stack([s.step(x[:, t]) for t in range(6)], 1)
     np.testing.assert_allclose(got, want.numpy(), atol=2e-6)
     np.testing.assert_allclose(got, model.forward(x)[0], atol=1e-10 if dtype == np.float64 else 2e-6)
+
+
+@pytest.mark.parametrize("B", [1, 5, 32])
+def test_layers_of_a_step_as_one_job_equal_them_one_by_one(B, kernel_variant, monkeypatch):
+    """A chain's session step runs its C-kernel layers as one job of the threads (le_run_chain_f32), the
+    threads waiting for each other only between layers: the same bits as each layer's own job (the
+    general path), on 1 and 2 threads, with layers of 5, 3 and 2 panels (uneven ranges), LSTM and GRU."""
+    from lstm_engine import _kernels
+
+    torch.manual_seed(5)
+    mods = [torch.nn.LSTM(16, 72, batch_first=True), torch.nn.GRU(72, 40, batch_first=True),
+            torch.nn.LSTM(40, 24, batch_first=True)]
+
+    def build():
+        return le.Model([layer for m in mods for layer in le.from_torch(m).layers])
+
+    model, plain = build(), build()
+    x = np.random.default_rng(5).standard_normal((B, 6, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.from_numpy(x)
+        for m in mods:
+            want = m(want)[0]
+    min_bytes = _kernels.set_parallel_min_bytes(0)
+    try:
+        runs = []
+        for threads in (1, 2, 2):
+            model.threads = plain.threads = threads
+            s = model.session(B)
+            with monkeypatch.context() as m:
+                m.setattr("lstm_engine.session.chain_step", lambda *a: None)
+                g = plain.session(B)
+            assert s._chain_step is not None and g._chain_step is None
+            steps = [np.ascontiguousarray(x[:, t]) for t in range(6)]  # what the compiled step takes as is
+            runs.append((np.stack([s.step(xt) for xt in steps], 1), np.stack([g.step(xt) for xt in steps], 1)))
+    finally:
+        _kernels.set_parallel_min_bytes(min_bytes)
+    for chain, general in runs:
+        np.testing.assert_array_equal(chain, general)
+        np.testing.assert_array_equal(chain, runs[0][0])
+    np.testing.assert_allclose(runs[0][0], want.numpy(), **F32)

@@ -50,6 +50,8 @@ cdef extern from "_cpu.h" nogil:
     void le_project_f32(int cell, int H, int In, const float* x, int rows, const float* w_ih, const float* bias,
                         float* out)
     int le_run_steps_f32(le_steps_args* args, int nthreads)
+    enum: LE_CHAIN_MAX
+    int le_run_chain_f32(le_steps_args* args, int n, int nthreads)
     int le_cpu_count()
     const char* le_cpu_count_reason()
     int le_blas_bind()
@@ -1235,7 +1237,7 @@ cdef class RecurrentKernel:
 
 
 cdef enum:
-    CHAIN_MAX = 8  # layers, and heads, a ChainStep takes
+    CHAIN_MAX = LE_CHAIN_MAX  # layers, and heads, a ChainStep takes
 
 
 cdef class ChainStep:
@@ -1383,15 +1385,26 @@ cdef class ChainStep:
                     or xa.shape[1] != self.in_size):
                 return False
             self.args[0].x = <const float*>cnp.PyArray_DATA(xa)
-        for i in range(n):
+        if last_writes_out and self.c_steps[n - 1]:
+            self.args[n - 1].y = <float*>cnp.PyArray_DATA(oa)
+        i = 0
+        while i < n:
             k = self.kernels[i]
             if self.c_steps[i]:
+                # Consecutive layers on the C kernels with the same threads: one job (le_run_chain_f32).
                 threads = threads_for(self.step_bytes[i] // self.B * B, k.threads)
-                self.args[i].B = B
-                if i == n - 1 and last_writes_out:
-                    self.args[i].y = <float*>cnp.PyArray_DATA(oa)
+                j = i
+                while j < n and self.c_steps[j] and threads_for(self.step_bytes[j] // self.B * B,
+                                                                (<RecurrentKernel>self.kernels[j]).threads) == threads:
+                    self.args[j].B = B
+                    j += 1
                 with nogil:
-                    le_run_steps_f32(&self.args[i], threads)
+                    if j - i == 1:
+                        le_run_steps_f32(&self.args[i], threads)
+                    else:
+                        le_run_chain_f32(&self.args[i], j - i, threads)
+                i = j
+                continue
             else:
                 run, h, c, work, buf = self.runs[i]
                 if B < self.B:
@@ -1399,6 +1412,7 @@ cdef class ChainStep:
                 # run() takes x as (B, 1, in); y only needs the right size (out is (B, out)).
                 x3 = xa.reshape(B, 1, self.in_size) if i == 0 else (<tuple>self.runs[i - 1])[4][:B]
                 run(x3, out if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
+                i += 1
         if self.n_heads:
             threads = (<RecurrentKernel>self.kernels[n - 1]).threads
             y = <float*>cnp.PyArray_DATA(oa)
