@@ -18,6 +18,7 @@ cdef extern from "_cpu.h" nogil:
         LE_AVX512
         LE_NUM_VARIANTS
         LE_PANEL
+        LE_CHAIN_MAX
     int le_simd_level()
     int le_simd_detected()
     int le_simd_forced()
@@ -50,8 +51,7 @@ cdef extern from "_cpu.h" nogil:
     void le_project_f32(int cell, int H, int In, const float* x, int rows, const float* w_ih, const float* bias,
                         float* out)
     int le_run_steps_f32(le_steps_args* args, int nthreads)
-    enum: LE_CHAIN_MAX
-    int le_run_chain_f32(le_steps_args* args, int n, int nthreads)
+    int le_run_chain_f32(le_steps_args* layers, const int* nthreads, int n)
     int le_cpu_count()
     const char* le_cpu_count_reason()
     int le_blas_bind()
@@ -1363,6 +1363,7 @@ cdef class ChainStep:
         cdef float* y
         cdef RecurrentKernel k
         cdef int threads
+        cdef int layer_threads[CHAIN_MAX]
         cdef bint last_writes_out = self.n_heads == 0
         if type(x) is not np.ndarray or type(out) is not np.ndarray or not 0 < B <= self.B:
             return False
@@ -1389,22 +1390,17 @@ cdef class ChainStep:
             self.args[n - 1].y = <float*>cnp.PyArray_DATA(oa)
         i = 0
         while i < n:
-            k = self.kernels[i]
             if self.c_steps[i]:
-                # Consecutive layers on the C kernels with the same threads: one job (le_run_chain_f32).
-                threads = threads_for(self.step_bytes[i] // self.B * B, k.threads)
+                # Layers on the C kernels one after another run as one job on the pool (le_run_chain_f32).
                 j = i
-                while j < n and self.c_steps[j] and threads_for(self.step_bytes[j] // self.B * B,
-                                                                (<RecurrentKernel>self.kernels[j]).threads) == threads:
+                while j < n and self.c_steps[j]:
                     self.args[j].B = B
+                    layer_threads[j - i] = threads_for(self.step_bytes[j] // self.B * B,
+                                                       (<RecurrentKernel>self.kernels[j]).threads)
                     j += 1
                 with nogil:
-                    if j - i == 1:
-                        le_run_steps_f32(&self.args[i], threads)
-                    else:
-                        le_run_chain_f32(&self.args[i], j - i, threads)
+                    le_run_chain_f32(&self.args[i], layer_threads, j - i)
                 i = j
-                continue
             else:
                 run, h, c, work, buf = self.runs[i]
                 if B < self.B:
