@@ -1,6 +1,7 @@
 """The engine on a busy machine: default threads against one thread, with 0, 1 and 2 busy co-runner processes.
 
     python benches/busy.py [--corunners 0 1 2] [--only NAME ...] [--rounds N] [--block SECONDS]
+    python benches/busy.py --timeline NAME
 
 A co-runner is a Python process spinning on a core (started here and stopped at the end). For each number of
 co-runners, the shipped character model's `forward` over 100 tokens (what `lstm-engine bench` times as
@@ -131,24 +132,65 @@ def cases(only: list[str] | None) -> dict[str, tuple[object, tuple[tuple[int, Ca
     return out
 
 
+def spinners(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def timeline(name: str, phases: list[tuple[int, float]], window: float) -> None:
+    """One model with its default threads called without a break while co-runners come and go (phases of
+    (co-runners, seconds)): per window, µs per call, the share of its pool jobs split and whether the pool
+    held the machine for contended at the window's end: how soon it went to one thread and came back."""
+    model, arms = cases([name])[name]
+    call = arms[0][1]
+    call()
+    print(f"{name}, default threads ({model.threads}), windows of {window * 1e3:.0f} ms")
+    print("| s | co-runners | µs per call | split | contended | load |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    t_start = time.perf_counter()
+    for n, seconds in phases:
+        procs = spinners(n)
+        try:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                asked, split = pool_jobs()
+                us = timed_block(call, window)
+                asked2, split2 = pool_jobs()
+                share = "–" if asked2 == asked else f"{(split2 - split) / (asked2 - asked):.0%}"
+                print(f"| {time.perf_counter() - t_start:.1f} | {n} | {us:,.1f} | {share} | "
+                      f"{int(_kernels.pool_stats()['contended_now'])} | {os.getloadavg()[0]:.1f} |", flush=True)
+        finally:
+            stop(procs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corunners", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", help="charlm-100 and/or workload names (default: all but batch-large)")
     parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--block", type=float, default=0.03, help="seconds per timed block of one arm, about")
+    parser.add_argument("--timeline", metavar="NAME", help="instead: NAME with default threads, called without a "
+                        "break for 2 s alone, 3 s beside 2 co-runners, 4 s alone, printed per 100 ms")
     args = parser.parse_args()
-    only = args.only or ["charlm-100"] + [w.name for w in wl.WORKLOADS if w.name != "batch-large"]
     info = le.cpu_info()
-    print(f"{info['cpu']}; kernels {info['variant']}; default threads {info['threads']} ({info['threads_reason']}); "
-          f"{args.rounds} rounds of {args.block * 1e3:.0f} ms blocks")
+    print(f"{info['cpu']}; kernels {info['variant']}; default threads {info['threads']} ({info['threads_reason']})")
+    if args.timeline:
+        timeline(args.timeline, [(0, 2.0), (2, 3.0), (0, 4.0)], 0.1)
+        return
+    only = args.only or ["charlm-100"] + [w.name for w in wl.WORKLOADS if w.name != "batch-large"]
+    print(f"{args.rounds} rounds of {args.block * 1e3:.0f} ms blocks")
     todo = cases(only)
     rng = np.random.default_rng(0)
     print("| co-runners | case | default µs | 1 thread µs | default / 1 thread [95 %] | 1 / 1 again, A/A [95 %] "
           "| verdict | split | load before → after |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in args.corunners:
-        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+        procs = spinners(n)
         try:
             time.sleep(0.5)
             for name, (model, arms) in todo.items():
@@ -163,9 +205,7 @@ def main() -> None:
                       f"{noise[2]:.2f}] | {verdict(ratio, noise, limit)} | {share} | {load:.1f} → "
                       f"{os.getloadavg()[0]:.1f} |", flush=True)
         finally:
-            for p in spinners:
-                p.kill()
-                p.wait()
+            stop(procs)
 
 
 if __name__ == "__main__":
