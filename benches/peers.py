@@ -6,8 +6,14 @@ Every workload is built in the three systems from the same weights (workloads.py
 equal (streaming ones over several carried steps), then each system is timed in turn, round after round, so
 drift on a shared machine hits them alike. Prints the CPU (model, flags) and the engine's kernel variant, this
 machine's NumPy sgemm (2048^3) on the same threads, median microseconds per call, the ratios to the best peer
-and the targets, and the fraction of that sgemm each system reaches on the batched workloads. On an AVX-512 CPU the engine
-also runs with its AVX2 variant forced, in the same rounds (the column `lstm_engine[avx2]`).
+and the targets, and the fraction of that sgemm each system reaches on the batched workloads. For batch-1
+workloads it prints their floor: the time to read, on the same threads, the weights a call reads
+(benches/read_floor.c, built with the system's cc) — no engine can step faster, whatever the target says. On an AVX-512 CPU the engine
+also runs with its AVX2 variant forced, in the same rounds (the column `lstm_engine[avx2]`); that column
+sets the engine's AVX2 code against AVX-512 peers. --isa avx2 runs the whole table as on an AVX2-only CPU
+where the libraries allow it: the engine (LSTM_ENGINE_KERNELS), PyTorch (ATEN_CPU_CAPABILITY,
+ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) and NumPy's sgemm (OPENBLAS_CORETYPE) are held to AVX2; ONNX
+Runtime has no such switch (MLAS picks its kernels from CPUID), so its figures stay AVX-512's.
 --quantized adds the engine's int8/float16/bfloat16 models against PyTorch's and ONNX Runtime's
 quantize_dynamic on the same weights, timed interleaved with the float32 ones.
 """
@@ -44,6 +50,10 @@ TARGETS = {
 SGEMM_TARGETS = {"batch": 0.85, "pool-step": 0.6}
 LABEL = {"torch": "PyTorch", "onnxruntime": "ORT"}
 SETTLE_S = 0.2
+# What holds each library to AVX2 for --isa avx2; each is read when the library loads, so they are set
+# before this script starts again.
+AVX2_ONLY = {"LSTM_ENGINE_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
 
 
 # -- PyTorch ----------------------------------------------------------------------------------
@@ -362,8 +372,39 @@ def quantized_rows(args, chosen: list) -> None:
         verdicts = "; ".join(f"{a}/{b} {med[a] / med[b]:.2f} ≤ {lim} {'met' if med[a] / med[b] <= lim else 'MISSED'}"
                              for a, b, lim in QUANT_TARGETS[w.name] if b in med)
         cell = lambda k: f"{med[k]:,.1f} ({med[k] / med['float32']:.2f}×)" if k in med else "–"  # noqa: E731
+        floor = call_floor(w, args.threads, itemsize=1) if w.batch == 1 else None
+        if floor:
+            verdicts = "; ".join(filter(None, [verdicts, f"int8 floor {floor:,.1f} µs = "
+                                                         f"{floor / med['torch-q']:.2f} × torch qd"]))
         print(f"| {w.name} | {med['float32']:,.1f} | {cell('int8')} | {cell('float16')} | {cell('bfloat16')} | "
               f"{cell('torch-q')} | {cell('ort-q')} | {verdicts} |", flush=True)
+
+
+# -- the floor of memory-bound calls ----------------------------------------------------------
+_FLOOR: dict = {}
+
+
+def read_floor(nbytes: int, threads: int) -> float | None:
+    """Best µs to read nbytes once with `threads` threads (benches/read_floor.c, compiled here with the
+    system's cc; AVX-512 loads where the CPU has them), or None without a compiler."""
+    if "exe" not in _FLOOR:
+        flags = open("/proc/cpuinfo").read().split("\n\n")[0] if os.path.exists("/proc/cpuinfo") else ""
+        exe = Path(tempfile.mkdtemp()) / "read_floor"
+        isa = "-mavx512f" if " avx512f" in flags and os.environ.get("LSTM_ENGINE_KERNELS") != "avx2" else "-mavx2"
+        built = subprocess.run(["cc", "-O2", isa, "-pthread", str(Path(__file__).parent / "read_floor.c"),
+                                "-o", str(exe)], capture_output=True)
+        _FLOOR["exe"] = exe if built.returncode == 0 else None
+    if _FLOOR["exe"] is None or nbytes <= 0:
+        return None if _FLOOR["exe"] is None else 0.0
+    out = subprocess.run([str(_FLOOR["exe"]), str(nbytes), str(threads)], capture_output=True, text=True)
+    return float(out.stdout) if out.returncode == 0 else None
+
+
+def call_floor(w: wl.Workload, threads: int, itemsize: int = 4) -> float | None:
+    """The floor of one batch-1 call: its steps each read the recurrent weights, and the rest once."""
+    every, once = w.weight_bytes(itemsize)
+    parts = [read_floor(every, threads), read_floor(once, threads)]
+    return None if None in parts else w.steps * parts[0] + parts[1]
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -409,7 +450,11 @@ def main() -> None:
     parser.add_argument("--no-footprint", action="store_true", help="skip import time and memory")
     parser.add_argument("--quantized", action="store_true", help="also time int8/float16/bfloat16 models and the "
                         "peers' quantize_dynamic ones")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: hold the engine, PyTorch and NumPy to AVX2 (ONNX Runtime cannot be)")
     args = parser.parse_args()
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
 
     import onnxruntime
     import torch
@@ -428,9 +473,11 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  commit {commit}{' (+ uncommitted changes)' if dirty else ''}")
     print(f"{machine()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
           f"lstm_engine {le.__version__}; {args.threads} threads; BLAS: {'; '.join(blas)}")
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    env = {k: os.environ[k] for k in ("OPENBLAS_L2_SIZE", *AVX2_ONLY) if k in os.environ}
     if env:
         print(f"environment: {env}")
+    if args.isa == "avx2":
+        print("held to AVX2: lstm_engine, PyTorch, NumPy's sgemm; ONNX Runtime runs its AVX-512 kernels (no switch)")
 
     info = le.cpu_info()
     print(f"lstm_engine kernels: {info['variant']} ({info['reason']}); default threads {info['threads']} "
@@ -486,12 +533,18 @@ def main() -> None:
     if big:
         print()
         systems = engines + ["torch", "onnxruntime"]
-        print(f"| workload | " + " | ".join(f"{LABEL.get(k, k)} GFLOP/s (of sgemm {peak:.0f})" for k in systems)
+        print("| workload | " + " | ".join(f"{LABEL.get(k, k)} GFLOP/s (of sgemm {peak:.0f})" for k in systems)
               + " |")
         print("| --- " * (1 + len(systems)) + "|")
         for r in big:
             f = r["w"].flops() / 1e3  # per µs -> GFLOP/s
             print(f"| {r['w'].name} | " + " | ".join(f"{f / r[k]:.1f} ({f / r[k] / peak:.0%})" for k in systems) + " |")
+    floors = [(r, call_floor(r["w"], args.threads)) for r in rows if r["w"].batch == 1]
+    if floors and floors[0][1] is not None:
+        print()
+        print(f"floor: reading the weights a call reads once per step, {args.threads} threads (read_floor.c): "
+              + ", ".join(f"{r['w'].name} {f:,.1f} µs = {f / min(r['torch'], r['onnxruntime']):.2f} × best peer"
+                          for r, f in floors))
     print()
     print("max |output - PyTorch|: " + ", ".join(f"{r['w'].name} {r['err']:.1e}" for r in rows))
     if args.quantized:

@@ -37,6 +37,20 @@ class Workload:
             size = self.hidden_size
         return float(total)
 
+    def weight_bytes(self, itemsize: int = 4) -> tuple[int, int]:
+        """(read at every step, read once per call) bytes of weights of a batch-1 call: the recurrent
+        weights, every step; the input weights with the head, once when a call is one step. With a
+        vocabulary the first layer's input weights are a table whose one row a token reads."""
+        hh, other, size = 0, 0, self.input_size
+        for i in range(self.num_layers):
+            hh += self.gates * self.hidden_size * self.hidden_size
+            other += self.gates * self.hidden_size * (0 if (i == 0 and self.vocab) else size)
+            size = self.hidden_size
+        other += self.vocab * self.hidden_size
+        if self.steps == 1:
+            return (hh + other) * itemsize, 0
+        return hh * itemsize, other * itemsize
+
 
 WORKLOADS = [
     Workload("stream-tiny", "lstm", 64, 64, 1, 1, 1, True),
