@@ -119,7 +119,7 @@ def cases(only: list[str] | None) -> dict[str, tuple[object, tuple[tuple[int, Ca
     if not only or "charlm-100" in only:
         model = le.load(SHIPPED_MODEL)
         ids = _random_input(model, 1, 100, np.random.default_rng(0))
-        call = lambda: model.forward(ids)  # noqa: E731
+        call = lambda model=model: model.forward(ids)  # noqa: E731 (this model: the name is reused below)
         out["charlm-100"] = (model, ((model.threads, call), (1, call), (1, call)))
     for w in wl.WORKLOADS:
         if only and w.name not in only:
