@@ -328,6 +328,39 @@ print(np.array_equal(y, want), d["asked"] > 0, d["one_core"], after["cores"] == 
     assert out.splitlines() == ["True True True 0 1", "True True 0 True"]
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_workers_joining_late_or_never_change_no_bit(cell):
+    """Workers held back before each job (injected: none, 20 µs, 300 µs, 3 ms, and longer than the job) join at
+    some step or never: the caller takes the ranges of workers that have not come without waiting for them, and
+    the outputs stay those of one thread, bit for bit."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this process may run on one core: the pool never asks for a second thread")
+    code = """if True:
+        import numpy as np
+        import lstm_engine as le
+        from lstm_engine import _kernels as k
+        rng = np.random.default_rng(4)
+        H, G = 256, %d
+        cls = le.LSTM if G == 4 else le.GRU
+        w = rng.standard_normal((2, G * H, H)).astype(np.float32) / 16
+        x = rng.standard_normal((16, 24, H)).astype(np.float32)
+        want = le.Model([cls(w[0], w[1])], threads=1).forward(x)[0]
+        model = le.Model([cls(w[0], w[1])], threads=2)
+        split = 0
+        for delay in (0, 20_000, 300_000, 3_000_000, 200_000_000):
+            k._pool_join_delay(delay)
+            before = k.pool_stats()["split"]
+            for _ in range(3):
+                assert np.array_equal(model.forward(x)[0], want), delay
+            split += k.pool_stats()["split"] - before
+        k._pool_join_delay(0)
+        print("same", split > 0)
+    """ % (4 if cell == "lstm" else 3)
+    rc, out, err = _in_child(code)
+    assert rc == 0, err
+    assert out.startswith("same"), out
+
+
 def test_pool_runs_short_jobs_alone_while_contended_and_says_so():
     """A gap injected 10 s ahead holds the pool contended: a batch-1 sequence (short steps) runs on the caller
     alone, counted as contended, and cpu_info()["pool"] says contended_now; the output is the one-thread one."""

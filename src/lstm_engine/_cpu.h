@@ -97,6 +97,8 @@ enum { LE_POOL_ASKED, LE_POOL_SPLIT, LE_POOL_ONE_CORE, LE_POOL_STALLED, LE_POOL_
 void le_pool_stats(long out[LE_POOL_NSTATS], int *cores, int *contended);
 /* For tests: the contention rule driven with a given clock (cpu_pool.c says the events). */
 int le_pool_contention(long now, int event, long *window_ns);
+/* For tests: workers wait ns before joining each job (0: at once), as a worker without a core would. */
+void le_pool_set_join_delay(long ns);
 
 /* OpenBLAS thread counts (process-wide): bind once after the BLAS libraries are loaded; 0 when none
  * was found (another BLAS, or a platform without dl_iterate_phdr). */

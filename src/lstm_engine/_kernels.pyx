@@ -56,6 +56,7 @@ cdef extern from "_cpu.h" nogil:
         LE_POOL_NSTATS
     void le_pool_stats(long* out, int* cores, int* contended)
     int le_pool_contention(long now, int event, long* window_ns)
+    void le_pool_set_join_delay(long ns)
     int le_blas_bind()
     int le_blas_threads()
     void le_blas_set_threads(int n)
@@ -666,6 +667,11 @@ def _contention(long now, str event):
     code = {"gap": 0, "waited": 1, "not waited": 2, "reset": 3}[event]
     contended = le_pool_contention(now, code, &window)
     return bool(contended), window
+
+
+def _pool_join_delay(long ns):
+    """For tests: the pool's workers wait ns before joining each job (0: at once), as workers without a core."""
+    le_pool_set_join_delay(ns)
 
 
 def blas_threads():

@@ -288,6 +288,20 @@ static int join(unsigned gen)
     }
 }
 
+/* For tests: workers wait this long before joining a job, as one that lost its core would. */
+static _Atomic long join_delay_ns;
+
+void le_pool_set_join_delay(long ns)
+{
+    atomic_store_explicit(&join_delay_ns, ns, memory_order_relaxed);
+}
+
+/* Workers that have joined the running job so far (its tids 1..joined; the caller is tid 0). */
+int le_pool_joined(void)
+{
+    return (int)(atomic_load_explicit(&pool.entry, memory_order_acquire) & JOINED_MASK);
+}
+
 static void *worker_main(void *p)
 {
     int slot = (int)(ptrdiff_t)p;
@@ -336,6 +350,11 @@ static void *worker_main(void *p)
         }
         atomic_store_explicit(&polling[slot], 0, memory_order_relaxed);
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        long delay = atomic_load_explicit(&join_delay_ns, memory_order_relaxed);
+        if (delay) {
+            struct timespec ts = {delay / 1000000000L, delay % 1000000000L};
+            nanosleep(&ts, NULL);
+        }
         int tid = join(seen);
         if (tid) {
             pool.fn(pool.arg, tid, pool.nth);
