@@ -306,3 +306,45 @@ def test_stacks_mixing_c_kernels_and_others_step_in_one_call(dtype):
     got = np.stack([s.step(x[:, t]) for t in range(6)], 1)
     np.testing.assert_allclose(got, want.numpy(), atol=2e-6)
     np.testing.assert_allclose(got, model.forward(x)[0], atol=1e-10 if dtype == np.float64 else 2e-6)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_layers_of_a_step_in_one_job_whatever_their_threads(B, kernel_variant):
+    """A session step runs the C-kernel layers that follow each other as one pool job (le_run_chain_f32),
+    each layer on its own threads (one below parallel_min_bytes) with a wait between layers inside the
+    job; an RNN between them splits the chain. The same bits on 1 and 2 threads whatever each layer gets,
+    and PyTorch's results."""
+    from lstm_engine import _kernels
+
+    torch.manual_seed(21)
+    emb = torch.nn.Embedding(V, E)
+    nets = [torch.nn.LSTM(E, 40, num_layers=2, batch_first=True), torch.nn.RNN(40, 24, batch_first=True),
+            torch.nn.GRU(24, 72, batch_first=True), torch.nn.LSTM(72, 20, batch_first=True)]
+    head = torch.nn.Linear(20, 9)
+    layers = [le.Embedding(emb.weight.detach().numpy())]
+    layers += [layer for net in nets for layer in le.from_torch(net).layers]
+    layers.append(le.Dense(head.weight.detach().numpy(), head.bias.detach().numpy()))
+    model = le.Model(layers)
+    ids = np.random.default_rng(22).integers(0, V, (B, 7))
+    with torch.no_grad():
+        want = emb(torch.from_numpy(ids))
+        for net in nets:
+            want = net(want)[0]
+        want = head(want).numpy()
+    runs = []
+    # 0: every layer split; 30000 bytes: only the GRU (3 * 72 * 72 * 4 * B bytes a step) and, at B 3, the
+    # LSTM 40s (4 * 40 * 40 * 4 * B) split; then chains of layers on different threads.
+    for min_bytes in (0, 30000):
+        saved = _kernels.set_parallel_min_bytes(min_bytes)
+        try:
+            for threads in (1, 2, 1, 2):
+                model.threads = threads
+                s = model.session(B)
+                assert s._chain_step is not None
+                # Contiguous ids: what the compiled step takes as they are (a column of ids is not).
+                runs.append(np.stack([s.step(np.ascontiguousarray(ids[:, t])) for t in range(ids.shape[1])], 1))
+        finally:
+            _kernels.set_parallel_min_bytes(saved)
+    for got in runs[1:]:
+        np.testing.assert_array_equal(got, runs[0])
+    np.testing.assert_allclose(runs[0], want, **F32)

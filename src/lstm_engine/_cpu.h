@@ -81,6 +81,12 @@ void le_project_f32(int cell, int H, int In, const float *x, int rows, const flo
 /* Runs on up to nthreads threads (the caller and pool workers); returns the number used. */
 int le_run_steps_f32(le_steps_args *args, int nthreads);
 
+/* Layers of a chain, the most le_run_chain_f32 takes at once (and a session's ChainStep at all). */
+enum { LE_CHAIN_MAX = 8 };
+/* n layers in turn, layer l + 1 reading layer l's output (its x is layer l's y), as le_run_steps_f32 would run
+ * each on up to nthreads[l] threads, in one pool job; returns the threads used. */
+int le_run_chain_f32(le_steps_args *layers, const int *nthreads, int n);
+
 /* Cores this process may use: its affinity mask, a cgroup CPU quota and OMP_NUM_THREADS, the
  * smallest; le_cpu_count_reason says which set it. */
 int le_cpu_count(void);

@@ -18,6 +18,7 @@ cdef extern from "_cpu.h" nogil:
         LE_AVX512
         LE_NUM_VARIANTS
         LE_PANEL
+        LE_CHAIN_MAX
     int le_simd_level()
     int le_simd_detected()
     int le_simd_forced()
@@ -50,6 +51,7 @@ cdef extern from "_cpu.h" nogil:
     void le_project_f32(int cell, int H, int In, const float* x, int rows, const float* w_ih, const float* bias,
                         float* out)
     int le_run_steps_f32(le_steps_args* args, int nthreads)
+    int le_run_chain_f32(le_steps_args* layers, const int* nthreads, int n)
     int le_cpu_count()
     const char* le_cpu_count_reason()
     enum:
@@ -1204,7 +1206,7 @@ cdef class RecurrentKernel:
 
 
 cdef enum:
-    CHAIN_MAX = 8  # layers, and heads, a ChainStep takes
+    CHAIN_MAX = LE_CHAIN_MAX  # layers, and heads, a ChainStep takes
 
 
 cdef class ChainStep:
@@ -1327,6 +1329,7 @@ cdef class ChainStep:
         cdef float* y
         cdef RecurrentKernel k
         cdef int threads
+        cdef int layer_threads[CHAIN_MAX]
         cdef bint last_writes_out = self.n_heads == 0
         if type(x) is not np.ndarray or type(out) is not np.ndarray:
             return False
@@ -1349,19 +1352,25 @@ cdef class ChainStep:
                     or xa.shape[1] != self.in_size):
                 return False
             self.args[0].x = <const float*>cnp.PyArray_DATA(xa)
-        for i in range(n):
-            k = self.kernels[i]
+        if last_writes_out and self.c_steps[n - 1]:
+            self.args[n - 1].y = <float*>cnp.PyArray_DATA(oa)
+        i = 0
+        while i < n:
             if self.c_steps[i]:
-                threads = threads_for(self.step_bytes[i], k.threads)
-                if i == n - 1 and last_writes_out:
-                    self.args[i].y = <float*>cnp.PyArray_DATA(oa)
+                # Layers on the C kernels one after another run as one job on the pool (le_run_chain_f32).
+                j = i
+                while j < n and self.c_steps[j]:
+                    layer_threads[j - i] = threads_for(self.step_bytes[j], (<RecurrentKernel>self.kernels[j]).threads)
+                    j += 1
                 with nogil:
-                    le_run_steps_f32(&self.args[i], threads)
+                    le_run_chain_f32(&self.args[i], layer_threads, j - i)
+                i = j
             else:
                 run, h, c, work, buf = self.runs[i]
                 # run() takes x as (B, 1, in); y only needs the right size (out is (B, out)).
                 x3 = xa.reshape(B, 1, self.in_size) if i == 0 else self.runs[i - 1][4]
                 run(x3, out if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
+                i += 1
         if self.n_heads:
             threads = (<RecurrentKernel>self.kernels[n - 1]).threads
             y = <float*>cnp.PyArray_DATA(oa)

@@ -324,60 +324,126 @@ static void steps_run(void *arg, int tid, int nth)
         le_wait_until(reached, &w);
 }
 
-int le_run_steps_f32(le_steps_args *a, int nthreads)
+/* The table's rows for the projections (x is then not read: phase 0 is empty). */
+static void steps_look_up(steps_job *job)
 {
-    steps_job job;
+    le_steps_args *a = job->a;
+    if (a->B == 1 && a->T == 1)
+        job->xp = (float *)(a->table + a->ids[0] * job->GHp);
+    else
+        for (int b = 0; b < a->B; b++)
+            for (int t = 0; t < (a->lengths ? a->lengths[b] : a->T); t++)
+                memcpy(job->xp + ((ptrdiff_t)t * a->B + b) * job->GHp,
+                       a->table + a->ids[(ptrdiff_t)b * a->T + t] * job->GHp, job->GHp * sizeof(float));
+}
+
+/* Sets job up for a's run on at most nthreads threads (nothing shared yet); returns the threads it can use and
+ * adds its work to *flops and its largest step's to *step_flops. */
+static int steps_setup(steps_job *job, le_steps_args *a, int nthreads, double *flops, double *step_flops)
+{
     int P = panels_of(a->H);
-    memset(&job, 0, sizeof job);
-    job.a = a;
-    job.v = le_variant_in_use();
-    job.P = P;
-    job.fused = fuse_steps(a);
+    memset(job, 0, sizeof *job);
+    job->a = a;
+    job->v = le_variant_in_use();
+    job->P = P;
+    job->fused = fuse_steps(a);
     /* A streaming caller runs one step per call: each call turns the order of the last call on the
      * same weights around (a few slots by address; a collision only costs a turn). */
     static atomic_uint turns[64];
-    job.flip = (int)(atomic_fetch_add_explicit(&turns[((uintptr_t)a->w_hh >> 6) % 64], a->T, memory_order_relaxed) & 1);
+    job->flip = (int)(atomic_fetch_add_explicit(&turns[((uintptr_t)a->w_hh >> 6) % 64], a->T, memory_order_relaxed) & 1);
     steps_work w = steps_work_layout(a->cell, a->B, a->H, a->T);
-    job.GHp = w.GHp;
-    job.xp = a->work + w.xp; /* (T, B, G * Hp) */
-    if (a->table) {
-        /* The projections are the table's rows: looked up, nothing projected (phase 0 is empty). */
-        if (a->B == 1 && a->T == 1)
-            job.xp = (float *)(a->table + a->ids[0] * job.GHp);
-        else
-            for (int b = 0; b < a->B; b++)
-                for (int t = 0; t < (a->lengths ? a->lengths[b] : a->T); t++)
-                    memcpy(job.xp + ((ptrdiff_t)t * a->B + b) * job.GHp,
-                           a->table + a->ids[(ptrdiff_t)b * a->T + t] * job.GHp, job.GHp * sizeof(float));
-    }
-    ptrdiff_t BH = (ptrdiff_t)a->B * a->H;
-    job.hbuf[0] = a->work + w.hbuf0;
-    job.hbuf[1] = a->work + w.hbuf1;
-    memcpy(job.hbuf[0], a->h, BH * sizeof(float));
+    job->GHp = w.GHp;
+    job->xp = a->work + w.xp; /* (T, B, G * Hp) */
+    job->hbuf[0] = a->work + w.hbuf0;
+    job->hbuf[1] = a->work + w.hbuf1;
+    memcpy(job->hbuf[0], a->h, (ptrdiff_t)a->B * a->H * sizeof(float));
+    if (a->table)
+        steps_look_up(job);
     /* Each thread needs at least one panel. */
     if (nthreads > P)
         nthreads = P;
     if (nthreads > MAX_PARTS)
         nthreads = MAX_PARTS;
-    double step_flops = 2.0 * a->B * job.GHp * (job.fused ? a->In + a->H : a->H);
+    double step = 2.0 * a->B * job->GHp * (job->fused ? a->In + a->H : a->H);
+    *step_flops = step > *step_flops ? step : *step_flops;
     /* A table's projections are looked up, not computed. */
-    double flops = 2.0 * a->B * a->T * job.GHp * ((a->table ? 0 : a->In) + a->H);
-    int used = le_pool_acquire(nthreads, flops, step_flops);
-    job.nth = used;
-    if (!job.fused && !a->table) {
+    *flops += 2.0 * a->B * a->T * job->GHp * ((a->table ? 0 : a->In) + a->H);
+    return nthreads;
+}
+
+/* The job's threads are known: its ranges and projection units follow. */
+static void steps_share(steps_job *job, int used)
+{
+    le_steps_args *a = job->a;
+    job->nth = used;
+    if (!job->fused && !a->table) {
         /* Enough projection units for every thread to have a few (each an A chunk read once). */
-        job.chunks = (a->B * a->T + PROJECT_ROWS - 1) / PROJECT_ROWS;
-        job.groups = (4 * used + job.chunks - 1) / job.chunks;
-        job.groups = job.groups < 1 ? 1 : (job.groups > P ? P : job.groups);
-        job.U0 = job.chunks * job.groups;
+        job->chunks = (a->B * a->T + PROJECT_ROWS - 1) / PROJECT_ROWS;
+        job->groups = (4 * used + job->chunks - 1) / job->chunks;
+        job->groups = job->groups < 1 ? 1 : (job->groups > job->P ? job->P : job->groups);
+        job->U0 = job->chunks * job->groups;
     }
     for (int r = 0; r < MAX_PARTS; r++)
-        atomic_init(&job.next[r], 0);
-    atomic_init(&job.done, 0);
-    atomic_init(&job.phase, 0);
-    le_pool_run(steps_run, &job, used);
-    memcpy(a->h, job.hbuf[a->T & 1], BH * sizeof(float));
+        atomic_init(&job->next[r], 0);
+    atomic_init(&job->done, 0);
+    atomic_init(&job->phase, 0);
+}
+
+/* Layers of one step, each reading the last one's output, in ONE pool job: a layer's run on the pool
+ * (waking the workers, joining them) cost more than a stream step of LSTM 256 x2 can spare. Between
+ * two layers every thread waits until the first is done (the next one's input is its whole output),
+ * within the job; each thread keeps its own ranges of every layer's panels. */
+typedef struct {
+    steps_job *jobs;
+    int n;
+    atomic_int layer; /* the latest layer begun: where a late worker starts */
+} chain_job;
+
+static void chain_run(void *arg, int tid, int nth)
+{
+    (void)nth;
+    chain_job *chain = arg;
+    for (int l = atomic_load_explicit(&chain->layer, memory_order_relaxed); l < chain->n; l++) {
+        steps_job *job = &chain->jobs[l];
+        long started = le_now_ns();
+        int seen = atomic_load_explicit(&chain->layer, memory_order_relaxed);
+        while (seen < l && !atomic_compare_exchange_weak_explicit(&chain->layer, &seen, l, memory_order_relaxed,
+                                                                  memory_order_relaxed))
+            ;
+        if (tid < job->nth)
+            steps_run(job, tid, job->nth);
+        if (l + 1 == chain->n)
+            break; /* the caller waits for the last layer in steps_run */
+        done_wait w = {job, units_before(job, job->a->T + 1)};
+        long worked = le_now_ns() - started, waited = le_wait_until(reached, &w);
+        if (waited > STALL_NS && waited > 2 * worked)
+            le_pool_note_stall();
+    }
+}
+
+int le_run_chain_f32(le_steps_args *layers, const int *nthreads, int n)
+{
+    steps_job jobs[LE_CHAIN_MAX];
+    int most = 1, wanted[LE_CHAIN_MAX];
+    double flops = 0, step_flops = 0;
+    for (int l = 0; l < n; l++) {
+        wanted[l] = steps_setup(&jobs[l], &layers[l], nthreads[l], &flops, &step_flops);
+        most = wanted[l] > most ? wanted[l] : most;
+    }
+    int used = le_pool_acquire(most, flops, step_flops);
+    for (int l = 0; l < n; l++)
+        steps_share(&jobs[l], wanted[l] < used ? wanted[l] : used);
+    chain_job chain = {jobs, n};
+    atomic_init(&chain.layer, 0);
+    le_pool_run(chain_run, &chain, used);
+    for (int l = 0; l < n; l++)
+        memcpy(layers[l].h, jobs[l].hbuf[layers[l].T & 1], (ptrdiff_t)layers[l].B * layers[l].H * sizeof(float));
     return used;
+}
+
+int le_run_steps_f32(le_steps_args *a, int nthreads)
+{
+    return le_run_chain_f32(a, &nthreads, 1);
 }
 
 void le_project_f32(int cell, int H, int In, const float *x, int rows, const float *w_ih, const float *bias,
