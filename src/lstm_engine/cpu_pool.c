@@ -388,10 +388,11 @@ static void wake_sleepers(void)
     pthread_mutex_unlock(&pool.lock);
 }
 
-/* The number of threads a job may use, up to nth: 1 after a stall (above), under contention unless
- * the job is long with coarse steps (above), when the workers are busy with another caller's job
- * (so two sessions stepping at once each keep one core), or, unless the job is long, when no worker
- * is spinning on a core. Above 1 the workers are reserved for this caller until le_pool_run. */
+/* The number of threads a job may use, up to nth and the usable cores (above): 1 after a stall
+ * (above), under contention unless the job is long with coarse steps (above), when the workers are
+ * busy with another caller's job (so two sessions stepping at once each keep one core), or, unless
+ * the job is long, when no worker is spinning on a core. Above 1 the workers are reserved for this
+ * caller until le_pool_run. Each job that asks for more than 1 is counted with its outcome. */
 int le_pool_acquire(int nth, double flops, double step_flops)
 {
     if (nth > MAX_THREADS)
