@@ -10,9 +10,11 @@ model.pool()), the server over HTTP keep-alive (one connection per stream), the 
 WebSocket (one connection per stream), the in-process ceiling again. ``--empty-server`` adds the
 same two client phases against an ASGI app that answers the same requests with fixed bytes, under
 the server's own uvicorn settings: the ceiling of the ASGI stack itself on this machine.
-``--rounds N`` repeats the server phases, interleaved, with the load average on every row. Each prints aggregate steps/s,
-the ratio to the in-process ceiling, and client-side p50/p99 latency per step; the server's RSS is
-sampled through the run. The clients run in --client-procs processes on the same machine (they
+``--rounds N`` repeats the server phases, interleaved, with the load average on every row;
+``--baseline DIR`` adds the server of another built checkout to each round (an A/B of the server's code
+under the same load). Each prints aggregate steps/s, the ratio to the in-process ceiling, and
+client-side p50/p99 latency per step, then what the targets allow each step (print_bounds); the
+server's RSS is sampled through the run. The clients run in --client-procs processes on the same machine (they
 compete with the server for its cores: on a 2-core machine that bounds what the server can show).
 Everything is bounded: the streams (<= 1000), each phase's seconds, and the server is killed at the end.
 """
@@ -437,8 +439,8 @@ def serve_empty(output_size: int) -> None:
 # -- the server ------------------------------------------------------------------------------------
 
 class ServerProcess:
-    def __init__(self, command: list[str]) -> None:
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def __init__(self, command: list[str], env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.url = None
         ready = threading.Event()
 
@@ -479,6 +481,61 @@ class ServerProcess:
         self.proc.wait(30)
 
 
+# Issue 15's targets: the server's steps/s as a share of the in-process pool's, per way.
+TARGETS = {"HTTP keep-alive": 0.50, "WebSocket": 0.70}
+
+
+def bound(ceiling: float, share: float, cores: int, client_us: float, pool_us: float) -> dict:
+    """What a target allows each step, if server, pool and clients had the machine's cores to themselves.
+
+    At ``share`` of the in-process pool's ``ceiling`` steps/s the machine has ``cores`` x 1e6 / rate core-us a
+    step; the clients take ``client_us`` of it and the server's pool (its worker and kernel threads, at the
+    batch sizes the server saw) ``pool_us``; what is left is the event loop's thread's, which, one thread,
+    also gets at most one core: 1e6 / rate us a step.
+    """
+    rate = share * ceiling
+    machine = cores * 1e6 / rate
+    server = machine - client_us
+    return {"rate": rate, "machine": machine, "server": server, "loop": min(1e6 / rate, server - pool_us)}
+
+
+def print_bounds(rows: list, pools: list) -> None:
+    """For each server row, the arithmetic of its target from figures measured in this run.
+
+    Twice: with every core of the machine (what the target needs on a machine of one's own), and with the
+    cores the server and its clients got in that phase (what it needed in this run, others' jobs included).
+    """
+    cores = os.cpu_count() or 1
+    printed = False
+    for i, (name, r) in enumerate(rows):
+        label, _, way = name.partition(", ")
+        if label != "server" or way not in TARGETS:
+            continue
+        before, after = max(p for p in pools if p <= i), min(p for p in pools if p >= i)
+        ceiling = (rows[before][1]["steps_s"] + rows[after][1]["steps_s"]) / 2
+        pool_inproc = (rows[before][1]["cpu_us"] + rows[after][1]["cpu_us"]) / 2
+        pool_us = r["cpu_us"] - r["loop_cpu_us"]  # the server's other threads: the pool's worker and kernels
+        if not printed:
+            print("# What the targets allow a step (core-us, from this run's figures; 'pool': the server's threads "
+                  "other than the event loop's, at the batch sizes it saw, the in-process pool's whole process in "
+                  "brackets; the loop thread also gets at most one core):")
+            printed = True
+        rate = TARGETS[way] * ceiling
+        print(f"#   {way} {TARGETS[way]:.0%} of {ceiling:,.0f} = {rate:,.0f} steps/s; "
+              f"clients {r['client_cpu_us']:.0f}, pool {pool_us:.0f} at batch {r['batch']:.1f} "
+              f"[{pool_inproc:.0f} at {rows[before][1]['batch']:.1f}], load {r['load']:.1f}:")
+        for what, n in ((f"all {cores} cores", cores), (f"the {r['cores'] + r['client_cores']:.2f} cores server and "
+                                                        "clients got", r["cores"] + r["client_cores"])):
+            b = bound(ceiling, TARGETS[way], n, r["client_cpu_us"], pool_us)
+            if b["loop"] <= 0:
+                verdict = "out of reach even with a loop thread that cost nothing"
+            else:
+                gap = "met" if r["loop_cpu_us"] <= b["loop"] else f"needs {1 - b['loop'] / r['loop_cpu_us']:.0%} less"
+                verdict = f"loop thread <= {b['loop']:.0f} (measured {r['loop_cpu_us']:.0f}: {gap})"
+            print(f"#     on {what}: {b['machine']:.0f} a step - clients = server <= {b['server']:.0f} (measured "
+                  f"{r['cpu_us']:.0f}); - pool -> {verdict}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=200)
@@ -493,6 +550,9 @@ def main() -> None:
     ap.add_argument("--empty-server", action="store_true",
                     help="also drive an ASGI app that answers with fixed bytes: the ASGI stack's own ceiling")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the server phases, interleaved (default 1)")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also serve from another built checkout (its src/ first on PYTHONPATH), interleaved with "
+                         "this one: an A/B of the server's code under the same load")
     ap.add_argument("--serve-empty", type=int, default=None, metavar="OUTPUT_SIZE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_empty is not None:
@@ -503,6 +563,8 @@ def main() -> None:
         ap.error("--seconds: 1..3600")
     if not 1 <= args.rounds <= 20:
         ap.error("--rounds: 1..20")
+    if args.baseline and not os.path.isdir(os.path.join(args.baseline, "src", "lstm_engine")):
+        ap.error(f"--baseline: {args.baseline} has no src/lstm_engine (a built checkout, e.g. a clone of main)")
 
     model = build(args.model)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -522,16 +584,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.safetensors")
         le.save(model, path)
-        servers = [("server", [sys.executable, "-m", "lstm_engine.cli", "serve", path, "--port", "0", "--max-batch",
-                               str(args.max_batch), "--max-queue", "4096",
-                               *(["--state-dir", os.path.join(d, "states")] if args.state_dir else [])])]
+        serve = [sys.executable, "-m", "lstm_engine.cli", "serve", path, "--port", "0", "--max-batch",
+                 str(args.max_batch), "--max-queue", "4096",
+                 *(["--state-dir", os.path.join(d, "states")] if args.state_dir else [])]
+        servers = [("server", serve, None)]
+        if args.baseline:
+            servers.insert(0, ("baseline", serve, {**os.environ, "PYTHONPATH": os.path.join(args.baseline, "src")}))
         if args.empty_server:
             servers.insert(0, ("empty ASGI", [sys.executable, os.path.abspath(__file__), "--serve-empty",
-                                              str(model.output_size)]))
-        for _ in range(args.rounds):
+                                              str(model.output_size)], None))
+        for k in range(args.rounds):
             measure("in-process pool", in_process(model, args.streams, args.seconds, args.max_batch))
-            for label, command in servers:
-                server = ServerProcess(command)
+            # Every other round in the reverse order, so that no server always runs first after the pool's phase.
+            for label, command, env in servers if k % 2 == 0 else servers[::-1]:
+                server = ServerProcess(command, env)
+                if label == "server":
+                    served = server
                 try:
                     for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
                         measure(f"{label}, {name}", over_network(kind, server.url, args.streams, args.client_procs,
@@ -558,7 +626,8 @@ def main() -> None:
         print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
               f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['batch']:6.1f} "
               f"{r['cpu_us']:11.0f} {loop} {clients} {r['cores']:5.2f} {client_cores} {r['load']:5.1f}")
-    rss = server.rss  # the last server's: the real one
+    print_bounds(rows, pools)
+    rss = served.rss  # the last run of this checkout's server
     if rss:
         marks = rss[:: max(1, len(rss) // 10)] + [rss[-1]]
         print("server RSS (s: MiB): " + ", ".join(f"{t:.0f}: {m:.0f}" for t, m in marks))

@@ -1067,3 +1067,27 @@ def test_concurrent_requests_on_one_stream_run_one_at_a_time(files):
     assert [a[0] for a in answers] == list(range(1, len(answers) + 1))
     want = reference(model, np.stack([a[1] for a in answers]))
     np.testing.assert_array_equal(np.stack([a[2] for a in answers]), want)
+
+
+def test_run_restores_the_process_collector_settings_it_changes(files):
+    """run() raises gen 0's threshold and freezes what exists while it serves, and gives both back after: a
+    process that embeds the server keeps its own settings."""
+    code = ("import gc, json, os, signal, sys\n"
+            "import lstm_engine as le\n"
+            "from lstm_engine.serve import GC_THRESHOLD, Server, bind, run\n"
+            "signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn raises it again once it stopped\n"
+            "gc.set_threshold(500, 7, 9)\n"
+            "before = (gc.get_threshold(), gc.get_freeze_count())\n"
+            "seen = []\n"
+            "def ready():\n"
+            "    seen.append((gc.get_threshold(), gc.get_freeze_count()))\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "run(Server(le.load(sys.argv[1])), bind('127.0.0.1', 0), on_ready=ready)\n"
+            "print(json.dumps({'before': before, 'serving': seen[0], 'after': (gc.get_threshold(), "
+            "gc.get_freeze_count()), 'threshold': GC_THRESHOLD}))\n")
+    p = subprocess.run([sys.executable, "-c", code, files["float"]], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["before"] == [[500, 7, 9], 0]
+    assert got["serving"][0] == [got["threshold"], 7, 9] and got["serving"][1] > 0
+    assert got["after"] == got["before"]

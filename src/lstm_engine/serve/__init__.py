@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
                       "pip install '.[serve]')") from exc
 
 import asyncio
+import gc
 import socket
 import sys
 from typing import Any, Callable
@@ -35,6 +36,13 @@ __all__ = ["Limits", "Server", "TokenFile", "read_tokens", "run", "bind", "SWITC
 # 1 ms 2.6-3.0k / 1.5-1.8k, 0.5 ms 3.1-3.2k / 1.5-2.5k, 0.2 ms 5.0-5.2k / 2.8-5.6k; then 0.2 ms
 # 4.4-6.3k / 6.5-7.0k, 0.1 ms 6.4-7.8k / 4.5-6.1k, 0.05 ms 2.4-7.4k / 3.5-5.6k.
 SWITCH_INTERVAL = 0.0002
+
+# Every request makes a few dozen short-lived container objects (coroutines, futures, ASGI message dicts);
+# at the default gen-0 threshold (700) CPython's cycle collector ran every few requests and, now and then, a
+# full collection went through every object of the model, NumPy, uvicorn and Starlette: 6-7 % of the event
+# loop's thread under load (perf, 200 WebSocket streams). The server freezes what exists once it listens
+# (those objects are never garbage) and collects gen 0 every GC_THRESHOLD allocations.
+GC_THRESHOLD = 10_000
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -112,26 +120,35 @@ def run(server: Server, sock: socket.socket, *, log_level: str = "warning",
                             timeout_graceful_shutdown=10, server_header=False, http=_http_protocol(),
                             # No X-Forwarded-* rewriting of the client's address: nothing here reads it, and the
                             # middleware cost every request and message ~2 % of the event loop's time.
-                            proxy_headers=False)
+                            proxy_headers=False,
+                            # websockets' sans-I/O protocol, named: uvicorn's default only since 0.50. The event
+                            # loop's CPU a message at 200 streams (serve_load.py, 8-s phases, load 3-6): 44-45 us
+                            # with it, 63-74 with websockets' legacy protocol, 66-67 with wsproto.
+                            ws="websockets-sansio")
     uv = uvicorn.Server(config)
 
     async def main() -> None:
         task = asyncio.create_task(uv.serve(sockets=[sock]))
         while not uv.started and not task.done():
             await asyncio.sleep(0.01)
-        if uv.started and on_ready is not None:
-            on_ready()
+        if uv.started:
+            gc.freeze()
+            if on_ready is not None:
+                on_ready()
         await task
 
     # uvicorn's loop choice (uvloop when installed), with our readiness signal on top.
     factory = config.get_loop_factory()
     loop = factory() if factory is not None else asyncio.new_event_loop()
-    switch = sys.getswitchinterval()
+    switch, thresholds = sys.getswitchinterval(), gc.get_threshold()
     sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
+    gc.set_threshold(max(thresholds[0], GC_THRESHOLD), *thresholds[1:])
     try:
         loop.run_until_complete(main())
     finally:
         sys.setswitchinterval(switch)
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
         loop.close()
     if not uv.started:
         sys.exit(1)

@@ -123,7 +123,6 @@ class StreamStore:
                     raise StreamError(503, "state_unavailable", f"the stream's saved state cannot be read: {exc}") \
                         from None
             entry.stream, entry.saved = stream, None
-        entry.last_used = time.monotonic()
         return entry.stream
 
     async def _persist(self, entry: Entry, position: int) -> None:
@@ -200,14 +199,22 @@ class StreamStore:
         # A failed step leaves its stream's state as it was (the pool scatters states back only after a
         # batch ran), so only the earlier steps of a chunk can need undoing.
         before = None if self.wal is not None or len(xs) == 1 else stream.save_state()
-        out = np.empty((len(xs), self.output_size), self.pool.dtype)
         try:
-            for t, x in enumerate(xs):
+            if len(xs) == 1:
+                # One step, the usual request: its row of the batch's result is the answer as it is.
                 t0 = time.perf_counter()
-                out[t] = await stream.astep(x)
+                out = (await stream.astep(xs[0]))[None]
                 if self.on_step is not None:
                     self.on_step(time.perf_counter() - t0)
-            await self._persist(entry, entry.position + len(xs))
+            else:
+                out = np.empty((len(xs), self.output_size), self.pool.dtype)
+                for t, x in enumerate(xs):
+                    t0 = time.perf_counter()
+                    out[t] = await stream.astep(x)
+                    if self.on_step is not None:
+                        self.on_step(time.perf_counter() - t0)
+            if self.wal is not None:
+                await self._persist(entry, entry.position + len(xs))
         except BaseException:
             self._roll_back(entry, before)
             raise
