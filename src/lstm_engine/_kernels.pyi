@@ -73,7 +73,8 @@ VARIANTS: tuple[str, ...]  # ("portable", "avx2", "avx512"): kernel variant name
 def simd_level() -> int: ...  # the variant in use: 0 portable, 1 AVX2+FMA, 2 AVX-512
 def set_simd_level(level: int | str | None) -> None: ...  # force a variant (ValueError if unsupported); -1/None: CPU check
 def variant_supported(level: int | str) -> tuple[bool, str]: ...  # (runs here?, why or what is missing)
-def cpu_info() -> dict[str, object]: ...  # cpu, variant, reason, variants, threads, threads_reason
+def cpu_info() -> dict[str, object]: ...  # cpu, variant, reason, variants, threads, threads_reason, pool
+def pool_stats() -> dict[str, int | bool]: ...  # the pool's jobs: asked, split, why others ran alone
 def dense_row(
     weight: npt.NDArray[np.float32],  # (N, K)
     x: npt.NDArray[np.float32],  # (K,)

@@ -54,6 +54,11 @@ cdef extern from "_cpu.h" nogil:
     int le_run_chain_f32(le_steps_args* layers, const int* nthreads, int n)
     int le_cpu_count()
     const char* le_cpu_count_reason()
+    enum:
+        LE_POOL_NSTATS
+    void le_pool_stats(long* out, int* cores, int* contended)
+    int le_pool_contention(long now, int event, long* window_ns)
+    void le_pool_set_join_delay(long ns)
     int le_blas_bind()
     int le_blas_threads()
     void le_blas_set_threads(int n)
@@ -592,7 +597,8 @@ def cpu_info():
     """Which float32 kernel variant runs and why, what each variant needs, and the default threads.
 
     A dict: cpu (model name), variant, reason, variants {name: {supported, reason}}, threads,
-    threads_reason. LSTM_ENGINE_KERNELS=portable|avx2|avx512 in the environment forces a variant."""
+    threads_reason, pool (what the worker pool did: pool_stats()). LSTM_ENGINE_KERNELS=portable|avx2|avx512
+    in the environment forces a variant."""
     level = le_simd_level()
     forced = le_simd_forced() >= 0
     return {
@@ -604,6 +610,7 @@ def cpu_info():
                                    "reason": le_simd_reason(v).decode()} for v in range(LE_NUM_VARIANTS)},
         "threads": le_cpu_count(),
         "threads_reason": le_cpu_count_reason().decode(),
+        "pool": pool_stats(),
         # The products of quantized models (lstm_engine.quantize); LSTM_ENGINE_KERNELS caps them too.
         "quantized_variant": QUANT_VARIANTS[le_q_level()],
         "quantized_variants": {QUANT_VARIANTS[v]: {"supported": bool(le_q_supported(v)),
@@ -629,6 +636,44 @@ _force_from_environment()
 def cpu_count():
     """Cores this process may run on (its affinity mask)."""
     return le_cpu_count()
+
+
+POOL_STATS = ("asked", "split", "one_core", "stalled", "contended", "busy", "away")
+
+
+def pool_stats():
+    """What the worker pool did with the jobs that asked for more than one thread, since the process began.
+
+    asked: such jobs; split: those that ran on more than one thread; the others ran on the caller's thread
+    alone, counted by the first reason found: one_core (the process may use one core now: its affinity mask
+    or cgroup quota, read again every 100 ms), stalled (a thread of a recent job waited long for another that
+    had lost its core: one thread for 1 ms, doubling to 1 s while stalls repeat), contended (the machine has
+    more runnable threads than cores: short jobs stay on one thread until 200 ms pass without a sign of it),
+    busy (another call has the workers), away (a short job and no worker spinning on a core: they are woken
+    for the next one). Also cores (the usable cores the pool last read, 0 before its first job) and
+    contended_now."""
+    cdef long out[LE_POOL_NSTATS]
+    cdef int cores, contended
+    le_pool_stats(out, &cores, &contended)
+    stats = {name: out[i] for i, name in enumerate(POOL_STATS)}
+    stats["cores"] = cores
+    stats["contended_now"] = bool(contended)
+    return stats
+
+
+def _contention(long now, str event):
+    """For tests: drive the pool's contention rule with a given clock (ns). event: "gap" (a thread of ours
+    spinning was off its core > 100 µs), "waited" / "not waited" (a caller looks after its window ended,
+    having waited for a core a tenth of its time or not), "reset". Returns (contended at now, window ns)."""
+    cdef long window
+    code = {"gap": 0, "waited": 1, "not waited": 2, "reset": 3}[event]
+    contended = le_pool_contention(now, code, &window)
+    return bool(contended), window
+
+
+def _pool_join_delay(long ns):
+    """For tests: the pool's workers wait ns before joining each job (0: at once), as workers without a core."""
+    le_pool_set_join_delay(ns)
 
 
 def blas_threads():
