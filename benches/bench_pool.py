@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -192,24 +193,31 @@ class PoolAsyncio:
 
 
 def compare(model: le.Model, seconds: float, rounds: int) -> dict:
-    """Median steps/s (and mean batch) of each way, measured in interleaved rounds.
+    """Median steps/s, mean batch and the process's CPU µs a step of each way, measured in interleaved rounds.
 
-    This machine is shared: interleaving gives every way the same share of its neighbours' load.
+    This machine is shared: interleaving gives every way the same share of its neighbours' load. The CPU
+    time a step (every thread of the process, spinning included) is the work a way costs, which a
+    neighbour's load changes much less than the rate (a way whose threads wait for cores loses rate, not CPU).
     """
     ways = {"sessions": Sessions(model), "pool, threads": PoolThreads(model),
             "pool, asyncio": PoolAsyncio(model), "one batch-32 session": BatchSession(model)}
     rates: dict = {name: [] for name in ways}
     batches: dict = {name: [] for name in ways}
+    cpus: dict = {name: [] for name in ways}
     try:
         for _ in range(rounds):
             for name, way in ways.items():
+                c0, t0 = time.process_time(), time.perf_counter()
                 rate, batch = way.measure(seconds)
+                # measure() may run a moment before and after its timed part: CPU over all of it, steps by rate.
+                cpus[name].append((time.process_time() - c0) / max(1.0, rate * (time.perf_counter() - t0)))
                 rates[name].append(rate)
                 batches[name].append(batch)
     finally:
         for way in ways.values():
             way.close()
-    return {name: (statistics.median(rates[name]), statistics.median(batches[name])) for name in ways}
+    return {name: (statistics.median(rates[name]), statistics.median(batches[name]),
+                   statistics.median(cpus[name]) * 1e6) for name in ways}
 
 
 # -- pytest-benchmark ------------------------------------------------------------------------------
@@ -250,16 +258,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     print(f"{STREAMS} streams: aggregate steps/s, median of {args.rounds} interleaved rounds "
-          f"(ratio over {STREAMS} sessions stepped one at a time; mean batch the pool formed)")
+          f"(ratio over {STREAMS} sessions stepped one at a time; mean batch the pool formed; the process's CPU "
+          f"µs a step); kernel variant {le.cpu_info()['variant']}")
     for name in args.models:
         res = compare(build(name), args.seconds, args.rounds)
         base = res["sessions"][0]
-        cells = [f"sessions {base:7.0f}"]
+        cells = [f"sessions {base:7.0f} (cpu {res['sessions'][2]:5.1f})"]
         for way in ("pool, threads", "pool, asyncio", "one batch-32 session"):
-            rate, batch = res[way]
+            rate, batch, cpu = res[way]
             extra = f", batch {batch:4.1f}" if way.startswith("pool") else ""
-            cells.append(f"{way} {rate:7.0f} ({rate / base:4.2f}x{extra})")
-        print(f"  {name:<10} " + " | ".join(cells), flush=True)
+            cells.append(f"{way} {rate:7.0f} ({rate / base:4.2f}x{extra}, cpu {cpu:5.1f})")
+        print(f"  {name:<10} " + " | ".join(cells) + f" | load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

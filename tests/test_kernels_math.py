@@ -2,6 +2,8 @@
 and the batch-1 direct path (threads, T=1 fused and T>1) against the general BLAS path and PyTorch."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -252,6 +254,126 @@ def test_default_threads_follow_affinity_and_omp_num_threads():
     assert _in_child(code, OMP_NUM_THREADS="1")[1] == "1 | OMP_NUM_THREADS=1"
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " + code)
     assert _in_child(code, OMP_NUM_THREADS="")[1] == "1 | 1 core(s) in the process's affinity mask"
+
+
+def test_contention_backs_off_while_the_cores_stay_taken_and_comes_back():
+    """The pool's contention rule (cpu_pool.c) on an injected clock, in a child process (the rule's state is the
+    process's): a gap opens a 200 ms window; at its end a caller that waited for a core renews it, one that did
+    not ends it; a gap soon after an end doubles the next window (up to 3.2 s), a gap long after starts at 200 ms."""
+    code = """if True:
+        from lstm_engine import _kernels as k
+        ms = 1_000_000
+        t = 10**15
+        def at(dt, event):
+            c, w = k._contention(t + dt * ms, event)
+            print(int(c), w // ms, end=' ')
+        at(0, 'reset'); at(0, 'gap'); at(199, 'not waited'); at(200, 'waited'); at(399, 'not waited')
+        at(400, 'not waited')  # ended: a window of 200 ms then a gap 100 ms later: 400 ms
+        at(500, 'gap'); at(900, 'not waited'); at(1000, 'gap'); at(1800, 'not waited')
+        at(1900, 'gap'); at(3500, 'not waited'); at(3600, 'gap'); at(6800, 'not waited'); at(6900, 'gap')
+        at(10100, 'not waited'); at(20000, 'gap')
+    """
+    rc, out, err = _in_child(code)
+    assert rc == 0, err
+    steps = [tuple(map(int, pair)) for pair in zip(out.split()[::2], out.split()[1::2])]
+    assert steps == [(0, 200), (1, 200), (1, 200), (1, 200), (1, 200), (0, 200),
+                     (1, 400), (0, 400), (1, 800), (0, 800),
+                     (1, 1600), (0, 1600), (1, 3200), (0, 3200), (1, 3200),
+                     (0, 3200), (1, 200)]
+
+
+def _pool_child(body):
+    """Run body in a child with an LSTM 256 model on 2 threads (`model`, input `x`, its one-thread output
+    `want`) and `k` (_kernels), `delta(f)` (pool_stats change over f()), printing what body prints."""
+    code = """if True:
+        import os, time
+        import numpy as np
+        import lstm_engine as le
+        from lstm_engine import _kernels as k
+        rng = np.random.default_rng(3)
+        H = 256
+        w = rng.standard_normal((2, 4 * H, H)).astype(np.float32) / 16
+        model = le.Model([le.LSTM(w[0], w[1])], threads=2)
+        x = rng.standard_normal((1, 64, H)).astype(np.float32)
+        want = le.Model([le.LSTM(w[0], w[1])], threads=1).forward(x)[0]  # a layer's threads are its model's
+        cpus = sorted(os.sched_getaffinity(0))
+        def delta(f):
+            before = k.pool_stats()
+            out = f()
+            after = k.pool_stats()
+            return out, {key: after[key] - before[key] for key in k.POOL_STATS}, after
+    """ + "\n".join("        " + line for line in body.splitlines())
+    rc, out, err = _in_child(code)
+    assert rc == 0, err
+    return out
+
+
+def test_pool_runs_on_one_thread_while_the_process_may_use_one_core():
+    """sched_setaffinity after the model was made (threads=2): the pool reads the cores again (every 100 ms) and
+    runs the jobs on the caller alone, as threads=1; with both cores back it reads 2 and stops counting one_core
+    (whether it then splits depends on who else runs here)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this process may run on one core: nothing to narrow")
+    out = _pool_child("""
+model.forward(x)
+os.sched_setaffinity(0, {cpus[0]})
+time.sleep(0.15)
+y, d, after = delta(lambda: model.forward(x)[0])
+print(np.array_equal(y, want), d["asked"] > 0, d["one_core"] == d["asked"], d["split"], after["cores"])
+os.sched_setaffinity(0, set(cpus))
+time.sleep(0.15)
+y, d, after = delta(lambda: model.forward(x)[0])
+print(np.array_equal(y, want), d["asked"] > 0, d["one_core"], after["cores"] == len(cpus))
+""")
+    assert out.splitlines() == ["True True True 0 1", "True True 0 True"]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_workers_joining_late_or_never_change_no_bit(cell):
+    """Workers held back before each job (injected: none, 20 µs, 300 µs, 3 ms, and longer than the job) join at
+    some step or never: the caller takes the ranges of workers that have not come without waiting for them, and
+    the outputs stay those of one thread, bit for bit."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this process may run on one core: the pool never asks for a second thread")
+    code = """if True:
+        import numpy as np
+        import lstm_engine as le
+        from lstm_engine import _kernels as k
+        rng = np.random.default_rng(4)
+        H, G = 256, %d
+        cls = le.LSTM if G == 4 else le.GRU
+        w = rng.standard_normal((2, G * H, H)).astype(np.float32) / 16
+        x = rng.standard_normal((16, 24, H)).astype(np.float32)
+        want = le.Model([cls(w[0], w[1])], threads=1).forward(x)[0]
+        model = le.Model([cls(w[0], w[1])], threads=2)
+        split = 0
+        for delay in (0, 20_000, 300_000, 3_000_000, 200_000_000):
+            k._pool_join_delay(delay)
+            before = k.pool_stats()["split"]
+            for _ in range(3):
+                assert np.array_equal(model.forward(x)[0], want), delay
+            split += k.pool_stats()["split"] - before
+        k._pool_join_delay(0)
+        print("same", split > 0)
+    """ % (4 if cell == "lstm" else 3)
+    rc, out, err = _in_child(code)
+    assert rc == 0, err
+    assert out.startswith("same"), out
+
+
+def test_pool_runs_short_jobs_alone_while_contended_and_says_so():
+    """A gap injected 10 s ahead holds the pool contended: a batch-1 sequence (short steps) runs on the caller
+    alone, counted as contended, and cpu_info()["pool"] says contended_now; the output is the one-thread one."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this process may run on one core: the pool never asks for a second thread")
+    out = _pool_child("""
+model.forward(x)
+k._contention(time.monotonic_ns() + 10**10, "gap")
+y, d, after = delta(lambda: model.forward(x)[0])
+print(np.array_equal(y, want), d["asked"] > 0, d["contended"] == d["asked"], d["split"],
+      le.cpu_info()["pool"]["contended_now"])
+""")
+    assert out == "True True True 0 True"
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (10000, 512), (33, 37), (1000, 129)])

@@ -100,6 +100,81 @@ def test_float64_pool_matches_forward():
         np.testing.assert_allclose(got[i], want[i], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chain_pool_runs_batches_of_every_size_in_one_call(dtype):
+    """A chain of recurrent layers steps each batch through its one compiled step (plan.chain_step, bound to the
+    gather buffers, run on the batch's first rows); float64 takes the layers' own run() inside it. Batches of
+    1..max_batch rows, streams in scattered slots, against forward."""
+    torch.manual_seed(4)
+    model = le.from_torch(torch.nn.LSTM(5, 12, 2, batch_first=True), dtype=dtype)
+    rng = np.random.default_rng(4)
+    N, T = 7, 9
+    xs = rng.standard_normal((N, T, 5)).astype(dtype)
+    want = model.forward(xs)[0]
+    with model.pool(max_batch=4) as pool:
+        assert pool._core.chain is not None
+        spare = [pool.open() for _ in range(5)]  # the streams below get slots 5.. after these close
+        for s in spare[::2]:
+            s.close()
+        got = [None] * N
+
+        def stream(i):
+            with pool.open() as s:
+                out = []
+                for t in range(T):
+                    out.append(s.step(xs[i, t]))
+                    if rng.random() < 0.3:
+                        time.sleep(0.0005)  # vary the batches
+                got[i] = np.stack(out)
+
+        run_threads(stream, N)
+        sizes = pool.stats
+    tol = dict(atol=1e-6, rtol=0) if dtype == np.float32 else dict(atol=1e-12, rtol=0)
+    for i in range(N):
+        np.testing.assert_allclose(got[i], want[i], **tol)
+    assert sizes["steps"] == N * T
+
+
+def test_row_copies():
+    """The pool's gather, scatter and stacking helpers, and what they refuse."""
+    from lstm_engine import _kernels
+
+    rng = np.random.default_rng(5)
+    src = rng.standard_normal((6, 3)).astype(np.float32)
+    dst = np.zeros((4, 3), np.float32)
+    idx = np.array([4, 0, 5], np.intp)
+    _kernels.take_rows(src, idx, dst)
+    np.testing.assert_array_equal(dst[:3], src[idx])
+    assert not dst[3].any()
+    back = np.zeros_like(src)
+    _kernels.put_rows(dst, idx, back)
+    np.testing.assert_array_equal(back[idx], src[idx])
+    assert not back[[1, 2, 3]].any()
+    for bad in (np.array([6], np.intp), np.array([-1], np.intp)):
+        with pytest.raises(ValueError, match="out of range"):
+            _kernels.take_rows(src, bad, dst)
+        with pytest.raises(ValueError, match="out of range"):
+            _kernels.put_rows(dst, bad, src)
+    with pytest.raises(ValueError, match="intp"):
+        _kernels.take_rows(src, idx.astype(np.int32), dst)
+    with pytest.raises(ValueError, match="one dtype and width"):
+        _kernels.take_rows(src, idx, np.zeros((4, 3), np.float64))
+    with pytest.raises(ValueError, match="one dtype and width"):
+        _kernels.take_rows(src, idx, np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match="rows"):
+        _kernels.take_rows(src, np.arange(5, dtype=np.intp), dst)
+    rows = list(src)
+    out = np.zeros((8, 3), np.float32)
+    assert _kernels.stack_rows(rows, out)
+    np.testing.assert_array_equal(out[:6], src)
+    out[:] = 0
+    for odd in (src[:, 0], src[0].astype(np.float64), [1.0, 2.0, 3.0], src[0, :2]):
+        assert not _kernels.stack_rows(rows[:2] + [odd], out)
+    assert not out.any()
+    with pytest.raises(ValueError, match="rows"):
+        _kernels.stack_rows(rows, out[:5])
+
+
 def test_steps_waiting_together_run_as_one_batch():
     model = float_model()
     pool = model.pool(max_batch=16)

@@ -47,6 +47,9 @@ def reader(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("readme")
     here = os.getcwd()
+    # The blocks' libraries change the environment (Dask leaves OMP_NUM_THREADS=1, which caps the engine's
+    # threads): later tests get back the one they had.
+    environ = dict(os.environ)
     # Processes the blocks start (the server, Dask and Ray workers) find lstm_engine from the new directory too.
     pythonpath = os.environ.get("PYTHONPATH")
     if pythonpath:
@@ -57,8 +60,8 @@ def reader(tmp_path_factory):
         yield state
     finally:
         os.chdir(here)
-        if pythonpath:
-            os.environ["PYTHONPATH"] = pythonpath
+        os.environ.clear()
+        os.environ.update(environ)
         if state["server"] is not None:
             state["server"].stop()
         ray = state["namespace"].get("ray")

@@ -91,6 +91,20 @@ int le_run_chain_f32(le_steps_args *layers, const int *nthreads, int n);
  * smallest; le_cpu_count_reason says which set it. */
 int le_cpu_count(void);
 const char *le_cpu_count_reason(void);
+/* Cores the calling thread may run on now: its affinity mask and the cgroup's CPU quota (no
+ * OMP_NUM_THREADS, which sets a model's threads once); the pool reads it again while it runs. */
+int le_usable_cores(void);
+
+/* What the pool did with the jobs that asked for more than one thread (cpu_pool.c), counted since
+ * the process began: le_pool_stats fills LE_POOL_NSTATS counters in this order, then the cores
+ * the pool saw last and whether it holds the machine for contended now. */
+enum { LE_POOL_ASKED, LE_POOL_SPLIT, LE_POOL_ONE_CORE, LE_POOL_STALLED, LE_POOL_CONTENDED, LE_POOL_BUSY,
+       LE_POOL_AWAY, LE_POOL_NSTATS };
+void le_pool_stats(long out[LE_POOL_NSTATS], int *cores, int *contended);
+/* For tests: the contention rule driven with a given clock (cpu_pool.c says the events). */
+int le_pool_contention(long now, int event, long *window_ns);
+/* For tests: workers wait ns before joining each job (0: at once), as a worker without a core would. */
+void le_pool_set_join_delay(long ns);
 
 /* OpenBLAS thread counts (process-wide): bind once after the BLAS libraries are loaded; 0 when none
  * was found (another BLAS, or a platform without dl_iterate_phdr). */

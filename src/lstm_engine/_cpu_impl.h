@@ -121,6 +121,8 @@ void le_pool_run(job_fn fn, void *arg, int nth);
 long le_wait_until(int (*cond)(void *), void *arg);
 /* A thread of the running job waited long for another: the next calls run on one thread a while. */
 void le_pool_note_stall(void);
+/* Workers that have joined the running job so far: tids 1..le_pool_joined(); a higher tid has not come. */
+int le_pool_joined(void);
 /* Units 0..U-1 of one product on up to nthreads threads (cpu_steps.c): each thread owns a range, the
  * same units at every call, and takes the others' leftovers. Returns the threads used. */
 int le_run_units(int U, void (*unit)(void *ctx, int u), void *ctx, int nthreads, double flops);

@@ -62,14 +62,19 @@ class ChainStep:
         heads: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, bool]],  # weight, bias, relu
         input_size: int,
     ) -> None: ...
-    def step(self, x: object, out: object) -> bool: ...  # False, nothing touched: x or out not taken as is
+    def step(self, x: object, out: object, rows: int = ...) -> bool: ...  # False, nothing touched: x or out not taken as is; rows <= batch: the first rows only
+
+def take_rows(src: npt.NDArray, idx: npt.NDArray[np.intp], dst: npt.NDArray) -> None: ...  # dst[:len(idx)] = src[idx]
+def put_rows(src: npt.NDArray, idx: npt.NDArray[np.intp], dst: npt.NDArray) -> None: ...  # dst[idx] = src[:len(idx)]
+def stack_rows(xs: list, dst: npt.NDArray) -> bool: ...  # dst[i] = xs[i]; False (nothing written) if one does not fit as is
 
 VARIANTS: tuple[str, ...]  # ("portable", "avx2", "avx512"): kernel variant names by level
 
 def simd_level() -> int: ...  # the variant in use: 0 portable, 1 AVX2+FMA, 2 AVX-512
 def set_simd_level(level: int | str | None) -> None: ...  # force a variant (ValueError if unsupported); -1/None: CPU check
 def variant_supported(level: int | str) -> tuple[bool, str]: ...  # (runs here?, why or what is missing)
-def cpu_info() -> dict[str, object]: ...  # cpu, variant, reason, variants, threads, threads_reason
+def cpu_info() -> dict[str, object]: ...  # cpu, variant, reason, variants, threads, threads_reason, pool
+def pool_stats() -> dict[str, int | bool]: ...  # the pool's jobs: asked, split, why others ran alone
 def dense_row(
     weight: npt.NDArray[np.float32],  # (N, K)
     x: npt.NDArray[np.float32],  # (K,)

@@ -54,6 +54,11 @@ cdef extern from "_cpu.h" nogil:
     int le_run_chain_f32(le_steps_args* layers, const int* nthreads, int n)
     int le_cpu_count()
     const char* le_cpu_count_reason()
+    enum:
+        LE_POOL_NSTATS
+    void le_pool_stats(long* out, int* cores, int* contended)
+    int le_pool_contention(long now, int event, long* window_ns)
+    void le_pool_set_join_delay(long ns)
     int le_blas_bind()
     int le_blas_threads()
     void le_blas_set_threads(int n)
@@ -592,7 +597,8 @@ def cpu_info():
     """Which float32 kernel variant runs and why, what each variant needs, and the default threads.
 
     A dict: cpu (model name), variant, reason, variants {name: {supported, reason}}, threads,
-    threads_reason. LSTM_ENGINE_KERNELS=portable|avx2|avx512 in the environment forces a variant."""
+    threads_reason, pool (what the worker pool did: pool_stats()). LSTM_ENGINE_KERNELS=portable|avx2|avx512
+    in the environment forces a variant."""
     level = le_simd_level()
     forced = le_simd_forced() >= 0
     return {
@@ -604,6 +610,7 @@ def cpu_info():
                                    "reason": le_simd_reason(v).decode()} for v in range(LE_NUM_VARIANTS)},
         "threads": le_cpu_count(),
         "threads_reason": le_cpu_count_reason().decode(),
+        "pool": pool_stats(),
         # The products of quantized models (lstm_engine.quantize); LSTM_ENGINE_KERNELS caps them too.
         "quantized_variant": QUANT_VARIANTS[le_q_level()],
         "quantized_variants": {QUANT_VARIANTS[v]: {"supported": bool(le_q_supported(v)),
@@ -631,6 +638,44 @@ def cpu_count():
     return le_cpu_count()
 
 
+POOL_STATS = ("asked", "split", "one_core", "stalled", "contended", "busy", "away")
+
+
+def pool_stats():
+    """What the worker pool did with the jobs that asked for more than one thread, since the process began.
+
+    asked: such jobs; split: those that ran on more than one thread; the others ran on the caller's thread
+    alone, counted by the first reason found: one_core (the process may use one core now: its affinity mask
+    or cgroup quota, read again every 100 ms), stalled (a thread of a recent job waited long for another that
+    had lost its core: one thread for 1 ms, doubling to 1 s while stalls repeat), contended (the machine has
+    more runnable threads than cores: short jobs stay on one thread until 200 ms pass without a sign of it),
+    busy (another call has the workers), away (a short job and no worker spinning on a core: they are woken
+    for the next one). Also cores (the usable cores the pool last read, 0 before its first job) and
+    contended_now."""
+    cdef long out[LE_POOL_NSTATS]
+    cdef int cores, contended
+    le_pool_stats(out, &cores, &contended)
+    stats = {name: out[i] for i, name in enumerate(POOL_STATS)}
+    stats["cores"] = cores
+    stats["contended_now"] = bool(contended)
+    return stats
+
+
+def _contention(long now, str event):
+    """For tests: drive the pool's contention rule with a given clock (ns). event: "gap" (a thread of ours
+    spinning was off its core > 100 µs), "waited" / "not waited" (a caller looks after its window ended,
+    having waited for a core a tenth of its time or not), "reset". Returns (contended at now, window ns)."""
+    cdef long window
+    code = {"gap": 0, "waited": 1, "not waited": 2, "reset": 3}[event]
+    contended = le_pool_contention(now, code, &window)
+    return bool(contended), window
+
+
+def _pool_join_delay(long ns):
+    """For tests: the pool's workers wait ns before joining each job (0: at once), as workers without a core."""
+    le_pool_set_join_delay(ns)
+
+
 def blas_threads():
     """The thread count of the OpenBLAS builds in this process (the largest), 0 if none was found."""
     return le_blas_threads()
@@ -639,6 +684,82 @@ def blas_threads():
 def set_blas_threads(int n):
     """Set every OpenBLAS build's thread count in this process (process-wide: OpenBLAS has no other kind)."""
     le_blas_set_threads(n)
+
+
+cdef Py_ssize_t row_bytes(cnp.ndarray a, cnp.ndarray b, str what) except -1:
+    """The bytes of a row of 2-D C-contiguous a and b, which must agree in dtype and width."""
+    if (cnp.PyArray_NDIM(a) != 2 or cnp.PyArray_NDIM(b) != 2 or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(b) or cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b)
+            or a.shape[1] != b.shape[1] or not cnp.PyArray_ISWRITEABLE(b)):
+        raise ValueError(f"{what}: expected 2-D C-contiguous arrays of one dtype and width, the target writeable")
+    return a.shape[1] * cnp.PyArray_ITEMSIZE(a)
+
+
+cdef const Py_ssize_t* checked_rows(cnp.ndarray idx, Py_ssize_t n, Py_ssize_t rows, str what) except NULL:
+    """idx's data: a C-contiguous 1-D intp array of n row numbers in [0, rows)."""
+    cdef Py_ssize_t i
+    cdef const Py_ssize_t* p
+    if cnp.PyArray_TYPE(idx) != cnp.NPY_INTP or cnp.PyArray_NDIM(idx) != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(idx):
+        raise ValueError(f"{what}: idx must be a C-contiguous 1-D intp array")
+    p = <const Py_ssize_t*>cnp.PyArray_DATA(idx)
+    for i in range(n):
+        if p[i] < 0 or p[i] >= rows:
+            raise ValueError(f"{what}: row {p[i]} out of range [0, {rows})")
+    return p
+
+
+cdef move_rows(cnp.ndarray src, cnp.ndarray idx, cnp.ndarray dst, bint put):
+    """take: dst[:len(idx)] = src[idx]; put: dst[idx] = src[:len(idx)]."""
+    what = "put_rows" if put else "take_rows"
+    cdef Py_ssize_t i, n = idx.shape[0], size = row_bytes(src, dst, what)
+    cdef const Py_ssize_t* p = checked_rows(idx, n, (dst if put else src).shape[0], what)
+    cdef const char* s = <const char*>cnp.PyArray_DATA(src)
+    cdef char* d = <char*>cnp.PyArray_DATA(dst)
+    if n > (src if put else dst).shape[0]:
+        raise ValueError(f"{what}: {n} rows, the packed side has {(src if put else dst).shape[0]}")
+    with nogil:
+        for i in range(n):
+            if put:
+                memcpy(d + p[i] * size, s + i * size, size)
+            else:
+                memcpy(d + i * size, s + p[i] * size, size)
+
+
+def take_rows(cnp.ndarray src, cnp.ndarray idx, cnp.ndarray dst):
+    """dst[:len(idx)] = src[idx] for 2-D C-contiguous arrays of one dtype and width: the pool's gather of its
+    streams' states (np.take with out= costs a few microseconds a call, most of it before the copy)."""
+    move_rows(src, idx, dst, False)
+
+
+def put_rows(cnp.ndarray src, cnp.ndarray idx, cnp.ndarray dst):
+    """dst[idx] = src[:len(idx)]: take_rows' scatter back."""
+    move_rows(src, idx, dst, True)
+
+
+def stack_rows(list xs, cnp.ndarray dst):
+    """dst[i] = xs[i] for 1-D C-contiguous arrays of dst's dtype and width (the pool's inputs, each a
+    stream's step); False, with nothing written, when any of them is not such an array (then the caller
+    stacks them with NumPy)."""
+    cdef Py_ssize_t i, n = len(xs), width
+    cdef Py_ssize_t size
+    cdef cnp.ndarray a
+    cdef char* d
+    if (cnp.PyArray_NDIM(dst) != 2 or not cnp.PyArray_IS_C_CONTIGUOUS(dst) or not cnp.PyArray_ISWRITEABLE(dst)
+            or n > dst.shape[0]):
+        raise ValueError("stack_rows: dst must be a writeable 2-D C-contiguous array of at least len(xs) rows")
+    width = dst.shape[1]
+    for x in xs:
+        if type(x) is not np.ndarray:
+            return False
+        a = <cnp.ndarray>x
+        if (cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(dst) or cnp.PyArray_NDIM(a) != 1 or a.shape[0] != width
+                or not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISBEHAVED_RO(a)):
+            return False
+    size = width * cnp.PyArray_ITEMSIZE(dst)
+    d = <char*>cnp.PyArray_DATA(dst)
+    for i in range(n):
+        memcpy(d + i * size, cnp.PyArray_DATA(<cnp.ndarray>xs[i]), size)
+    return True
 
 
 def set_parallel_min_bytes(Py_ssize_t n):
@@ -1273,11 +1394,14 @@ cdef class ChainStep:
         self.out_size = size
         self._keep = tuple(keep)
 
-    def step(self, object x, object out):
-        """Run one step of valid input x into out (B, out); False, with nothing touched, when x or out
-        is not what this step takes as it is (then the caller checks and converts them)."""
+    def step(self, object x, object out, int rows=-1):
+        """Run one step of valid input x into out (rows, out); False, with nothing touched, when x or out
+        is not what this step takes as it is (then the caller checks and converts them).
+
+        rows (default: the batch it was built for) runs the first rows of the bound states only: the
+        pool binds its gather buffers once and steps batches of any size up to them."""
         cdef cnp.ndarray xa, oa
-        cdef int i, r, j, n = self.n_layers, B = self.B
+        cdef int i, r, j, n = self.n_layers, B = self.B if rows < 0 else rows
         cdef Py_ssize_t V = self.vocab
         cdef const Py_ssize_t* ids
         cdef float* src
@@ -1287,7 +1411,7 @@ cdef class ChainStep:
         cdef int threads
         cdef int layer_threads[CHAIN_MAX]
         cdef bint last_writes_out = self.n_heads == 0
-        if type(x) is not np.ndarray or type(out) is not np.ndarray:
+        if type(x) is not np.ndarray or type(out) is not np.ndarray or not 0 < B <= self.B:
             return False
         xa = <cnp.ndarray>x
         oa = <cnp.ndarray>out
@@ -1316,15 +1440,19 @@ cdef class ChainStep:
                 # Layers on the C kernels one after another run as one job on the pool (le_run_chain_f32).
                 j = i
                 while j < n and self.c_steps[j]:
-                    layer_threads[j - i] = threads_for(self.step_bytes[j], (<RecurrentKernel>self.kernels[j]).threads)
+                    self.args[j].B = B
+                    layer_threads[j - i] = threads_for(self.step_bytes[j] // self.B * B,
+                                                       (<RecurrentKernel>self.kernels[j]).threads)
                     j += 1
                 with nogil:
                     le_run_chain_f32(&self.args[i], layer_threads, j - i)
                 i = j
             else:
                 run, h, c, work, buf = self.runs[i]
+                if B < self.B:
+                    h, c, buf = h[:, :B], c[:, :B], buf[:B]
                 # run() takes x as (B, 1, in); y only needs the right size (out is (B, out)).
-                x3 = xa.reshape(B, 1, self.in_size) if i == 0 else self.runs[i - 1][4]
+                x3 = xa.reshape(B, 1, self.in_size) if i == 0 else (<tuple>self.runs[i - 1])[4][:B]
                 run(x3, out if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
                 i += 1
         if self.n_heads:

@@ -125,18 +125,32 @@ static int cgroup_cpus(void)
     return n < 1 ? 1 : (int)n;
 }
 
-int le_cpu_count(void)
+/* The calling thread's affinity mask, or the cores online (affine = 0) where it cannot be read. */
+static int affinity_cores(int *affine)
 {
     cpu_set_t set;
-    int n;
     if (sched_getaffinity(0, sizeof set, &set) == 0) {
-        n = CPU_COUNT(&set);
-        snprintf(count_reason, sizeof count_reason, "%d core(s) in the process's affinity mask", n);
-    } else {
-        long online = sysconf(_SC_NPROCESSORS_ONLN);
-        n = online > 0 ? (int)online : 1;
-        snprintf(count_reason, sizeof count_reason, "%d core(s) online", n);
+        *affine = 1;
+        return CPU_COUNT(&set);
     }
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    *affine = 0;
+    return online > 0 ? (int)online : 1;
+}
+
+int le_usable_cores(void)
+{
+    int affine, n = affinity_cores(&affine), quota = cgroup_cpus();
+    return quota && quota < n ? quota : n;
+}
+
+int le_cpu_count(void)
+{
+    int affine, n = affinity_cores(&affine);
+    if (affine)
+        snprintf(count_reason, sizeof count_reason, "%d core(s) in the process's affinity mask", n);
+    else
+        snprintf(count_reason, sizeof count_reason, "%d core(s) online", n);
     int quota = cgroup_cpus();
     if (quota && quota < n) {
         n = quota;

@@ -15,6 +15,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
@@ -110,22 +111,46 @@ void le_pool_note_stall(void)
 /* Contention: a thread of ours spinning (for a job, or for the others at the end of a step) found
  * over GAP_NS between two looks at the clock, a few hundred nanoseconds apart when it runs: it was
  * taken off its core for another runnable thread, so the machine has more of them than cores.
- * For CONTENDED_NS after, idle workers sleep at once instead of spinning (a spinning worker takes
+ * For a window after, idle workers sleep at once instead of spinning (a spinning worker takes
  * the core from the caller it would help: with two busy processes on two cores a stream step ran
  * 1.1-1.3x slower on two threads than on one), and only jobs of many milliseconds with coarse
  * steps use workers: any step that waits for a thread which lost its core waits milliseconds,
- * which only such a job earns back. Renewed while gaps are seen; a quiet machine is back on two
- * threads CONTENDED_NS after the last one. */
+ * which only such a job earns back. The window is renewed while gaps are seen, and at its end if
+ * a caller (its jobs running alone meanwhile, nothing of ours spins to see gaps) waited for a core
+ * a tenth or more of the time it could run since it last looked (Linux's run_delay against its
+ * CPU time: 0-10 % alone here with others' builds around, 40-60 % beside one or two spinning
+ * processes; a single preemption, e.g. by a kernel thread, no longer keeps a quiet machine on one
+ * thread). Hysteresis: when a gap comes back sooner after a window ended than the window's own
+ * length, the cores were not free after all and the next window is twice as long, up to 3.2 s
+ * (a machine that stays busy then pays for a trial of two threads every few seconds, not every
+ * 200 ms); a gap later than that starts again from 200 ms. */
 #define GAP_NS 100000L
-#define CONTENDED_NS 200000000L
+#define CONTENDED_NS_MIN 200000000L
+#define CONTENDED_NS_MAX 3200000000L
+#define WAIT_SHARE_TENTHS 1
 #define CONTENDED_MIN_FLOPS 2e8
 #define CONTENDED_MIN_STEP_FLOPS 4e6
-static _Atomic long contended_until;
+static _Atomic long contended_until;  /* 0: not contended, or a window a caller saw end */
+static _Atomic long contended_ns = CONTENDED_NS_MIN;
+static _Atomic long contention_ended; /* when a caller last saw a window end */
+
+static void saw_gap(long now)
+{
+    long until = atomic_load_explicit(&contended_until, memory_order_relaxed);
+    long ns = atomic_load_explicit(&contended_ns, memory_order_relaxed);
+    if (now >= until) {
+        /* A new window: a window that lapsed unseen ended at its `until`. */
+        long ended = until ? until : atomic_load_explicit(&contention_ended, memory_order_relaxed);
+        ns = ended && now - ended < ns ? (ns < CONTENDED_NS_MAX ? 2 * ns : ns) : CONTENDED_NS_MIN;
+        atomic_store_explicit(&contended_ns, ns, memory_order_relaxed);
+    }
+    atomic_store_explicit(&contended_until, now + ns, memory_order_relaxed);
+}
 
 static void note_gap(long gap, long now)
 {
     if (gap > GAP_NS)
-        atomic_store_explicit(&contended_until, now + CONTENDED_NS, memory_order_relaxed);
+        saw_gap(now);
 }
 
 static int contended(long now)
@@ -133,29 +158,117 @@ static int contended(long now)
     return now < atomic_load_explicit(&contended_until, memory_order_relaxed);
 }
 
-/* Times this thread was taken off its core while it could run (a cheap system call). */
-static long preemptions(void)
+/* The end of a window a caller sees: renewed if it waited much (above), else ended. */
+static int window_end(long now, int waited)
 {
-    struct rusage ru;
-    return getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : 0;
+    if (waited) {
+        atomic_store_explicit(&contended_until, now + atomic_load_explicit(&contended_ns, memory_order_relaxed),
+                              memory_order_relaxed);
+        return 1;
+    }
+    atomic_store_explicit(&contention_ended, now, memory_order_relaxed);
+    atomic_store_explicit(&contended_until, 0, memory_order_relaxed);
+    return 0;
 }
 
-/* Contended, for a caller. While jobs run on one thread nothing of ours spins to see gaps: when the
- * window ends, it is renewed if the caller itself was preempted since it last looked (with two
- * busy processes on two cores, many times in 200 ms; on a quiet machine, hardly ever). */
+/* This thread's CPU time and time spent runnable without a core (ns), from /proc/thread-self/schedstat
+ * (a small read, once a window); 0 where the kernel does not give it. */
+static int run_times(long *cpu, long *delay)
+{
+    FILE *f = fopen("/proc/thread-self/schedstat", "r");
+    if (!f)
+        return 0;
+    int ok = fscanf(f, "%ld %ld", cpu, delay) == 2;
+    fclose(f);
+    return ok;
+}
+
+/* Whether this thread waited for a core a tenth or more of the time it could run since it last
+ * looked (its first look says yes: one more window to see). Without schedstat: whether it was
+ * preempted at all (getrusage). */
+static int caller_waited(void)
+{
+    static _Thread_local long seen_cpu = -1, seen_delay, seen_preempted;
+    long cpu, delay;
+    int first = seen_cpu < 0, waited;
+    if (run_times(&cpu, &delay)) {
+        long dc = cpu - seen_cpu, dd = delay - seen_delay;
+        waited = first || 10 * dd >= WAIT_SHARE_TENTHS * (dc + dd);
+        seen_cpu = cpu;
+        seen_delay = delay;
+    } else {
+        struct rusage ru;
+        long n = getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : 0;
+        waited = first || n > seen_preempted;
+        seen_cpu = 0;
+        seen_preempted = n;
+    }
+    return waited;
+}
+
+/* Contended, for a caller: inside a window, or at its end if the caller waited much. */
 static int caller_contended(long now)
 {
-    static _Thread_local long seen = -1;
     long until = atomic_load_explicit(&contended_until, memory_order_relaxed);
     if (now < until)
         return 1;
     if (!until)
         return 0;
-    long n = preemptions();
-    int again = seen < 0 || n > seen; /* a thread's first look: one more window to see */
-    seen = n;
-    atomic_store_explicit(&contended_until, again ? now + CONTENDED_NS : 0, memory_order_relaxed);
-    return again;
+    return window_end(now, caller_waited());
+}
+
+/* For tests: drive the rule with a given clock. event 0: a gap seen at `now`; 1 and 2: a caller
+ * looks at `now`, having waited much (1) or not (2); 3: back to the start. Returns whether the pool
+ * holds the machine for contended at `now` after it, and the window's length. */
+int le_pool_contention(long now, int event, long *window_ns)
+{
+    if (event == 0)
+        saw_gap(now);
+    else if (event == 1 || event == 2) {
+        long until = atomic_load_explicit(&contended_until, memory_order_relaxed);
+        if (until && now >= until)
+            window_end(now, event == 1);
+    } else {
+        atomic_store(&contended_until, 0);
+        atomic_store(&contention_ended, 0);
+        atomic_store(&contended_ns, CONTENDED_NS_MIN);
+    }
+    *window_ns = atomic_load_explicit(&contended_ns, memory_order_relaxed);
+    return contended(now);
+}
+
+/* The cores this process may use can change while it runs (a taskset, sched_setaffinity, a
+ * container's quota): the first caller after CORES_CHECK_NS reads them again (a system call and a
+ * small file every 100 ms), and no job uses more threads than that. 0: not read yet. */
+#define CORES_CHECK_NS 100000000L
+static _Atomic long cores_checked;
+static atomic_int cores_now;
+
+static int usable_cores(long now)
+{
+    long t = atomic_load_explicit(&cores_checked, memory_order_relaxed);
+    if ((now - t >= CORES_CHECK_NS || !t)
+        && atomic_compare_exchange_strong_explicit(&cores_checked, &t, now, memory_order_relaxed, memory_order_relaxed))
+        atomic_store_explicit(&cores_now, le_usable_cores(), memory_order_relaxed);
+    return atomic_load_explicit(&cores_now, memory_order_relaxed);
+}
+
+/* Why jobs ran on one thread (le_pool_stats, cpu_info()["pool"]): counted per job that asked for
+ * more, a relaxed add on a job of microseconds at least. */
+static atomic_long stats[LE_POOL_NSTATS];
+
+static int count(int what, int nth)
+{
+    atomic_fetch_add_explicit(&stats[what], 1, memory_order_relaxed);
+    return nth;
+}
+
+void le_pool_stats(long out[LE_POOL_NSTATS], int *cores, int *contended)
+{
+    for (int i = 0; i < LE_POOL_NSTATS; i++)
+        out[i] = atomic_load_explicit(&stats[i], memory_order_relaxed);
+    *cores = atomic_load_explicit(&cores_now, memory_order_relaxed);
+    *contended = le_now_ns() < atomic_load_explicit(&contended_until, memory_order_relaxed);
 }
 
 static unsigned start_generation[MAX_THREADS];
@@ -173,6 +286,20 @@ static int join(unsigned gen)
                                                   memory_order_acquire))
             return (int)(e & JOINED_MASK) + 1;
     }
+}
+
+/* For tests: workers wait this long before joining a job, as one that lost its core would. */
+static _Atomic long join_delay_ns;
+
+void le_pool_set_join_delay(long ns)
+{
+    atomic_store_explicit(&join_delay_ns, ns, memory_order_relaxed);
+}
+
+/* Workers that have joined the running job so far (its tids 1..joined; the caller is tid 0). */
+int le_pool_joined(void)
+{
+    return (int)(atomic_load_explicit(&pool.entry, memory_order_acquire) & JOINED_MASK);
 }
 
 static void *worker_main(void *p)
@@ -223,6 +350,11 @@ static void *worker_main(void *p)
         }
         atomic_store_explicit(&polling[slot], 0, memory_order_relaxed);
         seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
+        long delay = atomic_load_explicit(&join_delay_ns, memory_order_relaxed);
+        if (delay) {
+            struct timespec ts = {delay / 1000000000L, delay % 1000000000L};
+            nanosleep(&ts, NULL);
+        }
         int tid = join(seen);
         if (tid) {
             pool.fn(pool.arg, tid, pool.nth);
@@ -256,10 +388,11 @@ static void wake_sleepers(void)
     pthread_mutex_unlock(&pool.lock);
 }
 
-/* The number of threads a job may use, up to nth: 1 after a stall (above), under contention unless
- * the job is long with coarse steps (above), when the workers are busy with another caller's job
- * (so two sessions stepping at once each keep one core), or, unless the job is long, when no worker
- * is spinning on a core. Above 1 the workers are reserved for this caller until le_pool_run. */
+/* The number of threads a job may use, up to nth and the usable cores (above): 1 after a stall
+ * (above), under contention unless the job is long with coarse steps (above), when the workers are
+ * busy with another caller's job (so two sessions stepping at once each keep one core), or, unless
+ * the job is long, when no worker is spinning on a core. Above 1 the workers are reserved for this
+ * caller until le_pool_run. Each job that asks for more than 1 is counted with its outcome. */
 int le_pool_acquire(int nth, double flops, double step_flops)
 {
     if (nth > MAX_THREADS)
@@ -267,13 +400,19 @@ int le_pool_acquire(int nth, double flops, double step_flops)
     if (nth <= 1)
         return 1;
     long now = le_now_ns();
+    count(LE_POOL_ASKED, 0);
+    int cores = usable_cores(now);
+    if (cores && nth > cores)
+        nth = cores;
+    if (nth <= 1)
+        return count(LE_POOL_ONE_CORE, 1);
     if (now < atomic_load_explicit(&solo_until, memory_order_relaxed))
-        return 1;
+        return count(LE_POOL_STALLED, 1);
     if (caller_contended(now) && (flops < CONTENDED_MIN_FLOPS || step_flops < CONTENDED_MIN_STEP_FLOPS))
-        return 1;
+        return count(LE_POOL_CONTENDED, 1);
     int patient = flops > PATIENT_FLOPS;
     if (pthread_mutex_trylock(&pool.busy) != 0)
-        return 1;
+        return count(LE_POOL_BUSY, 1);
     pthread_once(&fork_once, register_fork);
     while (pool.started < nth - 1) {
         pthread_t t;
@@ -296,10 +435,13 @@ int le_pool_acquire(int nth, double flops, double step_flops)
     if (!near && !patient) {
         atomic_fetch_add_explicit(&pokes, 1, memory_order_relaxed);
         wake_sleepers();
+        count(LE_POOL_AWAY, 0);
         nth = 1;
     }
     if (nth <= 1)
         pthread_mutex_unlock(&pool.busy);
+    else
+        count(LE_POOL_SPLIT, 0);
     return nth;
 }
 

@@ -272,9 +272,12 @@ static int owner_began_or_late(void *p)
 }
 
 /* Wait, before taking range r's units in this phase, until its owner began them or had as long as this
- * thread took (since `started`) to begin its own. */
+ * thread took (since `started`) to begin its own. An owner that has not joined the job is not waited
+ * for: a worker without a core cost every phase half a step again (cpu_pool.c, le_pool_joined). */
 static void give_head_start(steps_job *job, int r, int phase, long started)
 {
+    if (r > le_pool_joined())
+        return;
     long now = le_now_ns();
     head_start h = {job, r, claims_before(job, r, phase), now + (now - started)};
     le_wait_until(owner_began_or_late, &h);

@@ -160,7 +160,9 @@ class Model:
         at most ``OMP_NUM_THREADS`` when that is set, as Ray and Dask workers do).
 
         Sessions of the model use it too. Two calls running at once in different Python threads
-        each get one core when the engine's workers are busy with the other.
+        each get one core when the engine's workers are busy with the other. It is a ceiling: while
+        the process may use fewer cores, or other processes hold them, a call runs on fewer threads
+        (``lstm_engine.cpu_info()["pool"]`` counts how many did and why).
         """
         return self._threads
 
