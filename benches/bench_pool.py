@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 import lstm_engine as le
+from lstm_engine import _kernels
 
 STREAMS = 32
 
@@ -204,20 +205,30 @@ def compare(model: le.Model, seconds: float, rounds: int) -> dict:
     rates: dict = {name: [] for name in ways}
     batches: dict = {name: [] for name in ways}
     cpus: dict = {name: [] for name in ways}
+    splits: dict = {name: [0, 0] for name in ways}
     try:
         for _ in range(rounds):
             for name, way in ways.items():
+                # Each way starts as a process that runs only it: the 32 threads of "pool, threads" make the
+                # engine's pool hold the machine for contended (one thread a job) for up to 3.2 s, which
+                # would otherwise carry over into the next ways' seconds.
+                _kernels._contention(0, "reset")
+                s0 = _kernels.pool_stats()
                 c0, t0 = time.process_time(), time.perf_counter()
                 rate, batch = way.measure(seconds)
                 # measure() may run a moment before and after its timed part: CPU over all of it, steps by rate.
                 cpus[name].append((time.process_time() - c0) / max(1.0, rate * (time.perf_counter() - t0)))
                 rates[name].append(rate)
                 batches[name].append(batch)
+                s1 = _kernels.pool_stats()
+                splits[name][0] += s1["split"] - s0["split"]
+                splits[name][1] += s1["asked"] - s0["asked"]
     finally:
         for way in ways.values():
             way.close()
     return {name: (statistics.median(rates[name]), statistics.median(batches[name]),
-                   statistics.median(cpus[name]) * 1e6) for name in ways}
+                   statistics.median(cpus[name]) * 1e6, splits[name][0] / max(1, splits[name][1]))
+            for name in ways}
 
 
 # -- pytest-benchmark ------------------------------------------------------------------------------
@@ -259,15 +270,16 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{STREAMS} streams: aggregate steps/s, median of {args.rounds} interleaved rounds "
           f"(ratio over {STREAMS} sessions stepped one at a time; mean batch the pool formed; the process's CPU "
-          f"µs a step); kernel variant {le.cpu_info()['variant']}")
+          f"µs a step; the share of its jobs that asked for two threads and got them); kernel variant "
+          f"{le.cpu_info()['variant']}")
     for name in args.models:
         res = compare(build(name), args.seconds, args.rounds)
         base = res["sessions"][0]
-        cells = [f"sessions {base:7.0f} (cpu {res['sessions'][2]:5.1f})"]
+        cells = [f"sessions {base:7.0f} (cpu {res['sessions'][2]:5.1f}, split {res['sessions'][3]:.0%})"]
         for way in ("pool, threads", "pool, asyncio", "one batch-32 session"):
-            rate, batch, cpu = res[way]
+            rate, batch, cpu, split = res[way]
             extra = f", batch {batch:4.1f}" if way.startswith("pool") else ""
-            cells.append(f"{way} {rate:7.0f} ({rate / base:4.2f}x{extra}, cpu {cpu:5.1f})")
+            cells.append(f"{way} {rate:7.0f} ({rate / base:4.2f}x{extra}, cpu {cpu:5.1f}, split {split:.0%})")
         print(f"  {name:<10} " + " | ".join(cells) + f" | load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
