@@ -1,6 +1,6 @@
 """Stream pool benchmark: 32 concurrent streams in one pool against 32 sessions stepped one at a time.
 
-    python benches/bench_pool.py                     # prints steps/s and ratios (a few minutes)
+    python benches/bench_pool.py                     # prints steps/s and ratios (about a minute)
     python benches/bench_pool.py --models lstm512    # one model
     pytest benches/bench_pool.py --benchmark-only    # a pool round under pytest-benchmark
 
@@ -8,7 +8,8 @@ Every way uses the model's default threads. The baseline is the best a service c
 batching: one thread stepping each stream's own session in turn. The pool runs each stream in its own
 thread, or as an asyncio task; steps that wait together run as one batch. One session of batch 32
 shows the ceiling. The figure is aggregate steps per second, each way measured in short interleaved
-rounds (the machine is shared: interleaving spreads a neighbour's load over all of them alike).
+rounds (the machine is shared: interleaving spreads a neighbour's load over all of them alike), each
+starting from a reset of the engine's contention state, with the share of its jobs that ran on two threads.
 """
 from __future__ import annotations
 
