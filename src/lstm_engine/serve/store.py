@@ -200,19 +200,14 @@ class StreamStore:
         # batch ran), so only the earlier steps of a chunk can need undoing.
         before = None if self.wal is not None or len(xs) == 1 else stream.save_state()
         try:
-            if len(xs) == 1:
-                # One step, the usual request: its row of the batch's result is the answer as it is.
+            rows = []
+            for x in xs:
                 t0 = time.perf_counter()
-                out = (await stream.astep(xs[0]))[None]
+                rows.append(await stream.astep(x))
                 if self.on_step is not None:
                     self.on_step(time.perf_counter() - t0)
-            else:
-                out = np.empty((len(xs), self.output_size), self.pool.dtype)
-                for t, x in enumerate(xs):
-                    t0 = time.perf_counter()
-                    out[t] = await stream.astep(x)
-                    if self.on_step is not None:
-                        self.on_step(time.perf_counter() - t0)
+            # One step, the usual request: its row of the batch's result is the answer as it is.
+            out = rows[0][None] if len(rows) == 1 else np.stack(rows)
             if self.wal is not None:
                 await self._persist(entry, entry.position + len(xs))
         except BaseException:
