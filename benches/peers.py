@@ -386,16 +386,19 @@ _FLOOR: dict = {}
 
 def read_floor(nbytes: int, threads: int) -> float | None:
     """Best µs to read nbytes once with `threads` threads (benches/read_floor.c, compiled here with the
-    system's cc; AVX-512 loads where the CPU has them), or None without a compiler."""
+    system's cc, with the loads of the engine's kernel variant: AVX-512 or AVX2), or None without a compiler."""
+    import lstm_engine as le
+
     if "exe" not in _FLOOR:
-        flags = open("/proc/cpuinfo").read().split("\n\n")[0] if os.path.exists("/proc/cpuinfo") else ""
         exe = Path(tempfile.mkdtemp()) / "read_floor"
-        isa = "-mavx512f" if " avx512f" in flags and os.environ.get("LSTM_ENGINE_KERNELS") != "avx2" else "-mavx2"
+        isa = "-mavx512f" if le.cpu_info()["variant"] == "avx512" else "-mavx2"
         built = subprocess.run(["cc", "-O2", isa, "-pthread", str(Path(__file__).parent / "read_floor.c"),
                                 "-o", str(exe)], capture_output=True)
         _FLOOR["exe"] = exe if built.returncode == 0 else None
-    if _FLOOR["exe"] is None or nbytes <= 0:
-        return None if _FLOOR["exe"] is None else 0.0
+    if _FLOOR["exe"] is None:
+        return None
+    if nbytes <= 0:
+        return 0.0
     out = subprocess.run([str(_FLOOR["exe"]), str(nbytes), str(threads)], capture_output=True, text=True)
     return float(out.stdout) if out.returncode == 0 else None
 
