@@ -8,7 +8,9 @@ drift on a shared machine hits them alike. Prints the CPU (model, flags) and the
 machine's NumPy sgemm (2048^3) on the same threads, median microseconds per call, the ratios to the best peer
 and the targets, and the fraction of that sgemm each system reaches on the batched workloads. For batch-1
 workloads it prints their floor: the time to read, on the same threads, the weights a call reads
-(benches/read_floor.c, built with the system's cc) — no engine can step faster, whatever the target says. On an AVX-512 CPU the engine
+(benches/read_floor.c, built with the system's cc) — no engine can step faster, whatever the target says —
+and for batched ones the FMA peak (benches/peak_flops.c): no GEMM runs faster, and each "× best peer" target is
+set against it. On an AVX-512 CPU the engine
 also runs with its AVX2 variant forced, in the same rounds (the column `lstm_engine[avx2]`); that column
 sets the engine's AVX2 code against AVX-512 peers. --isa avx2 runs the whole table as on an AVX2-only CPU
 where the libraries allow it: the engine (LSTM_ENGINE_KERNELS), PyTorch (ATEN_CPU_CAPABILITY,
@@ -48,6 +50,15 @@ TARGETS = {
 }
 # ... and the fraction of this machine's sgemm (NumPy 2048^3, same threads, same run) the engine must reach.
 SGEMM_TARGETS = {"batch": 0.85, "pool-step": 0.6}
+
+
+def target_peer(peer: str, row: dict) -> str:
+    """The system a target names: 'faster' is whichever peer was faster in this row."""
+    if peer != "faster":
+        return peer
+    return "torch" if row["torch"] < row["onnxruntime"] else "onnxruntime"
+
+
 LABEL = {"torch": "PyTorch", "onnxruntime": "ORT"}
 SETTLE_S = 0.2
 # What holds each library to AVX2 for --isa avx2; each is read when the library loads, so they are set
@@ -380,27 +391,40 @@ def quantized_rows(args, chosen: list) -> None:
               f"{cell('torch-q')} | {cell('ort-q')} | {verdicts} |", flush=True)
 
 
-# -- the floor of memory-bound calls ----------------------------------------------------------
-_FLOOR: dict = {}
+# -- the floor of memory-bound calls, the ceiling of compute-bound ones ---------------------------
+_BUILT: dict = {}
+
+
+def _c_tool(name: str) -> Path | None:
+    """benches/<name>.c compiled with the system's cc for the engine's kernel variant (AVX-512 or AVX2
+    loads and FMAs), once per run; None without a compiler."""
+    import lstm_engine as le
+
+    if name not in _BUILT:
+        exe = Path(tempfile.mkdtemp()) / name
+        isa = ["-mavx512f"] if le.cpu_info()["variant"] == "avx512" else ["-mavx2", "-mfma"]
+        built = subprocess.run(["cc", "-O2", *isa, "-pthread", str(Path(__file__).parent / f"{name}.c"),
+                                "-o", str(exe)], capture_output=True)
+        _BUILT[name] = exe if built.returncode == 0 else None
+    return _BUILT[name]
+
+
+def _run_c_tool(name: str, *args: object) -> float | None:
+    exe = _c_tool(name)
+    if exe is None:
+        return None
+    out = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
+    return float(out.stdout) if out.returncode == 0 else None
 
 
 def read_floor(nbytes: int, threads: int) -> float | None:
-    """Best µs to read nbytes once with `threads` threads (benches/read_floor.c, compiled here with the
-    system's cc, with the loads of the engine's kernel variant: AVX-512 or AVX2), or None without a compiler."""
-    import lstm_engine as le
+    """Best µs to read nbytes once with `threads` threads (benches/read_floor.c), or None without a compiler."""
+    return 0.0 if nbytes <= 0 else _run_c_tool("read_floor", nbytes, threads)
 
-    if "exe" not in _FLOOR:
-        exe = Path(tempfile.mkdtemp()) / "read_floor"
-        isa = "-mavx512f" if le.cpu_info()["variant"] == "avx512" else "-mavx2"
-        built = subprocess.run(["cc", "-O2", isa, "-pthread", str(Path(__file__).parent / "read_floor.c"),
-                                "-o", str(exe)], capture_output=True)
-        _FLOOR["exe"] = exe if built.returncode == 0 else None
-    if _FLOOR["exe"] is None:
-        return None
-    if nbytes <= 0:
-        return 0.0
-    out = subprocess.run([str(_FLOOR["exe"]), str(nbytes), str(threads)], capture_output=True, text=True)
-    return float(out.stdout) if out.returncode == 0 else None
+
+def fma_peak(threads: int) -> float | None:
+    """The most GFLOP/s of float32 FMAs `threads` threads issue (benches/peak_flops.c): no GEMM beats it."""
+    return _run_c_tool("peak_flops", threads)
 
 
 def call_floor(w: wl.Workload, threads: int, itemsize: int = 4) -> float | None:
@@ -521,7 +545,7 @@ def main() -> None:
         best = min(t, o)
         targets, met = [], []
         for peer, limit in TARGETS[w.name]:
-            name = peer if peer != "faster" else ("torch" if t < o else "onnxruntime")
+            name = target_peer(peer, r)
             targets.append(f"≤ {limit} × {LABEL[name]}{' (faster)' if peer == 'faster' else ''}")
             met.append("/".join("met" if r[e] / r[name] <= limit else "MISSED" for e in engines))
         if w.name in SGEMM_TARGETS:
@@ -535,6 +559,7 @@ def main() -> None:
     big = [r for r in rows if r["w"].batch > 1]
     if big:
         print()
+        fma = fma_peak(args.threads)
         systems = engines + ["torch", "onnxruntime"]
         print("| workload | " + " | ".join(f"{LABEL.get(k, k)} GFLOP/s (of sgemm {peak:.0f})" for k in systems)
               + " |")
@@ -542,6 +567,17 @@ def main() -> None:
         for r in big:
             f = r["w"].flops() / 1e3  # per µs -> GFLOP/s
             print(f"| {r['w'].name} | " + " | ".join(f"{f / r[k]:.1f} ({f / r[k] / peak:.0%})" for k in systems) + " |")
+        if fma:
+            # What a "× best peer" target asks, set against what the cores can issue at all.
+            asks = []
+            for r in big:
+                for peer, limit in TARGETS[r["w"].name]:
+                    name = target_peer(peer, r)
+                    need = r["w"].flops() / 1e3 / (limit * r[name])
+                    asks.append(f"{r['w'].name} ≤ {limit} × {LABEL[name]} asks {need:.0f} GFLOP/s = {need / fma:.0%}")
+            print(f"FMA peak (peak_flops.c, {args.threads} threads, {'AVX-512' if info['variant'] == 'avx512' else 'AVX2'}"
+                  f" FMAs on registers alone): {fma:.1f} GFLOP/s; NumPy's sgemm reaches {peak / fma:.0%} of it"
+                  + (f"; {', '.join(asks)} of it" if asks else ""))
     floors = [(r, call_floor(r["w"], args.threads)) for r in rows if r["w"].batch == 1]
     if floors and floors[0][1] is not None:
         print()

@@ -17,12 +17,14 @@
 #include <string.h>
 #include <time.h>
 
+#include "spin_barrier.h"
+
 enum { ROUNDS = 300, CHUNK = 256 };
 
 static char* buf;
 static size_t part;  /* bytes per thread, a multiple of CHUNK */
 static long nthreads;
-static atomic_long arrived;  /* a spinning barrier: a sleeping one would time its wake-up too */
+static atomic_long arrived;
 static double best = 1e30;
 static volatile float sink;
 
@@ -39,25 +41,13 @@ typedef __m256 vec;
 #endif
 #define STEP ((int)sizeof(vec))
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static void barrier(long* generation) {
-    long target = ++*generation * nthreads;
-    atomic_fetch_add(&arrived, 1);
-    while (atomic_load(&arrived) < target) _mm_pause();
-}
-
 static void* reader(void* arg) {
     long generation = 0;
     const char* p = buf + (size_t)arg * part;
     int first = arg == 0;
     for (int round = 0; round < ROUNDS; round++) {
         double t0 = 0;
-        barrier(&generation);
+        barrier(&arrived, nthreads, &generation);
         if (first) t0 = now();
         vec a = ZERO(), b = a, c = a, d = a;  /* four chains: the loads, not the adds, bound it */
         /* Every other round backwards, as the engine's steps go: a round starts with what the last one
@@ -72,7 +62,7 @@ static void* reader(void* arg) {
                 d = ADD(d, LOAD((const float*)(p + i + j + 3 * STEP)));
             }
         }
-        barrier(&generation);  /* every thread has read its part */
+        barrier(&arrived, nthreads, &generation);  /* every thread has read its part */
         if (first && now() - t0 < best) best = now() - t0;
         float out[sizeof(vec) / sizeof(float)];
         a = ADD(ADD(a, b), ADD(c, d));
