@@ -57,7 +57,7 @@ cdef extern from "_cpu.h" nogil:
     enum:
         LE_POOL_NSTATS
     void le_pool_stats(long* out, int* cores, int* contended)
-    int le_pool_contention(long now, int event, long* window_ns)
+    int le_pool_contention(long until, double others, int cores, int* left)
     void le_pool_set_join_delay(long ns)
     int le_blas_bind()
     int le_blas_threads()
@@ -647,8 +647,8 @@ def pool_stats():
     asked: such jobs; split: those that ran on more than one thread; the others ran on the caller's thread
     alone, counted by the first reason found: one_core (the process may use one core now: its affinity mask
     or cgroup quota, read again every 100 ms), stalled (a thread of a recent job waited long for another that
-    had lost its core: one thread for 1 ms, doubling to 1 s while stalls repeat), contended (the machine has
-    more runnable threads than cores: short jobs stay on one thread until 200 ms pass without a sign of it),
+    had lost its core: one thread for 1 ms, doubling to 1 s while stalls repeat), contended (other processes,
+    sampled from /proc/stat every 100 ms at most, leave this one a single core: short jobs stay on one thread),
     busy (another call has the workers), away (a short job and no worker spinning on a core: they are woken
     for the next one). Also cores (the usable cores the pool last read, 0 before its first job) and
     contended_now."""
@@ -661,14 +661,13 @@ def pool_stats():
     return stats
 
 
-def _contention(long now, str event):
-    """For tests: drive the pool's contention rule with a given clock (ns). event: "gap" (a thread of ours
-    spinning was off its core > 100 µs), "waited" / "not waited" (a caller looks after its window ended,
-    having waited for a core a tenth of its time or not), "reset". Returns (contended at now, window ns)."""
-    cdef long window
-    code = {"gap": 0, "waited": 1, "not waited": 2, "reset": 3}[event]
-    contended = le_pool_contention(now, code, &window)
-    return bool(contended), window
+def _contention(double others, int cores=2, long until=0):
+    """For tests: record that other processes used `others` cores of `cores` (others < 0: forget every sample;
+    the next sample only starts), and take no real sample before `until` (time.monotonic_ns()). Returns
+    (contended now, the whole cores the others leave; 0: unknown)."""
+    cdef int left
+    contended = le_pool_contention(until, others, cores, &left)
+    return bool(contended), left
 
 
 def _pool_join_delay(long ns):
