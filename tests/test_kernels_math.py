@@ -287,14 +287,19 @@ def test_busy_processes_beside_make_the_pool_run_short_jobs_alone():
 deadline = time.monotonic() + 5
 while time.monotonic() < deadline and not k.pool_stats()["contended_now"]:
     model.forward(x)
-y, d, after = delta(lambda: model.forward(x)[0])
-print(np.array_equal(y, want), d["asked"] > 0, d["contended"] == d["asked"], after["contended_now"])
+# Jobs soon after a stall (a worker here lost its core before the sample came) count as "stalled": until one
+# counts as contended (the stall rule's one thread lasts up to 1 s).
+same, split, contended = True, 0, 0
+while time.monotonic() < deadline + 5 and not contended:
+    y, d, after = delta(lambda: model.forward(x)[0])
+    same, split, contended = same and np.array_equal(y, want), split + d["split"], contended + d["contended"]
+print(same, split, contended > 0, after["contended_now"])
 """)
     finally:
         for p in spinners:
             p.kill()
             p.wait()
-    assert out == "True True True True"
+    assert out == "True 0 True True"
 
 
 def _pool_child(body):
@@ -385,11 +390,14 @@ def test_pool_runs_short_jobs_alone_while_contended_and_says_so():
     out = _pool_child("""
 model.forward(x)
 k._contention(len(cpus) - 0.8, len(cpus), time.monotonic_ns() + 10**10)
-y, d, after = delta(lambda: model.forward(x)[0])
-print(np.array_equal(y, want), d["asked"] > 0, d["contended"] == d["asked"], d["split"],
-      le.cpu_info()["pool"]["contended_now"])
+# A stall in the warm-up (a worker that lost its core here) sends jobs to one thread as "stalled" for up to 1 s.
+same, split, contended, deadline = True, 0, 0, time.monotonic() + 5
+while time.monotonic() < deadline and not contended:
+    y, d, after = delta(lambda: model.forward(x)[0])
+    same, split, contended = same and np.array_equal(y, want), split + d["split"], contended + d["contended"]
+print(same, split, contended > 0, le.cpu_info()["pool"]["contended_now"])
 """)
-    assert out == "True True True 0 True"
+    assert out == "True 0 True True"
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (10000, 512), (33, 37), (1000, 129)])

@@ -339,6 +339,7 @@ static void pool_after_fork(void)
     pthread_cond_init(&pool.wake, NULL);
     pool.started = 0;
     atomic_store(&pool.sleeping, 0);
+    atomic_store(&others_checked, 0); /* its CPU time starts again at 0: the next sample only starts */
     for (int tid = 0; tid < MAX_THREADS; tid++)
         atomic_store(&polling[tid], 0);
 }
