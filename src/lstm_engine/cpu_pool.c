@@ -112,9 +112,11 @@ void le_pool_note_stall(void)
  * that waits for a thread which lost its core waits milliseconds, which only such a job earns
  * back; with two busy processes on two cores a stream step ran 1.1-1.3x slower on two threads than
  * on one, a batch-1 sequence 4-6x), and idle workers sleep at once instead of spinning on a core
- * another process wants. Processes at a lower priority (a higher nice) than ours are left out (the
- * scheduler gives them a tenth of a core beside ours), and so is interrupt time. Where /proc/stat
- * cannot be read nothing is held for contended; the stall rule (above) still applies. */
+ * another process wants. Processes at a lower priority (a higher nice) than ours are left out (one
+ * at nice 10 gets about a tenth of a core beside a thread of ours; they use the cores we leave, so
+ * counting them would keep us on one thread while a build runs; many of them together weigh more,
+ * which the stall rule meets), and so is interrupt time. Where /proc/stat cannot be read nothing is
+ * held for contended; the stall rule (above) still applies. */
 #define OTHERS_CHECK_NS 100000000L
 #define CONTENDED_MIN_FLOPS 2e8
 #define CONTENDED_MIN_STEP_FLOPS 4e6
