@@ -210,10 +210,9 @@ def compare(model: le.Model, seconds: float, rounds: int) -> dict:
     try:
         for _ in range(rounds):
             for name, way in ways.items():
-                # Each way starts as a process that runs only it: the 32 threads of "pool, threads" make the
-                # engine's pool hold the machine for contended (one thread a job) for up to 3.2 s, which
-                # would otherwise carry over into the next ways' seconds.
-                _kernels._contention(0, "reset")
+                # Each way starts as a process that runs only it: no sample of the other processes' use
+                # taken during the previous way (one thread a job while they took a core) carries over.
+                _kernels._contention(-1)
                 s0 = _kernels.pool_stats()
                 c0, t0 = time.process_time(), time.perf_counter()
                 rate, batch = way.measure(seconds)

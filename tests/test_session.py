@@ -300,6 +300,17 @@ def test_feed_and_out_checks():
         s.step(np.zeros((2, 5), np.float32), out=np.empty((2, 12), np.float64))
     with pytest.raises(ValueError, match="C-contiguous"):
         s.step(np.zeros((2, 5), np.float32), out=np.empty((12, 2), np.float32).T)
+    # The compiled step takes out only as it is; the same number of floats in another shape is refused too.
+    for shape in [(24,), (4, 6), (1, 2, 12)]:
+        with pytest.raises(ValueError, match="out: expected shape"):
+            s.step(np.zeros((2, 5), np.float32), out=np.empty(shape, np.float32))
+    frozen = np.empty((2, 12), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        s.step(np.zeros((2, 5), np.float32), out=frozen)
+    with pytest.raises(TypeError, match="out: expected a NumPy array"):
+        s.step(np.zeros((2, 5), np.float32), out=[[0.0] * 12] * 2)
+    np.testing.assert_array_equal(s.state[0][0], 0)  # nothing ran
 
 
 def test_session_arguments():

@@ -101,8 +101,8 @@ int le_usable_cores(void);
 enum { LE_POOL_ASKED, LE_POOL_SPLIT, LE_POOL_ONE_CORE, LE_POOL_STALLED, LE_POOL_CONTENDED, LE_POOL_BUSY,
        LE_POOL_AWAY, LE_POOL_NSTATS };
 void le_pool_stats(long out[LE_POOL_NSTATS], int *cores, int *contended);
-/* For tests: the contention rule driven with a given clock (cpu_pool.c says the events). */
-int le_pool_contention(long now, int event, long *window_ns);
+/* For tests: a sample of the other processes' use injected (cpu_pool.c says how). */
+int le_pool_contention(long until, double others, int cores, int *left);
 /* For tests: workers wait ns before joining each job (0: at once), as a worker without a core would. */
 void le_pool_set_join_delay(long ns);
 

@@ -62,7 +62,7 @@ class ChainStep:
         heads: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, bool]],  # weight, bias, relu
         input_size: int,
     ) -> None: ...
-    def step(self, x: object, out: object, rows: int = ...) -> bool: ...  # False, nothing touched: x or out not taken as is; rows <= batch: the first rows only
+    def step(self, x: object, out: object = ..., rows: int = ...) -> npt.NDArray | None: ...  # out (made if None); None, nothing touched: x or out not taken as is; rows <= batch: the first rows only
 
 def take_rows(src: npt.NDArray, idx: npt.NDArray[np.intp], dst: npt.NDArray) -> None: ...  # dst[:len(idx)] = src[idx]
 def put_rows(src: npt.NDArray, idx: npt.NDArray[np.intp], dst: npt.NDArray) -> None: ...  # dst[idx] = src[:len(idx)]

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #ifdef LE_X86
 #include <immintrin.h>
@@ -71,8 +72,6 @@ long le_now_ns(void)
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-static void note_gap(long gap, long now);
-
 long le_wait_until(int (*cond)(void *), void *arg)
 {
     long start = 0, t = 0;
@@ -80,15 +79,11 @@ long le_wait_until(int (*cond)(void *), void *arg)
     while (!cond(arg)) {
         cpu_relax();
         if ((++spins & 63) == 0) {
-            long prev = t;
             t = le_now_ns();
             if (!start)
                 start = t;
-            else {
-                note_gap(t - prev, t);
-                if (t - start > WAIT_YIELD_NS)
-                    sched_yield();
-            }
+            else if (t - start > WAIT_YIELD_NS)
+                sched_yield();
         }
     }
     return start ? t - start : 0;
@@ -108,133 +103,111 @@ void le_pool_note_stall(void)
     atomic_store_explicit(&stalled, 1, memory_order_relaxed);
 }
 
-/* Contention: a thread of ours spinning (for a job, or for the others at the end of a step) found
- * over GAP_NS between two looks at the clock, a few hundred nanoseconds apart when it runs: it was
- * taken off its core for another runnable thread, so the machine has more of them than cores.
- * For a window after, idle workers sleep at once instead of spinning (a spinning worker takes
- * the core from the caller it would help: with two busy processes on two cores a stream step ran
- * 1.1-1.3x slower on two threads than on one), and only jobs of many milliseconds with coarse
- * steps use workers: any step that waits for a thread which lost its core waits milliseconds,
- * which only such a job earns back. The window is renewed while gaps are seen, and at its end if
- * a caller (its jobs running alone meanwhile, nothing of ours spins to see gaps) waited for a core
- * a tenth or more of the time it could run since it last looked (Linux's run_delay against its
- * CPU time: 0-10 % alone here with others' builds around, 40-60 % beside one or two spinning
- * processes; a single preemption, e.g. by a kernel thread, no longer keeps a quiet machine on one
- * thread). Hysteresis: when a gap comes back sooner after a window ended than the window's own
- * length, the cores were not free after all and the next window is twice as long, up to 3.2 s
- * (a machine that stays busy then pays for a trial of two threads every few seconds, not every
- * 200 ms); a gap later than that starts again from 200 ms. */
-#define GAP_NS 100000L
-#define CONTENDED_NS_MIN 200000000L
-#define CONTENDED_NS_MAX 3200000000L
-#define WAIT_SHARE_TENTHS 1
+/* Contention: other processes' CPU time on the cores this process may use, from /proc/stat, less
+ * this process's own (its threads, spinning ones included, never count: a pool's event loop or
+ * worker thread beside the kernels' threads is not contention, and the time a thread of ours
+ * waits for a core says nothing of who took it). A caller samples it at most every
+ * OTHERS_CHECK_NS; what the others leave, rounded to whole cores, bounds the threads of a job, and
+ * when they leave one core only jobs of many milliseconds with coarse steps use workers (any step
+ * that waits for a thread which lost its core waits milliseconds, which only such a job earns
+ * back; with two busy processes on two cores a stream step ran 1.1-1.3x slower on two threads than
+ * on one, a batch-1 sequence 4-6x), and idle workers sleep at once instead of spinning on a core
+ * another process wants. Processes at a lower priority (a higher nice) than ours are left out (one
+ * at nice 10 gets about a tenth of a core beside a thread of ours; they use the cores we leave, so
+ * counting them would keep us on one thread while a build runs; many of them together weigh more,
+ * which the stall rule meets), and so is interrupt time. Where /proc/stat cannot be read nothing is
+ * held for contended; the stall rule (above) still applies. */
+#define OTHERS_CHECK_NS 100000000L
 #define CONTENDED_MIN_FLOPS 2e8
 #define CONTENDED_MIN_STEP_FLOPS 4e6
-static _Atomic long contended_until;  /* 0: not contended, or a window a caller saw end */
-static _Atomic long contended_ns = CONTENDED_NS_MIN;
-static _Atomic long contention_ended; /* when a caller last saw a window end */
+static _Atomic long others_checked; /* when last sampled; 0: never (the next sample only starts) */
+static _Atomic long others_held;    /* for tests: no sample until then */
+static atomic_int cores_left;       /* whole cores the others left at the last sample; 0: unknown */
+static atomic_int contended_now;    /* they left fewer than this process may use */
 
-static void saw_gap(long now)
+/* The CPU time (clock ticks) on the cores in this thread's affinity mask: busy (at our priority or
+ * above, and stolen by the hypervisor) and in all. */
+static int cpu_ticks(long *busy, long *total, int *ncpu)
 {
-    long until = atomic_load_explicit(&contended_until, memory_order_relaxed);
-    long ns = atomic_load_explicit(&contended_ns, memory_order_relaxed);
-    if (now >= until) {
-        /* A new window: a window that lapsed unseen ended at its `until`. */
-        long ended = until ? until : atomic_load_explicit(&contention_ended, memory_order_relaxed);
-        ns = ended && now - ended < ns ? (ns < CONTENDED_NS_MAX ? 2 * ns : ns) : CONTENDED_NS_MIN;
-        atomic_store_explicit(&contended_ns, ns, memory_order_relaxed);
-    }
-    atomic_store_explicit(&contended_until, now + ns, memory_order_relaxed);
-}
-
-static void note_gap(long gap, long now)
-{
-    if (gap > GAP_NS)
-        saw_gap(now);
-}
-
-static int contended(long now)
-{
-    return now < atomic_load_explicit(&contended_until, memory_order_relaxed);
-}
-
-/* The end of a window a caller sees: renewed if it waited much (above), else ended. */
-static int window_end(long now, int waited)
-{
-    if (waited) {
-        atomic_store_explicit(&contended_until, now + atomic_load_explicit(&contended_ns, memory_order_relaxed),
-                              memory_order_relaxed);
-        return 1;
-    }
-    atomic_store_explicit(&contention_ended, now, memory_order_relaxed);
-    atomic_store_explicit(&contended_until, 0, memory_order_relaxed);
-    return 0;
-}
-
-/* This thread's CPU time and time spent runnable without a core (ns), from /proc/thread-self/schedstat
- * (a small read, once a window); 0 where the kernel does not give it. */
-static int run_times(long *cpu, long *delay)
-{
-    FILE *f = fopen("/proc/thread-self/schedstat", "r");
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0)
+        return 0;
+    FILE *f = fopen("/proc/stat", "r");
     if (!f)
         return 0;
-    int ok = fscanf(f, "%ld %ld", cpu, delay) == 2;
+    int count_nice = getpriority(PRIO_PROCESS, 0) > 0; /* our own time is there then */
+    char line[512];
+    *busy = *total = 0;
+    *ncpu = 0;
+    while (fgets(line, sizeof line, f) && strncmp(line, "cpu", 3) == 0) {
+        long v[8] = {0}; /* user nice system idle iowait irq softirq steal */
+        int cpu;
+        if (line[3] < '0' || line[3] > '9'
+            || sscanf(line + 3, "%d %ld %ld %ld %ld %ld %ld %ld %ld", &cpu, &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                      &v[6], &v[7]) < 5
+            || cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &set))
+            continue;
+        *busy += v[0] + (count_nice ? v[1] : 0) + v[2] + v[7];
+        for (int i = 0; i < 8; i++)
+            *total += v[i];
+        ++*ncpu;
+    }
     fclose(f);
-    return ok;
+    return *ncpu > 0;
 }
 
-/* Whether this thread waited for a core a tenth or more of the time it could run since it last
- * looked (its first look says yes: one more window to see). Without schedstat: whether it was
- * preempted at all (getrusage). */
-static int caller_waited(void)
+static void note_others(double others, int cores)
 {
-    static _Thread_local long seen_cpu = -1, seen_delay, seen_preempted;
-    long cpu, delay;
-    int first = seen_cpu < 0, waited;
-    if (run_times(&cpu, &delay)) {
-        long dc = cpu - seen_cpu, dd = delay - seen_delay;
-        waited = first || 10 * dd >= WAIT_SHARE_TENTHS * (dc + dd);
-        seen_cpu = cpu;
-        seen_delay = delay;
-    } else {
-        struct rusage ru;
-        long n = getrusage(RUSAGE_THREAD, &ru) == 0 ? ru.ru_nivcsw : 0;
-        waited = first || n > seen_preempted;
-        seen_cpu = 0;
-        seen_preempted = n;
+    int left = (int)(cores - others + 0.5);
+    atomic_store_explicit(&cores_left, left < 1 ? 1 : left, memory_order_relaxed);
+    atomic_store_explicit(&contended_now, left < cores, memory_order_relaxed);
+}
+
+/* Sample the others' use since the last sample (one caller at a time; the first only starts). */
+static void sample_others(long now, int cores)
+{
+    static long seen_busy, seen_total, seen_own;
+    long t = atomic_load_explicit(&others_checked, memory_order_relaxed);
+    if ((t && now - t < OTHERS_CHECK_NS) || now < atomic_load_explicit(&others_held, memory_order_relaxed)
+        || !atomic_compare_exchange_strong_explicit(&others_checked, &t, now, memory_order_relaxed,
+                                                    memory_order_relaxed))
+        return;
+    long busy, total;
+    int ncpu;
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    long own = ts.tv_sec * 1000000000L + ts.tv_nsec;
+    if (!cpu_ticks(&busy, &total, &ncpu))
+        return;
+    if (t && total > seen_total && cores) {
+        /* ns of the cores' time per tick; the others' busy time over the wall time it spans. */
+        static long tick_ns;
+        if (!tick_ns)
+            tick_ns = 1000000000L / sysconf(_SC_CLK_TCK);
+        double wall = (double)(total - seen_total) * tick_ns / ncpu;
+        note_others(((double)(busy - seen_busy) * tick_ns - (double)(own - seen_own)) / wall, cores);
     }
-    return waited;
+    seen_busy = busy;
+    seen_total = total;
+    seen_own = own;
 }
 
-/* Contended, for a caller: inside a window, or at its end if the caller waited much. */
-static int caller_contended(long now)
+/* For tests: others < 0 forgets every sample (the next only starts); else record that other
+ * processes used `others` cores of `cores`, and take no sample before `until` (monotonic ns).
+ * Returns whether the pool holds the machine for contended, and the cores left. */
+int le_pool_contention(long until, double others, int cores, int *left)
 {
-    long until = atomic_load_explicit(&contended_until, memory_order_relaxed);
-    if (now < until)
-        return 1;
-    if (!until)
-        return 0;
-    return window_end(now, caller_waited());
-}
-
-/* For tests: drive the rule with a given clock. event 0: a gap seen at `now`; 1 and 2: a caller
- * looks at `now`, having waited much (1) or not (2); 3: back to the start. Returns whether the pool
- * holds the machine for contended at `now` after it, and the window's length. */
-int le_pool_contention(long now, int event, long *window_ns)
-{
-    if (event == 0)
-        saw_gap(now);
-    else if (event == 1 || event == 2) {
-        long until = atomic_load_explicit(&contended_until, memory_order_relaxed);
-        if (until && now >= until)
-            window_end(now, event == 1);
+    if (others < 0) {
+        atomic_store(&others_checked, 0);
+        atomic_store(&others_held, 0);
+        atomic_store(&cores_left, 0);
+        atomic_store(&contended_now, 0);
     } else {
-        atomic_store(&contended_until, 0);
-        atomic_store(&contention_ended, 0);
-        atomic_store(&contended_ns, CONTENDED_NS_MIN);
+        atomic_store(&others_held, until);
+        note_others(others, cores);
     }
-    *window_ns = atomic_load_explicit(&contended_ns, memory_order_relaxed);
-    return contended(now);
+    *left = atomic_load(&cores_left);
+    return atomic_load(&contended_now);
 }
 
 /* The cores this process may use can change while it runs (a taskset, sched_setaffinity, a
@@ -268,7 +241,7 @@ void le_pool_stats(long out[LE_POOL_NSTATS], int *cores, int *contended)
     for (int i = 0; i < LE_POOL_NSTATS; i++)
         out[i] = atomic_load_explicit(&stats[i], memory_order_relaxed);
     *cores = atomic_load_explicit(&cores_now, memory_order_relaxed);
-    *contended = le_now_ns() < atomic_load_explicit(&contended_until, memory_order_relaxed);
+    *contended = atomic_load_explicit(&contended_now, memory_order_relaxed);
 }
 
 static unsigned start_generation[MAX_THREADS];
@@ -308,7 +281,7 @@ static void *worker_main(void *p)
     /* The generation when this worker was made: the job that made it comes after. */
     unsigned seen = start_generation[slot];
     for (;;) {
-        long start = le_now_ns(), last = start;
+        long start = le_now_ns();
         unsigned poked = atomic_load_explicit(&pokes, memory_order_relaxed);
         int spins = 0;
         atomic_store_explicit(&polling[slot], 1, memory_order_relaxed);
@@ -321,14 +294,11 @@ static void *worker_main(void *p)
                 /* A caller found us away and ran alone: spin tightly again for the next job. */
                 poked = atomic_load_explicit(&pokes, memory_order_relaxed);
                 start = le_now_ns();
-                last = start;
                 atomic_store_explicit(&polling[slot], 1, memory_order_relaxed);
             }
-            long now = le_now_ns(), idle = now - start;
-            note_gap(now - last, now);
-            last = now;
-            if (contended(now))
-                idle = IDLE_YIELD_NS; /* sleep now: spinning takes a core another thread wants */
+            long idle = le_now_ns() - start;
+            if (atomic_load_explicit(&contended_now, memory_order_relaxed))
+                idle = IDLE_YIELD_NS; /* sleep now: spinning takes a core another process wants */
             if (idle < IDLE_PAUSE_NS) {
                 cpu_relax();
             } else if (idle < IDLE_YIELD_NS) {
@@ -344,7 +314,6 @@ static void *worker_main(void *p)
                 pthread_mutex_unlock(&pool.lock);
                 poked = atomic_load_explicit(&pokes, memory_order_relaxed);
                 start = le_now_ns();
-                last = start;
                 atomic_store_explicit(&polling[slot], 1, memory_order_relaxed);
             }
         }
@@ -372,6 +341,7 @@ static void pool_after_fork(void)
     pthread_cond_init(&pool.wake, NULL);
     pool.started = 0;
     atomic_store(&pool.sleeping, 0);
+    atomic_store(&others_checked, 0); /* its CPU time starts again at 0: the next sample only starts */
     for (int tid = 0; tid < MAX_THREADS; tid++)
         atomic_store(&polling[tid], 0);
 }
@@ -389,7 +359,8 @@ static void wake_sleepers(void)
 }
 
 /* The number of threads a job may use, up to nth and the usable cores (above): 1 after a stall
- * (above), under contention unless the job is long with coarse steps (above), when the workers are
+ * (above); unless the job is long with coarse steps, up to the cores other processes leave (above),
+ * 1 when they leave one (counted as contended); 1 when the workers are
  * busy with another caller's job (so two sessions stepping at once each keep one core), or, unless
  * the job is long, when no worker is spinning on a core. Above 1 the workers are reserved for this
  * caller until le_pool_run. Each job that asks for more than 1 is counted with its outcome. */
@@ -408,8 +379,13 @@ int le_pool_acquire(int nth, double flops, double step_flops)
         return count(LE_POOL_ONE_CORE, 1);
     if (now < atomic_load_explicit(&solo_until, memory_order_relaxed))
         return count(LE_POOL_STALLED, 1);
-    if (caller_contended(now) && (flops < CONTENDED_MIN_FLOPS || step_flops < CONTENDED_MIN_STEP_FLOPS))
-        return count(LE_POOL_CONTENDED, 1);
+    sample_others(now, cores);
+    int left = atomic_load_explicit(&cores_left, memory_order_relaxed);
+    if (left && nth > left && (flops < CONTENDED_MIN_FLOPS || step_flops < CONTENDED_MIN_STEP_FLOPS)) {
+        if (left <= 1)
+            return count(LE_POOL_CONTENDED, 1);
+        nth = left;
+    }
     int patient = flops > PATIENT_FLOPS;
     if (pthread_mutex_trylock(&pool.busy) != 0)
         return count(LE_POOL_BUSY, 1);

@@ -234,7 +234,7 @@ class _Core:
                 if started is not None:
                     np.take(self.started[k], idx, out=started[k])
             chain = self.chain
-            if chain is None or out is None or not chain.step(rows, out, n):
+            if chain is None or out is None or chain.step(rows, out, n) is None:
                 out3 = None if out is None else out[:, None]
                 y = self.streamer.run([inputs] + [None] * (self.streamer.n_inputs - 1), states, started, out3)[0]
                 if out is None:

@@ -24,8 +24,6 @@ from .graph import build_structure
 from .plan import chain_step, check_state
 from .stream import Streamer, check_floats
 
-_ndarray = np.ndarray
-
 
 # -- saved states ------------------------------------------------------------------------------
 
@@ -212,7 +210,6 @@ class Session:
         self._chain = model.is_chain
         self.output_size = model.output_size if self._chain else None
         self._out_shape = (B, self.output_size)
-        self._out_ok = None  # the last out= buffer that passed the checks
         self._out_steps = (None, None)  # the last step output and its (B, 1, out) view, which the plan writes
         self._max_steps = self._streamer.max_steps
         self._one_row = B == 1
@@ -275,20 +272,20 @@ class Session:
         except IndexError:
             raise self._busy() from None
         try:
-            if not self._chain:
+            chain = self._chain_step
+            if chain is not None:
+                # It takes x and out only as they are valid ((B,) intp ids in range, or (B, F) of the
+                # session's dtype; out None, or (B, out) of it, writeable and C-contiguous); anything else
+                # is checked, converted or refused below.
+                y = chain.step(x, out)
+                if y is not None:
+                    return y
+            elif not self._chain:
                 return self._run_graph(x, out, True)
             if out is None:
                 out = np.empty(self._out_shape, self.dtype)
-            elif out is not self._out_ok:
-                if (type(out) is not _ndarray or out.dtype is not self.dtype or out.shape != self._out_shape
-                        or not out.flags.c_contiguous or not out.flags.writeable):
-                    self._check_out(out, self._out_shape)
-                self._out_ok = out
-            chain = self._chain_step
-            if chain is not None and chain.step(x, out):
-                # It takes x only as it is valid ((B,) intp ids in range, or (B, F) of the session's
-                # dtype); anything else is checked, converted or refused below.
-                return out
+            else:
+                self._check_out(out, self._out_shape)
             if self.takes_ids:
                 x = self._check_ids(x, 1)
             else:
