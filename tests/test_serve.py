@@ -6,6 +6,7 @@ runs for a lone client (so outputs must be identical), and model.session() for g
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -68,19 +69,33 @@ def masked_model() -> le.Model:
     ])
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
+# The HTTP servers `lstm-engine serve --server` runs on; every test that starts a server with the `files`
+# fixture runs on each (granian's only where it is installed).
+_HTTP_SERVER = ["uvicorn"]
+
+
+@pytest.fixture(scope="module", params=[
+    "uvicorn", pytest.param("granian", marks=pytest.mark.skipif(importlib.util.find_spec("granian") is None,
+                                                                  reason="granian is not installed"))])
+def files(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("serve")
     paths = {"float": str(d / "float.safetensors"), "token": str(d / "token.safetensors"),
              "masked": str(d / "masked.safetensors")}
     le.save(float_model(), paths["float"])
     le.save(token_model(), paths["token"])
     le.save(masked_model(), paths["masked"])
+    paths["server"] = request.param
     tokens = d / "tokens.txt"
     tokens.write_text(f"# two clients\n{TOKEN_A}\n\n{TOKEN_B}\n")
     paths["tokens"] = str(tokens)
     paths["dir"] = d
     return paths
+
+
+@pytest.fixture(autouse=True)
+def _http_server(request):
+    """Server() below runs on the `files` fixture's HTTP server, or uvicorn in a test without it."""
+    _HTTP_SERVER[0] = request.getfixturevalue("files")["server"] if "files" in request.fixturenames else "uvicorn"
 
 
 class Server:
@@ -89,7 +104,8 @@ class Server:
     def __init__(self, model_path: str, *args: str, timeout: float = 60) -> None:
         env = dict(os.environ)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--threads", "1", *args],
+            [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--threads", "1",
+             "--server", _HTTP_SERVER[0], *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self.url = None
@@ -338,6 +354,27 @@ def test_restart_continues_every_stream_exactly(files, tmp_path, how):
             assert c.get(f"/v1/streams/{sid}").json()["position"] == T1
             second = np.stack([step(c, sid, x)[0] for x in xs[k, T1:]])
             np.testing.assert_array_equal(np.concatenate([first[k], second]), want[k])
+
+
+def test_sigterm_with_websockets_open_stops_and_keeps_every_answered_step(files, tmp_path):
+    """A SIGTERM while clients hold WebSockets open: the server stops in bounded time (it does not wait for
+    them to hang up), and every step it answered, over either protocol, is there after the restart."""
+    xs, want = _inputs_and_references(5, 2, 6)
+    state_dir = str(tmp_path / "states")
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        ids = [c.post("/v1/streams").json()["id"] for _ in range(2)]
+        first = [step(c, ids[0], x)[0] for x in xs[0, :3]]
+        with srv.ws(ids[1]) as ws:
+            for x in xs[1, :3]:
+                ws.send(npy(x))
+                first.append(from_npy(ws.recv(30)))
+            assert srv.signal(signal.SIGTERM) in (0, -signal.SIGTERM)
+        assert not any("Traceback" in line for line in srv.lines), "".join(srv.lines)
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        for k, sid in enumerate(ids):
+            assert c.get(f"/v1/streams/{sid}").json()["position"] == 3
+            rest = [step(c, sid, x)[0] for x in xs[k, 3:]]
+            np.testing.assert_array_equal(np.stack(first[3 * k:3 * k + 3] + rest), want[k])
 
 
 def test_kill_during_a_chunk_leaves_it_all_or_nothing(files, tmp_path):
@@ -845,6 +882,12 @@ def test_every_malformed_request_gets_its_4xx_and_the_server_keeps_serving(files
         # A body far over the limit, announced or sent chunked.
         r = c.post(f"/v1/streams/{sid}/step", content=iter([b"x" * 4000] * 4), headers={"Content-Type": NPY})
         assert r.status_code == 413
+        # A WebSocket message over the body limit closes that connection with 1009 (message too big).
+        with srv.ws(sid) as ws:
+            ws.send(b"x" * 5000)
+            with pytest.raises(websockets_exceptions.ConnectionClosed) as closed:
+                ws.recv(30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
         # Nothing above touched the stream: its first step is still the first.
         x = np.arange(8, dtype=np.float32) / 8
         y, pos = step(c, sid, x)

@@ -520,6 +520,11 @@ class Server:
                 if message["type"] != "websocket.receive":
                     return  # websocket.disconnect
                 t0 = time.perf_counter()
+                if len(message.get("bytes") or message.get("text") or "") > self.limits.max_body:
+                    # uvicorn refuses such a message itself (ws_max_size); granian hands it over.
+                    self.metrics.observe_request("ws", 413, None)
+                    await send({"type": "websocket.close", "code": 1009, "reason": "message_too_big"})
+                    return
                 status = 200
                 if self.owners is not None and owner not in self.owners:
                     self.metrics.observe_request("ws", 401, None)
