@@ -651,20 +651,6 @@ class _NoStreams:
     def evict_idle(self) -> int:
         return 0
 
-    async def _drain(self, timeout: float = 10.0) -> None:
-        """Refuse new work and wait (at most ``timeout`` s) for the work begun to end, before the pool closes.
-
-        uvicorn waits for its connections' tasks before the lifespan's shutdown; granian starts the shutdown
-        at once, with WebSockets still open and stepping (their next step would find the pool closed).
-        """
-        self.closing = True
-        deadline = time.monotonic() + timeout
-        while self.inflight or any(e.waiting for e in self.store.entries.values()):
-            if time.monotonic() > deadline:
-                log.warning("shutting down with %d step requests still running", self.inflight)
-                return
-            await asyncio.sleep(0.005)
-
     def close(self) -> None:
         pass
 
