@@ -9,11 +9,11 @@ Phases, in one run: the in-process pool ceiling (asyncio tasks stepping their ow
 model.pool()), the server over HTTP keep-alive (one connection per stream), the server over
 WebSocket (one connection per stream), the in-process ceiling again. ``--empty-server`` adds the
 same two client phases against an ASGI app that answers the same requests with fixed bytes, under
-the server's own uvicorn settings: the ceiling of the ASGI stack itself on this machine.
+the server's own settings (lstm_engine.serve.run): the ceiling of the ASGI stack itself on this machine.
 ``--rounds N`` repeats the server phases, interleaved, with the load average on every row;
 ``--baseline DIR`` adds the server of another built checkout to each round (an A/B of the server's code
-under the same load). Each prints aggregate steps/s, the ratio to the in-process ceiling, and
-client-side p50/p99 latency per step, then what the targets allow each step (print_bounds); the
+under the same load); ``--server uvicorn,granian`` runs every app under each HTTP server in the same rounds.
+Each prints aggregate steps/s, the ratio to the in-process ceiling, and client-side p50/p99 latency per step, then what the targets allow each step (print_bounds); the
 server's RSS is sampled through the run. The clients run in --client-procs processes on the same machine (they
 compete with the server for its cores: on a 2-core machine that bounds what the server can show).
 Everything is bounded: the streams (<= 1000), each phase's seconds, and the server is killed at the end.
@@ -371,7 +371,7 @@ def _pool_totals(url: str) -> tuple[float, float]:
 
 
 # -- the empty server -------------------------------------------------------------------------------
-# What uvicorn costs without the engine: the same routes and answer sizes (a .npy of output_size float32s),
+# What the HTTP server costs without the engine: the same routes and answer sizes (a .npy of output_size float32s),
 # no pool, no store, no checks. Served by lstm_engine.serve.run, so the loop, the protocols, the limits and
 # the GIL switch interval are the server's.
 

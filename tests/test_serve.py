@@ -94,8 +94,11 @@ def files(tmp_path_factory, request):
 
 @pytest.fixture(autouse=True)
 def _http_server(request):
-    """Server() below runs on the `files` fixture's HTTP server, or uvicorn in a test without it."""
+    """Server() below runs on the `files` fixture's HTTP server, or uvicorn in a test without it (and in other
+    modules' tests: test_readme's)."""
     _HTTP_SERVER[0] = request.getfixturevalue("files")["server"] if "files" in request.fixturenames else "uvicorn"
+    yield
+    _HTTP_SERVER[0] = "uvicorn"
 
 
 class Server:
