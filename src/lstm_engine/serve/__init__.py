@@ -209,6 +209,8 @@ def _granian(server: Server, sock: socket.socket, log_level: str) -> tuple:
 
         return server.app(scope, receive, sent)
 
+    # backpressure: requests handled at once, past which granian stops reading new ones (uvicorn's
+    # limit_concurrency answers 503 past the same number).
     granian = Granian(app, address=host, port=port, interface=Interfaces.ASGI, http=HTTPModes.http1,
                       websockets=True, backlog=1024, backpressure=server.limits.max_connections,
                       log_level=LogLevels(log_level if log_level in LogLevels.__members__ else "info"))
