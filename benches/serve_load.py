@@ -9,11 +9,11 @@ Phases, in one run: the in-process pool ceiling (asyncio tasks stepping their ow
 model.pool()), the server over HTTP keep-alive (one connection per stream), the server over
 WebSocket (one connection per stream), the in-process ceiling again. ``--empty-server`` adds the
 same two client phases against an ASGI app that answers the same requests with fixed bytes, under
-the server's own uvicorn settings: the ceiling of the ASGI stack itself on this machine.
+the server's own settings (lstm_engine.serve.run): the ceiling of the ASGI stack itself on this machine.
 ``--rounds N`` repeats the server phases, interleaved, with the load average on every row;
 ``--baseline DIR`` adds the server of another built checkout to each round (an A/B of the server's code
-under the same load). Each prints aggregate steps/s, the ratio to the in-process ceiling, and
-client-side p50/p99 latency per step, then what the targets allow each step (print_bounds); the
+under the same load); ``--server uvicorn,granian`` runs every app under each HTTP server in the same rounds.
+Each prints aggregate steps/s, the ratio to the in-process ceiling, and client-side p50/p99 latency per step, then what the targets allow each step (print_bounds); the
 server's RSS is sampled through the run. The clients run in --client-procs processes on the same machine (they
 compete with the server for its cores: on a 2-core machine that bounds what the server can show).
 Everything is bounded: the streams (<= 1000), each phase's seconds, and the server is killed at the end.
@@ -371,7 +371,7 @@ def _pool_totals(url: str) -> tuple[float, float]:
 
 
 # -- the empty server -------------------------------------------------------------------------------
-# What uvicorn costs without the engine: the same routes and answer sizes (a .npy of output_size float32s),
+# What the HTTP server costs without the engine: the same routes and answer sizes (a .npy of output_size float32s),
 # no pool, no store, no checks. Served by lstm_engine.serve.run, so the loop, the protocols, the limits and
 # the GIL switch interval are the server's.
 
@@ -424,7 +424,7 @@ def empty_app(output_size: int):
     return app
 
 
-def serve_empty(output_size: int) -> None:
+def serve_empty(output_size: int, http_server: str) -> None:
     import types
 
     from lstm_engine.serve import Limits, bind, run
@@ -432,7 +432,7 @@ def serve_empty(output_size: int) -> None:
     sock = bind("127.0.0.1", 0)
     host, port = sock.getsockname()[:2]
     limits = Limits(max_queue=4096)
-    run(types.SimpleNamespace(app=empty_app(output_size), limits=limits), sock,
+    run(types.SimpleNamespace(app=empty_app(output_size), limits=limits), sock, http_server=http_server,
         on_ready=lambda: print(f"empty server listening on http://{host}:{port}", file=sys.stderr, flush=True))
 
 
@@ -509,7 +509,7 @@ def print_bounds(rows: list, pools: list) -> None:
     printed = False
     for i, (name, r) in enumerate(rows):
         label, _, way = name.partition(", ")
-        if label != "server" or way not in TARGETS:
+        if not label.startswith("server") or way not in TARGETS:
             continue
         before, after = max(p for p in pools if p <= i), min(p for p in pools if p >= i)
         ceiling = (rows[before][1]["steps_s"] + rows[after][1]["steps_s"]) / 2
@@ -553,10 +553,16 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="CHECKOUT",
                     help="also serve from another built checkout (its src/ first on PYTHONPATH), interleaved with "
                          "this one: an A/B of the server's code under the same load")
+    ap.add_argument("--server", default="uvicorn",
+                    help="the HTTP server(s) under every app, comma-separated, interleaved: uvicorn, granian "
+                         "(default uvicorn)")
     ap.add_argument("--serve-empty", type=int, default=None, metavar="OUTPUT_SIZE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    http_servers = args.server.split(",")
     if args.serve_empty is not None:
-        return serve_empty(args.serve_empty)
+        return serve_empty(args.serve_empty, http_servers[0])
+    if not set(http_servers) <= {"uvicorn", "granian"} or len(set(http_servers)) != len(http_servers):
+        ap.error(f"--server: uvicorn and/or granian, comma-separated; got {args.server!r}")
     if not 1 <= args.streams <= 1000:
         ap.error("--streams: 1..1000")
     if not 1 <= args.seconds <= 3600:
@@ -571,7 +577,7 @@ def main() -> None:
                platform.processor())
     print(f"# {args.model}, {args.streams} streams, {args.seconds:g} s a phase, max_batch {args.max_batch}, "
           f"{args.body} bodies, {args.client_procs} client processes, {args.rounds} rounds"
-          + (", server with --state-dir" if args.state_dir else ""))
+          + (", server with --state-dir" if args.state_dir else "") + f", HTTP server {', '.join(http_servers)}")
     print(f"# CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; kernel variant "
           f"{le.cpu_info()['variant']}; model threads {model.threads} "
           "(the server's too: it loads the same file with the same default); one server process")
@@ -587,18 +593,21 @@ def main() -> None:
         serve = [sys.executable, "-m", "lstm_engine.cli", "serve", path, "--port", "0", "--max-batch",
                  str(args.max_batch), "--max-queue", "4096",
                  *(["--state-dir", os.path.join(d, "states")] if args.state_dir else [])]
-        servers = [("server", serve, None)]
+        apps = [("server", serve, None)]
         if args.baseline:
-            servers.insert(0, ("baseline", serve, {**os.environ, "PYTHONPATH": os.path.join(args.baseline, "src")}))
+            apps.insert(0, ("baseline", serve, {**os.environ, "PYTHONPATH": os.path.join(args.baseline, "src")}))
         if args.empty_server:
-            servers.insert(0, ("empty ASGI", [sys.executable, os.path.abspath(__file__), "--serve-empty",
-                                              str(model.output_size)], None))
+            apps.insert(0, ("empty ASGI", [sys.executable, os.path.abspath(__file__), "--serve-empty",
+                                           str(model.output_size)], None))
+        # Each app under each HTTP server; with more than one server, its name in the row's label.
+        servers = [(label if len(http_servers) == 1 else f"{label} {name}", [*command, "--server", name], env)
+                   for label, command, env in apps for name in http_servers]
         for k in range(args.rounds):
             measure("in-process pool", in_process(model, args.streams, args.seconds, args.max_batch))
             # Every other round in the reverse order, so that no server always runs first after the pool's phase.
             for label, command, env in servers if k % 2 == 0 else servers[::-1]:
                 server = ServerProcess(command, env)
-                if label == "server":
+                if label.startswith("server"):
                     served = server
                 try:
                     for kind, name in (("http", "HTTP keep-alive"), ("ws", "WebSocket")):
@@ -613,7 +622,7 @@ def main() -> None:
     pools = [i for i, (name, _) in enumerate(rows) if name == "in-process pool"]
     # CPU time per step is what the machine's load changes least: the pool's process (or the server's, and of it
     # the event loop's thread), and the clients'. Cores: CPU seconds over the phase's seconds, each side's.
-    print(f"{'way':28s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s} "
+    print(f"{'way':36s} {'steps/s':>9s} {'of pool':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} {'errors':>6s} "
           f"{'batch':>6s} {'CPU us/step':>11s} {'of it loop':>10s} {'clients':>8s} {'cores':>5s} {'clients':>7s} "
           f"{'load':>5s}")
     for i, (name, r) in enumerate(rows):
@@ -623,7 +632,7 @@ def main() -> None:
         clients = f"{r['client_cpu_us']:8.0f}" if "client_cpu_us" in r else f"{'-':>8s}"
         client_cores = f"{r['client_cores']:7.2f}" if "client_cores" in r else f"{'-':>7s}"
         loop = f"{r['loop_cpu_us']:10.0f}" if "loop_cpu_us" in r else f"{'-':>10s}"
-        print(f"{name:28s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
+        print(f"{name:36s} {r['steps_s']:9.0f} {r['steps_s'] / ceiling:8.0%} {r['p50'] * 1e3:8.2f} "
               f"{r['p99'] * 1e3:8.2f} {r['p99'] / r['p50']:8.1f} {r.get('errors', 0):6d} {r['batch']:6.1f} "
               f"{r['cpu_us']:11.0f} {loop} {clients} {r['cores']:5.2f} {client_cores} {r['load']:5.1f}")
     print_bounds(rows, pools)

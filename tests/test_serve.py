@@ -6,6 +6,7 @@ runs for a lone client (so outputs must be identical), and model.session() for g
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -68,19 +69,36 @@ def masked_model() -> le.Model:
     ])
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
+# The HTTP servers `lstm-engine serve --server` runs on; every test that starts a server with the `files`
+# fixture runs on each (granian's only where it is installed).
+_HTTP_SERVER = ["uvicorn"]
+
+
+@pytest.fixture(scope="module", params=[
+    "uvicorn", pytest.param("granian", marks=pytest.mark.skipif(importlib.util.find_spec("granian") is None,
+                                                                  reason="granian is not installed"))])
+def files(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("serve")
     paths = {"float": str(d / "float.safetensors"), "token": str(d / "token.safetensors"),
              "masked": str(d / "masked.safetensors")}
     le.save(float_model(), paths["float"])
     le.save(token_model(), paths["token"])
     le.save(masked_model(), paths["masked"])
+    paths["server"] = request.param
     tokens = d / "tokens.txt"
     tokens.write_text(f"# two clients\n{TOKEN_A}\n\n{TOKEN_B}\n")
     paths["tokens"] = str(tokens)
     paths["dir"] = d
     return paths
+
+
+@pytest.fixture(autouse=True)
+def _http_server(request):
+    """Server() below runs on the `files` fixture's HTTP server, or uvicorn in a test without it (and in other
+    modules' tests: test_readme's)."""
+    _HTTP_SERVER[0] = request.getfixturevalue("files")["server"] if "files" in request.fixturenames else "uvicorn"
+    yield
+    _HTTP_SERVER[0] = "uvicorn"
 
 
 class Server:
@@ -89,7 +107,8 @@ class Server:
     def __init__(self, model_path: str, *args: str, timeout: float = 60) -> None:
         env = dict(os.environ)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--threads", "1", *args],
+            [sys.executable, "-m", "lstm_engine.cli", "serve", model_path, "--port", "0", "--threads", "1",
+             "--server", _HTTP_SERVER[0], *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self.url = None
@@ -338,6 +357,54 @@ def test_restart_continues_every_stream_exactly(files, tmp_path, how):
             assert c.get(f"/v1/streams/{sid}").json()["position"] == T1
             second = np.stack([step(c, sid, x)[0] for x in xs[k, T1:]])
             np.testing.assert_array_equal(np.concatenate([first[k], second]), want[k])
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["state-dir", "memory"])
+def test_sigterm_while_websockets_step_stops_cleanly_and_keeps_every_answered_step(files, tmp_path, durable):
+    """A SIGTERM while clients step chunks over WebSockets as fast as they can: the server stops in bounded
+    time, without a traceback (the chunks begun end before the pool closes), and, with a state directory,
+    after the restart every stream is at its last answered chunk (or the one after, logged but not yet
+    answered), and continues exactly."""
+    n, T, C = 8, 100_000, 50
+    xs = np.random.default_rng(5).standard_normal((n, T, 8)).astype(np.float32)
+    model = float_model()
+    state_dir = str(tmp_path / "states")
+    got: list[list[np.ndarray]] = [[] for _ in range(n)]
+    with Server(files["float"], *(["--state-dir", state_dir] if durable else [])) as srv, srv.client() as c:
+        ids = [c.post("/v1/streams").json()["id"] for _ in range(n)]
+        started = threading.Barrier(n + 1)
+
+        def stepper(k: int) -> None:
+            with srv.ws(ids[k]) as ws:
+                started.wait(30)
+                try:
+                    for i in range(0, T, C):
+                        ws.send(npy(xs[k, i:i + C]))
+                        got[k].extend(from_npy(ws.recv(30)))
+                except websockets_exceptions.ConnectionClosed:
+                    return
+
+        threads = [threading.Thread(target=stepper, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        started.wait(30)
+        time.sleep(0.5)
+        assert srv.signal(signal.SIGTERM) in (0, -signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert not any("Traceback" in line for line in srv.lines), "".join(srv.lines)
+    assert all(0 < len(g) < T for g in got), [len(g) for g in got]
+    if not durable:
+        return
+    with Server(files["float"], "--state-dir", state_dir) as srv, srv.client() as c:
+        for k, sid in enumerate(ids):
+            position = c.get(f"/v1/streams/{sid}").json()["position"]
+            assert position in (len(got[k]), len(got[k]) + C)
+            rest = [step(c, sid, x)[0] for x in xs[k, position:position + 3]]
+            want = model.forward(xs[k, None, :position + 3])[0][0]
+            # Batched with the other streams: the same floats up to the kernels' order of summation.
+            np.testing.assert_allclose(np.stack(got[k]), want[:len(got[k])], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.stack(rest), want[position:], rtol=1e-5, atol=1e-5)
 
 
 def test_kill_during_a_chunk_leaves_it_all_or_nothing(files, tmp_path):
@@ -845,6 +912,12 @@ def test_every_malformed_request_gets_its_4xx_and_the_server_keeps_serving(files
         # A body far over the limit, announced or sent chunked.
         r = c.post(f"/v1/streams/{sid}/step", content=iter([b"x" * 4000] * 4), headers={"Content-Type": NPY})
         assert r.status_code == 413
+        # A WebSocket message over the body limit closes that connection with 1009 (message too big).
+        with srv.ws(sid) as ws:
+            ws.send(b"x" * 5000)
+            with pytest.raises(websockets_exceptions.ConnectionClosed) as closed:
+                ws.recv(30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
         # Nothing above touched the stream: its first step is still the first.
         x = np.arange(8, dtype=np.float32) / 8
         y, pos = step(c, sid, x)

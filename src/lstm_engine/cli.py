@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -1130,6 +1131,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads the model may use (default: all cores)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="server log level (default warning)")
+    p.add_argument("--server", default="uvicorn", choices=["uvicorn", "granian"],
+                   help="the HTTP/WebSocket server: uvicorn (default) or granian (Rust protocols off the event "
+                        "loop; pip install granian)")
     p.set_defaults(func=run_serve)
 
 
@@ -1140,6 +1144,9 @@ def run_serve(args: argparse.Namespace) -> int:
         from . import serve
     except ImportError as exc:
         raise UserError(str(exc)) from None
+    if args.server == "granian" and importlib.util.find_spec("granian") is None:
+        raise UserError("--server granian needs granian: pip install granian (from an lstm_engine checkout: "
+                        "pip install '.[serve,granian]')")
     for name in ("max_batch", "max_body", "max_chunk", "max_streams_per_token", "max_queue", "max_log_bytes"):
         _positive(getattr(args, name), "--" + name.replace("_", "-"))
     if not 0 <= args.port <= 65535:
@@ -1178,7 +1185,7 @@ def run_serve(args: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"{PROG} serve: {len(server.store.entries)} streams, listening on {url}", file=sys.stderr, flush=True)
 
-    serve.run(server, sock, log_level=args.log_level, on_ready=ready)
+    serve.run(server, sock, log_level=args.log_level, on_ready=ready, http_server=args.server)
     return 0
 
 

@@ -4,8 +4,8 @@
     server = Server(model, state_dir="states", token_file="tokens.txt")  # re-read when it changes
     run(server, bind("127.0.0.1", 8000))
 
-Needs the ``serve`` extra (Starlette, uvicorn, prometheus_client, orjson); the rest of lstm_engine never
-imports this package.
+Needs the ``serve`` extra (Starlette, uvicorn, prometheus_client, orjson), and granian for
+``run(..., http_server="granian")`` (the ``granian`` extra); the rest of lstm_engine never imports this package.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 import asyncio
 import gc
+import signal
 import socket
 import sys
 from typing import Any, Callable
@@ -109,9 +110,47 @@ def _http_protocol() -> Any:
     return Protocol
 
 
+SERVERS = ("uvicorn", "granian")
+
+
 def run(server: Server, sock: socket.socket, *, log_level: str = "warning",
-        on_ready: Callable[[], Any] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM; then finish the requests in flight and stop the pool."""
+        on_ready: Callable[[], Any] | None = None, http_server: str = "uvicorn") -> None:
+    """Serve until SIGINT or SIGTERM; then finish the requests in flight and stop the pool.
+
+    ``http_server``: "uvicorn" (its HTTP and WebSocket protocols are Python on the event loop) or "granian"
+    (they are Rust, on a thread of their own; the handlers stay on this event loop).
+    """
+    if http_server not in SERVERS:
+        raise ValueError(f"http_server: expected one of {', '.join(SERVERS)}, got {http_server!r}")
+    serve, factory, caught = (_uvicorn if http_server == "uvicorn" else _granian)(server, sock, log_level)
+
+    async def main() -> None:
+        def ready() -> None:
+            gc.freeze()
+            if on_ready is not None:
+                on_ready()
+
+        if not await serve(ready):
+            sys.exit(1)
+
+    loop = factory() if factory is not None else asyncio.new_event_loop()
+    switch, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
+    gc.set_threshold(max(thresholds[0], GC_THRESHOLD), *thresholds[1:])
+    try:
+        loop.run_until_complete(main())
+    finally:
+        sys.setswitchinterval(switch)
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+        loop.close()
+    if caught:
+        # Die of the signal that stopped the server, as uvicorn does (exit status -15 for SIGTERM).
+        signal.raise_signal(caught[0])
+
+
+def _uvicorn(server: Server, sock: socket.socket, log_level: str) -> tuple:
+    """(serve(ready) -> started, event loop factory, signals caught) under uvicorn (which re-raises them)."""
     import uvicorn
 
     limits = server.limits
@@ -127,28 +166,92 @@ def run(server: Server, sock: socket.socket, *, log_level: str = "warning",
                             ws="websockets-sansio")
     uv = uvicorn.Server(config)
 
-    async def main() -> None:
+    async def serve(ready: Callable[[], None]) -> bool:
         task = asyncio.create_task(uv.serve(sockets=[sock]))
         while not uv.started and not task.done():
             await asyncio.sleep(0.01)
         if uv.started:
-            gc.freeze()
-            if on_ready is not None:
-                on_ready()
+            ready()
         await task
+        return uv.started
 
-    # uvicorn's loop choice (uvloop when installed), with our readiness signal on top.
-    factory = config.get_loop_factory()
-    loop = factory() if factory is not None else asyncio.new_event_loop()
-    switch, thresholds = sys.getswitchinterval(), gc.get_threshold()
-    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
-    gc.set_threshold(max(thresholds[0], GC_THRESHOLD), *thresholds[1:])
+    return serve, config.get_loop_factory(), []  # uvicorn's loop choice: uvloop when installed
+
+
+def _granian(server: Server, sock: socket.socket, log_level: str) -> tuple:
+    """(serve(ready) -> started, event loop factory, signals caught) under granian's embedded server, on this
+    event loop."""
     try:
-        loop.run_until_complete(main())
-    finally:
-        sys.setswitchinterval(switch)
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
-        loop.close()
-    if not uv.started:
-        sys.exit(1)
+        from granian.constants import HTTPModes, Interfaces
+        from granian.log import LogLevels
+        from granian.server.embed import Server as Granian
+    except ImportError as exc:
+        raise ImportError("--server granian needs granian: pip install granian (from an lstm_engine checkout: "
+                          "pip install '.[serve,granian]')") from exc
+    import logging
+
+    # granian binds its own socket: ours only chose the address (and a free port for port 0).
+    host, port = sock.getsockname()[:2]
+    sock.close()
+    started: list = []  # serve()'s ready, then True once called
+    waiting: list[asyncio.Task] = []  # listening(), held until it is done
+
+    def app(scope: dict, receive: Any, send: Any) -> Any:
+        # The lifespan's startup.complete is when granian starts taking connections; every other scope goes
+        # to the server's application as it is (no wrapper coroutine a request).
+        if scope["type"] != "lifespan":
+            return server.app(scope, receive, send)
+
+        async def sent(message: dict) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                waiting.append(asyncio.get_running_loop().create_task(listening(started.pop())))
+            await send(message)
+
+        return server.app(scope, receive, sent)
+
+    # backpressure: requests handled at once, past which granian stops reading new ones (uvicorn's
+    # limit_concurrency answers 503 past the same number).
+    granian = Granian(app, address=host, port=port, interface=Interfaces.ASGI, http=HTTPModes.http1,
+                      websockets=True, backlog=1024, backpressure=server.limits.max_connections,
+                      log_level=LogLevels(log_level if log_level in LogLevels.__members__ else "info"))
+    # granian warns that its embedded server is experimental on every start: nothing for lstm-engine's user.
+    logging.getLogger("_granian").addFilter(lambda record: "experimental" not in record.getMessage())
+
+    async def listening(ready: Callable[[], None]) -> None:
+        # granian's worker opens its listening socket after the lifespan's startup: ready once it answers.
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.005)
+                continue
+            writer.close()
+            started.append(True)
+            return ready()
+
+    caught: list[int] = []
+
+    def stop(sig: int) -> None:
+        caught.append(sig)
+        granian.stop()
+
+    async def serve(ready: Callable[[], None]) -> bool:
+        started.append(ready)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            await granian.serve()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return started == [True]
+
+    def factory() -> asyncio.AbstractEventLoop:
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.new_event_loop()
+        return uvloop.new_event_loop()
+
+    return serve, factory, caught

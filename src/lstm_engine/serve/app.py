@@ -131,6 +131,10 @@ class _Busy(StreamError):
         self.retry_after = retry_after
 
 
+def _shutting_down() -> _Busy:
+    return _Busy(503, "shutting_down", "the server is shutting down; retry on its successor", 1)
+
+
 class Server:
     """One model's streams served over HTTP and WebSocket. ``app`` is the ASGI application.
 
@@ -168,6 +172,7 @@ class Server:
         self.inputs = Inputs(model, self.pool.dtype, self.limits.max_chunk)
         self.buckets: dict[str, list[float]] = {}
         self.inflight = 0
+        self.closing = False  # set when the shutdown begins: new work is refused while the work begun ends
         self.forward_limiter = anyio.CapacityLimiter(1)
         self.forward_waiting = 0
         self.started = time.time()
@@ -212,10 +217,25 @@ class Server:
         finally:
             if hangup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await self._drain()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             self.close()
+
+    async def _drain(self, timeout: float = 10.0) -> None:
+        """Refuse new work and wait (at most ``timeout`` s) for the work begun to end, before the pool closes.
+
+        uvicorn waits for its connections' tasks before the lifespan's shutdown; granian starts the shutdown
+        at once, with WebSockets still open and stepping (their next step would find the pool closed).
+        """
+        self.closing = True
+        deadline = time.monotonic() + timeout
+        while self.inflight or any(e.waiting for e in self.store.entries.values()):
+            if time.monotonic() > deadline:
+                log.warning("shutting down with %d step requests still running", self.inflight)
+                return
+            await asyncio.sleep(0.005)
 
     def close(self) -> None:
         """Stop the state log (folding it into checkpoints) and the pool (every answered step is already on disk)."""
@@ -272,6 +292,8 @@ class Server:
         bucket[0] -= 1
 
     def _admit(self, entry: Any) -> None:
+        if self.closing:
+            raise _shutting_down()
         if self.inflight >= self.limits.max_queue:
             raise _Busy(503, "overloaded", f"the server has {self.inflight} step requests queued, its limit; "
                                            "retry later", 1)
@@ -327,6 +349,8 @@ class Server:
     async def _answer(self, route: str, request: Request, handler: Any) -> Response:
         """Run a handler, turning refusals into their JSON errors and counting both."""
         try:
+            if self.closing:
+                raise _shutting_down()
             response = await handler(request)
         except StreamError as exc:
             response = _error(exc.status, exc.code, exc.message, getattr(exc, "retry_after", None))
@@ -520,6 +544,14 @@ class Server:
                 if message["type"] != "websocket.receive":
                     return  # websocket.disconnect
                 t0 = time.perf_counter()
+                if self.closing:
+                    await send({"type": "websocket.close", "code": 1012, "reason": "shutting_down"})
+                    return
+                if len(message.get("bytes") or message.get("text") or "") > self.limits.max_body:
+                    # uvicorn refuses such a message itself (ws_max_size); granian hands it over.
+                    self.metrics.observe_request("ws", 413, None)
+                    await send({"type": "websocket.close", "code": 1009, "reason": "message_too_big"})
+                    return
                 status = 200
                 if self.owners is not None and owner not in self.owners:
                     self.metrics.observe_request("ws", 401, None)
