@@ -167,9 +167,11 @@ static void note_others(double others, int cores)
 static void sample_others(long now, int cores)
 {
     static long seen_busy, seen_total, seen_own;
-    long t = atomic_load_explicit(&others_checked, memory_order_relaxed);
+    /* The sampler that wins the exchange reads the seen_* the previous one wrote: that one stored
+     * others_checked again (release) after them, and this load acquires it. */
+    long t = atomic_load_explicit(&others_checked, memory_order_acquire);
     if ((t && now - t < OTHERS_CHECK_NS) || now < atomic_load_explicit(&others_held, memory_order_relaxed)
-        || !atomic_compare_exchange_strong_explicit(&others_checked, &t, now, memory_order_relaxed,
+        || !atomic_compare_exchange_strong_explicit(&others_checked, &t, now, memory_order_acq_rel,
                                                     memory_order_relaxed))
         return;
     long busy, total;
@@ -190,6 +192,7 @@ static void sample_others(long now, int cores)
     seen_busy = busy;
     seen_total = total;
     seen_own = own;
+    atomic_store_explicit(&others_checked, now, memory_order_release);
 }
 
 /* For tests: others < 0 forgets every sample (the next only starts); else record that other
