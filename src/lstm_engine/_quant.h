@@ -47,6 +47,11 @@ int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, p
              const float *bias, int nthreads, void *scratch);
 ptrdiff_t le_qgemm_scratch(int M, int K);
 
+/* Embedding rows ids[0..B) of a (V, E) table kept as `kind` (int8 with row scales, or the bits of float16 /
+ * bfloat16), widened to float32 into out (B, E): the values lstm_engine.quantize's dequantization gives
+ * (int8: (float)q * scale[id], one rounding). ids must be valid. */
+void le_q_embed_rows(int kind, const void *table, const float *scale, int E, const ptrdiff_t *ids, int B, float *out);
+
 /* The gates of one row of a quantized layer with sigmoid gates and tanh, on the float32 kernels' vectorised
  * activations (the general loop's libm tanhf/expf cost more than the int8 products save at large batches).
  * LSTM: q (4H) the products of i, f, g, o, overwritten; c (H) updated; h (H) written. GRU (reset after): q (3H)

@@ -162,6 +162,23 @@ static inline uint32_t load_u32(const uint8_t *p)
     return v;
 }
 
+void le_q_embed_rows(int kind, const void *table, const float *scale, int E, const ptrdiff_t *ids, int B, float *out)
+{
+    for (int r = 0; r < B; r++) {
+        ptrdiff_t id = ids[r];
+        float *o = out + (ptrdiff_t)r * E;
+        if (kind == LE_W_INT8) {
+            const int8_t *q = (const int8_t *)table + id * E;
+            for (int k = 0; k < E; k++)
+                o[k] = (float)q[k] * scale[id];
+        } else {
+            const uint16_t *h = (const uint16_t *)table + id * E;
+            for (int k = 0; k < E; k++)
+                o[k] = kind == LE_W_BFLOAT16 ? bf16_to_f32(h[k]) : f16_to_f32(h[k]);
+        }
+    }
+}
+
 /* -- micro-kernels: mr rows of A by one panel of 16 rows -------------------------------------- */
 
 /* int8: K4 groups of 4; A rows at lda bytes; tile (mr, 16) int32. half: K rows, tile (mr, 16) float. */
