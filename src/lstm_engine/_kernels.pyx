@@ -125,6 +125,9 @@ cdef extern from "_quant.h" nogil:
     int le_qgemm(const le_qmat* m, int M, const float* A, Py_ssize_t lda, float* C, Py_ssize_t ldc,
                  int accumulate, const float* bias, int nthreads, void* scratch)
     Py_ssize_t le_qgemm_scratch(int M, int K)
+    int le_qgemm_pair(const le_qmat* m1, const float* A1, Py_ssize_t lda1, float* C1, Py_ssize_t ldc1, int acc1,
+                      const le_qmat* m2, const float* A2, Py_ssize_t lda2, float* C2, Py_ssize_t ldc2, int acc2,
+                      int M, int nthreads, void* scratch)
     void le_q_embed_rows(int kind, const void* table, const float* scale, int E, const Py_ssize_t* ids, int B,
                          float* out)
     void le_q_lstm_gates(int H, float* q, const float* bias, float* c, float* h)
@@ -274,7 +277,7 @@ cdef struct QW:
     const le_qmat* hh
     const le_qmat* hn
     const le_qmat* hr
-    void* scratch  # le_qgemm_scratch bytes for the largest product of a run (set per run)
+    void* scratch  # twice le_qgemm_scratch bytes for the largest product of a run (set per run)
 
 
 cdef inline void product(const QW* qw, const le_qmat* m, int M, int N, int K, floating* A, int lda, floating* Bm,
@@ -383,14 +386,24 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
         none.ih = none.hh = none.hn = none.hr = NULL
         none.scratch = NULL
         qw = &none
-    product(qw, qw.ih, B * T, GH, In, x, In, w_ih, In, 0, xp, GH, threads)
+    # A streamed step (T 1) of a quantized LSTM, RNN or GRU (reset after) runs its input and recurrent
+    # products as one job (the same sums, one wake-up of the threads instead of two); skipped below.
+    cdef bint paired = (floating is float and T == 1 and qw.ih != NULL and qw.hh != NULL and qw.hn == NULL
+                        and (d.cell == CELL_LSTM or d.cell == CELL_RNN or d.cell == CELL_GRU))
+    if paired:
+        le_qgemm_pair(qw.ih, <float*>x, In, <float*>xp, GH, 0, qw.hh, <float*>h, P,
+                      <float*>(xp if d.cell != CELL_GRU else hp), GH, d.cell != CELL_GRU, B, threads, qw.scratch)
+    else:
+        product(qw, qw.ih, B * T, GH, In, x, In, w_ih, In, 0, xp, GH, threads)
     step_back = 1 if reverse else -1
 
     for s in range(T):
         t = T - 1 - s if reverse else s
         pre = xp + <Py_ssize_t>t * GH
 
-        if d.cell == CELL_LSTM or d.cell == CELL_RNN:
+        if paired:
+            pass
+        elif d.cell == CELL_LSTM or d.cell == CELL_RNN:
             # Recurrent product accumulated straight into this step's projections.
             product(qw, qw.hh, B, GH, P, h, P, w_hh, P, 1, pre, <int>xp_row, threads)
         elif d.cell == CELL_GRU:
@@ -1121,11 +1134,12 @@ cdef class RecurrentKernel:
                             self.output_size, self._quant_scratch(batch, steps)).size
 
     cdef inline Py_ssize_t _quant_scratch(self, Py_ssize_t batch, Py_ssize_t steps):
-        """Elements of work (of this kernel's dtype) for le_qgemm's scratch: 0 unless int8."""
+        """Elements of work (of this kernel's dtype) for le_qgemm's scratch, twice over (le_qgemm_pair):
+        0 unless int8."""
         if self.weight_format != "int8":
             return 0
         cdef int K = max(self.input_size, self.hidden_size, self.output_size)
-        return (le_qgemm_scratch(<int>(batch * steps), K) + 3) // 4
+        return (2 * le_qgemm_scratch(<int>(batch * steps), K) + 3) // 4
 
     def work_size(self, int batch, int steps):
         """Elements of scratch one run over (batch, steps) needs."""
