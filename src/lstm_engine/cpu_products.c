@@ -325,7 +325,7 @@ AVX2 static void block_avx2(const le_block *j, int r0, int r1, int p0, int p1) B
 /* One row at a time, four sums over k: the weights stream as one contiguous read per thread. Eight rows
  * at a time (eight 2 KB streams 2 KB apart, per step of k) read a 10000 x 512 head at half this speed on
  * Zen 4 from L3 and DRAM: 0.96 -> 0.47 ms on one core when the rest of a token LM's step had been read
- * between heads (benches' gemv study in notes/s6-tokenlm.md); AVX-512 loads gave no more. */
+ * between heads (a standalone copy of the kernel); AVX-512 loads gave no more. */
 AVX2 static void gemv_avx2(int N, int K, const float *W, ptrdiff_t ldw, const float *x, const float *b, float *y)
 {
     __m256i m = le_tail_mask_avx2(K);
