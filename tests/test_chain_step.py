@@ -56,19 +56,27 @@ CONFIGS = {
     "gru": dict(kind="gru"),
     "lstm-x2-wide": dict(kind="lstm", layers=2, hidden=40),
     "gru-x2-relu-two-heads": dict(kind="gru", layers=2, hidden=20, head_act="relu", two_heads=True),
-    "lstm-proj": dict(kind="lstm", proj=5),  # no C kernel: no table, so no chain step: the plan
+    "lstm-proj": dict(kind="lstm", proj=5),  # no C kernel: no table; the chain step looks the rows up
     "rnn": dict(kind="rnn"),  # the same
 }
 FUSED = {"lstm", "gru", "lstm-x2-wide", "gru-x2-relu-two-heads"}  # on the C kernels: a token table
 
 
 def unfused(monkeypatch, build):
-    """The same model built with no token tables and no compiled chain step: the general path."""
+    """The same model built with no token tables: the general path for forward (see general_session)."""
     monkeypatch.setattr(plan_mod, "MAX_TABLE_BYTES", 0)
-    monkeypatch.setattr("lstm_engine.session.chain_step", lambda *a: None)
     model = build()
     monkeypatch.undo()
     return model
+
+
+def general_session(model, B):
+    """A session of model that steps through the plan, with no compiled chain step."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("lstm_engine.session.chain_step", lambda *a: None)
+        s = model.session(B)
+    assert s._chain_step is None
+    return s
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -80,9 +88,9 @@ def test_session_steps_equal_torch_and_the_general_path(name, B, monkeypatch):
     T = 9
     ids = rng.integers(0, V, (B, T))
     want = run(ids)[0]
-    s, g = model.session(B), plain.session(B)
-    assert (s._chain_step is not None) == (name in FUSED)
-    assert g._chain_step is None and not plain.plan(np.dtype(np.float32)).tables
+    s, g = model.session(B), general_session(plain, B)
+    assert s._chain_step is not None
+    assert not plain.plan(np.dtype(np.float32)).tables
     assert bool(model.plan(np.dtype(np.float32)).tables) == (name in FUSED)
     got = np.stack([s.step(ids[:, t]) for t in range(T)], 1)
     general = np.stack([g.step(ids[:, t]) for t in range(T)], 1)
@@ -160,7 +168,7 @@ def test_mask_zero_embedding_folds_with_its_mask(monkeypatch):
     ids[0, 4:7] = 0
     ids[2, :3] = 0
     np.testing.assert_allclose(model.forward(ids)[0], plain.forward(ids)[0], **F32)
-    s, g = model.session(3), plain.session(3)
+    s, g = model.session(3), general_session(plain, 3)
     for t in range(10):
         np.testing.assert_allclose(s.step(ids[:, t]), g.step(ids[:, t]), **F32)
 
@@ -169,9 +177,11 @@ def test_large_vocabularies_are_not_folded(monkeypatch):
     monkeypatch.setattr(plan_mod, "MAX_TABLE_BYTES", 1000)
     model, run = torch_chain("lstm")
     assert not model.plan(np.dtype(np.float32)).tables
-    assert model.session(1)._chain_step is None
+    s = model.session(1)
+    assert s._chain_step is not None  # which looks the Embedding's rows up
     ids = np.arange(6)[None] % V
     np.testing.assert_allclose(model.forward(ids)[0], run(ids)[0], **F32)
+    np.testing.assert_allclose(np.stack([s.step(ids[:, t]) for t in range(6)], 1), run(ids)[0], **F32)
 
 
 # -- packed lengths ------------------------------------------------------------------------------
@@ -270,9 +280,9 @@ def test_record_runs_the_embedding_it_folded(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["gru-reset-before", "float64", "softmax-head"])
 def test_what_is_not_fused_takes_the_general_path(variant):
-    """GRU with reset before (Keras reset_after=False) and float64 have no table, heads other than
-    linear/relu are not specialised: those sessions step through the plan, and equal forward. (A stack
-    of such layers without an Embedding does step in one call: the test below.)"""
+    """GRU with reset before (Keras reset_after=False) and float64 have no table; the first steps in one
+    call all the same (its run(), the Embedding's rows looked up), float64 heads and heads other than
+    linear/relu are not specialised: those sessions step through the plan. Each equals forward."""
     r = np.random.default_rng(12)
     w = lambda *s: r.uniform(-0.5, 0.5, s)
     H = 10
@@ -282,7 +292,7 @@ def test_what_is_not_fused_takes_the_general_path(variant):
                       le.Dense(w(4, H), w(4), activation="softmax" if variant == "softmax-head" else "linear",
                                dtype=dtype)])
     s = model.session(2)
-    assert s._chain_step is None
+    assert (s._chain_step is not None) == (variant == "gru-reset-before")
     assert bool(model.plan(np.dtype(dtype)).tables) == (variant == "softmax-head")
     ids = r.integers(0, V, (2, 7))
     got = np.stack([s.step(ids[:, t]) for t in range(7)], 1)
@@ -348,3 +358,32 @@ def test_layers_of_a_step_in_one_job_whatever_their_threads(B, kernel_variant):
     for got in runs[1:]:
         np.testing.assert_array_equal(got, runs[0])
     np.testing.assert_allclose(runs[0], want, **F32)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float16", "bfloat16"])
+@pytest.mark.parametrize("keep", [(), ("Embedding",), ("Dense",)])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_quantized_chains_step_in_one_call(fmt, keep, kind, B, kernel_variant):
+    """A quantized token LM (its Embedding's rows widened in the step, its layers' run(), its head one packed
+    product) steps in one call: the same bits as the plan's steps (a float head's rows: the engine's GEMV
+    against the plan's BLAS at B > 1, as for float models), and forward's numbers."""
+    model = torch_chain(kind, layers=2, hidden=20, head_act="relu", two_heads=True)[0]
+    q = le.quantize(model, fmt, keep_float=keep)
+    ids = np.random.default_rng(23).integers(0, V, (B, 8))
+    s, g = q.session(B), general_session(q, B)
+    assert s._chain_step is not None
+    got = np.stack([s.step(np.ascontiguousarray(ids[:, t])) for t in range(8)], 1)
+    general = np.stack([g.step(ids[:, t]) for t in range(8)], 1)
+    if "Dense" in keep and B > 1:
+        np.testing.assert_allclose(got, general, **F32)
+    else:
+        np.testing.assert_array_equal(got, general)
+    np.testing.assert_allclose(got, q.forward(ids)[0], atol=1e-5)
+    if fmt == "int8" and "Dense" not in keep:
+        # Exact integer sums whatever the rows of a product: a step's input and recurrent products as one
+        # job (le_qgemm_pair) give the bits of forward's input product over every step and its recurrent ones.
+        np.testing.assert_array_equal(got, q.forward(ids)[0])
+    for a, b in zip(s.state, g.state):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)

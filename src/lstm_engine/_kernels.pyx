@@ -125,6 +125,11 @@ cdef extern from "_quant.h" nogil:
     int le_qgemm(const le_qmat* m, int M, const float* A, Py_ssize_t lda, float* C, Py_ssize_t ldc,
                  int accumulate, const float* bias, int nthreads, void* scratch)
     Py_ssize_t le_qgemm_scratch(int M, int K)
+    int le_qgemm_pair(const le_qmat* m1, const float* A1, Py_ssize_t lda1, float* C1, Py_ssize_t ldc1, int acc1,
+                      const le_qmat* m2, const float* A2, Py_ssize_t lda2, float* C2, Py_ssize_t ldc2, int acc2,
+                      int M, int nthreads, void* scratch)
+    void le_q_embed_rows(int kind, const void* table, const float* scale, int E, const Py_ssize_t* ids, int B,
+                         float* out)
     void le_q_lstm_gates(int H, float* q, const float* bias, float* c, float* h)
     void le_q_gru_gates(int H, float* q, const float* hq, const float* bias, const float* bias_hn, float* h)
     int le_q_level()
@@ -272,7 +277,7 @@ cdef struct QW:
     const le_qmat* hh
     const le_qmat* hn
     const le_qmat* hr
-    void* scratch  # le_qgemm_scratch bytes for the largest product of a run (set per run)
+    void* scratch  # twice le_qgemm_scratch bytes for the largest product of a run (set per run)
 
 
 cdef inline void product(const QW* qw, const le_qmat* m, int M, int N, int K, floating* A, int lda, floating* Bm,
@@ -381,14 +386,24 @@ cdef void run_direction(Dims* d, int dirn, floating* x, floating* y, floating* h
         none.ih = none.hh = none.hn = none.hr = NULL
         none.scratch = NULL
         qw = &none
-    product(qw, qw.ih, B * T, GH, In, x, In, w_ih, In, 0, xp, GH, threads)
+    # A streamed step (T 1) of a quantized LSTM, RNN or GRU (reset after) runs its input and recurrent
+    # products as one job (the same sums, one wake-up of the threads instead of two); skipped below.
+    cdef bint paired = (floating is float and T == 1 and qw.ih != NULL and qw.hh != NULL and qw.hn == NULL
+                        and (d.cell == CELL_LSTM or d.cell == CELL_RNN or d.cell == CELL_GRU))
+    if paired:
+        le_qgemm_pair(qw.ih, <float*>x, In, <float*>xp, GH, 0, qw.hh, <float*>h, P,
+                      <float*>(xp if d.cell != CELL_GRU else hp), GH, d.cell != CELL_GRU, B, threads, qw.scratch)
+    else:
+        product(qw, qw.ih, B * T, GH, In, x, In, w_ih, In, 0, xp, GH, threads)
     step_back = 1 if reverse else -1
 
     for s in range(T):
         t = T - 1 - s if reverse else s
         pre = xp + <Py_ssize_t>t * GH
 
-        if d.cell == CELL_LSTM or d.cell == CELL_RNN:
+        if paired:
+            pass
+        elif d.cell == CELL_LSTM or d.cell == CELL_RNN:
             # Recurrent product accumulated straight into this step's projections.
             product(qw, qw.hh, B, GH, P, h, P, w_hh, P, 1, pre, <int>xp_row, threads)
         elif d.cell == CELL_GRU:
@@ -1118,11 +1133,12 @@ cdef class RecurrentKernel:
                             self.output_size, self._quant_scratch(batch, steps)).size
 
     cdef inline Py_ssize_t _quant_scratch(self, Py_ssize_t batch, Py_ssize_t steps):
-        """Elements of work (of this kernel's dtype) for le_qgemm's scratch: 0 unless int8."""
+        """Elements of work (of this kernel's dtype) for le_qgemm's scratch, twice over (le_qgemm_pair):
+        0 unless int8."""
         if self.weight_format != "int8":
             return 0
         cdef int K = max(self.input_size, self.hidden_size, self.output_size)
-        return (le_qgemm_scratch(<int>(batch * steps), K) + 3) // 4
+        return (2 * le_qgemm_scratch(<int>(batch * steps), K) + 3) // 4
 
     def work_size(self, int batch, int steps):
         """Elements of scratch one run over (batch, steps) needs."""
@@ -1282,18 +1298,21 @@ cdef class RecurrentKernel:
 
 cdef enum:
     CHAIN_MAX = LE_CHAIN_MAX  # layers, and heads, a ChainStep takes
+    EMB_FLOAT = -1  # ChainStep's Embedding in the layers' own dtype (the quantized ones are LE_W_* kinds)
 
 
 cdef class ChainStep:
-    """One step of a chain [token table ->] recurrent layers [-> Dense heads], for B rows, in one call.
+    """One step of a chain [token table or Embedding ->] recurrent layers [-> Dense heads], for B rows, in one call.
 
     What a session's step() runs for such a chain (lstm_engine.plan.chain_step builds it from the
     plan): the same kernels, packed weights and table as the plan's own steps, with every buffer
     bound once. Layers on the C kernels (float32 LSTM/GRU) run from here without Python, those that
     follow each other as one job on the engine's threads (le_run_chain_f32); the others
     (float64, proj_size, RNN, GRU reset before, quantized, general gates) through their run().
+    An Embedding that no token table folds (a quantized one, or one before a layer off the C kernels)
+    has its rows looked up (and widened) into a bound buffer, the first layer's input.
     Heads (float32 only): Dense with a linear or relu activation, each row on the engine's GEMV over
-    the last layer's threads (dense_row).
+    the last layer's threads (dense_row), or all rows through one packed product (a quantized head).
     """
     cdef int B, n_layers, n_heads, takes_ids, in_size, out_size, typenum
     cdef Py_ssize_t vocab
@@ -1306,14 +1325,27 @@ cdef class ChainStep:
     cdef int head_n[CHAIN_MAX]
     cdef int head_k[CHAIN_MAX]
     cdef int head_relu[CHAIN_MAX]
+    cdef const le_qmat* head_q[CHAIN_MAX]  # a quantized head's packed weight, else NULL
+    cdef void* head_scratch[CHAIN_MAX]
+    cdef int emb_kind  # the Embedding looked up here: 0 none, EMB_FLOAT (the layers' dtype), or an LE_W_* kind
+    cdef const char* emb_w
+    cdef const float* emb_scale
+    cdef Py_ssize_t emb_row  # bytes per row of emb_w
+    cdef char* x0  # (B, input_size): the looked-up rows
+    cdef object x0arr
     cdef list kernels, runs
     cdef tuple _keep
 
-    def __init__(self, int batch, object table, list kernels, list states, list heads, int input_size):
+    def __init__(self, int batch, object table, list kernels, list states, list heads, int input_size,
+                 object embedding=None):
         """table: (1, V, G*Hp) from the first kernel's input_table, or None (float input of
-        input_size); kernels and states (h, c) per layer; heads: (weight (N, K), bias or None, relu)."""
+        input_size); embedding, instead of a table: (kind, weight (V, input_size), scale) with kind "float"
+        (weight of the layers' dtype), "int8" (scale float32 (V,)), "float16" or "bfloat16" (weight the
+        uint16 bits); kernels and states (h, c) per layer; heads: (weight, bias or None, relu) with weight
+        float32 (N, K) or a PackedWeight."""
         cdef int i
         cdef RecurrentKernel k
+        cdef PackedWeight pw
         cdef cnp.ndarray w, b, buf
         if not 0 < len(kernels) <= CHAIN_MAX or len(heads) > CHAIN_MAX or len(states) != len(kernels):
             raise ValueError("ChainStep: 1 to 8 recurrent layers and at most 8 heads")
@@ -1326,10 +1358,32 @@ cdef class ChainStep:
         self.runs = []
         self.n_layers = len(kernels)
         self.n_heads = len(heads)
-        self.takes_ids = table is not None
+        if table is not None and embedding is not None:
+            raise ValueError("ChainStep: a token table or an Embedding, not both")
+        self.takes_ids = table is not None or embedding is not None
         self.in_size = input_size
         self.typenum = dtype.num
         self.vocab = table.shape[1] if table is not None else 0
+        self.emb_kind = 0
+        if embedding is not None:
+            kind, ew, es = embedding
+            want = dtype if kind == "float" else np.int8 if kind == "int8" else np.uint16
+            if (kind not in ("float", *WEIGHT_KINDS) or (kind != "float" and dtype != np.float32)
+                    or not isinstance(ew, np.ndarray) or ew.dtype != want or ew.ndim != 2
+                    or ew.shape[1] != input_size or not ew.flags.c_contiguous):
+                raise ValueError("ChainStep: the Embedding does not match the first layer")
+            if kind == "int8":
+                if (not isinstance(es, np.ndarray) or es.dtype != np.float32 or es.shape != (ew.shape[0],)
+                        or not es.flags.c_contiguous):
+                    raise ValueError("ChainStep: an int8 Embedding needs float32 scales (V,)")
+                self.emb_scale = <const float*>cnp.PyArray_DATA(<cnp.ndarray>es)
+            self.emb_kind = EMB_FLOAT if kind == "float" else WEIGHT_KINDS[kind]
+            self.emb_w = <const char*>cnp.PyArray_DATA(<cnp.ndarray>ew)
+            self.emb_row = ew.shape[1] * ew.dtype.itemsize
+            self.vocab = ew.shape[0]
+            self.x0arr = np.empty((batch, 1, input_size), dtype)
+            self.x0 = <char*>cnp.PyArray_DATA(<cnp.ndarray>self.x0arr)
+            keep += [ew, es, self.x0arr]
         size = input_size
         for i in range(self.n_layers):
             k = kernels[i]
@@ -1363,6 +1417,8 @@ cdef class ChainStep:
                 self.args[i].y = <float*>cnp.PyArray_DATA(<cnp.ndarray>y)
                 if i > 0:
                     self.args[i].x = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self.runs[i - 1][4])
+                elif self.emb_kind:
+                    self.args[i].x = <const float*>self.x0
             self.step_bytes[i] = <Py_ssize_t>k.num_gates * k.hidden_size * k.hidden_size * sizeof(float) * batch
             size = k.output_size
         if table is not None:
@@ -1373,23 +1429,38 @@ cdef class ChainStep:
                 raise ValueError("ChainStep: the table does not match the first layer")
             self.args[0].table = <const float*>cnp.PyArray_DATA(<cnp.ndarray>table)
         for i in range(self.n_heads):
-            w, bias, relu = heads[i]
-            if w.dtype != np.float32 or not w.flags.c_contiguous or w.ndim != 2 or w.shape[1] != size:
-                raise ValueError("ChainStep: heads must be C-contiguous float32 (out, in), each taking the last")
-            self.head_w[i] = <const float*>cnp.PyArray_DATA(w)
+            weight, bias, relu = heads[i]
+            self.head_q[i] = NULL
+            self.head_w[i] = NULL
+            if isinstance(weight, PackedWeight):
+                pw = weight
+                if pw.cols != size:
+                    raise ValueError("ChainStep: heads must take the last layer's width")
+                self.head_q[i] = &pw.m
+                scratch = aligned_bytes(le_qgemm_scratch(batch, size) if pw.kind == "int8" else 0)
+                self.head_scratch[i] = cnp.PyArray_DATA(<cnp.ndarray>scratch)
+                keep.append(scratch)
+                n_out = pw.rows
+            else:
+                w = weight
+                if w.dtype != np.float32 or not w.flags.c_contiguous or w.ndim != 2 or w.shape[1] != size:
+                    raise ValueError("ChainStep: heads must be C-contiguous float32 (out, in) or packed, each "
+                                     "taking the last")
+                self.head_w[i] = <const float*>cnp.PyArray_DATA(w)
+                n_out = w.shape[0]
             self.head_b[i] = NULL
             if bias is not None:
                 b = bias
-                if b.dtype != np.float32 or not b.flags.c_contiguous or b.size != w.shape[0]:
+                if b.dtype != np.float32 or not b.flags.c_contiguous or b.size != n_out:
                     raise ValueError("ChainStep: a head's bias must be C-contiguous float32 (out,)")
                 self.head_b[i] = <const float*>cnp.PyArray_DATA(b)
-            buf = np.empty((batch, w.shape[0]), np.float32)
-            keep += [w, bias, buf]
+            buf = np.empty((batch, n_out), np.float32)
+            keep += [weight, bias, buf]
             self.head_out[i] = <float*>cnp.PyArray_DATA(buf)
-            self.head_n[i] = w.shape[0]
+            self.head_n[i] = n_out
             self.head_k[i] = size
             self.head_relu[i] = bool(relu)
-            size = w.shape[0]
+            size = n_out
         self.out_size = size
         self._keep = tuple(keep)
 
@@ -1439,8 +1510,15 @@ cdef class ChainStep:
                     or oa.shape[1] != self.out_size or not cnp.PyArray_IS_C_CONTIGUOUS(oa)
                     or not cnp.PyArray_ISBEHAVED(oa)):
                 return None
+        # Past here nothing is refused: x and out are as this step takes them.
         if self.takes_ids:
-            self.args[0].ids = ids
+            if self.emb_kind == EMB_FLOAT:
+                for r in range(B):
+                    memcpy(self.x0 + r * self.emb_row, self.emb_w + ids[r] * self.emb_row, self.emb_row)
+            elif self.emb_kind:
+                le_q_embed_rows(self.emb_kind, self.emb_w, self.emb_scale, self.in_size, ids, B, <float*>self.x0)
+            else:
+                self.args[0].ids = ids
         else:
             self.args[0].x = <const float*>cnp.PyArray_DATA(xa)
         if last_writes_out and self.c_steps[n - 1]:
@@ -1463,7 +1541,10 @@ cdef class ChainStep:
                 if B < self.B:
                     h, c, buf = h[:, :B], c[:, :B], buf[:B]
                 # run() takes x as (B, 1, in); y only needs the right size (out is (B, out)).
-                x3 = xa.reshape(B, 1, self.in_size) if i == 0 else (<tuple>self.runs[i - 1])[4][:B]
+                if i > 0:
+                    x3 = (<tuple>self.runs[i - 1])[4][:B]
+                else:
+                    x3 = self.x0arr[:B] if self.emb_kind else xa.reshape(B, 1, self.in_size)
                 run(x3, oa if i == n - 1 and last_writes_out else buf, h, c, None, work, False)
                 i += 1
         if self.n_heads:
@@ -1473,12 +1554,16 @@ cdef class ChainStep:
             with nogil:
                 for i in range(self.n_heads):
                     dst = y if i == self.n_heads - 1 else self.head_out[i]
-                    for r in range(B):
-                        le_gemv_f32(self.head_n[i], self.head_k[i], self.head_w[i], self.head_k[i],
-                                    src + <Py_ssize_t>r * self.head_k[i], self.head_b[i],
-                                    dst + <Py_ssize_t>r * self.head_n[i],
-                                    threads_for(<Py_ssize_t>self.head_n[i] * self.head_k[i] * <Py_ssize_t>sizeof(float),
-                                                threads))
+                    if self.head_q[i] != NULL:  # every row in one product, as Dense.forward's
+                        le_qgemm(self.head_q[i], B, src, self.head_k[i], dst, self.head_n[i], 0, self.head_b[i],
+                                 threads, self.head_scratch[i])
+                    else:
+                        for r in range(B):
+                            le_gemv_f32(self.head_n[i], self.head_k[i], self.head_w[i], self.head_k[i],
+                                        src + <Py_ssize_t>r * self.head_k[i], self.head_b[i],
+                                        dst + <Py_ssize_t>r * self.head_n[i],
+                                        threads_for(<Py_ssize_t>self.head_n[i] * self.head_k[i]
+                                                    * <Py_ssize_t>sizeof(float), threads))
                     if self.head_relu[i]:
                         for j in range(B * self.head_n[i]):
                             if dst[j] < 0:

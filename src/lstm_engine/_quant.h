@@ -46,6 +46,18 @@ void le_qmat_pack(int kind, const void *src, int N, int K, void *out, int32_t *c
 int le_qgemm(const le_qmat *m, int M, const float *A, ptrdiff_t lda, float *C, ptrdiff_t ldc, int accumulate,
              const float *bias, int nthreads, void *scratch);
 ptrdiff_t le_qgemm_scratch(int M, int K);
+/* C1 = (acc1 ? C1 : 0) + A1 . W1^T, then C2 = (acc2 ? C2 : 0) + A2 . W2^T (C2 may be C1), M rows each, as one
+ * job on the engine's threads when W1 and W2 have as many rows (a streamed step's input and recurrent
+ * products: one wake-up and join instead of two); the same sums as two le_qgemm calls. scratch: twice
+ * le_qgemm_scratch(M, the larger K). */
+int le_qgemm_pair(const le_qmat *m1, const float *A1, ptrdiff_t lda1, float *C1, ptrdiff_t ldc1, int acc1,
+                  const le_qmat *m2, const float *A2, ptrdiff_t lda2, float *C2, ptrdiff_t ldc2, int acc2,
+                  int M, int nthreads, void *scratch);
+
+/* Embedding rows ids[0..B) of a (V, E) table kept as `kind` (int8 with row scales, or the bits of float16 /
+ * bfloat16), widened to float32 into out (B, E): the values lstm_engine.quantize's dequantization gives
+ * (int8: (float)q * scale[id], one rounding). ids must be valid. */
+void le_q_embed_rows(int kind, const void *table, const float *scale, int E, const ptrdiff_t *ids, int B, float *out);
 
 /* The gates of one row of a quantized layer with sigmoid gates and tanh, on the float32 kernels' vectorised
  * activations (the general loop's libm tanhf/expf cost more than the int8 products save at large batches).

@@ -506,8 +506,8 @@ int le_run_units(int U, void (*unit)(void *ctx, int u), void *ctx, int nthreads,
     return used;
 }
 
-/* The Dense head of a one-row step: units of GEMV_ROWS rows, a multiple of the variants' 8-row GEMV
- * block, so every row is summed as one call over all the rows sums it, whichever thread runs it. */
+/* The Dense head of a one-row step: units of GEMV_ROWS rows (128 KB of a 512-wide head: long contiguous
+ * reads); every row is summed the same way whichever thread runs it. */
 #define GEMV_ROWS 64
 
 typedef struct {

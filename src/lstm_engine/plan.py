@@ -615,9 +615,11 @@ def chain_step(plan: Plan, states: list, rows: int) -> Any:
     ``rows`` rows bound to ``states`` (a session's), or None where the chain has anything else.
 
     The step runs what the plan's own steps run for one step (the same kernels, packed weights and
-    token table), in one call into C: a session's step() through it costs little more than the
-    recurrent step itself. Heads: float32 Dense with linear or relu activation, up to 8 rows (each
-    row is a GEMV on the engine's threads); a chain of recurrent layers alone in any dtype.
+    token table, or the Embedding's rows where no table folds it, quantized ones widened as
+    Embedding.embed does), in one call into C: a session's step() through it costs little more than
+    the recurrent step itself. Heads: float32 Dense with linear or relu activation, up to 8 rows
+    (each row is a GEMV on the engine's threads; a quantized head's rows one packed product); a
+    chain of recurrent layers alone in any dtype.
     """
     from .layers import Dense
 
@@ -626,7 +628,7 @@ def chain_step(plan: Plan, states: list, rows: int) -> Any:
             or not all(v.optional for v in graph.inputs[1:]):
         return None
     prev = graph.inputs[0].name
-    table = None
+    table = embedding = None
     kernels: list = []
     heads: list = []
     input_size = 0
@@ -644,20 +646,34 @@ def chain_step(plan: Plan, states: list, rows: int) -> Any:
             if not kernels:
                 fold = plan.tables.get(node.inputs[0])
                 table = None if fold is None else fold[1]
+                if table is not None:
+                    embedding = None
                 input_size = layer.input_size
             kernels.append(layer._kernels.get(plan.dtype))
         elif i == 0 and getattr(layer, "accepts_ids", False):
-            if node.outputs[0] not in plan.tables:
+            if layer.mask_zero:
                 return None
+            embedding = _embedding_rows(layer, plan.dtype)
         elif isinstance(layer, Dropout):
             pass
-        elif isinstance(layer, Dense) and kernels and layer.quantization is None and rows <= 8 \
+        elif isinstance(layer, Dense) and kernels and rows <= 8 \
                 and layer.activation in ("linear", "relu") and plan.dtype == np.float32:
             w = layer._by_dtype[plan.dtype]
-            heads.append((np.ascontiguousarray(w["weight"]), w["bias"], layer.activation == "relu"))
+            weight = layer._packed if layer.quantization is not None else np.ascontiguousarray(w["weight"])
+            heads.append((weight, w["bias"], layer.activation == "relu"))
         else:
             return None
         prev = node.outputs[0]
     if graph.outputs != [prev] or not kernels or None in kernels:
         return None
-    return _kernels.ChainStep(rows, table, kernels, states, heads, input_size)
+    return _kernels.ChainStep(rows, table, kernels, states, heads, input_size, embedding)
+
+
+def _embedding_rows(layer: Any, dtype: np.dtype) -> tuple:
+    """What ChainStep looks an Embedding's rows up in: (kind, weight, int8 scales or None)."""
+    q = layer.quantization
+    if q is None:
+        return "float", np.ascontiguousarray(layer._by_dtype[dtype]["weight"]), None
+    scale = q.scales.get("weight")
+    return (q.format, np.ascontiguousarray(q.stored["weight"].view(np.int8 if q.format == "int8" else np.uint16)),
+            None if scale is None else np.ascontiguousarray(scale, np.float32))
